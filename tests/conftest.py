@@ -1,0 +1,113 @@
+"""Shared fixtures: real databases, SQLite always and PostgreSQL when one is configured.
+
+`TWOWAY_TEST_PG_URL` (set by .ci/run, which starts a throwaway PostgreSQL on 127.0.0.1)
+makes every database test run on both. Each PostgreSQL test gets its own schema, so tests
+never see each other's rows. Mail servers live in tests/imap_server.py (Dovecot) and
+tests/smtp_server.py (aiosmtpd).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from worker.app import App
+from worker.config import Config, config_from_dict
+
+pytest_plugins = ["tests.imap_server", "tests.smtp_server"]
+
+PG_URL = os.environ.get("TWOWAY_TEST_PG_URL")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pg_schema_url(base: str) -> Iterator[str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: SQLite in a temp dir, or a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'twoway.db'}"
+        return
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL; .ci/run does)")
+    yield from _pg_schema_url(PG_URL)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """For the heavier end-to-end tests that run on SQLite only."""
+    return f"sqlite:///{tmp_path / 'twoway.db'}"
+
+
+def base_config(database: str, tmp_path: Path, **overrides: Any) -> Config:
+    """A small valid config for tests: one campaign, three reps, Maildir transports."""
+    data: dict[str, Any] = {
+        "database": database,
+        "templates_dir": str(ROOT / "templates"),
+        "mailboxes": [{"name": "sales", "kind": "maildir", "path": str(tmp_path / "inbox")}],
+        "smtp": {"kind": "maildir", "path": str(tmp_path / "outbox")},
+        "sender": {
+            "from": "Acme Sales <sales@example.com>",
+            "unsubscribe_url": "https://example.com/unsubscribe/{token}",
+            "unsubscribe_mailto": "sales+unsubscribe-{token}@example.com",
+            "postal_address": "Acme Inc., 1 Main St, Springfield",
+        },
+        "internal_domains": ["example.com"],
+        "campaigns": [
+            {
+                "name": "welcome",
+                "mailbox": "sales",
+                "send_window": None,
+                "steps": [
+                    {"template": "nurture/welcome", "delay": "0d"},
+                    {"template": "nurture/case-study", "delay": "3d"},
+                    {"template": "nurture/last-call", "delay": "5d"},
+                ],
+            }
+        ],
+        "reps": [
+            {"name": "Ana Lopez", "email": "ana@example.com", "match": {"countries": ["ES", "MX"]}},
+            {
+                "name": "Ben Okafor",
+                "email": "ben@example.com",
+                "match": {"industries": ["software"]},
+            },
+            {"name": "Chloe Martin", "email": "chloe@example.com"},
+        ],
+    }
+    data.update(overrides)
+    return config_from_dict(data, tmp_path / "twoway.yaml")
+
+
+@pytest.fixture
+def config(database_url: str, tmp_path: Path) -> Config:
+    return base_config(database_url, tmp_path)
+
+
+@pytest.fixture
+def app(config: Config) -> Iterator[App]:
+    from datetime import UTC, datetime
+
+    clock = [datetime(2026, 12, 1, 10, 0, tzinfo=UTC)]
+    a = App.open(config, lambda: clock[0])
+    a.clock = clock  # type: ignore[attr-defined]  # tests move time by assigning clock[0]
+    yield a
+    a.close()

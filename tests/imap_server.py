@@ -1,0 +1,1 @@
+"""Dovecot IMAP fixtures (see MAILSTACK.md)."""

@@ -1,0 +1,1 @@
+"""aiosmtpd SMTP fixtures."""

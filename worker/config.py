@@ -1,0 +1,627 @@
+"""Configuration: one YAML file validated once into a frozen, typed object.
+
+This is the only module that reads the environment: `${VAR}` interpolation, `*_file`
+secrets, `TWOWAY_CONFIG`, `TWOWAY_DATABASE_URL` and the `TWOWAY_NOW` clock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("config/twoway.yaml")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DELAY = re.compile(r"^\s*(\d+)\s*(bd|d|h|m)\s*$")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; `problems` lists every reason, one per line."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        head = f"{self.path}: {len(self.problems)} problem(s)"
+        return "\n".join([head, *(f"  {p}" for p in self.problems)])
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Delay:
+    """A step delay: `amount` of `unit` (d days, bd business days, h hours, m minutes)."""
+
+    amount: int
+    unit: Literal["d", "bd", "h", "m"]
+
+    @classmethod
+    def parse(cls, text: str | int) -> Delay:
+        if isinstance(text, int):
+            return cls(text, "d")
+        m = _DELAY.match(text)
+        if not m:
+            raise ValueError(
+                f"{text!r} is not a delay: use Nd (days), Nbd (business days), Nh (hours) or Nm"
+            )
+        return cls(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.amount}{self.unit}"
+
+
+def _check_security(security: str, host: str | None) -> None:
+    if security == "none" and host not in _LOOPBACK:
+        raise ValueError(
+            "security: none is only allowed for 127.0.0.1/localhost; use ssl or starttls"
+        )
+
+
+class Credentials(_Model):
+    """Password or OAuth2 (XOAUTH2) login; at most one source of each."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    oauth2_token: SecretStr | None = None
+    oauth2_token_file: Path | None = None
+    oauth2_token_command: str | None = None
+
+    def login_secret(self) -> tuple[Literal["password", "xoauth2", "none"], str]:
+        """Return how to log in and the secret, reading files or running the token command now."""
+        if self.oauth2_token is not None:
+            return "xoauth2", self.oauth2_token.get_secret_value()
+        if self.oauth2_token_file is not None:
+            return "xoauth2", self.oauth2_token_file.read_text().strip()
+        if self.oauth2_token_command:
+            out = subprocess.run(
+                self.oauth2_token_command, shell=True, capture_output=True, text=True, timeout=60
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"oauth2_token_command exited with {out.returncode}")
+            return "xoauth2", out.stdout.strip()
+        if self.password is not None:
+            return "password", self.password.get_secret_value()
+        if self.password_file is not None:
+            return "password", self.password_file.read_text().rstrip("\r\n")
+        return "none", ""
+
+
+class MailboxConfig(Credentials):
+    name: str
+    kind: Literal["imap", "maildir"] = "imap"
+    host: str | None = None
+    port: int | None = None
+    security: Literal["ssl", "starttls", "none"] = "ssl"
+    verify_tls: bool = True
+    folders: tuple[str, ...] = ("INBOX",)
+    sent_folder: str | None = None
+    idle: bool = True
+    poll_interval: float = Field(default=60, gt=0)
+    batch_size: int = Field(default=200, gt=0)
+    timeout: float = Field(default=30, gt=0)
+    path: Path | None = None
+    move_processed: dict[str, str] = Field(default_factory=dict)
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MailboxConfig:
+        if self.kind == "imap":
+            if not self.host:
+                raise ValueError("an imap mailbox needs host")
+            _check_security(self.security, self.host)
+        elif self.path is None:
+            raise ValueError("a maildir mailbox needs path")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        if self.port:
+            return self.port
+        return 993 if self.security == "ssl" else 143
+
+
+class SmtpConfig(Credentials):
+    kind: Literal["smtp", "maildir"] = "smtp"
+    host: str | None = None
+    port: int | None = None
+    security: Literal["ssl", "starttls", "none"] = "starttls"
+    verify_tls: bool = True
+    timeout: float = Field(default=30, gt=0)
+    max_per_minute: int | None = Field(default=None, gt=0)
+    max_per_day: int | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=5, gt=0)
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SmtpConfig:
+        if self.kind == "smtp":
+            if not self.host:
+                raise ValueError("smtp needs host (or kind: maildir with path)")
+            _check_security(self.security, self.host)
+        elif self.path is None:
+            raise ValueError("smtp kind: maildir needs path")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        if self.port:
+            return self.port
+        return {"ssl": 465, "starttls": 587, "none": 25}[self.security]
+
+
+class SenderConfig(_Model):
+    from_: str = Field(alias="from")
+    reply_token: bool = True
+    unsubscribe_url: str | None = None
+    unsubscribe_mailto: str | None = None
+    postal_address: str = ""
+    auto_submitted: bool = True
+    message_id_domain: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("from_")
+    @classmethod
+    def _has_address(cls, v: str) -> str:
+        if "@" not in v or "\n" in v or "\r" in v:
+            raise ValueError("needs an address such as 'Acme Sales <sales@example.com>'")
+        return v
+
+    @property
+    def address(self) -> str:
+        """The bare, lower-cased sending address."""
+        m = re.search(r"<([^>]+)>", self.from_)
+        return (m.group(1) if m else self.from_).strip().lower()
+
+    @property
+    def display_name(self) -> str:
+        m = re.match(r'\s*"?([^"<]*?)"?\s*<', self.from_)
+        return m.group(1).strip() if m else ""
+
+    @property
+    def domain(self) -> str:
+        return self.message_id_domain or self.address.rsplit("@", 1)[1]
+
+
+class SendWindow(_Model):
+    days: tuple[str, ...] = WEEKDAYS[:5]
+    start: time = time(9, 0)
+    end: time = time(17, 0)
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(d.lower()[:3] for d in v)
+        bad = [d for d in out if d not in WEEKDAYS]
+        if bad:
+            raise ValueError(f"unknown day(s) {bad}; use {', '.join(WEEKDAYS)}")
+        return out
+
+    @model_validator(mode="after")
+    def _order(self) -> SendWindow:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class Step(_Model):
+    template: str
+    delay: Delay = Delay(0, "d")
+
+    @field_validator("delay", mode="before")
+    @classmethod
+    def _delay(cls, v: Any) -> Delay:
+        if isinstance(v, Delay):
+            return v
+        if isinstance(v, str | int):
+            return Delay.parse(v)
+        raise ValueError("a delay is a string such as 0d, 3bd or 4h")
+
+
+def _zone(v: str) -> str:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {v!r} (use an IANA name such as Europe/Paris)"
+        ) from None
+    return v
+
+
+class Campaign(_Model):
+    name: str
+    mailbox: str | None = None
+    timezone: str = "UTC"
+    send_window: SendWindow | None = SendWindow()
+    steps: tuple[Step, ...] = Field(min_length=1)
+    max_per_domain_per_day: int | None = Field(default=None, gt=0)
+    account_awareness: bool = True
+    skip_holidays: bool = False
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
+
+
+class RepMatch(_Model):
+    countries: tuple[str, ...] = ()
+    industries: tuple[str, ...] = ()
+    min_company_size: int | None = None
+    max_company_size: int | None = None
+
+
+class Rep(_Model):
+    name: str
+    email: str
+    weight: int = Field(default=1, ge=0)
+    daily_cap: int | None = Field(default=None, gt=0)
+    away_until: date | None = None
+    match: RepMatch | None = None
+    mailbox: str | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        if "@" not in v:
+            raise ValueError("not an email address")
+        return v.strip().lower()
+
+
+class Fit(_Model):
+    industries: tuple[str, ...] = ()
+    min_company_size: int | None = None
+    min_annual_revenue: int | None = None
+    countries: tuple[str, ...] = ()
+
+
+class Qualification(_Model):
+    require_fit: bool = False
+    min_score: int = 0
+    fit: Fit = Fit()
+    authority_titles: tuple[str, ...] = (
+        "ceo", "cto", "cfo", "coo", "founder", "owner", "vp", "head of", "director",
+    )  # fmt: skip
+    intent_phrases: tuple[str, ...] = (
+        "pricing", "price", "quote", "demo", "trial", "budget", "proposal", "timeline",
+    )  # fmt: skip
+
+
+class FollowUp(_Model):
+    template: str = "followup/thanks"
+    delay: Delay = Delay(0, "h")
+    from_: Literal["rep", "sender"] = Field(default="rep", alias="from")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    _delay = field_validator("delay", mode="before")(Step._delay.__func__)  # type: ignore[attr-defined]
+
+
+class Handoff(_Model):
+    template: str = "handoff/rep"
+    follow_up: FollowUp | None = FollowUp()
+
+
+class Bounces(_Model):
+    soft_limit: int = Field(default=3, gt=0)
+    soft_window_days: int = Field(default=30, gt=0)
+
+
+class AutoReply(_Model):
+    max_pause_days: int = Field(default=30, ge=0)
+
+
+class Alarms(_Model):
+    silent_hours: int = Field(default=48, gt=0)
+    bounce_rate: float = Field(default=0.05, gt=0, le=1)
+
+
+class Config(_Model):
+    """The whole validated configuration; `path` is the file it came from."""
+
+    database: str = "sqlite:///twoway.db"
+    templates_dir: Path | None = None
+    mailboxes: tuple[MailboxConfig, ...] = ()
+    smtp: SmtpConfig | None = None
+    sender: SenderConfig
+    internal_domains: tuple[str, ...] = ()
+    campaigns: tuple[Campaign, ...] = ()
+    reps: tuple[Rep, ...] = ()
+    assignment: Literal["rules_then_round_robin", "round_robin"] = "rules_then_round_robin"
+    qualification: Qualification = Qualification()
+    handoff: Handoff = Handoff()
+    bounces: Bounces = Bounces()
+    auto_reply: AutoReply = AutoReply()
+    alarms: Alarms = Alarms()
+    unknown_senders: Literal["record", "create_lead"] = "record"
+    path: Path = Field(default=Path("<memory>"), exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [m.name for m in self.mailboxes]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"mailboxes: duplicate name(s) {sorted(dupes)}")
+        cnames = [c.name for c in self.campaigns]
+        if len(set(cnames)) != len(cnames):
+            raise ValueError("campaigns: names must be unique")
+        for i, c in enumerate(self.campaigns):
+            if c.mailbox is not None and c.mailbox not in names:
+                raise ValueError(f"campaigns[{i}].mailbox: no mailbox named {c.mailbox!r}")
+        return self
+
+    @property
+    def templates_path(self) -> Path:
+        """`templates_dir` (relative to the config file), else `templates/` beside the file,
+        else the checkout's top-level `templates/` when the file sits in `config/`."""
+        base = self.path.parent
+        if self.templates_dir is not None:
+            return (
+                self.templates_dir
+                if self.templates_dir.is_absolute()
+                else base / self.templates_dir
+            )
+        beside = base / "templates"
+        if not beside.is_dir() and (base.parent / "templates").is_dir():
+            return base.parent / "templates"
+        return beside
+
+    def campaign(self, name: str) -> Campaign:
+        for c in self.campaigns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def rep(self, email: str) -> Rep | None:
+        for r in self.reps:
+            if r.email == email.lower():
+                return r
+        return None
+
+    @property
+    def our_addresses(self) -> frozenset[str]:
+        """Addresses whose mail is ours or our team's (never a lead's reply)."""
+        out = {self.sender.address}
+        out.update(r.email for r in self.reps)
+        for m in self.mailboxes:
+            for a in (m.address, m.username):
+                if a and "@" in a:
+                    out.add(a.lower())
+        return frozenset(out)
+
+    @property
+    def our_domains(self) -> frozenset[str]:
+        return frozenset(d.lower() for d in self.internal_domains)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key and sequence item."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        out[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    out["__lines__"] = lines
+    out["__line__"] = node.start_mark.line + 1
+    return out
+
+
+_LineLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def _strip_lines(data: Any, path: str, lines: dict[str, int]) -> Any:
+    """Remove the line bookkeeping, recording `key.path -> line` in `lines`."""
+    if isinstance(data, dict):
+        key_lines = data.pop("__lines__", {})
+        own = data.pop("__line__", None)
+        if own is not None and path not in lines:
+            lines[path] = own
+        out = {}
+        for k, v in data.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if k in key_lines:
+                lines[sub] = key_lines[k]
+            out[k] = _strip_lines(v, sub, lines)
+        return out
+    if isinstance(data, list):
+        return [_strip_lines(v, f"{path}[{i}]", lines) for i, v in enumerate(data)]
+    return data
+
+
+def _interpolate(data: Any, path: str, env: Mapping[str, str], base: Path, problems: list[str],
+                 lines: dict[str, int]) -> Any:  # fmt: skip
+    """Expand `${VAR}` and read `*_file` secrets; unknown variables are problems."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and k.endswith("_file") and isinstance(v, str):
+                v = _interpolate(v, sub, env, base, problems, lines)
+                p = Path(v)
+                out[k] = p if p.is_absolute() else base / p
+                if not out[k].is_file():
+                    problems.append(_where(sub, lines) + f": secret file {out[k]} does not exist")
+                continue
+            out[k] = _interpolate(v, sub, env, base, problems, lines)
+        return out
+    if isinstance(data, list):
+        return [
+            _interpolate(v, f"{path}[{i}]", env, base, problems, lines) for i, v in enumerate(data)
+        ]
+    if isinstance(data, str) and "${" in data:
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(_where(path, lines) + f": environment variable {name} is not set")
+            return ""
+
+        return _ENV_REF.sub(repl, data)
+    return data
+
+
+def _where(path: str, lines: dict[str, int]) -> str:
+    probe = path
+    while probe:
+        if probe in lines:
+            return f"line {lines[probe]}: {path}"
+        probe = probe.rsplit(".", 1)[0] if "." in probe else probe.split("[", 1)[0]
+        if probe == path:
+            break
+    return path
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-after") or part.startswith("function-"):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out.replace("from_", "from")
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raise ConfigError naming every problem.
+
+    `path` defaults to `TWOWAY_CONFIG`, then `config/twoway.yaml`.
+    """
+    env = os.environ if env is None else env
+    cfg_path = Path(path or env.get("TWOWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        hint = "copy config/twoway.example.yaml, pass --config FILE, or try `twoway demo`"
+        raise ConfigError(str(cfg_path), [f"no such file ({hint})"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(cfg_path), [f"cannot read: {e}"]) from None
+    return parse_config(text, cfg_path, env)
+
+
+def parse_config(text: str, cfg_path: Path, env: Mapping[str, str]) -> Config:
+    """Validate YAML text as a config; `cfg_path` anchors relative paths and messages."""
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(
+            str(cfg_path), [f"{where}not valid YAML: {getattr(e, 'problem', e)}"]
+        ) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(cfg_path), ["the file must be a mapping of sections"])
+    lines: dict[str, int] = {}
+    data = _strip_lines(raw, "", lines)
+    problems: list[str] = []
+    base = cfg_path.parent
+    data = _interpolate(data, "", env, base, problems, lines)
+    if env.get("TWOWAY_DATABASE_URL"):
+        data["database"] = env["TWOWAY_DATABASE_URL"]
+    if isinstance(data.get("database"), str) and data["database"].startswith("sqlite:///"):
+        db_file = data["database"][len("sqlite:///") :]
+        if db_file and not db_file.startswith("/") and db_file != ":memory:":
+            data["database"] = f"sqlite:///{(base / db_file).resolve()}"
+    for m in data.get("mailboxes") or []:
+        if (
+            isinstance(m, dict)
+            and isinstance(m.get("path"), str)
+            and not Path(m["path"]).is_absolute()
+        ):
+            m["path"] = str((base / m["path"]).resolve())
+    smtp = data.get("smtp")
+    if (
+        isinstance(smtp, dict)
+        and isinstance(smtp.get("path"), str)
+        and not Path(smtp["path"]).is_absolute()
+    ):
+        smtp["path"] = str((base / smtp["path"]).resolve())
+    data["path"] = cfg_path
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        locs = [tuple(err["loc"]) for err in errors]
+        for err in errors:
+            loc = tuple(err["loc"])
+            # A list with a broken item also reports itself "too short": the item says more.
+            if err["type"] == "too_short" and any(o[: len(loc)] == loc and o != loc for o in locs):
+                continue
+            key = _loc_to_path(loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against config/twoway.example.yaml)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{_where(key, lines) if key else 'top level'}: {msg}")
+    if problems:
+        raise ConfigError(str(cfg_path), problems)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], path: Path = Path("<memory>")) -> Config:
+    """Validate an in-memory config (demo, tests); raises ConfigError like load_config."""
+    return parse_config(yaml.safe_dump(data, sort_keys=False), path, {})
+
+
+# --- the clock -------------------------------------------------------------------------
+
+Clock = Callable[[], datetime]
+
+
+def clock_from_env(env: Mapping[str, str] | None = None) -> Clock:
+    """The real UTC clock, or a fixed instant when `TWOWAY_NOW` is set (tests, demos)."""
+    env = os.environ if env is None else env
+    fixed = env.get("TWOWAY_NOW")
+    if not fixed:
+        return lambda: datetime.now(UTC)
+    try:
+        at = datetime.fromisoformat(fixed.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError("TWOWAY_NOW", [f"{fixed!r} is not an ISO 8601 instant"]) from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    at = at.astimezone(UTC)
+    return lambda: at
+
+
+def env_value(name: str) -> str | None:
+    """Read one environment variable (the CLI's `--config` default and such)."""
+    return os.environ.get(name)

@@ -1,0 +1,545 @@
+"""Leads: CSV import, enrollment, listing, the timeline and manual status changes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from worker.config import Campaign, Config
+from worker.models import (
+    LEAD_STATUSES,
+    Enrollment,
+    InboundMessage,
+    Lead,
+    LeadEvent,
+    OutboundMessage,
+)
+
+KNOWN_COLUMNS = (
+    "email",
+    "first_name",
+    "last_name",
+    "company",
+    "title",
+    "industry",
+    "company_size",
+    "annual_revenue",
+    "country",
+    "timezone",
+    "source",
+)
+_INT_COLUMNS = ("company_size", "annual_revenue")
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_CHUNK = 900  # below SQLite's bound-parameter limit
+
+
+class LeadError(Exception):
+    """A user asked for something about leads that cannot be done (unknown lead, bad status)."""
+
+
+def normalise_email(text: str) -> str:
+    """The canonical form of an address, or ValueError saying why it is not one.
+
+    The domain is case-insensitive by standard; the local part is lower-cased too, because
+    every real provider treats it so and a lead typed in two cases is one person.
+    """
+    addr = text.strip().strip("<>").strip()
+    if not addr:
+        raise ValueError("email is empty")
+    if any(c.isspace() for c in addr) or addr.count("@") != 1:
+        raise ValueError(f"{text.strip()!r} is not an email address")
+    local, domain = addr.rsplit("@", 1)
+    if not local or len(local) > 64 or not _LOCAL.match(local) or ".." in local:
+        raise ValueError(f"{text.strip()!r} has an invalid local part")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{text.strip()!r} has an invalid domain") from None
+    if not _DOMAIN.match(domain):
+        raise ValueError(f"{text.strip()!r} has an invalid domain")
+    return f"{local}@{domain}".lower()
+
+
+def new_token() -> str:
+    """A reply token: 16 base32 characters (80 bits), safe in a plus-address local part."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(16))
+
+
+def record_event(
+    session: Session,
+    lead: Lead,
+    type_: str,
+    cause: str,
+    at: datetime,
+    *,
+    to_status: str | None = None,
+    detail: dict[str, Any] | None = None,
+    inbound_id: int | None = None,
+) -> LeadEvent:
+    """Append an event to a lead's timeline; with `to_status`, also change the status."""
+    from_status = lead.status
+    if to_status is not None:
+        lead.status = to_status
+        lead.updated_at = at
+    ev = LeadEvent(
+        lead_id=lead.id,
+        at=at,
+        type=type_,
+        from_status=from_status if to_status is not None else None,
+        to_status=to_status,
+        cause=cause,
+        detail=detail or {},
+        inbound_id=inbound_id,
+    )
+    session.add(ev)
+    return ev
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+@dataclass
+class Rejected:
+    line: int
+    email: str
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    updated: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    enrolled: int = 0
+    strict_failed: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "imported": self.imported,
+            "updated": self.updated,
+            "enrolled": self.enrolled,
+            "rejected": [
+                {"line": r.line, "email": r.email, "reason": r.reason} for r in self.rejected
+            ],
+            "committed": not self.strict_failed,
+        }
+
+
+def _clean_row(raw: dict[str, str | None], source: str | None) -> dict[str, Any]:
+    """Validate one CSV row into lead fields; ValueError says what is wrong."""
+    row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+    if None in raw:
+        raise ValueError("more fields than the header has columns")
+    out: dict[str, Any] = {"email": normalise_email(row.get("email", ""))}
+    for col in KNOWN_COLUMNS[1:]:
+        value = row.get(col, "")
+        if not value:
+            continue
+        if col in _INT_COLUMNS:
+            digits = value.replace(",", "").replace("_", "").replace(" ", "")
+            try:
+                number = (
+                    int(float(digits)) if "." in digits or "e" in digits.lower() else int(digits)
+                )
+            except ValueError:
+                raise ValueError(f"{col} {value!r} is not a number") from None
+            if number < 0:
+                raise ValueError(f"{col} {value!r} is negative")
+            out[col] = number
+        elif col == "country":
+            if not re.fullmatch(r"[A-Za-z]{2}", value):
+                raise ValueError(f"country {value!r} is not an ISO 3166 two-letter code")
+            out[col] = value.upper()
+        elif col == "timezone":
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"timezone {value!r} is not an IANA time zone") from None
+            out[col] = value
+        else:
+            out[col] = value[:300]
+    if source and "source" not in out:
+        out["source"] = source
+    custom = {k: v for k, v in row.items() if k and k not in KNOWN_COLUMNS and v}
+    out["custom"] = custom
+    return out
+
+
+def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
+    """Rows with the line number an editor shows (the header is line 1)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LeadError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
+        raise LeadError(f"{path}:1: the header row needs an 'email' column")
+    prev_line = 1
+    for raw in reader:
+        start = prev_line + 1
+        prev_line = reader.line_num
+        if not any((v or "").strip() for v in raw.values() if isinstance(v, str)):
+            continue
+        yield start, raw
+
+
+def import_leads(
+    session: Session,
+    rows: Iterable[tuple[int, dict[str, str | None]]],
+    now: datetime,
+    *,
+    campaign: Campaign | None = None,
+    source: str | None = None,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Insert or update leads from CSV rows; optionally enroll them in `campaign`.
+
+    Writes into `session` without committing; with `strict` and any rejected row it writes
+    nothing and sets `strict_failed`. Later rows for the same address update earlier ones.
+    """
+    result = ImportResult()
+    clean: dict[str, dict[str, Any]] = {}
+    seen_lines = 0
+    for line, raw in rows:
+        seen_lines += 1
+        try:
+            fields = _clean_row(raw, source)
+        except ValueError as e:
+            result.rejected.append(Rejected(line, (raw.get("email") or "").strip(), str(e)))
+            continue
+        email = fields["email"]
+        if email in clean:
+            result.updated += 1
+            merged = clean[email]
+            merged["custom"] = {**merged["custom"], **fields.pop("custom")}
+            merged.update(fields)
+        else:
+            clean[email] = fields
+        if progress and seen_lines % 1000 == 0:
+            progress(seen_lines)
+    if progress:
+        progress(seen_lines)
+    if strict and result.rejected:
+        result.strict_failed = True
+        return result
+
+    emails = list(clean)
+    existing: dict[str, tuple[int, dict[str, Any]]] = {}
+    for i in range(0, len(emails), _CHUNK):
+        chunk = emails[i : i + _CHUNK]
+        for lead_id, email, custom in session.execute(
+            select(Lead.id, Lead.email, Lead.custom).where(Lead.email.in_(chunk))
+        ):
+            existing[email] = (lead_id, custom or {})
+
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for email, fields in clean.items():
+        if email in existing:
+            lead_id, custom = existing[email]
+            updates.append(
+                {
+                    **fields,
+                    "id": lead_id,
+                    "custom": {**custom, **fields["custom"]},
+                    "updated_at": now,
+                }
+            )
+        else:
+            inserts.append(
+                {
+                    **{c: None for c in KNOWN_COLUMNS[1:]},
+                    **fields,
+                    "status": "lead",
+                    "reply_token": new_token(),
+                    "domain": email.rsplit("@", 1)[1],
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+    result.imported = len(inserts)
+    result.updated += len(updates)
+    for i in range(0, len(inserts), 5000):
+        session.execute(insert(Lead), inserts[i : i + 5000])
+    if updates:
+        session.execute(update(Lead), updates)
+
+    new_ids: list[int] = []
+    for i in range(0, len(inserts), _CHUNK):
+        chunk = [r["email"] for r in inserts[i : i + _CHUNK]]
+        new_ids.extend(session.scalars(select(Lead.id).where(Lead.email.in_(chunk))))
+    cause = f"import ({source})" if source else "import"
+    if new_ids:
+        session.execute(
+            insert(LeadEvent),
+            [
+                {
+                    "lead_id": lid,
+                    "at": now,
+                    "type": "created",
+                    "from_status": None,
+                    "to_status": "lead",
+                    "cause": cause,
+                    "detail": {},
+                    "inbound_id": None,
+                }
+                for lid in new_ids
+            ],
+        )
+    if campaign is not None:
+        ids = new_ids + [existing[e][0] for e in clean if e in existing]
+        result.enrolled = enroll(session, ids, campaign, now)
+    return result
+
+
+def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datetime) -> int:
+    """Enroll leads in a campaign (a no-op for leads already in it); returns how many were new.
+
+    Step 1 becomes due after its delay; the send window is applied when it is queued.
+    """
+    from worker.schedule import add_delay
+
+    already: set[int] = set()
+    for i in range(0, len(lead_ids), _CHUNK):
+        chunk = lead_ids[i : i + _CHUNK]
+        already.update(
+            session.scalars(
+                select(Enrollment.lead_id).where(
+                    Enrollment.campaign == campaign.name, Enrollment.lead_id.in_(chunk)
+                )
+            )
+        )
+    due = add_delay(now, campaign.steps[0].delay, campaign.timezone)
+    rows = [
+        {
+            "lead_id": lid,
+            "campaign": campaign.name,
+            "step": 0,
+            "state": "active",
+            "next_due": due,
+            "paused_until": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for lid in dict.fromkeys(lead_ids)
+        if lid not in already
+    ]
+    for i in range(0, len(rows), 5000):
+        session.execute(insert(Enrollment), rows[i : i + 5000])
+    return len(rows)
+
+
+# --- looking at leads ------------------------------------------------------------------
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat().replace("+00:00", "Z") if at else None
+
+
+def get_lead(session: Session, email: str) -> Lead:
+    try:
+        key = normalise_email(email)
+    except ValueError as e:
+        raise LeadError(str(e)) from None
+    lead = session.scalar(select(Lead).where(Lead.email == key))
+    if lead is None:
+        raise LeadError(f"no lead with the address {key}")
+    return lead
+
+
+def list_leads(
+    session: Session, status: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The rows of `twoway leads list --json`."""
+    if status is not None and status not in LEAD_STATUSES:
+        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
+    q = select(Lead).order_by(Lead.id)
+    if status:
+        q = q.where(Lead.status == status)
+    if limit:
+        q = q.limit(limit)
+    leads = list(session.scalars(q))
+    campaigns: dict[int, list[str]] = {}
+    ids = [lead.id for lead in leads]
+    for i in range(0, len(ids), _CHUNK):
+        for lead_id, name in session.execute(
+            select(Enrollment.lead_id, Enrollment.campaign).where(
+                Enrollment.lead_id.in_(ids[i : i + _CHUNK])
+            )
+        ):
+            campaigns.setdefault(lead_id, []).append(name)
+    return [
+        {
+            "email": lead.email,
+            "status": lead.status,
+            "owner": lead.owner,
+            "score": lead.score,
+            "first_name": lead.first_name,
+            "last_name": lead.last_name,
+            "company": lead.company,
+            "campaigns": sorted(campaigns.get(lead.id, [])),
+        }
+        for lead in leads
+    ]
+
+
+def show_lead(session: Session, email: str) -> dict[str, Any]:
+    """The object of `twoway leads show EMAIL --json`: profile, timeline, enrollments, mail."""
+    lead = get_lead(session, email)
+    events = session.scalars(
+        select(LeadEvent).where(LeadEvent.lead_id == lead.id).order_by(LeadEvent.at, LeadEvent.id)
+    )
+    enrollments = session.scalars(
+        select(Enrollment).where(Enrollment.lead_id == lead.id).order_by(Enrollment.id)
+    )
+    outbound = session.scalars(
+        select(OutboundMessage)
+        .where(OutboundMessage.lead_id == lead.id)
+        .order_by(OutboundMessage.id)
+    )
+    inbound = session.scalars(
+        select(InboundMessage).where(InboundMessage.lead_id == lead.id).order_by(InboundMessage.id)
+    )
+    messages: list[dict[str, Any]] = [
+        {
+            "direction": "out",
+            "kind": o.kind,
+            "message_id": o.message_id,
+            "at": _iso(o.sent_at or o.created_at),
+            "match": None,
+            "subject": o.subject,
+            "status": o.status,
+            "template": o.template,
+            "to": o.to_addr,
+        }
+        for o in outbound
+    ]
+    messages += [
+        {
+            "direction": "in",
+            "kind": m.kind,
+            "message_id": m.message_id,
+            "at": _iso(m.received_at),
+            "match": m.match_method,
+            "subject": m.subject,
+            "from": m.from_addr,
+            "intent": m.intent,
+            "reason": m.reason,
+            "reply_text": m.reply_text,
+        }
+        for m in inbound
+    ]
+    messages.sort(key=lambda m: m["at"] or "")
+    referred_by = session.get(Lead, lead.referred_by_id) if lead.referred_by_id else None
+    return {
+        "email": lead.email,
+        "first_name": lead.first_name,
+        "last_name": lead.last_name,
+        "company": lead.company,
+        "title": lead.title,
+        "industry": lead.industry,
+        "company_size": lead.company_size,
+        "annual_revenue": lead.annual_revenue,
+        "country": lead.country,
+        "timezone": lead.timezone,
+        "source": lead.source,
+        "custom": lead.custom or {},
+        "status": lead.status,
+        "owner": lead.owner,
+        "score": lead.score,
+        "referred_by": referred_by.email if referred_by else None,
+        "created_at": _iso(lead.created_at),
+        "qualification": lead.qualification,
+        "events": [
+            {
+                "at": _iso(e.at),
+                "type": e.type,
+                "from_status": e.from_status,
+                "to_status": e.to_status,
+                "cause": e.cause,
+                "detail": e.detail or {},
+            }
+            for e in events
+        ],
+        "enrollments": [
+            {
+                "campaign": en.campaign,
+                "state": en.state,
+                "step": en.step,
+                "next_due": _iso(en.next_due),
+                "paused_until": _iso(en.paused_until),
+            }
+            for en in enrollments
+        ],
+        "messages": messages,
+    }
+
+
+def mark_lead(session: Session, email: str, status: str, now: datetime, reason: str | None) -> Lead:
+    """A manual lifecycle change by a user; stops nurture unless the lead goes back to `lead`."""
+    if status not in LEAD_STATUSES:
+        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
+    lead = get_lead(session, email)
+    if lead.status == status:
+        return lead
+    cause = f"user: {reason}" if reason else "user"
+    record_event(session, lead, "status", cause, now, to_status=status)
+    if status != "lead":
+        stop_nurture(session, lead.id, now, f"lead marked {status}")
+    return lead
+
+
+def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int:
+    """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
+    session.execute(
+        update(Enrollment)
+        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(("active", "paused")))
+        .values(state="stopped", next_due=None, updated_at=now)
+    )
+    res = session.execute(
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.lead_id == lead_id,
+            OutboundMessage.kind == "nurture",
+            OutboundMessage.status == "queued",
+        )
+        .values(status="cancelled", last_error=why)
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    counts = {s: 0 for s in LEAD_STATUSES}
+    for status, n in session.execute(select(Lead.status, func.count()).group_by(Lead.status)):
+        counts[status] = n
+    return counts
+
+
+def campaign_for(config: Config, name: str | None) -> Campaign | None:
+    if name is None:
+        return None
+    try:
+        return config.campaign(name)
+    except KeyError:
+        known = ", ".join(c.name for c in config.campaigns) or "none configured"
+        raise LeadError(f"no campaign named {name!r} (campaigns: {known})") from None

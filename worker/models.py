@@ -1,0 +1,220 @@
+"""The database schema: leads, enrollments, outbound and inbound mail, sync state, timeline.
+
+Every datetime is stored as naive UTC and handed back timezone-aware (UTC), so SQLite and
+PostgreSQL behave the same.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+LEAD_STATUSES = (
+    "lead",
+    "engaged",
+    "prospect",
+    "unsubscribed",
+    "bounced",
+    "disqualified",
+    "customer",
+)
+ENROLLMENT_STATES = ("active", "paused", "completed", "stopped")
+OUTBOX_STATES = ("queued", "sending", "sent", "failed", "cancelled", "unknown")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A datetime stored as naive UTC and returned aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use UTC-aware datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON, date: Date}
+
+
+class Lead(Base):
+    __tablename__ = "leads"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    company: Mapped[str | None] = mapped_column(String(300))
+    title: Mapped[str | None] = mapped_column(String(300))
+    industry: Mapped[str | None] = mapped_column(String(200))
+    company_size: Mapped[int | None] = mapped_column(Integer)
+    annual_revenue: Mapped[int | None] = mapped_column(BigInteger)
+    country: Mapped[str | None] = mapped_column(String(2))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(100))
+    custom: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="lead", index=True)
+    owner: Mapped[str | None] = mapped_column(String(320), index=True)
+    score: Mapped[int | None] = mapped_column(Integer)
+    qualification: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reply_token: Mapped[str] = mapped_column(String(32), unique=True)
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    referred_by_id: Mapped[int | None] = mapped_column(ForeignKey("leads.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Enrollment(Base):
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        UniqueConstraint("lead_id", "campaign"),
+        Index("ix_enrollments_due", "state", "next_due"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"))
+    campaign: Mapped[str] = mapped_column(String(200))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    """Index of the next step to send (== number of steps queued so far)."""
+    state: Mapped[str] = mapped_column(String(20), default="active")
+    next_due: Mapped[datetime | None]
+    paused_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class OutboundMessage(Base):
+    __tablename__ = "outbound_messages"
+    __table_args__ = (Index("ix_outbound_queue", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))  # nurture | handoff | followup
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
+    enrollment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("enrollments.id", ondelete="SET NULL")
+    )
+    campaign: Mapped[str | None] = mapped_column(String(200))
+    step: Mapped[int | None] = mapped_column(Integer)
+    template: Mapped[str] = mapped_column(String(200))
+    mailbox: Mapped[str | None] = mapped_column(String(200))
+    message_id: Mapped[str] = mapped_column(String(255), unique=True)
+    reply_token: Mapped[str | None] = mapped_column(String(32))
+    to_addr: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(Text)
+    in_reply_to: Mapped[str | None] = mapped_column(String(998))
+    inbound_id: Mapped[int | None] = mapped_column(Integer)
+    """The inbound message that caused this send (handoff, follow-up); no FK: avoids a cycle."""
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+
+class InboundMessage(Base):
+    __tablename__ = "inbound_messages"
+    __table_args__ = (
+        UniqueConstraint("mailbox", "folder", "uidvalidity", "uid"),
+        Index("ix_inbound_dedupe", "mailbox", "message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(String(300))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[str] = mapped_column(String(998))
+    """The Message-ID, or `sha256:<hex>` of the raw bytes when the message has none."""
+    from_addr: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(Text)
+    sent_date: Mapped[datetime | None]
+    kind: Mapped[str | None] = mapped_column(String(20), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    intent: Mapped[str | None] = mapped_column(String(20))
+    reply_text: Mapped[str | None] = mapped_column(Text)
+    bounce: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    return_date: Mapped[date | None]
+    match_method: Mapped[str | None] = mapped_column(String(40))
+    lead_id: Mapped[int | None] = mapped_column(
+        ForeignKey("leads.id", ondelete="SET NULL"), index=True
+    )
+    outbound_id: Mapped[int | None] = mapped_column(
+        ForeignKey("outbound_messages.id", ondelete="SET NULL")
+    )
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """Kept for messages a person may need again (replies: the handoff attaches them)."""
+    received_at: Mapped[datetime]
+
+
+class MailboxState(Base):
+    __tablename__ = "mailbox_state"
+    __table_args__ = (UniqueConstraint("mailbox", "folder"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(String(300))
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_sync: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    idle: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Quarantine(Base):
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(String(300))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]
+
+
+class LeadEvent(Base):
+    """The append-only timeline of a lead: every status change and notable fact."""
+
+    __tablename__ = "lead_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime]
+    type: Mapped[str] = mapped_column(String(40))
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str | None] = mapped_column(String(20))
+    cause: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    inbound_id: Mapped[int | None] = mapped_column(
+        ForeignKey("inbound_messages.id", ondelete="SET NULL")
+    )
