@@ -83,6 +83,8 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
             level=logging.DEBUG if verbose else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+    # mail-parser logs every part type it does not render; our parser handles those.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
     ctx.obj = _State(config_path)
 
 
@@ -357,3 +359,411 @@ def status_cmd(state: _State, as_json: bool) -> None:
 
 def run() -> None:  # pragma: no cover - console entry for tools that want a plain function
     main()
+
+
+# --- the worker --------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(data, ensure_ascii=False)
+
+
+def _setup_logging(fmt: str, verbose: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        )
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("imapclient", "sqlalchemy", "alembic", "mail-parser", "mailparser"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command("run")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="One pass: read every message now in the mailbox(es), send what is due, exit.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default=None,
+    help="Default: human on a terminal, json otherwise.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
+)
+@click.pass_context
+def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+    """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
+    import signal
+    import threading
+
+    from worker.runner import Worker
+
+    state: _State = ctx.obj
+    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
+    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    log = logging.getLogger("worker")
+    with _errors():
+        app = state.app()
+        worker = Worker(app)
+        if once:
+            try:
+                result = worker.run_once()
+            finally:
+                worker.close()
+            summary = {
+                "processed": result.inbound.processed,
+                "duplicates": result.inbound.duplicates,
+                "quarantined": result.inbound.quarantined,
+                "kinds": result.inbound.kinds,
+                "queued": result.queued,
+                "sent": result.sent,
+                "errors": result.errors,
+            }
+            if as_json:
+                _print_json(summary)
+            else:
+                kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
+                click.echo(
+                    f"read {result.inbound.processed} message(s)"
+                    + (f" ({kinds})" if kinds else "")
+                    + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
+                )
+                for e in result.errors:
+                    click.echo(f"error: {e}", err=True)
+            if result.errors:
+                sys.exit(1)
+            return
+
+        stop = worker.stop
+        reload = threading.Event()
+
+        def _stop(signum: int, _frame: Any) -> None:
+            log.info(
+                "signal %s: finishing the message in flight, then stopping",
+                signal.Signals(signum).name,
+            )
+            stop.set()
+
+        def _reload(_signum: int, _frame: Any) -> None:
+            reload.set()
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGHUP, _reload)
+        while True:
+            worker.run_forever()
+            if not reload.is_set():
+                break
+            reload.clear()
+            try:
+                new_config = load_config(state.config_path)
+                new_worker = Worker(App(new_config, app.engine, app.sessions, app.now), stop)
+            except Exception as e:  # a bad new config must not take the worker down
+                log.error(
+                    "SIGHUP: the new configuration is not usable, keeping the old one:\n%s", e
+                )
+            else:
+                worker.close()
+                worker = new_worker
+                log.info("SIGHUP: configuration and templates reloaded")
+            stop.clear()
+        worker.close()
+
+
+# --- inspect -----------------------------------------------------------------------------
+
+
+@main.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per file (one per line for several)."
+)
+@pass_state
+def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Classify messages offline: kind, bounce details, return date, reply text, intent."""
+    from worker.classify import ClassifyContext
+    from worker.inspect import format_human, inspect_paths
+
+    ctx = ClassifyContext()
+    app: App | None = None
+    if state.config_path or Path("config/twoway.yaml").exists():
+        with _errors():
+            app = state.app()
+        from worker.inbound import classify_context
+
+        ctx = classify_context(app.config)
+    results = list(inspect_paths(list(paths), ctx))
+    if app is not None:
+        _add_matches(app, results, paths)
+    single = len(paths) == 1 and paths[0].is_file()
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
+        else:
+            click.echo(format_human(r) + ("" if single else "\n"))
+    if single and results and results[0].get("kind") is None:
+        sys.exit(2)
+
+
+def _add_matches(app: App, results: list[dict[str, Any]], paths: tuple[Path, ...]) -> None:
+    from worker.classify import classify
+    from worker.inbound import classify_context
+    from worker.match import match_message
+    from worker.parsing import ParseError, parse
+
+    ctx = classify_context(app.config)
+    with app.transaction() as s:
+        for r in results:
+            if r.get("kind") is None or not r.get("file"):
+                continue
+            try:
+                msg = parse(Path(str(r["file"])).read_bytes())
+            except (OSError, ParseError):
+                continue
+            m = match_message(s, msg, classify(msg, ctx), app.config)
+            lead = None
+            if m.lead_id is not None:
+                from worker.models import Lead
+
+                row = s.get(Lead, m.lead_id)
+                lead = row.email if row else None
+            r["lead"] = lead
+            r["match"] = {"method": m.method, "explanation": m.explanation}
+
+
+# --- quarantine --------------------------------------------------------------------------
+
+
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Messages that could not be processed."""
+
+
+@quarantine_group.command("list")
+@click.option(
+    "--all", "show_all", is_flag=True, help="Include messages already retried successfully."
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
+    """List quarantined messages with their reason."""
+    from sqlalchemy import select
+
+    from worker.models import Quarantine
+
+    with _errors():
+        app = state.app()
+        with app.transaction() as s:
+            q = select(Quarantine).order_by(Quarantine.id)
+            if not show_all:
+                q = q.where(Quarantine.resolved_at.is_(None))
+            rows = [
+                {
+                    "id": r.id,
+                    "mailbox": r.mailbox,
+                    "folder": r.folder,
+                    "uid": r.uid,
+                    "size": len(r.raw),
+                    "reason": r.reason,
+                    "at": r.created_at.isoformat(),
+                    "resolved": r.resolved_at is not None,
+                }
+                for r in s.scalars(q)
+            ]
+        if as_json:
+            _print_json(rows)
+        elif not rows:
+            click.echo("quarantine is empty")
+        else:
+            for r in rows:
+                click.echo(
+                    f"#{r['id']} {r['mailbox']}/{r['folder']} uid {r['uid']} ({r['size']} bytes): {r['reason']}"
+                )
+
+
+@quarantine_group.command("retry")
+@click.argument("qid", type=int)
+@pass_state
+def quarantine_retry(state: _State, qid: int) -> None:
+    """Process a quarantined message again (after a fix)."""
+    from worker.inbound import retry_quarantined
+
+    with _errors():
+        app = state.app()
+        try:
+            kind = retry_quarantined(app, qid)
+        except LookupError as e:
+            _die(str(e), 2)
+        except ValueError as e:
+            _die(f"still failing: {e}", 1)
+        click.echo(f"#{qid} processed: {kind}")
+
+
+# --- templates ---------------------------------------------------------------------------
+
+
+@main.group("templates")
+def templates_group() -> None:
+    """Check and try email templates."""
+
+
+@templates_group.command("lint")
+@click.option(
+    "--leads",
+    "with_leads",
+    is_flag=True,
+    help="Also render every template for every enrolled lead.",
+)
+@pass_state
+def templates_lint(state: _State, with_leads: bool) -> None:
+    """Render every template against sample data (and enrolled leads); name file:line of each problem."""
+    from worker.rendering import Renderer, sample_context
+
+    with _errors():
+        config = load_config(state.config_path)
+        renderer = Renderer(config.templates_path)
+        names = renderer.names()
+        problems = [str(e) for e in renderer.lint(sample_context(sender=config.sender), names)]
+        checked = len(names)
+        if with_leads:
+            from sqlalchemy import select
+
+            from worker.leads import lead_fields
+            from worker.models import Enrollment, Lead
+
+            app = state.app()
+            with app.transaction() as s:
+                pairs = s.execute(
+                    select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id)
+                ).all()
+                for lead, en in pairs:
+                    try:
+                        camp = config.campaign(en.campaign)
+                    except KeyError:
+                        continue
+                    ctx = sample_context(
+                        sender=config.sender, lead=lead_fields(lead), campaign=camp
+                    )
+                    for i, step in enumerate(camp.steps):
+                        ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
+                        for e in renderer.lint(ctx, [step.template]):
+                            problems.append(f"{e} (lead {lead.email})")
+                        checked += 1
+        for p in dict.fromkeys(problems):
+            click.echo(p, err=True)
+        if problems:
+            _die(f"{len(set(problems))} template problem(s)", 2)
+        click.echo(f"{checked} template render(s) OK in {config.templates_path}")
+
+
+@templates_group.command("preview")
+@click.argument("name")
+@click.option("--lead", "lead_email", help="Render for this lead instead of sample data.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the HTML part here.",
+)
+@pass_state
+def templates_preview(
+    state: _State, name: str, lead_email: str | None, html_file: Path | None
+) -> None:
+    """Print a template's subject and text as a lead would get them."""
+    from worker.rendering import Renderer, TemplateError, sample_context
+
+    with _errors():
+        config = load_config(state.config_path)
+        renderer = Renderer(config.templates_path)
+        lead = None
+        if lead_email:
+            from worker.leads import get_lead, lead_fields
+
+            app = state.app()
+            with app.transaction() as s:
+                lead = lead_fields(get_lead(s, lead_email))
+        try:
+            out = renderer.render(name, sample_context(sender=config.sender, lead=lead))
+        except TemplateError as e:
+            _die(str(e), 2)
+        click.echo(f"Subject: {out.subject}\n\n{out.text}")
+        if html_file:
+            html_file.write_text(out.html, encoding="utf-8")
+            click.echo(f"(HTML written to {html_file})", err=True)
+
+
+@templates_group.command("send-test")
+@click.argument("name")
+@click.option("--to", "to_addr", required=True, help="Where to send the test.")
+@pass_state
+def templates_send_test(state: _State, name: str, to_addr: str) -> None:
+    """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
+    from worker.compose import compose, new_message_id
+    from worker.mailer import Mailer
+    from worker.rendering import Renderer, TemplateError, sample_context
+
+    with _errors():
+        config = load_config(state.config_path)
+        if config.smtp is None:
+            _die("no smtp section in the config", 2)
+        renderer = Renderer(config.templates_path)
+        try:
+            out = renderer.render(name, sample_context(sender=config.sender))
+            msg = compose(
+                from_addr=config.sender.address,
+                from_name=config.sender.display_name,
+                to_addr=to_addr,
+                to_name="",
+                subject=f"[test] {out.subject}",
+                text=out.text,
+                html=out.html,
+                message_id=new_message_id(config.sender.domain),
+                domain=config.sender.domain,
+            )
+        except TemplateError as e:
+            _die(str(e), 2)
+        except ValueError as e:
+            _die(f"--to: {e}", 2)
+        with Mailer(config.smtp) as mailer:
+            result = mailer.send(msg, config.sender.address, [to_addr])
+        if result.status != "sent":
+            _die(f"not sent ({result.status}): {result.code or ''} {result.message}", 1)
+        click.echo(f"sent {name} to {to_addr}")
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option(
+    "--dir",
+    "workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Workspace folder (default: a new temp folder).",
+)
+def demo_cmd(workspace: Path | None) -> None:
+    """The whole flow on the embedded default: SQLite, a Maildir inbox and outbox, no setup."""
+    from worker.demo import run_demo
+
+    with _errors():
+        sys.exit(run_demo(workspace, clock_from_env(), click.echo))

@@ -331,6 +331,11 @@ class AutoReply(_Model):
     max_pause_days: int = Field(default=30, ge=0)
 
 
+class Referrals(_Model):
+    referrer: Literal["stop", "prospect"] = "stop"
+    """What happens to a lead who points us to a colleague: nurture stops, or a prospect."""
+
+
 class Alarms(_Model):
     silent_hours: int = Field(default=48, gt=0)
     bounce_rate: float = Field(default=0.05, gt=0, le=1)
@@ -353,6 +358,7 @@ class Config(_Model):
     bounces: Bounces = Bounces()
     auto_reply: AutoReply = AutoReply()
     alarms: Alarms = Alarms()
+    referrals: Referrals = Referrals()
     unknown_senders: Literal["record", "create_lead"] = "record"
     path: Path = Field(default=Path("<memory>"), exclude=True)
 

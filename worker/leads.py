@@ -349,6 +349,24 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
     return len(rows)
 
 
+def lead_fields(lead: Lead) -> dict[str, Any]:
+    """The `lead` mapping templates see."""
+    return {
+        "email": lead.email,
+        "first_name": lead.first_name or "",
+        "last_name": lead.last_name or "",
+        "company": lead.company or "",
+        "title": lead.title or "",
+        "industry": lead.industry or "",
+        "company_size": lead.company_size,
+        "annual_revenue": lead.annual_revenue,
+        "country": lead.country or "",
+        "timezone": lead.timezone or "",
+        "source": lead.source or "",
+        "custom": dict(lead.custom or {}),
+    }
+
+
 # --- looking at leads ------------------------------------------------------------------
 
 

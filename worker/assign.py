@@ -1,0 +1,291 @@
+"""Assignment: which sales rep gets a new prospect, and a sentence saying why.
+
+`assign` only reads the database; the caller (the lifecycle) records the choice by setting
+`Lead.owner` and appending an "assigned" `LeadEvent` with detail `{"rep": email,
+"reason": reason}` in the same transaction. Everything here is derived from those rows,
+never from in-process counters, so any number of workers sharing the database agree.
+
+The rules, first that gives a rep wins:
+
+0. The lead already has an owner who is a configured rep: it stays with them.
+1. Account ownership: another lead of the same company — same email domain, or the same
+   company name compared case-insensitively — already has an owner who is still a
+   configured rep (the most recently updated such lead decides): that rep, so an account
+   has one voice. This ignores `daily_cap` and `weight` (they balance new business, and
+   splitting an account would confuse the customer) but not absence: an away owner is
+   skipped and the lead goes through the next rules. Consumer mail domains (gmail.com,
+   outlook.com, ...) and placeholder company names ("n/a", "self-employed", ...) do not
+   make an account.
+2. With `assignment: rules_then_round_robin`, the reps whose `match` rule fits the lead,
+   in config order. A rule fits when every part it sets fits: country (ISO code,
+   case-insensitive), industry (case-insensitive), company size within
+   `min_company_size..max_company_size` (inclusive). A lead value the rule needs but the
+   lead lacks means no fit. A rule that sets nothing is treated as no rule. One available
+   match gets the lead; several share it by weighted round robin (weight-0 reps only
+   when no matching rep has a weight).
+3. Weighted round robin over the pool: the reps without a rule (`rules_then_round_robin`)
+   or every rep (`round_robin`); when that pool is empty or nobody in it is available,
+   every available rep, so a prospect is not left without a rep while someone could take
+   it. Weight-0 reps never take round-robin leads.
+
+Available means not away and under the daily cap. A rep is away while today (the UTC date
+of `now`) is before `away_until`, and back ON `away_until`. The daily cap counts the leads
+owned by the rep that got an "assigned" event today (UTC).
+
+Weighted round robin picks the available rep with the fewest "assigned" events naming
+them (`detail.rep`, all time) per unit of weight; ties go to the earlier rep in the
+config. Over time each rep's share is proportional to their weight. A rep who was away or
+newly added catches up by taking the next leads (bounded by their daily cap, if any).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from fractions import Fraction
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from worker.config import Config, Rep, RepMatch
+from worker.models import Lead, LeadEvent
+
+# Addresses at these domains belong to people, not companies: sharing one says nothing.
+CONSUMER_DOMAINS = frozenset(
+    {
+        "gmail.com", "googlemail.com", "yahoo.com", "yahoo.co.uk", "yahoo.fr", "yahoo.es",
+        "ymail.com", "hotmail.com", "hotmail.co.uk", "hotmail.fr", "hotmail.es", "outlook.com",
+        "live.com", "msn.com", "icloud.com", "me.com", "mac.com", "aol.com", "proton.me",
+        "protonmail.com", "pm.me", "gmx.com", "gmx.de", "gmx.net", "web.de", "t-online.de",
+        "mail.com", "mail.ru", "yandex.ru", "yandex.com", "qq.com", "163.com", "126.com",
+        "fastmail.com", "hey.com", "zoho.com", "libero.it", "orange.fr", "free.fr", "wanadoo.fr",
+    }
+)  # fmt: skip
+# Company names people type when they have none; they do not make an account either.
+PLACEHOLDER_COMPANIES = frozenset(
+    {"", "-", "n/a", "na", "none", "private", "personal", "self", "self-employed",
+     "self employed", "freelance", "freelancer", "independent", "student", "retired"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The chosen rep, or None when nobody can take the lead; `reason` says why either way,
+    including the reps that were passed over ("Ana Lopez skipped: away until 2026-12-10")."""
+
+    rep: Rep | None
+    reason: str
+
+
+def assign(session: Session, lead: Lead, config: Config, now: datetime) -> Assignment:
+    """Choose the rep for `lead` at `now` by the rules in the module docstring.
+
+    Reads only; writes nothing and never flushes on purpose (the caller records the
+    assignment). `lead` may already be in the database or not.
+    """
+    reps = config.reps
+    if not reps:
+        return Assignment(None, "no reps configured")
+    state = _State(session, reps, now.astimezone(UTC).date())
+    notes: list[str] = []
+
+    current = _rep_by_email(reps, lead.owner)
+    if current is not None:
+        why = state.away(current)
+        if why is None:
+            return Assignment(current, f"already owned by {current.name}")
+        notes.append(f"owner {current.name} skipped: {why}")
+        state.noted.add(current.email)
+
+    account = _account_owner(session, lead, reps)
+    if account is not None:
+        rep, what = account
+        why = state.away(rep)
+        if why is None:
+            return Assignment(rep, f"company {what} already owned by {rep.name}")
+        if rep is not current:
+            notes.append(f"company {what} owned by {rep.name}, skipped: {why}")
+            state.noted.add(rep.email)
+
+    if config.assignment == "rules_then_round_robin":
+        matched = [(rep, fit) for rep in reps if (fit := _rule_fit(rep.match, lead)) is not None]
+        available = [rep for rep, _ in matched if state.available(rep, notes)]
+        if available:
+            fits = {rep.email: fit for rep, fit in matched}
+            weighted = [r for r in available if r.weight > 0]
+            if len(available) == 1 or not weighted:
+                rep = available[0]
+                return _done(rep, f"rule: {fits[rep.email]} matches {rep.name}", notes)
+            rep, rr = state.round_robin(weighted)
+            return _done(rep, f"rule: {fits[rep.email]} matches {rep.name}; {rr}", notes)
+        pool = [rep for rep in reps if not _has_rule(rep.match)]
+    else:
+        pool = list(reps)
+
+    candidates = [rep for rep in pool if rep.weight > 0 and state.available(rep, notes)]
+    if not candidates:
+        candidates = [rep for rep in reps if rep.weight > 0 and state.available(rep, notes)]
+    if candidates:
+        rep, rr = state.round_robin(candidates)
+        return _done(rep, rr, notes)
+    if not any(rep.weight > 0 for rep in reps):
+        notes.append("every rep has weight 0")
+    return Assignment(None, "no rep available: " + "; ".join(notes or ["no eligible rep"]))
+
+
+def _done(rep: Rep, reason: str, notes: list[str]) -> Assignment:
+    return Assignment(rep, "; ".join([*notes, reason]))
+
+
+def _rep_by_email(reps: Sequence[Rep], email: str | None) -> Rep | None:
+    if not email:
+        return None
+    wanted = email.strip().lower()
+    return next((rep for rep in reps if rep.email == wanted), None)
+
+
+# --- account ownership ------------------------------------------------------------------
+
+
+def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[Rep, str] | None:
+    """The configured rep who owns the lead's company, and how the company was recognised
+    (its domain, or its name in quotes); None when no owned lead shares either."""
+    domain = (lead.domain or lead.email.rsplit("@", 1)[-1]).strip().lower()
+    company = (lead.company or "").strip()
+    same: list[ColumnElement[bool]] = []
+    by_domain = bool(domain) and domain not in CONSUMER_DOMAINS
+    if by_domain:
+        same.append(Lead.domain == domain)
+    if company.casefold() not in PLACEHOLDER_COMPANIES:
+        # lower() on both sides: the database's own notion of case (SQLite folds ASCII only).
+        same.append(func.lower(func.trim(Lead.company)) == func.lower(company))
+    if not same:
+        return None
+    query = (
+        select(Lead.owner, Lead.domain)
+        .where(Lead.owner.is_not(None), or_(*same))
+        .order_by(Lead.updated_at.desc(), Lead.id.desc())
+    )
+    if lead.id is not None:
+        query = query.where(Lead.id != lead.id)
+    for owner, other_domain in session.execute(query):
+        rep = _rep_by_email(reps, owner)
+        if rep is not None:
+            return rep, domain if by_domain and other_domain == domain else repr(company)
+    return None
+
+
+# --- rules ------------------------------------------------------------------------------
+
+
+def _has_rule(match: RepMatch | None) -> bool:
+    return match is not None and bool(
+        match.countries
+        or match.industries
+        or match.min_company_size is not None
+        or match.max_company_size is not None
+    )
+
+
+def _rule_fit(match: RepMatch | None, lead: Lead) -> str | None:
+    """Why `match` fits `lead` ("country ES, industry software"), or None when it does not
+    (or sets nothing)."""
+    if match is None or not _has_rule(match):
+        return None
+    parts: list[str] = []
+    if match.countries:
+        country = (lead.country or "").strip().upper()
+        if not country or country not in {c.strip().upper() for c in match.countries}:
+            return None
+        parts.append(f"country {country}")
+    if match.industries:
+        industry = (lead.industry or "").strip()
+        if not industry or industry.casefold() not in {
+            i.strip().casefold() for i in match.industries
+        }:
+            return None
+        parts.append(f"industry {industry}")
+    low, high = match.min_company_size, match.max_company_size
+    if low is not None or high is not None:
+        size = lead.company_size
+        if size is None or (low is not None and size < low) or (high is not None and size > high):
+            return None
+        bounds = f"{low if low is not None else 0}..{high if high is not None else '∞'}"
+        parts.append(f"company size {size} within {bounds}")
+    return ", ".join(parts)
+
+
+# --- availability and round robin -------------------------------------------------------
+
+
+class _State:
+    """Per-call view of the reps' absence and load, read from the database once."""
+
+    def __init__(self, session: Session, reps: Sequence[Rep], today: date) -> None:
+        self.session = session
+        self.reps = reps
+        self.today = today
+        self._today_counts: dict[str, int] | None = None
+        self._totals: dict[str, int] | None = None
+        self.noted: set[str] = set()  # reps whose absence is already in the reason
+
+    def away(self, rep: Rep) -> str | None:
+        """Why `rep` is away today, or None when they are in."""
+        if rep.away_until is not None and self.today < rep.away_until:
+            return f"away until {rep.away_until.isoformat()}"
+        return None
+
+    def available(self, rep: Rep, notes: list[str]) -> bool:
+        """Whether `rep` can take a new lead today; when not, add the reason to `notes`
+        (once per rep)."""
+        why = self.away(rep)
+        if why is None and rep.daily_cap is not None:
+            taken = self.today_counts().get(rep.email, 0)
+            if taken >= rep.daily_cap:
+                why = f"daily cap {rep.daily_cap} reached"
+        if why is not None and rep.email not in self.noted:
+            self.noted.add(rep.email)
+            notes.append(f"{rep.name} skipped: {why}")
+        return why is None
+
+    def today_counts(self) -> dict[str, int]:
+        if self._today_counts is None:
+            start = datetime.combine(self.today, time(0), tzinfo=UTC)
+            rows = self.session.execute(
+                select(Lead.owner, func.count(func.distinct(Lead.id)))
+                .join(LeadEvent, LeadEvent.lead_id == Lead.id)
+                .where(
+                    LeadEvent.type == "assigned",
+                    LeadEvent.at >= start,
+                    LeadEvent.at < start + timedelta(days=1),
+                    Lead.owner.in_([r.email for r in self.reps]),
+                )
+                .group_by(Lead.owner)
+            )
+            self._today_counts = {owner: n for owner, n in rows if owner is not None}
+        return self._today_counts
+
+    def totals(self) -> dict[str, int]:
+        if self._totals is None:
+            rep_of = LeadEvent.detail["rep"].as_string()
+            rows = self.session.execute(
+                select(rep_of, func.count())
+                .where(LeadEvent.type == "assigned", rep_of.in_([r.email for r in self.reps]))
+                .group_by(rep_of)
+            )
+            self._totals = {rep: n for rep, n in rows if rep is not None}
+        return self._totals
+
+    def round_robin(self, candidates: Sequence[Rep]) -> tuple[Rep, str]:
+        """The candidate (all with weight > 0) furthest behind their weighted share, and
+        the reason text."""
+        totals = self.totals()
+        order = {rep.email: i for i, rep in enumerate(self.reps)}
+        rep = min(
+            candidates,
+            key=lambda r: (Fraction(totals.get(r.email, 0), r.weight), order[r.email]),
+        )
+        whole = sum(r.weight for r in candidates)
+        names = ", ".join(r.name for r in candidates)
+        return rep, f"round-robin (weight {rep.weight} of {whole}) among {names}"

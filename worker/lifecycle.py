@@ -1,0 +1,565 @@
+"""What an inbound message does to its lead: promotion, suppression, pauses, handoff.
+
+Every helper here writes into the caller's session and never commits: the inbound
+message, its effects and the mailbox progress commit together (one unit of work).
+Every status change is a LeadEvent with its cause.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from worker.app import App
+from worker.assign import assign
+from worker.classify import Classification
+from worker.compose import new_message_id
+from worker.leads import enroll, lead_fields, new_token, record_event, stop_nurture
+from worker.match import Match
+from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
+from worker.parsing import ParsedMessage
+from worker.qualify import LeadFacts, qualify
+
+logger = logging.getLogger(__name__)
+
+PROMOTABLE = ("lead", "engaged", "bounced")
+SUPPRESSED = ("unsubscribed", "bounced", "disqualified")
+# Shared consumer domains: colleagues there are not one account.
+FREEMAIL = frozenset(
+    ["gmail.com", "googlemail.com", "yahoo.com", "yahoo.co.uk", "outlook.com", "hotmail.com", "live.com", "msn.com", "icloud.com", "me.com", "mac.com", "aol.com", "gmx.de", "gmx.net", "web.de", "proton.me", "protonmail.com", "yandex.ru", "mail.ru", "orange.fr", "free.fr", "laposte.net", "libero.it", "t-online.de", "qq.com", "163.com"]
+)
+
+
+def _cause(row: InboundMessage) -> str:
+    return f"inbound message <{row.message_id}> ({row.kind})"
+
+
+def apply_inbound(
+    s: Session, app: App, row: InboundMessage, msg: ParsedMessage, cls: Classification, match: Match
+) -> None:
+    """Apply one freshly recorded inbound message to its lead. Runs once per message."""
+    now = app.now()
+    if cls.kind == "ours" or (
+        match.lead_id is None and match.method is None and _from_rep(app, msg)
+    ):
+        _rep_answered(s, app, msg, row, now)
+        return
+    lead = s.get(Lead, match.lead_id) if match.lead_id is not None else None
+    if lead is None:
+        if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
+            _inbound_lead(s, app, msg, row, now)
+        return
+    cause = _cause(row)
+    kind = cls.kind
+    if kind in ("unsubscribe", "complaint"):
+        if lead.status != "unsubscribed":
+            why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
+            record_event(
+                s,
+                lead,
+                "unsubscribed",
+                f"{cause}: {why}",
+                now,
+                to_status="unsubscribed",
+                inbound_id=row.id,
+            )
+        stop_nurture(s, lead.id, now, "the lead unsubscribed")
+        _cancel_followups(s, lead.id, "the lead unsubscribed")
+    elif kind == "bounce" and cls.bounce is not None:
+        _bounce(s, app, lead, cls, row, now)
+    elif kind == "auto_reply":
+        _reset_soft_bounces(s, lead, now, row)
+        _auto_reply(s, app, lead, cls, row, now)
+    elif kind == "reply":
+        _reset_soft_bounces(s, lead, now, row)
+        _reply(s, app, lead, msg, cls, match, row, now)
+
+
+# --- bounces -----------------------------------------------------------------------------
+
+
+def bounce_lead(
+    s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
+) -> None:
+    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
+    if lead.status in ("bounced", "unsubscribed"):
+        return
+    record_event(s, lead, "bounced", cause, now, to_status="bounced", inbound_id=inbound_id)
+    stop_nurture(s, lead.id, now, "the lead's address bounced")
+
+
+def _bounce(
+    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
+) -> None:
+    assert cls.bounce is not None
+    b = cls.bounce
+    detail = {"type": b.type, "status": b.status, "recipients": list(b.recipients)}
+    if b.type == "hard":
+        bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {b.status or ''}".strip(), row.id)
+        return
+    record_event(
+        s,
+        lead,
+        "soft_bounce",
+        f"{_cause(row)}: soft bounce {b.status or ''}".strip(),
+        now,
+        detail=detail,
+        inbound_id=row.id,
+    )
+    s.flush()
+    window = now - timedelta(days=app.config.bounces.soft_window_days)
+    last_reset = s.scalar(
+        select(func.max(LeadEvent.at)).where(
+            LeadEvent.lead_id == lead.id, LeadEvent.type == "bounce_reset"
+        )
+    )
+    since = max(window, last_reset) if last_reset else window
+    count = (
+        s.scalar(
+            select(func.count()).where(
+                LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce", LeadEvent.at >= since
+            )
+        )
+        or 0
+    )
+    if count >= app.config.bounces.soft_limit:
+        bounce_lead(
+            s, lead, now,
+            f"{count} soft bounces within {app.config.bounces.soft_window_days} days (limit {app.config.bounces.soft_limit})",
+            row.id,
+        )  # fmt: skip
+
+
+def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
+    """Genuine mail from the address proves it works: soft bounces start counting again."""
+    has_soft = s.scalar(
+        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
+    )
+    if has_soft:
+        record_event(
+            s, lead, "bounce_reset", f"{_cause(row)}: mail from the address", now, inbound_id=row.id
+        )
+
+
+# --- auto-replies ------------------------------------------------------------------------
+
+
+def _auto_reply(
+    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
+) -> None:
+    max_days = app.config.auto_reply.max_pause_days
+    if cls.return_date is None or max_days <= 0:
+        record_event(
+            s,
+            lead,
+            "auto_reply",
+            f"{_cause(row)}: no return date, nurture goes on",
+            now,
+            inbound_id=row.id,
+        )
+        return
+    zone = ZoneInfo(lead.timezone) if lead.timezone else UTC
+    back = datetime.combine(cls.return_date, time(0, 0), zone).astimezone(UTC)
+    cap = now + timedelta(days=max_days)
+    until = min(back, cap)
+    if until <= now:
+        record_event(
+            s,
+            lead,
+            "auto_reply",
+            f"{_cause(row)}: return date {cls.return_date} already past",
+            now,
+            inbound_id=row.id,
+        )
+        return
+    res = s.execute(
+        update(Enrollment)
+        .where(Enrollment.lead_id == lead.id, Enrollment.state.in_(("active", "paused")))
+        .values(state="paused", paused_until=until, updated_at=now)
+    )
+    capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
+    record_event(
+        s, lead, "paused",
+        f"{_cause(row)}: out of office until {cls.return_date}{capped}",
+        now, detail={"until": until.isoformat(), "enrollments": getattr(res, "rowcount", 0)}, inbound_id=row.id,
+    )  # fmt: skip
+
+
+# --- replies -----------------------------------------------------------------------------
+
+
+def _reply(
+    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
+    row: InboundMessage, now: datetime,
+) -> None:  # fmt: skip
+    cause = _cause(row)
+    first = not s.scalar(
+        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+    )
+    if first:
+        record_event(
+            s, lead, "engaged", f"{cause}: two-way — {match.explanation}", now,
+            detail={"match": match.method, "intent": cls.intent}, inbound_id=row.id,
+        )  # fmt: skip
+    if cls.intent == "negative":
+        if lead.status not in SUPPRESSED and lead.status != "customer":
+            record_event(
+                s,
+                lead,
+                "disqualified",
+                f"{cause}: not interested",
+                now,
+                to_status="disqualified",
+                inbound_id=row.id,
+            )
+        stop_nurture(s, lead.id, now, "the lead is not interested")
+        return
+    if cls.intent == "referral" and cls.referral_email:
+        _referral(s, app, lead, cls.referral_email, row, now)
+        if app.config.referrals.referrer == "stop":
+            stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
+            return
+    if lead.status not in PROMOTABLE:
+        if lead.status in ("prospect", "customer"):
+            record_event(s, lead, "replied", f"{cause}: another reply", now, inbound_id=row.id)
+        return
+    result = qualify(LeadFacts.of(lead), cls.reply_text or msg.text, app.config.qualification)
+    lead.score = result.score
+    lead.qualification = result.as_json()
+    stop_nurture(s, lead.id, now, "the lead replied")
+    if app.config.qualification.require_fit and not result.fit:
+        if lead.status != "engaged":
+            record_event(
+                s, lead, "held", f"{cause}: replied, but below the minimum fit (score {result.score}): review by hand",
+                now, to_status="engaged", inbound_id=row.id,
+            )  # fmt: skip
+        return
+    promote(s, app, lead, msg, cls, match, row, now)
+
+
+def promote(
+    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
+    row: InboundMessage, now: datetime,
+) -> None:  # fmt: skip
+    """lead -> prospect: assign a rep, queue the handoff and the in-thread follow-up."""
+    config = app.config
+    cause = _cause(row)
+    record_event(
+        s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
+        now, to_status="prospect", detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
+    )  # fmt: skip
+    a = assign(s, lead, config, now)
+    rep = a.rep
+    if rep is not None:
+        lead.owner = rep.email
+        record_event(
+            s,
+            lead,
+            "assigned",
+            a.reason,
+            now,
+            detail={"rep": rep.email, "reason": a.reason},
+            inbound_id=row.id,
+        )
+    else:
+        record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
+    _account_awareness(s, app, lead, rep.email if rep else None, now)
+    rep_block = (
+        {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
+        if rep
+        else {"name": "Sales team", "email": config.sender.address, "first_name": "team"}
+    )
+    reply_block = {
+        "subject": msg.subject,
+        "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
+        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
+        "text": cls.reply_text or msg.text.strip(),
+    }
+    handoff_ctx: dict[str, Any] = {
+        "rep": rep_block,
+        "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
+        "qualification": lead.qualification or {"score": lead.score, "checklist": []},
+        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
+        "reply": reply_block,
+        "reply_text": reply_block["text"],
+        "thread": _thread(s, lead, row),
+        "assignment_reason": a.reason,
+    }
+    s.add(
+        OutboundMessage(
+            idempotency_key=f"handoff:{row.id}",
+            kind="handoff",
+            lead_id=lead.id,
+            template=config.handoff.template,
+            message_id=new_message_id(config.sender.domain),
+            to_addr=rep_block["email"],
+            inbound_id=row.id,
+            status="queued",
+            attempts=0,
+            next_attempt_at=now,
+            context=handoff_ctx,
+            created_at=now,
+        )
+    )
+    record_event(
+        s, lead, "handoff_queued", f"handoff to {rep_block['email']}", now, inbound_id=row.id
+    )
+    fu = config.handoff.follow_up
+    if fu is None or not msg.message_id:
+        return
+    from worker.schedule import add_delay
+
+    from_rep = fu.from_ == "rep" and rep is not None
+    subject = msg.subject.strip()
+    while subject.lower().startswith(("re:", "aw:", "sv:", "antw:")):
+        subject = subject.split(":", 1)[1].strip()
+    s.add(
+        OutboundMessage(
+            idempotency_key=f"followup:{row.id}",
+            kind="followup",
+            lead_id=lead.id,
+            template=fu.template,
+            message_id=new_message_id(config.sender.domain),
+            reply_token=lead.reply_token,
+            to_addr=lead.email,
+            in_reply_to=msg.message_id,
+            inbound_id=row.id,
+            status="queued",
+            attempts=0,
+            next_attempt_at=add_delay(now, fu.delay, lead.timezone or "UTC"),
+            context={
+                "rep": rep_block,
+                "reply": {"subject": msg.subject, "text": reply_block["text"]},
+                "references": [*msg.references, msg.message_id][-20:],
+                "subject_override": f"Re: {subject}" if subject else "Re: your reply",
+                "from_addr": rep.email if from_rep and rep else config.sender.address,
+                "from_name": rep.name if from_rep and rep else config.sender.display_name,
+            },
+            created_at=now,
+        )
+    )
+    record_event(
+        s, lead, "followup_queued", "in-thread answer to the prospect", now, inbound_id=row.id
+    )
+
+
+def _why_two_way(match: Match, cls: Classification) -> str:
+    return (
+        f"{match.explanation}. It was classified a genuine human reply ({cls.reason}), "
+        "not an auto-reply, bounce, list mail or unsubscribe, so the conversation is two-way."
+    )
+
+
+def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, Any]]:
+    items: list[tuple[datetime, dict[str, Any]]] = []
+    for o in s.scalars(
+        select(OutboundMessage).where(
+            OutboundMessage.lead_id == lead.id, OutboundMessage.status == "sent"
+        )
+    ):
+        at = o.sent_at or o.created_at
+        summary = f"step {(o.step or 0) + 1} of {o.campaign}" if o.kind == "nurture" else o.kind
+        items.append(
+            (
+                at,
+                {
+                    "direction": "out",
+                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+                    "subject": o.subject or "",
+                    "summary": summary,
+                },
+            )
+        )
+    for m in s.scalars(select(InboundMessage).where(InboundMessage.lead_id == lead.id)):
+        at = m.sent_date or m.received_at
+        text = (m.reply_text or m.reason or "").strip().replace("\n", " ")
+        items.append(
+            (
+                at,
+                {
+                    "direction": "in",
+                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+                    "subject": m.subject or "",
+                    "summary": text[:160],
+                },
+            )
+        )
+    if current.lead_id is None:  # not flushed with its lead yet
+        at = current.sent_date or current.received_at
+        items.append(
+            (
+                at,
+                {
+                    "direction": "in",
+                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+                    "subject": current.subject or "",
+                    "summary": (current.reply_text or "")[:160],
+                },
+            )
+        )
+    items.sort(key=lambda x: x[0])
+    return [d for _, d in items]
+
+
+def _account_awareness(
+    s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
+) -> None:
+    """Colleagues at the same company pause their nurture and go to the same rep."""
+    campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
+    aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
+    if not aware or lead.domain in FREEMAIL:
+        return
+    colleagues = s.scalars(
+        select(Lead).where(Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == "lead")
+    ).all()
+    for other in colleagues:
+        res = s.execute(
+            update(Enrollment)
+            .where(Enrollment.lead_id == other.id, Enrollment.state == "active")
+            .values(state="paused", paused_until=None, updated_at=now)
+        )
+        if rep_email and not other.owner:
+            other.owner = rep_email
+        if getattr(res, "rowcount", 0) or rep_email:
+            record_event(
+                s, other, "account_paused",
+                f"colleague {lead.email} became a prospect: nurture paused, shown to {rep_email or 'the team'}",
+                now,
+            )  # fmt: skip
+
+
+def _referral(
+    s: Session, app: App, referrer: Lead, email: str, row: InboundMessage, now: datetime
+) -> None:
+    from worker.leads import normalise_email
+
+    try:
+        address = normalise_email(email)
+    except ValueError:
+        return
+    existing = s.scalar(select(Lead).where(Lead.email == address))
+    record_event(
+        s,
+        referrer,
+        "referral",
+        f"{_cause(row)}: points to {address}",
+        now,
+        detail={"referred": address},
+        inbound_id=row.id,
+    )
+    if existing is not None:
+        return
+    new = Lead(
+        email=address,
+        company=referrer.company,
+        industry=referrer.industry,
+        company_size=referrer.company_size,
+        annual_revenue=referrer.annual_revenue,
+        country=referrer.country,
+        timezone=referrer.timezone,
+        source="referral",
+        custom={},
+        status="lead",
+        reply_token=new_token(),
+        domain=address.rsplit("@", 1)[1],
+        referred_by_id=referrer.id,
+        created_at=now,
+        updated_at=now,
+    )
+    s.add(new)
+    s.flush()
+    record_event(
+        s,
+        new,
+        "created",
+        f"referred by {referrer.email} in {_cause(row)}",
+        now,
+        to_status="lead",
+        inbound_id=row.id,
+    )
+    new.status = "lead"
+    for name in s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == referrer.id)):
+        try:
+            enroll(s, [new.id], app.config.campaign(name), now)
+        except KeyError:
+            continue
+
+
+def _inbound_lead(
+    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
+) -> None:
+    assert msg.from_addr
+    if s.scalar(select(Lead.id).where(Lead.email == msg.from_addr)):
+        return
+    name = (msg.from_name or "").split()
+    lead = Lead(
+        email=msg.from_addr,
+        first_name=name[0] if name else None,
+        last_name=" ".join(name[1:]) or None,
+        source="inbound",
+        custom={},
+        status="lead",
+        reply_token=new_token(),
+        domain=msg.from_addr.rsplit("@", 1)[1],
+        created_at=now,
+        updated_at=now,
+    )
+    s.add(lead)
+    s.flush()
+    row.lead_id, row.match_method = lead.id, "new_lead"
+    record_event(
+        s,
+        lead,
+        "created",
+        f"{_cause(row)}: wrote to us unprompted",
+        now,
+        to_status="lead",
+        inbound_id=row.id,
+    )
+
+
+# --- reps answering ----------------------------------------------------------------------
+
+
+def _from_rep(app: App, msg: ParsedMessage) -> bool:
+    return bool(msg.from_addr) and app.config.rep(msg.from_addr or "") is not None
+
+
+def _rep_answered(
+    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
+) -> None:
+    """A rep wrote to a prospect before our follow-up went out: cancel the follow-up."""
+    if not _from_rep(app, msg):
+        return
+    for addr in (*msg.to, *msg.cc):
+        lead = s.scalar(select(Lead).where(Lead.email == addr))
+        if lead is None:
+            continue
+        n = _cancel_followups(s, lead.id, f"{msg.from_addr} answered first")
+        if n:
+            record_event(
+                s,
+                lead,
+                "followup_cancelled",
+                f"{msg.from_addr} answered first ({_cause(row)})",
+                now,
+                inbound_id=row.id,
+            )
+
+
+def _cancel_followups(s: Session, lead_id: int, why: str) -> int:
+    res = s.execute(
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.lead_id == lead_id,
+            OutboundMessage.kind == "followup",
+            OutboundMessage.status == "queued",
+        )
+        .values(status="cancelled", last_error=why)
+    )
+    return int(getattr(res, "rowcount", 0) or 0)

@@ -1,0 +1,335 @@
+"""The outbox: every email twoway sends is a row, claimed, re-checked, sent once.
+
+States: queued -> sending -> sent | failed | cancelled, and `unknown` for a row found in
+`sending` after a crash that the Sent folder cannot settle (never silently resent).
+A row is claimed with a conditional UPDATE (and `FOR UPDATE SKIP LOCKED` on PostgreSQL)
+in a short transaction; the SMTP call happens outside any transaction; its outcome is
+recorded in another. Temporary failures wait in the row (`attempts`, `next_attempt_at`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from worker.app import App
+from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
+from worker.leads import lead_fields
+from worker.mailer import Mailer, SendResult
+from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
+from worker.rendering import Renderer, TemplateError
+
+logger = logging.getLogger(__name__)
+LEASE = timedelta(minutes=10)
+CLAIM_BATCH = 20
+
+SentCopy = Callable[[str | None, bytes], None]
+"""Append a sent message to the mailbox's Sent folder: (mailbox name, raw bytes)."""
+
+
+@dataclass
+class Prepared:
+    row_id: int
+    lead_id: int
+    kind: str
+    to_addr: str
+    mailbox: str | None
+    message: EmailMessage
+    envelope_from: str
+
+
+def _sent_since(s: Session, since: datetime, domain: str | None = None) -> int:
+    q = select(func.count()).where(OutboundMessage.sent_at >= since)
+    if domain is not None:
+        q = q.where(OutboundMessage.to_addr.like(f"%@{domain}"), OutboundMessage.kind == "nurture")
+    return int(s.scalar(q) or 0)
+
+
+def _budget(s: Session, app: App, now: datetime) -> int:
+    """How many more messages the SMTP account's caps allow right now."""
+    smtp = app.config.smtp
+    budget = CLAIM_BATCH
+    if smtp is None:
+        return 0
+    if smtp.max_per_minute:
+        budget = min(budget, smtp.max_per_minute - _sent_since(s, now - timedelta(minutes=1)))
+    if smtp.max_per_day:
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        budget = min(budget, smtp.max_per_day - _sent_since(s, day))
+    return max(budget, 0)
+
+
+def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepared]:
+    """Claim due rows, re-check them and build their messages, in one transaction.
+
+    Rows that must not go out any more are cancelled here; rows that cannot be rendered
+    fail with the template error. The returned messages are `sending` in the database.
+    """
+    now = app.now()
+    out: list[Prepared] = []
+    with app.transaction() as s:
+        n = min(limit, _budget(s, app, now))
+        if n <= 0:
+            return []
+        rows = s.scalars(
+            select(OutboundMessage)
+            .where(OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
+            .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
+            .limit(n)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            res = s.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id == row.id, OutboundMessage.status == "queued")
+                .values(
+                    status="sending",
+                    attempts=OutboundMessage.attempts + 1,
+                    next_attempt_at=now + LEASE,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(res, "rowcount", 0) != 1:
+                continue  # another worker took it
+            s.refresh(row)
+            prepared = _prepare(s, app, renderer, row, now)
+            if prepared is not None:
+                out.append(prepared)
+    return out
+
+
+def _prepare(
+    s: Session, app: App, renderer: Renderer, row: OutboundMessage, now: datetime
+) -> Prepared | None:
+    lead = s.get(Lead, row.lead_id)
+    if lead is None:
+        row.status, row.last_error = "cancelled", "the lead was deleted"
+        return None
+    why_not = _must_not_send(s, app, row, lead)
+    if why_not == "paused":
+        en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+        row.status = "queued"
+        row.attempts -= 1
+        row.next_attempt_at = en.paused_until if en and en.paused_until else now + timedelta(days=1)
+        return None
+    if why_not:
+        row.status, row.last_error = "cancelled", why_not
+        logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, why_not)
+        return None
+    campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
+    if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
+            row.status, row.attempts = "queued", row.attempts - 1
+            row.next_attempt_at = day + timedelta(days=1)
+            return None
+    try:
+        message = _build(s, app, renderer, row, lead)
+    except (TemplateError, ValueError) as e:
+        row.status, row.last_error = "failed", f"cannot build the message: {e}"
+        logger.error("cannot build %s for %s: %s", row.template, row.to_addr, e)
+        return None
+    row.subject = str(message["Subject"])
+    sender = app.config.sender
+    envelope = sender.address
+    if row.kind == "nurture" and sender.reply_token and row.reply_token:
+        envelope = reply_address(sender.address, row.reply_token)  # VERP: bounces carry the token
+    return Prepared(row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, envelope)
+
+
+def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> str | None:
+    """Why this row must not go out now (None: send it). Checked right before SMTP."""
+    if row.kind == "nurture":
+        if lead.status != "lead":
+            return f"the lead is now {lead.status}"
+        en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+        if en is None or en.state == "stopped":
+            return "the enrollment was stopped"
+        if en.state == "paused":
+            return "paused"
+    elif row.kind == "followup" and lead.status in ("unsubscribed", "bounced", "disqualified"):
+        return f"the lead is now {lead.status}"
+    return None
+
+
+def _build(
+    s: Session, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+) -> EmailMessage:
+    config = app.config
+    sender = config.sender
+    ctx: dict[str, Any] = dict(row.context or {})
+    sender_block = {
+        "name": sender.display_name or sender.address,
+        "address": sender.address,
+        "postal_address": sender.postal_address,
+    }
+    token = row.reply_token or lead.reply_token
+    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
+    ctx.setdefault("lead", lead_fields(lead))
+    ctx.setdefault("sender", sender_block)
+    ctx.setdefault(
+        "unsubscribe_url", unsub_url or (f"mailto:{unsub_mailto}" if unsub_mailto else "")
+    )
+    if row.kind == "nurture":
+        total = len(config.campaign(row.campaign).steps) if row.campaign else 1
+        ctx.setdefault("campaign", {"name": row.campaign})
+        ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
+    rendered = renderer.render(row.template, ctx)
+    from_addr, from_name = sender.address, sender.display_name
+    reply_to: str | None = None
+    attachments: list[Attachment] = []
+    to_name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
+    if row.kind == "nurture":
+        reply_to = reply_address(sender.address, token) if sender.reply_token else None
+    elif row.kind == "handoff":
+        rep = ctx.get("rep") or {}
+        to_name = str(rep.get("name", ""))
+        reply_to = lead.email  # the rep answers the prospect straight from the handoff
+        unsub_url = unsub_mailto = None
+        if row.inbound_id:
+            inbound = s.get(InboundMessage, row.inbound_id)
+            if inbound is not None and inbound.raw:
+                attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
+    elif row.kind == "followup":
+        unsub_url = unsub_mailto = None
+        if ctx.get("from_addr"):
+            from_addr, from_name = str(ctx["from_addr"]), str(ctx.get("from_name", ""))
+        reply_to = from_addr
+    refs = [str(r) for r in ctx.get("references", [])]
+    return compose(
+        from_addr=from_addr,
+        from_name=from_name,
+        to_addr=row.to_addr,
+        to_name=to_name,
+        subject=str(ctx.get("subject_override") or rendered.subject),
+        text=rendered.text,
+        html=rendered.html,
+        message_id=row.message_id,
+        domain=sender.domain,
+        reply_to=reply_to,
+        in_reply_to=row.in_reply_to,
+        references=refs,
+        unsubscribe_url=unsub_url if row.kind == "nurture" else None,
+        unsubscribe_mailto=unsub_mailto if row.kind == "nurture" else None,
+        auto_submitted=sender.auto_submitted and row.kind != "handoff",
+        attachments=attachments,
+        date=app.now(),
+    )
+
+
+def record(app: App, item: Prepared, result: SendResult) -> None:
+    """Write the outcome of one SMTP attempt (its own transaction)."""
+    from worker.lifecycle import bounce_lead
+
+    now = app.now()
+    smtp = app.config.smtp
+    max_attempts = smtp.max_attempts if smtp else 5
+    with app.transaction() as s:
+        row = s.get(OutboundMessage, item.row_id)
+        if row is None:
+            return
+        if result.status == "sent":
+            row.status, row.sent_at, row.last_error = "sent", now, None
+            return
+        detail = f"{result.code or ''} {result.message}".strip()
+        if result.status == "temporary" and row.attempts < max_attempts:
+            # Exponential backoff with jitter, kept in the row (not in a sleeping frame).
+            wait = min(60 * 2 ** (row.attempts - 1), 3600) * random.uniform(0.8, 1.2)
+            row.status, row.last_error = "queued", f"temporary: {detail}"
+            row.next_attempt_at = now + timedelta(seconds=wait)
+            logger.warning(
+                "temporary failure sending to %s (attempt %d): %s",
+                row.to_addr,
+                row.attempts,
+                detail,
+            )
+            return
+        row.status = "failed"
+        row.last_error = ("permanent: " if result.status == "permanent" else "gave up: ") + detail
+        logger.error("failed to send %s to %s: %s", row.kind, row.to_addr, detail)
+        status = result.enhanced_status or ""
+        refused_lead = row.to_addr in result.refused or (
+            not result.refused and result.code and result.code >= 550
+        )
+        if (
+            result.status == "permanent"
+            and row.kind == "nurture"
+            and refused_lead
+            and (status.startswith("5.1.") or (result.code == 550 and not status.startswith("5.7")))
+        ):
+            lead = s.get(Lead, row.lead_id)
+            if lead is not None:
+                bounce_lead(s, lead, now, f"SMTP refused {row.to_addr}: {detail}")
+
+
+def send_due(
+    app: App,
+    renderer: Renderer,
+    mailer: Mailer,
+    sent_copy: SentCopy | None = None,
+    limit: int | None = None,
+) -> int:
+    """Send everything due now (respecting the caps); returns how many were sent."""
+    sent = 0
+    while limit is None or sent < limit:
+        batch = claim(
+            app, renderer, CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
+        )
+        if not batch:
+            break
+        for item in batch:
+            result = mailer.send(item.message, item.envelope_from, [item.to_addr])
+            record(app, item, result)
+            if result.status == "sent":
+                sent += 1
+                if sent_copy is not None:
+                    try:
+                        sent_copy(item.mailbox, item.message.as_bytes())
+                    except Exception as e:  # a missing Sent copy must not fail the send
+                        logger.warning("could not save a copy in the Sent folder: %s", e)
+    if sent:
+        logger.info("sent %d message(s)", sent)
+    return sent
+
+
+def recover_sending(
+    app: App, in_sent_folder: Callable[[str | None, str], bool | None] | None, all_rows: bool
+) -> tuple[int, int]:
+    """Settle rows left in `sending` by a crash, never by sending again.
+
+    `in_sent_folder(mailbox, message_id)` answers True/False, or None when it cannot tell.
+    With `all_rows` (one worker: nobody else can be mid-send) every `sending` row is looked
+    at; otherwise only rows whose lease expired. Returns (found sent, marked unknown).
+    """
+    now = app.now()
+    found = unknown = 0
+    with app.transaction() as s:
+        q = select(OutboundMessage).where(OutboundMessage.status == "sending")
+        if not all_rows:
+            q = q.where(OutboundMessage.next_attempt_at < now)
+        rows = s.scalars(q).all()
+        for row in rows:
+            answer = in_sent_folder(row.mailbox, row.message_id) if in_sent_folder else None
+            if answer:
+                row.status, row.sent_at = "sent", now
+                row.last_error = "confirmed in the Sent folder after a restart"
+                found += 1
+            else:
+                row.status = "unknown"
+                row.last_error = (
+                    "the worker stopped during the SMTP call; not in the Sent folder"
+                    if answer is False
+                    else "the worker stopped during the SMTP call; no Sent folder to check"
+                )
+                unknown += 1
+    if found or unknown:
+        logger.warning("after a restart: %d send(s) confirmed sent, %d unknown", found, unknown)
+    return found, unknown

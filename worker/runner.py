@@ -1,0 +1,230 @@
+"""The worker: one pass (`run_once`) and a short loop around it.
+
+A pass syncs every mailbox (IMAP or Maildir), queues due nurture steps and sends what is
+due. Between passes the worker waits on the first mailbox that offers IDLE (or sleeps)
+until new mail, the next due send, the poll interval or a stop request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+
+from worker.app import App
+from worker.classify import ClassifyContext
+from worker.config import MailboxConfig
+from worker.inbound import SyncResult, classify_context, sync_mailbox
+from worker.mailbox import MailboxError, MailSource, open_source
+from worker.mailer import Mailer
+from worker.models import Enrollment, MailboxState, OutboundMessage
+from worker.outbox import recover_sending, send_due
+from worker.rendering import Renderer
+from worker.sequences import queue_due
+
+logger = logging.getLogger(__name__)
+MAX_BACKOFF = 300.0
+
+
+@dataclass
+class _Mailbox:
+    cfg: MailboxConfig
+    source: MailSource
+    connected: bool = False
+    failures: int = 0
+    retry_at: float = 0.0
+    reported: bool = False
+
+
+@dataclass
+class PassResult:
+    """What one pass did; `found_work` is True when anything was processed or sent."""
+
+    inbound: SyncResult = field(default_factory=SyncResult)
+    queued: int = 0
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def found_work(self) -> bool:
+        return bool(self.inbound.processed or self.inbound.quarantined or self.queued or self.sent)
+
+
+class Worker:
+    """Owns the mailbox connections, the SMTP connection and the renderer of one process."""
+
+    def __init__(self, app: App, stop: threading.Event | None = None) -> None:
+        self.app = app
+        self.stop = stop or threading.Event()
+        self.renderer = Renderer(app.config.templates_path)
+        self.ctx: ClassifyContext = classify_context(app.config)
+        self.mailboxes = [_Mailbox(m, open_source(m)) for m in app.config.mailboxes]
+        self._recovered = False
+
+    # --- one pass -------------------------------------------------------------------
+
+    def run_once(self) -> PassResult:
+        """Sync every mailbox, queue due steps, send what is due. Returns what it did."""
+        result = PassResult()
+        if not self._recovered:
+            self._recover()
+        for mb in self.mailboxes:
+            if self.stop.is_set():
+                break
+            self._sync(mb, result)
+        if not self.stop.is_set():
+            self._send(result)
+        return result
+
+    def _recover(self) -> None:
+        one_worker = self.app.engine.dialect.name == "sqlite"
+        recover_sending(self.app, self._in_sent_folder, all_rows=one_worker)
+        self._recovered = True
+
+    def _in_sent_folder(self, mailbox: str | None, message_id: str) -> bool | None:
+        mb = next((m for m in self.mailboxes if m.cfg.name == mailbox), None)
+        if mb is None and self.mailboxes:
+            mb = self.mailboxes[0]
+        if mb is None or not mb.cfg.sent_folder:
+            return None
+        try:
+            self._connect(mb)
+            return mb.source.has_message_id(mb.cfg.sent_folder, message_id)
+        except MailboxError:
+            return None
+
+    def _connect(self, mb: _Mailbox) -> None:
+        if not mb.connected:
+            mb.source.connect()
+            mb.connected = True
+
+    def _sync(self, mb: _Mailbox, result: PassResult) -> None:
+        if time.monotonic() < mb.retry_at:
+            return
+        try:
+            self._connect(mb)
+            got = sync_mailbox(self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set)
+        except MailboxError as e:
+            self._mailbox_failed(mb, str(e), temporary=e.temporary)
+            result.errors.append(f"{mb.cfg.name}: {e}")
+            return
+        if mb.failures:
+            logger.warning("mailbox %s: connection is back", mb.cfg.name)
+        mb.failures, mb.reported = 0, False
+        self._record_idle(mb)
+        r = result.inbound
+        r.processed += got.processed
+        r.duplicates += got.duplicates
+        r.quarantined += got.quarantined
+        for k, v in got.kinds.items():
+            r.kinds[k] = r.kinds.get(k, 0) + v
+
+    def _mailbox_failed(self, mb: _Mailbox, error: str, *, temporary: bool) -> None:
+        """Log once per outage, back off exponentially, and show it in `status`."""
+        mb.failures += 1
+        mb.connected = False
+        with contextlib.suppress(Exception):  # the connection is already gone
+            mb.source.close()
+        delay = min(MAX_BACKOFF, 2.0 ** min(mb.failures, 8)) if temporary else MAX_BACKOFF
+        mb.retry_at = time.monotonic() + delay
+        if not mb.reported:
+            logger.error("mailbox %s: %s (retrying with backoff)", mb.cfg.name, error)
+            mb.reported = True
+        now = self.app.now()
+        with self.app.transaction() as s:
+            for folder in mb.cfg.folders:
+                st = s.scalar(
+                    select(MailboxState).where(
+                        MailboxState.mailbox == mb.cfg.name, MailboxState.folder == folder
+                    )
+                )
+                if st is None:
+                    st = MailboxState(mailbox=mb.cfg.name, folder=folder, last_uid=0, idle=False)
+                    s.add(st)
+                st.last_error, st.last_error_at = error[:2000], now
+
+    def _record_idle(self, mb: _Mailbox) -> None:
+        with self.app.transaction() as s:
+            for st in s.scalars(select(MailboxState).where(MailboxState.mailbox == mb.cfg.name)):
+                st.idle = bool(mb.source.supports_idle and mb.cfg.idle)
+
+    def _send(self, result: PassResult) -> None:
+        result.queued = queue_due(self.app)
+        if self.app.config.smtp is None:
+            return
+        with Mailer(self.app.config.smtp) as mailer:
+            result.sent = send_due(self.app, self.renderer, mailer, self._sent_copy)
+
+    def _sent_copy(self, mailbox: str | None, raw: bytes) -> None:
+        mb = next((m for m in self.mailboxes if m.cfg.name == mailbox), None)
+        if mb is None or not mb.cfg.sent_folder or mb.cfg.kind != "imap":
+            return
+        self._connect(mb)
+        mb.source.append(mb.cfg.sent_folder, raw)
+
+    # --- the loop -------------------------------------------------------------------
+
+    def next_due(self) -> datetime | None:
+        with self.app.transaction() as s:
+            a = s.scalar(select(func.min(Enrollment.next_due)).where(Enrollment.state == "active"))
+            b = s.scalar(
+                select(func.min(OutboundMessage.next_attempt_at)).where(
+                    OutboundMessage.status == "queued"
+                )
+            )
+            c = s.scalar(
+                select(func.min(Enrollment.paused_until)).where(Enrollment.state == "paused")
+            )
+        times = [t for t in (a, b, c) if t is not None]
+        return min(times) if times else None
+
+    def wait(self) -> None:
+        """Sleep until new mail may be there, something is due, or stop is requested."""
+        poll = min((m.cfg.poll_interval for m in self.mailboxes), default=60.0)
+        due = self.next_due()
+        timeout = poll
+        if due is not None:
+            timeout = max(0.0, min(poll, (due - self.app.now()).total_seconds()))
+        retry = [m.retry_at - time.monotonic() for m in self.mailboxes if m.failures]
+        if retry:
+            timeout = max(0.0, min([timeout, *retry]))
+        watcher = next(
+            (
+                m
+                for m in self.mailboxes
+                if m.connected and m.source.supports_idle and not m.failures
+            ),
+            None,
+        )
+        if watcher is None or timeout <= 0:
+            self.stop.wait(timeout)
+            return
+        try:
+            watcher.source.wait(timeout, self.stop)
+        except MailboxError as e:
+            self._mailbox_failed(watcher, str(e), temporary=e.temporary)
+
+    def run_forever(self) -> None:
+        """The daemon loop: a pass, then wait while idle; ends soon after stop is set."""
+        logger.info("twoway worker started (%d mailbox(es))", len(self.mailboxes))
+        while not self.stop.is_set():
+            try:
+                result = self.run_once()
+            except Exception:
+                # A failing pass (database down, say) is logged and retried, not fatal.
+                logger.exception("the pass failed; retrying in 5 s")
+                self.stop.wait(5)
+                continue
+            if not result.found_work:
+                self.wait()
+        logger.info("twoway worker stopped")
+
+    def close(self) -> None:
+        for mb in self.mailboxes:
+            with contextlib.suppress(Exception):  # closing a dead connection
+                mb.source.close()

@@ -1,0 +1,118 @@
+"""Nurture sequences: turn due enrollment steps into queued outbox rows.
+
+A step is queued only for a lead still in status `lead`, only inside the campaign's send
+window in the lead's time zone (else it moves to the next open slot), and only once: the
+outbox row's idempotency key is `nurture:<enrollment>:<step>`. The next step's delay
+counts from the moment this one is queued, so later steps shift rather than pile up.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from worker.app import App
+from worker.compose import new_message_id
+from worker.config import Campaign, Config
+from worker.models import Enrollment, Lead, OutboundMessage
+from worker.schedule import add_delay, next_open_slot
+
+logger = logging.getLogger(__name__)
+BATCH = 500
+
+
+def resume_paused(session: Session, now: datetime) -> int:
+    """Paused enrollments whose resume time has come become active again; returns how many."""
+    res = session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.state == "paused",
+            Enrollment.paused_until.is_not(None),
+            Enrollment.paused_until <= now,
+        )
+        .values(state="active", paused_until=None, updated_at=now)
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+def lead_zone(lead: Lead, campaign: Campaign) -> str:
+    return lead.timezone or campaign.timezone
+
+
+def queue_due(app: App, batch: int = BATCH) -> int:
+    """Queue every step due now; returns how many were queued.
+
+    One transaction per batch: each enrollment's advance and its outbox row commit together.
+    """
+    config = app.config
+    now = app.now()
+    queued = 0
+    while True:
+        with app.transaction() as s:
+            resume_paused(s, now)
+            due = s.execute(
+                select(Enrollment, Lead)
+                .join(Lead, Lead.id == Enrollment.lead_id)
+                .where(Enrollment.state == "active", Enrollment.next_due <= now)
+                .order_by(Enrollment.next_due, Enrollment.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True, of=Enrollment)
+            ).all()
+            for enrollment, lead in due:
+                queued += _queue_one(s, config, enrollment, lead, now)
+        if len(due) < batch:
+            break
+    if queued:
+        logger.info("queued %d nurture step(s)", queued)
+    return queued
+
+
+def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: datetime) -> int:
+    try:
+        campaign = config.campaign(en.campaign)
+    except KeyError:
+        # The campaign left the config: keep the enrollment, but stop looking at it.
+        en.state, en.next_due, en.updated_at = "stopped", None, now
+        return 0
+    if lead.status != "lead":
+        en.state, en.next_due, en.updated_at = "stopped", None, now
+        return 0
+    if en.step >= len(campaign.steps):
+        en.state, en.next_due, en.updated_at = "completed", None, now
+        return 0
+    tz = lead_zone(lead, campaign)
+    slot = next_open_slot(now, campaign.send_window, tz)
+    if slot > now:
+        en.next_due, en.updated_at = slot, now
+        return 0
+    step = campaign.steps[en.step]
+    s.add(
+        OutboundMessage(
+            idempotency_key=f"nurture:{en.id}:{en.step}",
+            kind="nurture",
+            lead_id=lead.id,
+            enrollment_id=en.id,
+            campaign=campaign.name,
+            step=en.step,
+            template=step.template,
+            mailbox=campaign.mailbox,
+            message_id=new_message_id(config.sender.domain),
+            reply_token=lead.reply_token,
+            to_addr=lead.email,
+            status="queued",
+            attempts=0,
+            next_attempt_at=now,
+            context={},
+            created_at=now,
+        )
+    )
+    en.step += 1
+    en.updated_at = now
+    if en.step < len(campaign.steps):
+        en.next_due = add_delay(now, campaign.steps[en.step].delay, tz)
+    else:
+        en.state, en.next_due = "completed", None
+    return 1
