@@ -1,0 +1,241 @@
+"""The whole story against real servers: Dovecot IMAP and aiosmtpd on 127.0.0.1.
+
+20 leads get step 1; eleven kinds of answer land in the mailbox; one pass later exactly the
+three genuine repliers are prospects with a rep, a handoff and an in-thread follow-up,
+and everybody else is in the state their answer calls for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests import mails
+from tests.conftest import base_config
+from tests.imap_server import DovecotServer
+from tests.smtp_server import SmtpServer
+from worker.app import App
+from worker.leads import import_leads, show_lead
+from worker.models import Lead, OutboundMessage
+from worker.runner import Worker
+
+START = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+
+
+def lead_rows() -> list[tuple[int, dict[str, str | None]]]:
+    rows = []
+    for i in range(20):
+        rows.append(
+            (
+                i + 2,
+                {
+                    "email": f"lead{i}@company{i}.example.org",
+                    "first_name": f"Lead{i}",
+                    "last_name": "Tester",
+                    "company": f"Company {i}",
+                    "title": "CTO" if i < 3 else "Analyst",
+                    "industry": "software" if i == 1 else "retail",
+                    "country": "ES" if i == 0 else ("DE" if i == 1 else "US"),
+                    "company_size": "200",
+                },
+            )
+        )
+    return rows
+
+
+@pytest.fixture
+def world(
+    database_url: str,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    smtp_server: SmtpServer,
+) -> Iterator[dict[str, Any]]:
+    smtp = {
+        "kind": "smtp",
+        "host": "127.0.0.1",
+        "port": smtp_server.port,
+        "security": "none",
+        "timeout": 5,
+    }
+    mailbox = {
+        "name": "sales",
+        "kind": "imap",
+        "host": "127.0.0.1",
+        "port": dovecot.port,
+        "security": "none",
+        "username": imap_user,
+        "password": dovecot.users[imap_user],
+        "idle": False,
+    }
+    config = base_config(database_url, tmp_path, mailboxes=[mailbox], smtp=smtp)
+    clock = [START]
+    app = App.open(config, lambda: clock[0])
+    with app.transaction() as s:
+        import_leads(s, lead_rows(), clock[0], campaign=config.campaign("welcome"))
+    worker = Worker(app)
+    yield {
+        "app": app,
+        "clock": clock,
+        "worker": worker,
+        "smtp": smtp_server,
+        "dovecot": dovecot,
+        "user": imap_user,
+    }
+    worker.close()
+    app.close()
+
+
+def by_recipient(smtp: SmtpServer) -> dict[str, list[EmailMessage]]:
+    out: dict[str, list[EmailMessage]] = {}
+    for m in smtp.messages:
+        for r in m.rcpts:
+            out.setdefault(r, []).append(m.parsed())
+    return out
+
+
+def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, Any]) -> None:
+    app: App = world["app"]
+    worker: Worker = world["worker"]
+    smtp: SmtpServer = world["smtp"]
+    dovecot: DovecotServer = world["dovecot"]
+    clock: list[datetime] = world["clock"]
+
+    first = worker.run_once()
+    assert first.sent == 20
+    sent = {k: v[0] for k, v in by_recipient(smtp).items()}
+    assert len(sent) == 20
+    step1 = {k: str(v["Subject"]) for k, v in sent.items()}
+
+    at = START + timedelta(hours=1)
+    back = (START + timedelta(days=9)).date()
+    lead = lambda i: f"lead{i}@company{i}.example.org"  # noqa: E731
+    inbox = [
+        mails.reply(sent[lead(0)], "Yes please, send me pricing and let's book a demo.", at, name="Lead0 Tester"),
+        mails.outlook_reply(sent[lead(1)], "Interesting. What does a pilot cost for 10 users?", at),
+        mails.reply(
+            sent[lead(2)], "Could we talk about your timeline next week?", at,
+            threaded=False, to="sales@example.com", subject="Question about your product", quote=False,
+        ),
+        mails.exchange_ooo(sent[lead(3)], back, at),
+        mails.gmail_vacation(sent[lead(4)], at),
+        mails.dsn(sent[lead(5)], lead(5), "5.1.1", "550 5.1.1 <%s>: User unknown" % lead(5), at),
+        mails.dsn(sent[lead(6)], lead(6), "4.2.2", "452 4.2.2 Mailbox full", at),
+        mails.reply(sent[lead(7)], "Unsubscribe", at),
+        mails.reply(sent[lead(8)], "Thanks, but we are not interested.", at),
+        mails.reply(
+            sent[lead(9)],
+            "I'm not the right person for this. Please contact my colleague jane.doe@company9.example.org, she runs purchasing.",
+            at,
+        ),
+        mails.newsletter("sales@example.com", at),
+    ]  # fmt: skip
+    for raw in inbox:
+        dovecot.append(world["user"], "INBOX", raw)
+    flags_before = dovecot.flags(world["user"], "INBOX")
+
+    clock[0] = START + timedelta(hours=2)
+    second = worker.run_once()
+    assert second.inbound.processed == 11
+    assert second.inbound.quarantined == 0
+
+    with app.transaction() as s:
+        status = {l.email: l for l in s.scalars(select(Lead))}
+        prospects = sorted(e for e, l in status.items() if l.status == "prospect")
+        assert prospects == [lead(0), lead(1), lead(2)]
+        assert status[lead(0)].owner == "ana@example.com"  # country rule
+        assert status[lead(1)].owner == "ben@example.com"  # industry rule
+        assert status[lead(2)].owner == "chloe@example.com"  # the round-robin pool
+        assert status[lead(5)].status == "bounced"
+        assert status[lead(6)].status == "lead"  # one soft bounce is not enough
+        assert status[lead(7)].status == "unsubscribed"
+        assert status[lead(8)].status == "disqualified"
+        referred = status.get("jane.doe@company9.example.org")
+        assert referred is not None and referred.source == "referral"
+        assert referred.referred_by_id == status[lead(9)].id
+        shown = {e: show_lead(s, e) for e in (lead(0), lead(1), lead(2), lead(3), lead(4), lead(9))}
+    assert shown[lead(0)]["messages"][-1]["match"] in ("reply_token", "message_id")
+    assert shown[lead(1)]["messages"][-1]["match"] == "reply_token"
+    assert shown[lead(2)]["messages"][-1]["match"] == "sender"
+    assert shown[lead(3)]["enrollments"][0]["state"] == "paused"
+    # "out until December 10": back on the 10th or the 11th depending on the reading.
+    resume = {f"{(back + timedelta(days=d)).isoformat()}T00:00:00Z" for d in (0, 1)}
+    assert shown[lead(3)]["enrollments"][0]["paused_until"] in resume
+    assert (
+        shown[lead(4)]["status"] == "lead" and shown[lead(4)]["enrollments"][0]["state"] == "active"
+    )
+    assert shown[lead(9)]["enrollments"][0]["state"] == "stopped"
+
+    # Each rep got exactly one handoff, with the reply text and the original attached.
+    got = by_recipient(smtp)
+    for rep, prospect, words in (
+        ("ana@example.com", lead(0), "send me pricing"),
+        ("ben@example.com", lead(1), "pilot cost"),
+        ("chloe@example.com", lead(2), "timeline next week"),
+    ):
+        assert len(got[rep]) == 1, rep
+        handoff = got[rep][0]
+        assert str(handoff["Reply-To"]) == prospect
+        body = handoff.get_body(("plain",))
+        assert body is not None and words in body.get_content()
+        attached = [p.get_content_type() for p in handoff.iter_attachments()]
+        assert attached == ["message/rfc822"]
+        # ... and the prospect one in-thread follow-up.
+        follow = [m for m in got[prospect] if str(m["Subject"]) != step1[prospect]]
+        assert len(follow) == 1
+        assert str(follow[0]["Subject"]).lower().startswith("re:")
+        assert follow[0]["In-Reply-To"] is not None
+    # The referred colleague got step 1 of the same campaign in the same pass.
+    assert len(got["jane.doe@company9.example.org"]) == 1
+    # Reading changed no flags.
+    assert dovecot.flags(world["user"], "INBOX") == flags_before
+
+    # Running again changes nothing.
+    before = len(smtp.messages)
+    third = worker.run_once()
+    assert (third.inbound.processed, third.sent, third.queued) == (0, 0, 0)
+    assert len(smtp.messages) == before
+
+    # Three days later step 2 goes only to leads still in `lead` and not paused.
+    clock[0] = START + timedelta(days=3, hours=1)
+    worker.run_once()
+    step2 = {r for m in smtp.messages[before:] for r in m.rcpts}
+    expected = {lead(i) for i in (4, 6)} | {lead(i) for i in range(10, 20)}
+    assert step2 == expected
+
+    # After the return date the out-of-office lead resumes and gets step 2.
+    clock[0] = START + timedelta(days=11, hours=1)
+    n = len(smtp.messages)
+    worker.run_once()
+    resumed = [m for m in smtp.messages[n:] if lead(3) in m.rcpts]
+    assert len(resumed) == 1
+    with app.transaction() as s:
+        steps = s.scalars(
+            select(OutboundMessage.step).where(
+                OutboundMessage.to_addr == lead(3), OutboundMessage.kind == "nurture"
+            )
+        ).all()
+    assert sorted(steps) == [0, 1]  # step 2 after the pause, not step 3
+
+
+def test_it_changes_nothing_when_the_same_message_arrives_twice(world: dict[str, Any]) -> None:
+    worker: Worker = world["worker"]
+    smtp: SmtpServer = world["smtp"]
+    worker.run_once()
+    sent = {k: v[0] for k, v in by_recipient(smtp).items()}
+    raw = mails.reply(
+        sent["lead0@company0.example.org"], "Send pricing please", START + timedelta(hours=1)
+    )
+    world["dovecot"].append(world["user"], "INBOX", raw)
+    world["dovecot"].append(world["user"], "INBOX", raw)  # the same message delivered twice
+    result = worker.run_once()
+    assert (result.inbound.processed, result.inbound.duplicates) == (1, 1)
+    with world["app"].transaction() as s:
+        handoffs = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "handoff")).all()
+        assert len(handoffs) == 1
