@@ -8,6 +8,7 @@ tests/smtp_server.py (aiosmtpd).
 
 from __future__ import annotations
 
+import mailbox
 import os
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def sqlite_url(tmp_path: Path) -> str:
 
 def base_config(database: str, tmp_path: Path, **overrides: Any) -> Config:
     """A small valid config for tests: one campaign, three reps, Maildir transports."""
+    mailbox.Maildir(tmp_path / "inbox", create=True)
     data: dict[str, Any] = {
         "database": database,
         "templates_dir": str(ROOT / "templates"),

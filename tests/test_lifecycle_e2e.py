@@ -125,7 +125,7 @@ def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, A
         ),
         mails.exchange_ooo(sent[lead(3)], back, at),
         mails.gmail_vacation(sent[lead(4)], at),
-        mails.dsn(sent[lead(5)], lead(5), "5.1.1", "550 5.1.1 <%s>: User unknown" % lead(5), at),
+        mails.dsn(sent[lead(5)], lead(5), "5.1.1", f"550 5.1.1 <{lead(5)}>: User unknown", at),
         mails.dsn(sent[lead(6)], lead(6), "4.2.2", "452 4.2.2 Mailbox full", at),
         mails.reply(sent[lead(7)], "Unsubscribe", at),
         mails.reply(sent[lead(8)], "Thanks, but we are not interested.", at),
@@ -146,8 +146,8 @@ def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, A
     assert second.inbound.quarantined == 0
 
     with app.transaction() as s:
-        status = {l.email: l for l in s.scalars(select(Lead))}
-        prospects = sorted(e for e, l in status.items() if l.status == "prospect")
+        status = {row.email: row for row in s.scalars(select(Lead))}
+        prospects = sorted(e for e, row in status.items() if row.status == "prospect")
         assert prospects == [lead(0), lead(1), lead(2)]
         assert status[lead(0)].owner == "ana@example.com"  # country rule
         assert status[lead(1)].owner == "ben@example.com"  # industry rule

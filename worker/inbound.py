@@ -47,7 +47,7 @@ class SyncResult:
     duplicates: int = 0
     quarantined: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
-    to_move: list[tuple[str, int, str]] = field(default_factory=list)
+    to_move: list[tuple[str, int, int, str]] = field(default_factory=list)
 
 
 def _state(s: Session, mailbox: str, folder: str) -> MailboxState:
@@ -122,7 +122,7 @@ def process_message(
         result.kinds[kind] = result.kinds.get(kind, 0) + 1
         dest = mb.move_processed.get(kind)
         if dest:
-            result.to_move.append((fetched.folder, fetched.uid, dest))
+            result.to_move.append((fetched.folder, fetched.uidvalidity, fetched.uid, dest))
     except _Quarantine as q:
         _quarantine(app, mb, fetched, q.reason, now)
         result.quarantined += 1
@@ -212,14 +212,14 @@ def _quarantine(
         _advance(s, mb.name, fetched)
 
 
-def _move_processed(source: MailSource, moves: list[tuple[str, int, str]]) -> None:
+def _move_processed(source: MailSource, moves: list[tuple[str, int, int, str]]) -> None:
     """File processed mail after the commit (only when configured)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for folder, uid, dest in moves:
-        groups.setdefault((folder, dest), []).append(uid)
-    for (folder, dest), uids in groups.items():
+    groups: dict[tuple[str, int, str], list[int]] = {}
+    for folder, uidvalidity, uid, dest in moves:
+        groups.setdefault((folder, uidvalidity, dest), []).append(uid)
+    for (folder, uidvalidity, dest), uids in groups.items():
         try:
-            source.move(folder, uids, dest)
+            source.move(folder, uids, dest, uidvalidity=uidvalidity)
         except Exception as e:  # filing is a convenience: the data is already safe
             logger.warning("could not move %d message(s) to %s: %s", len(uids), dest, e)
 

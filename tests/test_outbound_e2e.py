@@ -1,0 +1,236 @@
+"""Nurture sending against a real SMTP server (aiosmtpd on 127.0.0.1): once, on time, to
+the right people, and never twice whatever fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+
+from tests.conftest import ROOT, base_config
+from tests.smtp_server import SmtpServer
+from worker.app import App
+from worker.config import Config
+from worker.leads import import_leads, mark_lead
+from worker.models import Enrollment, Lead, OutboundMessage
+from worker.runner import Worker
+from worker.sequences import queue_due
+
+MONDAY = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+
+
+def smtp_section(server: SmtpServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "smtp",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "security": "none",
+        "timeout": 5,
+        **extra,
+    }
+
+
+def rows(n: int, **fields: str) -> list[tuple[int, dict[str, str | None]]]:
+    return [(i + 2, {"email": f"lead{i}@company{i}.example.org", **fields}) for i in range(n)]
+
+
+def open_app(config: Config, clock: list[datetime]) -> App:
+    return App.open(config, lambda: clock[0])
+
+
+def test_it_sends_each_step_once_and_only_to_leads_still_in_lead(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config = base_config(database_url, tmp_path, smtp=smtp_section(smtp_server))
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(200), clock[0], campaign=config.campaign("welcome"))
+    worker = Worker(app)
+
+    assert worker.run_once().sent == 200
+    assert Counter(smtp_server.recipients()) == Counter(
+        f"lead{i}@company{i}.example.org" for i in range(200)
+    )
+    ids = {str(m["Message-ID"]) for m in smtp_server.parsed()}
+    assert len(ids) == 200 and all(i.endswith("@example.com>") for i in ids)
+    assert worker.run_once().sent == 0  # nothing is due twice
+
+    # Between queueing and sending, one lead replies and another unsubscribes by hand.
+    clock[0] = MONDAY + timedelta(days=3, minutes=1)
+    assert queue_due(app) == 200
+    with app.transaction() as s:
+        mark_lead(s, "lead0@company0.example.org", "prospect", clock[0], "replied")
+        s.get(Lead, 2).status = "unsubscribed"  # type: ignore[union-attr]  # changed behind our back
+    before = len(smtp_server.messages)
+    assert worker.run_once().sent == 198
+    step2 = [r for m in smtp_server.messages[before:] for r in m.rcpts]
+    assert "lead0@company0.example.org" not in step2 and "lead1@company1.example.org" not in step2
+    with app.transaction() as s:
+        cancelled = s.scalars(
+            select(OutboundMessage.to_addr).where(OutboundMessage.status == "cancelled")
+        ).all()
+    assert sorted(cancelled) == ["lead0@company0.example.org", "lead1@company1.example.org"]
+    worker.close()
+    app.close()
+
+
+def test_it_honours_the_send_window_in_each_leads_time_zone(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    campaign = {
+        "name": "welcome",
+        "send_window": {
+            "days": ["mon", "tue", "wed", "thu", "fri"],
+            "start": "09:00",
+            "end": "17:00",
+        },
+        "steps": [
+            {"template": "nurture/welcome", "delay": "0d"},
+            {"template": "nurture/case-study", "delay": "1bd"},
+        ],
+    }
+    config = base_config(sqlite_url, tmp_path, campaigns=[campaign])
+    friday_evening = datetime(
+        2026, 12, 4, 22, 30, tzinfo=UTC
+    )  # Fri 17:30 New York, Sat 07:30 Tokyo
+    clock = [friday_evening]
+    app = open_app(config, clock)
+    zones = {"ny": "America/New_York", "berlin": "Europe/Berlin", "tokyo": "Asia/Tokyo"}
+    with app.transaction() as s:
+        import_leads(
+            s,
+            [
+                (i + 2, {"email": f"{k}@example.org", "timezone": tz})
+                for i, (k, tz) in enumerate(zones.items())
+            ],
+            clock[0],
+            campaign=config.campaign("welcome"),
+        )
+    assert queue_due(app) == 0  # it is the weekend (or Friday evening) everywhere
+    with app.transaction() as s:
+        due = {
+            lead.email: en.next_due
+            for en, lead in s.execute(
+                select(Enrollment, Lead).join(Lead, Lead.id == Enrollment.lead_id)
+            )
+        }
+    assert due == {
+        "ny@example.org": datetime(2026, 12, 7, 14, 0, tzinfo=UTC),  # Mon 09:00 EST
+        "berlin@example.org": datetime(2026, 12, 7, 8, 0, tzinfo=UTC),  # Mon 09:00 CET
+        "tokyo@example.org": datetime(2026, 12, 7, 0, 0, tzinfo=UTC),  # Mon 09:00 JST
+    }
+    clock[0] = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)  # Monday 09:00 in Berlin
+    # Berlin opens; Tokyo's window closed at 17:00 local and New York is still asleep.
+    assert queue_due(app) == 1
+    with app.transaction() as s:
+        tokyo = s.execute(
+            select(Enrollment)
+            .join(Lead, Lead.id == Enrollment.lead_id)
+            .where(Lead.email == "tokyo@example.org")
+        ).scalar_one()
+        assert tokyo.next_due == datetime(2026, 12, 8, 0, 0, tzinfo=UTC)  # Tue 09:00 JST
+    app.close()
+
+
+def test_it_retries_temporary_failures_and_never_a_permanent_one(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config = base_config(database_url, tmp_path, smtp=smtp_section(smtp_server, max_attempts=5))
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(30), clock[0], campaign=config.campaign("welcome"))
+    smtp_server.reject("lead7@company7.example.org")
+    smtp_server.drop_next(2)
+    smtp_server.fail_next(2, 421)
+    smtp_server.fail_next(3, 451)
+    worker = Worker(app)
+    for minute in range(0, 240, 5):  # a few hours of passes; retries wait in the database
+        clock[0] = MONDAY + timedelta(minutes=minute)
+        worker.run_once()
+    got = Counter(smtp_server.recipients())
+    good = {f"lead{i}@company{i}.example.org" for i in range(30)} - {"lead7@company7.example.org"}
+    assert set(got) == good
+    assert set(got.values()) == {1}  # every good message exactly once
+    with app.transaction() as s:
+        bounced = s.scalar(select(Lead).where(Lead.email == "lead7@company7.example.org"))
+        assert bounced is not None and bounced.status == "bounced"
+        refused = s.scalar(select(OutboundMessage).where(OutboundMessage.to_addr == bounced.email))
+        assert refused is not None and refused.status == "failed" and refused.attempts == 1
+        attempts = s.scalars(select(OutboundMessage.attempts)).all()
+        assert max(attempts) <= 5
+    worker.close()
+    app.close()
+
+
+def _run_once(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_it_never_sends_twice_when_killed_mid_batch(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    data: dict[str, Any] = {
+        "database": sqlite_url,
+        "templates_dir": str(ROOT / "templates"),
+        "smtp": smtp_section(smtp_server),
+        "sender": {"from": "Acme Sales <sales@example.com>"},
+        "campaigns": [
+            {"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}
+        ],
+    }
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    config = base_config(sqlite_url, tmp_path)
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(500), clock[0], campaign=config.campaign("welcome"))
+    app.close()
+    env = {**os.environ, "TWOWAY_NOW": MONDAY.isoformat()}
+    proc = _run_once(cfg, env)
+    deadline = time.monotonic() + 60
+    while len(smtp_server.messages) < 150 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    killed_at = len(smtp_server.messages)
+    assert 0 < killed_at < 500, "the kill must land mid-batch"
+
+    second = _run_once(cfg, env)
+    assert second.wait(120) == 0, second.stderr.read() if second.stderr else ""
+    got = Counter(smtp_server.recipients())
+    assert max(got.values()) == 1  # zero duplicates at the server
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        states = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.status)).all())
+    app.close()
+    unknown = {a for a, st in states.items() if st == "unknown"}
+    assert len(states) == 500
+    for addr, st in states.items():
+        assert st in ("sent", "unknown"), (addr, st)
+        assert (addr in got) == (st == "sent") or st == "unknown"
+    assert set(got) | unknown == set(states)  # each one delivered once, or reported unknown
+    status = subprocess.run(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if unknown:
+        assert f"unknown {len(unknown)}" in status.stdout

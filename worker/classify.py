@@ -1,0 +1,548 @@
+"""What kind of inbound message is this? A pure function of a `ParsedMessage`.
+
+The order is DESIGN.md's, first match wins: ours, bounce, complaint, auto_reply,
+notification, unsubscribe, bulk, reply. Delivery reports that are not failures (delay
+warnings, success notices) and read receipts are recognised in the bounce step, because
+they are reports too, and come out as "notification" — never as a reply.
+
+No I/O, no database, no config: what the worker knows about itself comes in a
+`ClassifyContext`. `classify` never raises.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Literal
+
+from worker.bounces import analyse_bounce
+from worker.parsing import ParsedMessage
+from worker.replytext import Intent, detect_intent, extract_reply_text, new_words, wants_unsubscribe
+
+__all__ = [
+    "Bounce",
+    "Classification",
+    "ClassifyContext",
+    "Intent",
+    "Kind",
+    "classify",
+    "extract_reply_text",
+    "find_return_date",
+]
+
+Kind = Literal[
+    "ours", "bounce", "complaint", "auto_reply", "notification", "unsubscribe", "bulk", "reply"
+]
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """A failed delivery of our mail: hard (address dead) or soft (try again later)."""
+
+    type: Literal["hard", "soft"]
+    recipients: tuple[str, ...]
+    status: str | None
+    diagnostic: str | None
+    original_message_ids: tuple[str, ...]
+
+    def as_json(self) -> dict[str, object]:
+        """The stable JSON shape: type, recipients, status, diagnostic, original_message_ids."""
+        return {
+            "type": self.type,
+            "recipients": list(self.recipients),
+            "status": self.status,
+            "diagnostic": self.diagnostic,
+            "original_message_ids": list(self.original_message_ids),
+        }
+
+
+@dataclass(frozen=True)
+class ClassifyContext:
+    """What the worker knows about itself. All addresses lower-case.
+
+    `unsubscribe_mailto` is a pattern with `{token}`, e.g.
+    "sales+unsubscribe-{token}@example.com". When it is None, any recipient whose local
+    part contains "unsubscribe" counts as the unsubscribe address.
+    """
+
+    our_addresses: frozenset[str] = frozenset()
+    internal_domains: frozenset[str] = frozenset()
+    loop_header: str = "X-Twoway-Loop"
+    unsubscribe_mailto: str | None = None
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The verdict on one message, with the signal that decided it in `reason`."""
+
+    kind: Kind
+    reason: str
+    bounce: Bounce | None = None
+    return_date: date | None = None
+    reply_text: str | None = None
+    intent: Intent | None = None
+    referral_email: str | None = None
+    unsubscribe_token: str | None = None
+
+
+# ----------------------------------------------------------------------------- auto-reply
+
+_AUTO_SUBJECT_RE = re.compile(
+    r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:auto(?:matic|matische|matisk|matisch|maattinen|"
+    r"matyczna|matická)?[\s-]*(?:reply|response|antwort|svar|antwoord|vastaus|odpowiedź|"
+    r"odpověď|respuesta|risposta|resposta)|auto:|autoreply|autoresponder|réponse\s+automatique|"
+    r"respuesta\s+automática|risposta\s+automatica|resposta\s+automática|"
+    r"automatisch\s+antwoord|risposta\s+non\s+al\s+computer|out\s+of\s+(?:the\s+)?office|"
+    r"ooo\b|abwesenheit(?:snotiz)?|abwesend|fuori\s+sede|fuori\s+ufficio|frånvaro|"
+    r"absence|absent|ausente|assente|afwezig|niet\s+aanwezig|ausência|fora\s+do\s+escritório|"
+    r"away\s+(?:from|until)|on\s+(?:vacation|holiday|leave)|vacation|urlaub|congés|vacaciones|"
+    r"ferie|vakantie|férias|im\s+urlaub|en\s+vacances|automatyczna|"
+    r"автоматический\s+ответ|自动回复|自動回覆|自動応答|자동\s*회신)"
+)
+_AUTO_BODY_RE = re.compile(
+    r"(?i)\b(?:i\s+am|i'm|i\s+will\s+be|we\s+are)\s+(?:currently\s+)?(?:out\s+of\s+(?:the\s+)?office|"
+    r"away|on\s+(?:vacation|holiday|annual\s+leave|leave|parental\s+leave|a\s+business\s+trip))|"
+    r"out\s+of\s+(?:the\s+)?office\s+(?:until|from|through|till|and)|limited\s+access\s+to\s+(?:my\s+)?e-?mail|"
+    r"this\s+is\s+an\s+automat(?:ic|ed)\s+(?:reply|response|message)|auto-?generated\s+(?:reply|response)|"
+    r"(?:ich\s+bin|bin\s+ich)\s+(?:bis|vom|derzeit|zurzeit|momentan|nicht\s+im\s+büro|im\s+urlaub|abwesend)|"
+    r"nicht\s+im\s+büro|außer\s+haus|abwesenheitsnotiz|"
+    r"je\s+suis\s+(?:actuellement\s+)?(?:absente?|en\s+(?:congés?|vacances|déplacement))|"
+    r"(?:estoy|estaré)\s+(?:fuera\s+de\s+la\s+oficina|de\s+vacaciones|ausente)|"
+    r"sono\s+(?:fuori\s+(?:ufficio|sede)|in\s+ferie|assente)|"
+    r"(?:estou|estarei)\s+(?:fora\s+do\s+escritório|de\s+férias|ausente)|"
+    r"ik\s+ben\s+(?:afwezig|met\s+vakantie|niet\s+aanwezig|niet\s+op\s+kantoor)|"
+    r"we\s+have\s+received\s+your\s+(?:request|message|e-?mail)|"
+    r"(?:your|a)\s+(?:support\s+)?(?:ticket|request)\s+(?:has\s+been\s+(?:created|received|opened)|number)|"
+    r"wir\s+haben\s+ihre\s+(?:anfrage|nachricht)\s+erhalten|nous\s+avons\s+(?:bien\s+)?reçu\s+votre|"
+    r"hemos\s+recibido\s+su|abbiamo\s+ricevuto\s+la\s+(?:tua|sua)|recebemos\s+(?:a\s+)?sua|"
+    r"wij\s+hebben\s+uw\s+(?:aanvraag|bericht)\s+ontvangen|"
+    r"please\s+(?:verify|confirm)\s+(?:that\s+)?you\s+are\s+(?:a\s+)?human|"
+    r"(?:verify|confirm)\s+your\s+(?:email\s+)?address\s+(?:to|so)\s+(?:deliver|complete)"
+)
+_REPLY_PREFIX_RE = re.compile(r"(?i)\s*(?:re|aw|sv|antw|r|rif|réf|ref)\s*:")
+_TICKET_SUBJECT_RE = re.compile(
+    r"(?i)\[?(?:#|ticket\s*#?|request\s*#?|case\s*#?)\s*\d{3,}\]?|\[request\s+received\]"
+)
+_NOREPLY_RE = re.compile(
+    r"(?i)^(?:no[-_.]?reply|do[-_.]?not[-_.]?reply|donotreply|notifications?|support|helpdesk)\b"
+)
+
+
+def _auto_reply_signal(msg: ParsedMessage) -> str | None:
+    """The header that marks `msg` as machine-written, or None. Strong signals only."""
+    auto = msg.header("auto-submitted")
+    if auto is not None:
+        value = auto.strip().lower()
+        if value and not value.startswith("no"):
+            return f"Auto-Submitted: {auto.strip()}"
+    for name in (
+        "x-autoreply",
+        "x-autorespond",
+        "x-autoreply-from",
+        "x-mail-autoreply",
+        "x-autoresponse",
+    ):
+        vendor = msg.header(name)
+        if vendor is not None and vendor.strip().lower() not in ("no", "false", "0"):
+            return f"{name}: {vendor.strip()}"
+    value = msg.header("x-autogenerated") or ""
+    if value and value.strip().lower() in (
+        "reply",
+        "forward",
+        "group",
+        "letter",
+        "mirror",
+        "redirect",
+    ):
+        return f"X-Autogenerated: {value.strip()}"
+    value = msg.header("x-post-messageclass") or ""
+    if "autoresponder" in value.lower():
+        return "X-POST-MessageClass: Autoresponder"
+    if (msg.header("x-fc-machinegenerated") or "").strip().lower() == "true":
+        return "X-FC-MachineGenerated: true"
+    for name in ("precedence", "x-precedence", "preference"):
+        value = (msg.header(name) or "").strip().lower()
+        if value.replace("-", "_") == "auto_reply":
+            return f"{name}: auto_reply"
+    if any(v.strip().lower() == "autoresponder" for v in msg.header_all("delivered-to")):
+        return "Delivered-To: Autoresponder"
+    apple = (msg.header("x-apple-action") or "").strip().upper()
+    if apple == "VACATION" or "VACATION" in (msg.header("x-apple-criteria") or "").upper():
+        return "X-Apple-Action: VACATION"
+    if msg.header("x-ms-exchange-inbox-rules-loop") is not None and (
+        msg.header("x-auto-response-suppress") is not None or msg.return_path == ""
+    ):
+        # Exchange OOF: the rules-loop header alone is set by ordinary server-side rules too.
+        return "X-MS-Exchange-Inbox-Rules-Loop with X-Auto-Response-Suppress"
+    return None
+
+
+def _subject_auto_reply(msg: ParsedMessage, body: str) -> str | None:
+    """Subject patterns are a backstop: alone they decide only for mail not threaded to us."""
+    subject = msg.subject
+    if _REPLY_PREFIX_RE.match(subject) or re.match(r"(?i)\s*(?:fw|fwd|wg)\s*:", subject):
+        return None  # "Re: Out of office plans" is a person writing
+    threaded = bool(msg.in_reply_to or msg.references)
+    ticket = bool(_TICKET_SUBJECT_RE.search(subject))
+    if not _AUTO_SUBJECT_RE.search(subject) and not ticket:
+        return None
+    seconds = []
+    if msg.return_path == "":
+        seconds.append("null Return-Path")
+    if (msg.header("precedence") or "").strip().lower() in ("bulk", "junk", "list"):
+        seconds.append("Precedence")
+    if msg.header("x-auto-response-suppress") is not None:
+        seconds.append("X-Auto-Response-Suppress")
+    if _AUTO_BODY_RE.search(body[:3000]):
+        seconds.append("auto-reply wording")
+    if msg.from_addr and _NOREPLY_RE.match(msg.from_addr):
+        seconds.append("no-reply sender")
+    if ticket and not _AUTO_SUBJECT_RE.search(subject):
+        # A ticket number alone is just a subject; require the acknowledgement wording.
+        return "ticket acknowledgement" if "auto-reply wording" in seconds else None
+    if seconds:
+        return f"subject {subject[:40]!r} with {seconds[0]}"
+    if not threaded:
+        return f"subject {subject[:40]!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------- return dates
+
+_MONTHS: dict[str, int] = {}
+for _number, _names in enumerate(
+    [
+        "january jan januar janvier janv enero ene gennaio genn gen janeiro januari",
+        "february feb februar févr fevrier février febrero febbraio fevereiro fev februari",
+        "march mar märz maerz mrz mars marzo março marco maart mrt",
+        "april apr avril avr abril abr aprile",
+        "may mai mayo maggio mag maio mei",
+        "june jun juni juin junio giugno giu junho",
+        "july jul juli juillet juil julio luglio lug julho",
+        "august aug august août aout agosto ago augustus",
+        "september sep sept septembre septiembre settembre set setembro",
+        "october oct oktober octobre octubre ottobre ott outubro out okt",
+        "november nov novembre noviembre novembro",
+        "december dec dezember déc decembre décembre diciembre dic dicembre dezembro dez",
+    ],
+    start=1,
+):
+    for _name in _names.split():
+        _MONTHS.setdefault(_name, _number)
+
+_MONTH_ALT = "|".join(sorted((re.escape(m) for m in _MONTHS), key=len, reverse=True))
+_DATE_RES = [
+    # 2026-12-14
+    ("ymd", re.compile(r"(?<!\d)(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")),
+    # 14.12.2026, 14/12/2026, 14.12.
+    ("dmy", re.compile(r"(?<![\d.])(\d{1,2})[./](\d{1,2})(?:[./](\d{2,4}))?(?![\d/])\.?")),
+    # 12 December 2026, 14. Dezember, 3 janvier, 14 de diciembre de 2026, 12th of December
+    (
+        "dMy",
+        re.compile(
+            rf"(?i)(?<!\d)(\d{{1,2}})(?:st|nd|rd|th|er|º|°)?\.?\s*(?:of\s+|de\s+)?({_MONTH_ALT})\.?"
+            rf"(?![a-zà-ÿ])(?:,?\s*(?:de\s+)?(\d{{4}}))?"
+        ),
+    ),
+    # December 12, 2026 / Dec 12th
+    (
+        "Mdy",
+        re.compile(
+            rf"(?i)(?<![a-zà-ÿ])({_MONTH_ALT})\.?\s+(\d{{1,2}})(?:st|nd|rd|th)?(?!\d)(?:,?\s+(\d{{4}}))?"
+        ),
+    ),
+]
+# Words allowed between a keyword and its date: articles, prepositions, weekdays.
+_FILLER = (
+    r"the|on|in|at|am|an|ab|zum|zur|den|dem|der|le|la|el|il|lo|o|a|de|del|do|da|em|no|na|dia|día|"
+    r"op|van|per|"
+    r"including|inclusive|einschließlich|inclus|incluso|incluído|inclusief|"
+    r"mon(?:day)?|tue(?:s|sday)?|wed(?:nesday)?|thu(?:rs|rsday)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?|"
+    r"montag|dienstag|mittwoch|donnerstag|freitag|samstag|sonntag|mo|di|mi|do|fr|sa|so|"
+    r"lundi|mardi|mercredi|jeudi|vendredi|samedi|dimanche|lunes|martes|miércoles|jueves|"
+    r"viernes|sábado|domingo|lunedì|martedì|mercoledì|giovedì|venerdì|sabato|"
+    r"segunda(?:-feira)?|terça(?:-feira)?|quarta(?:-feira)?|quinta(?:-feira)?|sexta(?:-feira)?|"
+    r"maandag|dinsdag|woensdag|donderdag|vrijdag|zaterdag|zondag"
+)
+_TAIL = rf"(?:[\s,.]+(?:{_FILLER}))*[\s,.]*$"
+_RETURN_KW_RE = re.compile(
+    r"(?i)\b(?:back|return(?:ing)?|returns|in\s+the\s+office|available\s+again|zurück|"
+    r"wieder\s+(?:im\s+büro|erreichbar|da|verfügbar)|wieder|ab|de\s+retour|retour|à\s+partir\s+du|"
+    r"dès\s+le|de\s+vuelta|regres(?:o|aré|ar)|vuelvo|a\s+partir\s+del?|rientr(?:o|erò)|"
+    r"di\s+ritorno|tornerò|de\s+volta|retorno|regresso|volto|terug|"
+    r"weer\s+(?:aanwezig|op\s+kantoor|bereikbaar)|vanaf)" + _TAIL
+)
+_UNTIL_KW_RE = re.compile(
+    r"(?i)\b(?:until|till|through|thru|to|bis|jusqu'?au|jusqu'?à|au|hasta|al|fino\s+al|fino\s+a|"
+    r"até|tot(?:\s+en\s+met)?|t/m)" + _TAIL
+)
+
+
+def _resolve(day: int, month: int, year: int | None, today: date) -> date | None:
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    if year is not None:
+        if year < 100:
+            year += 2000
+        try:
+            return date(year, month, day)
+        except ValueError:
+            return None
+    for candidate_year in (today.year, today.year + 1):
+        if day > calendar.monthrange(candidate_year, month)[1]:
+            continue
+        candidate = date(candidate_year, month, day)
+        # A date without a year is the next one to come (allow a week of lateness).
+        if candidate >= today - timedelta(days=7):
+            return candidate
+    return None
+
+
+def find_return_date(text: str, today: date) -> date | None:
+    """The date an out-of-office says its author is back, or None.
+
+    "back on / returning / zurück am / de retour le / rientro il / terug op X" gives X;
+    "until / bis / jusqu'au / hasta / fino al / até / tot X" gives the day after X.
+    Without such a word, the latest future date in the text counts as "until".
+    Years missing from the text are resolved against `today`.
+    """
+    found: list[tuple[int, date, str]] = []
+    for style, regex in _DATE_RES:
+        for match in regex.finditer(text):
+            groups = match.groups()
+            try:
+                if style == "ymd":
+                    value = _resolve(int(groups[2]), int(groups[1]), int(groups[0]), today)
+                elif style == "dmy":
+                    year = int(groups[2]) if groups[2] else None
+                    if year is None and not match.group(0).endswith("."):
+                        continue  # "3/4" alone is too ambiguous (a fraction, a time)
+                    day, month = int(groups[0]), int(groups[1])
+                    if month > 12 and day <= 12:
+                        day, month = month, day  # US order: 12/14/2026
+                    value = _resolve(day, month, year, today)
+                elif style == "dMy":
+                    value = _resolve(
+                        int(groups[0]),
+                        _MONTHS[groups[1].lower()],
+                        int(groups[2]) if groups[2] else None,
+                        today,
+                    )
+                else:
+                    value = _resolve(
+                        int(groups[1]),
+                        _MONTHS[groups[0].lower()],
+                        int(groups[2]) if groups[2] else None,
+                        today,
+                    )
+            except (ValueError, KeyError):
+                continue
+            if value is None or any(
+                start <= match.start() < start + 12 and v == value for start, v, _ in found
+            ):
+                continue
+            before = text[max(0, match.start() - 60) : match.start()]
+            sentence = re.split(r"[.!?\n]\s", before)[-1]
+            kind = (
+                "return"
+                if _RETURN_KW_RE.search(sentence)
+                else "until"
+                if _UNTIL_KW_RE.search(sentence)
+                else ""
+            )
+            found.append((match.start(), value, kind))
+    found.sort()
+    # "Out until Friday 11 December, back on Monday 14 December": the return date wins.
+    for _pos, value, kind in found:
+        if kind == "return":
+            return value
+    for _pos, value, kind in found:
+        if kind == "until":
+            return value + timedelta(days=1)
+    future = [value for _pos, value, _kind in found if value >= today]
+    return max(future) + timedelta(days=1) if future else None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+# List headers (RFC 2369/2919) and list software: this is list mail, threaded or not.
+_LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "x-mailman-version", "x-beenthere")
+# Sending-service headers: also found on a person's mail relayed through an ESP by their
+# company, so they mark bulk only on mail that does not reply to anything.
+_ESP_HEADERS = (
+    "feedback-id",
+    "x-ses-outgoing",
+    "x-sg-eid",
+    "x-campaign",
+    "x-campaignid",
+    "x-mailchimp-campaign",
+    "x-mc-user",
+    "x-mailgun-tag",
+    "x-mailgun-sid",
+    "list-unsubscribe-post",
+    "x-hs-campaign",
+    "x-marketo-id",
+)
+
+
+def _bulk_signal(msg: ParsedMessage) -> str | None:
+    for name in _LIST_HEADERS:
+        if msg.header(name) is not None:
+            return f"{name} header"
+    precedence = (msg.header("precedence") or "").strip().lower()
+    if precedence in ("bulk", "list", "junk"):
+        return f"Precedence: {precedence}"
+    sender = (msg.header("sender") or "") + " " + (msg.return_path or "")
+    if re.search(r"(?i)[\w.-]+-bounces?(?:\+[^@]*)?@|owner-[\w.-]+@", sender):
+        return "list bounce address"
+    answers = bool(msg.in_reply_to or msg.references) or bool(_REPLY_PREFIX_RE.match(msg.subject))
+    if not answers:
+        for name in _ESP_HEADERS:
+            if msg.header(name) is not None:
+                return f"{name} header"
+    return None
+
+
+def _unsubscribe_regex(pattern: str | None) -> re.Pattern[str]:
+    if pattern:
+        escaped = re.escape(pattern.lower()).replace(re.escape("{token}"), r"([a-z0-9_-]+)")
+        return re.compile(rf"^{escaped}$")
+    return re.compile(r"^[^@]*(?:^|[+._-])unsubscribe(?:[+._-]([a-z0-9_-]+))?@")
+
+
+def _threads_to_us(msg: ParsedMessage, ctx: ClassifyContext) -> bool:
+    domains = {a.rsplit("@", 1)[-1] for a in ctx.our_addresses} | set(ctx.internal_domains)
+    return any(i.rsplit("@", 1)[-1].lower() in domains for i in (*msg.in_reply_to, *msg.references))
+
+
+def _today(msg: ParsedMessage, today: date | None) -> date:
+    if today is not None:
+        return today
+    if msg.date is not None:
+        return msg.date.date()
+    return date.today()
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+def classify(
+    msg: ParsedMessage, ctx: ClassifyContext = ClassifyContext(), today: date | None = None
+) -> Classification:
+    """Classify one inbound message; first match wins, in DESIGN.md's order.
+
+    `today` resolves out-of-office dates without a year (default: the message's Date,
+    else the local date). Never raises: a failure inside a detector gives a "reply"
+    with the error in `reason`, the safe default (a human looks at it).
+    """
+    try:
+        return _classify(msg, ctx, _today(msg, today))
+    except Exception as exc:  # classification must never stop the worker
+        return Classification(kind="reply", reason=f"classifier error: {type(exc).__name__}: {exc}")
+
+
+def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classification:
+    # 0. ours
+    if ctx.loop_header and msg.header(ctx.loop_header) is not None:
+        return Classification(kind="ours", reason=f"{ctx.loop_header} header")
+    if msg.from_addr and msg.from_addr in ctx.our_addresses:
+        return Classification(kind="ours", reason=f"sent from our address {msg.from_addr}")
+
+    # 1. bounce (and the reports that are not failures)
+    report = analyse_bounce(msg)
+    if report is not None:
+        if report.outcome == "failed":
+            bounce = Bounce(
+                type=report.kind,
+                recipients=report.recipients,
+                status=report.status,
+                diagnostic=report.diagnostic,
+                original_message_ids=report.original_message_ids,
+            )
+            return Classification(kind="bounce", reason=report.reason, bounce=bounce)
+        label = "delay warning" if report.outcome == "delayed" else "delivery success notice"
+        return Classification(kind="notification", reason=f"{label} ({report.reason})")
+
+    # 2. complaint
+    feedback = msg.report_type == "feedback-report" or any(
+        name == "feedback-type" for name, _ in msg.report_fields
+    )
+    if feedback:
+        ftype = next((v for n, v in msg.report_fields if n == "feedback-type"), "abuse")
+        return Classification(kind="complaint", reason=f"ARF feedback report ({ftype})")
+
+    # Read receipts are reports too; RFC 8098 makes them Auto-Submitted, so check first.
+    if msg.report_type == "disposition-notification" or any(
+        n == "disposition" for n, _ in msg.report_fields
+    ):
+        return Classification(kind="notification", reason="read receipt (disposition-notification)")
+
+    reply_text = extract_reply_text("" if msg.text_from_html else msg.text, msg.html)
+    body = msg.text
+
+    # 3. auto-reply
+    signal = _auto_reply_signal(msg) or _subject_auto_reply(msg, body)
+    if signal is not None:
+        return Classification(
+            kind="auto_reply",
+            reason=signal,
+            return_date=find_return_date(f"{msg.subject}\n{body[:4000]}", today),
+        )
+
+    # 4. notification: other machine mail
+    read_subject = re.match(r"(?i)\s*(?:read|gelesen|lu|leído|letto|lido|gelezen)\s*:", msg.subject)
+    read_body = re.search(
+        r"(?i)was\s+read|wurde\s+gelesen|a\s+été\s+lu|fue\s+leído|è\s+stato\s+letto", body
+    )
+    if read_subject and read_body:
+        return Classification(kind="notification", reason="read receipt (subject)")
+    noreply = msg.from_addr and re.match(
+        r"(?i)^(?:no[-_.]?reply|do[-_.]?not[-_.]?reply|donotreply)", msg.from_addr
+    )
+    if noreply and not _threads_to_us(msg, ctx):
+        return Classification(kind="notification", reason=f"no-reply sender {msg.from_addr}")
+
+    # 5. unsubscribe
+    pattern = _unsubscribe_regex(ctx.unsubscribe_mailto)
+    for addr in msg.all_recipients():
+        match = pattern.match(addr)
+        if match:
+            token = match.group(1) if match.groups() else None
+            return Classification(
+                kind="unsubscribe",
+                reason=f"sent to the unsubscribe address {addr}",
+                reply_text=reply_text,
+                unsubscribe_token=token,
+            )
+    words = new_words(reply_text)
+    subject_words = re.sub(r"(?i)^\s*(?:(?:re|aw|sv|antw|fwd?|wg)\s*:\s*)+", "", msg.subject)
+    bulk = _bulk_signal(msg)
+    list_reply = bulk is not None and _threads_to_us(msg, ctx) and bool(msg.in_reply_to)
+    # A newsletter's own "Unsubscribe" link is not a request to us: words count only in
+    # mail that is not bulk (or is a reply to us that came through a list).
+    if (bulk is None or list_reply) and (
+        wants_unsubscribe(words) or wants_unsubscribe(subject_words)
+    ):
+        return Classification(
+            kind="unsubscribe", reason="asks to unsubscribe in words", reply_text=reply_text
+        )
+
+    # 6. bulk
+    if bulk is not None and not list_reply:
+        return Classification(kind="bulk", reason=bulk)
+
+    # 7. reply
+    exclude = frozenset(
+        {*ctx.our_addresses, *ctx.internal_domains, *(a for a in [msg.from_addr] if a)}
+    )
+    intent, referral = detect_intent(words, exclude)
+    reason = "human reply" + (f" (through a list: {bulk})" if bulk else "")
+    return Classification(
+        kind="reply",
+        reason=reason,
+        reply_text=reply_text,
+        intent=intent,
+        referral_email=referral if intent == "referral" else None,
+    )

@@ -1,0 +1,150 @@
+"""Offline inspection of .eml files: what `twoway inspect` prints.
+
+`inspect_bytes` gives the stable JSON object of DESIGN.md for one message;
+`inspect_paths` walks files and directories and never stops on a bad file;
+`format_human` renders one result for people. No config, no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from worker.classify import ClassifyContext, classify
+from worker.parsing import ParseError, parse
+
+__all__ = ["RESULT_KEYS", "format_human", "inspect_bytes", "inspect_paths"]
+
+# Every result carries these keys (None when not applicable), so scripts can rely on them.
+RESULT_KEYS = (
+    "kind",
+    "reason",
+    "bounce",
+    "return_date",
+    "reply_text",
+    "intent",
+    "referral_email",
+    "unsubscribe_token",
+    "message_id",
+    "in_reply_to",
+    "references",
+    "from",
+    "subject",
+    "date",
+)
+
+
+_DEFAULT_CTX = ClassifyContext()
+
+
+def _empty() -> dict[str, object]:
+    return dict.fromkeys(RESULT_KEYS)
+
+
+def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, object]:
+    """Classify one raw message into the stable JSON object.
+
+    Keys: kind, reason, bounce ({"type", "recipients", "status", ...} or None),
+    return_date (ISO date or None), reply_text, intent, referral_email,
+    unsubscribe_token, message_id, in_reply_to (list), references (list), from, subject,
+    date (ISO or None). When the bytes are not an email, kind is None and "error" says why.
+    """
+    result = _empty()
+    try:
+        msg = parse(raw)
+    except ParseError as exc:
+        result["error"] = f"not an email: {exc}"
+        return result
+    verdict = classify(msg, ctx)
+    result.update(
+        kind=verdict.kind,
+        reason=verdict.reason,
+        bounce=verdict.bounce.as_json() if verdict.bounce else None,
+        return_date=verdict.return_date.isoformat() if verdict.return_date else None,
+        reply_text=verdict.reply_text,
+        intent=verdict.intent,
+        referral_email=verdict.referral_email,
+        unsubscribe_token=verdict.unsubscribe_token,
+        message_id=msg.message_id,
+        in_reply_to=list(msg.in_reply_to),
+        references=list(msg.references),
+        subject=msg.subject,
+        date=msg.date.isoformat() if msg.date else None,
+    )
+    result["from"] = msg.from_addr
+    return result
+
+
+def _files(path: Path) -> Iterator[Path]:
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file():
+                yield child
+    else:
+        yield path
+
+
+def inspect_paths(
+    paths: list[Path], ctx: ClassifyContext = _DEFAULT_CTX
+) -> Iterator[dict[str, object]]:
+    """One result per file, each with "file" (the path as given or found under a directory).
+
+    Directories are walked recursively in sorted order, regular files only. A file that
+    cannot be read gives {"file", "kind": None, "error"} and the iteration goes on.
+    """
+    for given in paths:
+        path = Path(given)
+        try:
+            files = list(_files(path))
+        except OSError as exc:
+            yield {"file": str(given), **_empty(), "error": f"cannot read: {exc}"}
+            continue
+        for file in files:
+            try:
+                raw = file.read_bytes()
+            except OSError as exc:
+                yield {
+                    "file": str(file),
+                    **_empty(),
+                    "error": f"cannot read: {exc.strerror or exc}",
+                }
+                continue
+            yield {"file": str(file), **inspect_bytes(raw, ctx)}
+
+
+def format_human(result: dict[str, object]) -> str:
+    """A readable multi-line rendering of one result (for the non-JSON CLI output)."""
+    lines: list[str] = []
+    if result.get("file"):
+        lines.append(f"file:        {result['file']}")
+    if result.get("kind") is None:
+        lines.append(f"error:       {result.get('error') or 'unknown error'}")
+        return "\n".join(lines)
+    lines.append(f"kind:        {result['kind']}  ({result.get('reason')})")
+    for key, label in (("from", "from"), ("subject", "subject"), ("message_id", "message-id")):
+        if result.get(key):
+            lines.append(f"{label + ':':<12} {result[key]}")
+    in_reply_to = result.get("in_reply_to")
+    if isinstance(in_reply_to, list) and in_reply_to:
+        lines.append(f"in-reply-to: {', '.join(str(i) for i in in_reply_to)}")
+    bounce = result.get("bounce")
+    if isinstance(bounce, dict):
+        recipients = ", ".join(str(r) for r in bounce.get("recipients") or []) or "(none found)"
+        lines.append(
+            f"bounce:      {bounce.get('type')} {bounce.get('status') or ''} -> {recipients}"
+        )
+        if bounce.get("diagnostic"):
+            lines.append(f"diagnostic:  {bounce['diagnostic']}")
+    if result.get("return_date"):
+        lines.append(f"back on:     {result['return_date']}")
+    if result.get("intent"):
+        lines.append(f"intent:      {result['intent']}")
+    if result.get("referral_email"):
+        lines.append(f"referral:    {result['referral_email']}")
+    if result.get("unsubscribe_token"):
+        lines.append(f"token:       {result['unsubscribe_token']}")
+    text = result.get("reply_text")
+    if isinstance(text, str) and text.strip():
+        lines.append("reply text:")
+        lines.extend(f"  | {line}" for line in text.split("\n"))
+    return "\n".join(lines)

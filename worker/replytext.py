@@ -1,0 +1,427 @@
+"""The new text of a reply, and what it asks for.
+
+`extract_reply_text` drops quoted history (attribution lines such as "On ... wrote:" in
+a dozen languages, Outlook header blocks, "-----Original Message-----", `>` quotes after
+the new text, HTML quote containers) and signatures (the `-- ` delimiter, rules of `_`
+or `-`, "Sent from my iPhone" and its translations). Text written *between* quoted
+blocks (an inline answer) is kept, quotes included, because it only reads in context.
+
+`new_words` gives the lines a person wrote in this message (quotes removed), which is
+what unsubscribe and intent detection read: our own quoted footer must never count.
+Everything here is pure and never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from worker.parsing import SkipDecision, html_to_text
+
+__all__ = ["Intent", "detect_intent", "extract_reply_text", "new_words", "wants_unsubscribe"]
+
+Intent = Literal["positive", "neutral", "negative", "referral"]
+
+# ----------------------------------------------------------------------------- lines
+
+_QUOTE_RE = re.compile(r"^\s*(?:>|[A-Za-z]{1,3}>|\|(?!.*\|\s*$))")
+_UNQUOTE_RE = re.compile(r"^(?:\s*(?:>|\|))+ ?")
+# Rules that end the written text when more text follows them (a signature or a quote).
+_CUT_DELIM_RE = re.compile(r"^\s*\*?(?:--|-- |[-_—–=~+*]{3,}|[_]{2,})\*?\s*$")
+# Lines of decoration only: dropped when they trail the text. "ᐧ" is the alt text that
+# mail-tracking extensions (Streak, Mixmax) leave in plain-text bodies.
+_JUNK_RE = re.compile(r"^(?:[\W_]+|ᐧ)$")
+
+_VERBS = (
+    r"wrote|writes|schrieb|geschrieben|a\s+écrit|écrit|escribió|escribio|escreveu|"
+    r"ha\s+scritto|scrisse|schreef|geschreven|skrev|skriver|napisał\(a\)|napisała|napisał|"
+    r"napsal|kirjoitti|írta|пишет|пише|написал[аи]?|написав|写道|寫道|書きました|작성"
+)
+_VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)")
+_STRONG_START_RE = re.compile(
+    r"(?i)^(?:on|le|am|el|em|il|op|den|dnia|w\s+dniu|at|quoting|citando|zitat\s+von|"
+    r"в|у|在|于|el\s+\w+,)(?:\s|,)|^\d"
+)
+_SENTENCE_END_RE = re.compile(r"[^\W\d_]{2,}[.!?]$")
+_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
+# Gmail's date-first attributions: "2016-10-24 15:36 GMT+02:00 Name <a@b>:" and kin.
+_DATE_FIRST_RE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b.*(?:GMT|@)")
+
+_FIELD_NAMES = (
+    r"from|sent|to|cc|bcc|subject|date|reply-to|von|gesendet|an|betreff|datum|kopie|de|"
+    r"envoyé|à|a|objet|da|inviato|oggetto|data|risposta|enviado|enviada|para|asunto|fecha|"
+    r"assunto|van|verzonden|aan|onderwerp|från|skickat|till|ämne|fra|sendt|til|emne|od|"
+    r"wysłano|do|temat|от|отправлено|кому|тема|дата|lähettäjä|lähetetty|vastaanottaja|"
+    r"aihe|发件人|发送时间|收件人|主题|寄件者|傳送時間|收件者|主旨|差出人|送信日時|宛先|件名"
+)
+_FIELD_RE = re.compile(rf"(?i)^\s*[*_]{{0,2}}(?:{_FIELD_NAMES})\s*[*_]{{0,2}}\s*[:：]")
+_FROM_FIELD_RE = re.compile(
+    r"(?i)^\s*[*_]{0,2}(?:from|von|de|da|van|från|fra|od|от|lähettäjä|发件人|寄件者|差出人)"
+    r"\s*[*_]{0,2}\s*[:：]"
+)
+_ONE_LINE_OUTLOOK_RE = re.compile(r"(?i)^\s*\*?from:.{3,}\b(?:sent|date):")
+_SEPARATOR_RE = re.compile(
+    r"(?i)^[\s>*]*(?:-{2,}|_{2,})\s*(?:[^-_]*?(?:original|message|forward|nachricht|mensaje|"
+    r"messaggio|bericht|mensagem|wrote|schrieb|origine|weitergeleitet|réexpédié|transféré|"
+    r"reenviado|inoltrato|doorgestuurd|videresendt|vidarebefordrat|wiadomość|сообщение)"
+    r"[^-_]*?)\s*(?:-{2,}|_{2,})[\s*]*$"
+)
+_FORWARD_INTRO_RE = re.compile(
+    r"(?i)^[\s>]*(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht|"
+    r"début\s+du\s+message\s+(?:réexpédié|transféré)|inizio\s+messaggio\s+inoltrato|"
+    r"mensaje\s+reenviado|forwarded\s+message|weitergeleitete\s+nachricht)\s*[:：]?\s*$"
+)
+_MOBILE_SIG_RE = re.compile(
+    r"(?i)^[\s(<]*(?:sent\s+(?:from|with|via|using|by)\b|envoyé\s+(?:de|depuis|avec)\b|"
+    r"enviado\s+(?:desde|de|do|con)\b|inviato\s+da\b|verzonden\s+(?:met|vanaf|van)\b|"
+    r"verstuurd\s+(?:vanaf|met)\b|sendt\s+fra\b|skickat\s+från\b|lähetetty\b|wysłane\s+z\b|"
+    r"von\s+meinem\b|gesendet\s+(?:von|mit)\b|diese\s+nachricht\s+wurde\s+von\b|"
+    r"get\s+outlook\s+for\b|отправлено\s+с\b|寄自|從我的|发自我的|来自我的|"
+    r"from\s+my\s+(?:iphone|ipad|android|mobile|phone|samsung|galaxy|blackberry|smartphone)"
+    r")|(?i:iphone|ipad|android|mobile|handy|smartphone).{0,30}(?:gesendet|傳送|发送)\W*$"
+)
+
+
+def _unquote(line: str) -> str:
+    return _UNQUOTE_RE.sub("", line).strip()
+
+
+def _is_attribution(window: list[str]) -> bool:
+    """Whether these lines, read as one, are an attribution ("On <date>, X wrote:")."""
+    parts = [_unquote(line) for line in window]
+    joined = " ".join(p for p in parts if p)
+    if not joined or len(joined) > 400 or not _ATTR_END_RE.search(joined):
+        return False
+    for part in parts[:-1]:
+        if _SENTENCE_END_RE.search(part):
+            return False
+    has_hint = bool(re.search(r"\d|@", joined)) or bool(_STRONG_START_RE.match(parts[0]))
+    if _VERB_RE.search(joined) and has_hint:
+        return True
+    # "Thu, 26 Jun 2014 14:00 +0400, Name <a@b>:" with no verb at all
+    return bool(re.search(r"(?:>|@\S+)\s*[:：]$", joined) and re.search(r"\d{1,2}:\d{2}", joined))
+
+
+def _header_spans(lines: list[str]) -> dict[int, int]:
+    """Start index -> end index (exclusive) of every quoted-history header in `lines`."""
+    spans: dict[int, int] = {}
+    n = len(lines)
+    covered = -1
+    for end in range(n):
+        if end <= covered or not lines[end].strip():
+            continue
+        found_start = None
+        for size in range(1, 7):
+            start = end - size + 1
+            if start < 0 or start <= covered:
+                break
+            if not lines[start].strip():
+                continue
+            if _is_attribution(lines[start : end + 1]):
+                found_start = start
+                break
+        if found_start is None:
+            continue
+        # Extend upwards to where a wrapped attribution really begins ("Le 4 janv.,\n<a@b>\na écrit :").
+        probe = found_start - 1
+        while probe > covered and end - probe < 6:
+            text = _unquote(lines[probe])
+            if text and _SENTENCE_END_RE.search(text):
+                break
+            if text and _STRONG_START_RE.match(text) and _is_attribution(lines[probe : end + 1]):
+                found_start = probe
+            probe -= 1
+        spans[found_start] = end + 1
+        covered = end
+    for i, line in enumerate(lines):
+        if i <= covered and any(s <= i < e for s, e in spans.items()):
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if _DATE_FIRST_RE.match(_unquote(line)) and len(text) < 200:
+            spans.setdefault(i, i + 1)
+        elif _SEPARATOR_RE.match(line) or _FORWARD_INTRO_RE.match(line):
+            end = i + 1
+            nxt = end
+            while nxt < len(lines) and not lines[nxt].strip():
+                nxt += 1
+            if nxt < len(lines) and _FIELD_RE.match(_unquote(lines[nxt])):
+                end = _block_end(lines, nxt)
+            spans.setdefault(i, end)
+        elif _ONE_LINE_OUTLOOK_RE.match(_unquote(line)):
+            spans.setdefault(i, _block_end(lines, i))
+        elif _FIELD_RE.match(_unquote(line)) and (
+            i == 0 or not _FIELD_RE.match(_unquote(lines[i - 1]))
+        ):
+            end = _block_end(lines, i)
+            block = [_unquote(x) for x in lines[i:end]]
+            fields = [b for b in block if _FIELD_RE.match(b)]
+            if len(fields) >= 2 and any(_FROM_FIELD_RE.match(b) for b in block):
+                spans.setdefault(i, end)
+    return dict(sorted(spans.items()))
+
+
+def _block_end(lines: list[str], start: int) -> int:
+    """End of a run of non-empty lines (an Outlook header block with its wrapped values)."""
+    end = start
+    while end < len(lines) and _unquote(lines[end]) and end - start < 12:
+        end += 1
+    return end
+
+
+def _next_filled(lines: list[str], i: int) -> int:
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    return i
+
+
+def _trim_lines(lines: list[str], strip_signature: bool) -> list[str]:
+    n = len(lines)
+    spans = _header_spans(lines)
+    is_quote = [bool(_QUOTE_RE.match(line)) for line in lines]
+    drop = [False] * n
+
+    def quote_run_end(i: int) -> int:
+        while i < n and (is_quote[i] or not lines[i].strip()) and i not in spans:
+            i += 1
+        return i
+
+    def text_at(i: int) -> bool:
+        return i < n and i not in spans and not is_quote[i] and not _CUT_DELIM_RE.match(lines[i])
+
+    i = _next_filled(lines, 0)
+    # A message that opens with a header is a bottom-posted reply (or a forward): drop the
+    # header, and the quote right under it when the new text follows that quote.
+    if i in spans:
+        end = spans[i]
+        for k in range(i, end):
+            drop[k] = True
+        k = _next_filled(lines, end)
+        if k < n and is_quote[k] and k not in spans:
+            q_end = quote_run_end(k)
+            t = _next_filled(lines, q_end)
+            if t >= n or text_at(t):
+                for m in range(k, q_end):
+                    drop[m] = True
+        i = end
+
+    cut = n
+    seen_text = any(not drop[k] and lines[k].strip() and not is_quote[k] for k in range(i))
+    j = i
+    while j < n:
+        if drop[j]:
+            j += 1
+            continue
+        line = lines[j]
+        if j in spans:
+            end = spans[j]
+            k = _next_filled(lines, end)
+            if k < n and is_quote[k] and k not in spans:
+                t = _next_filled(lines, quote_run_end(k))
+                if text_at(t):
+                    # An inline answer follows the quote: keep the quote, lose the header.
+                    for m in range(j, end):
+                        drop[m] = True
+                    j = end
+                    continue
+            cut = j
+            break
+        if line.strip() and not is_quote[j]:
+            if _CUT_DELIM_RE.match(line):
+                k = _next_filled(lines, j + 1)
+                signature = (
+                    strip_signature and seen_text and k < n and not _JUNK_RE.match(lines[k].strip())
+                )
+                if signature or k in spans:
+                    cut = j
+                    break
+            elif strip_signature and seen_text and _MOBILE_SIG_RE.search(line.strip()):
+                if len(line.strip()) < 120:
+                    cut = j
+                    break
+            else:
+                seen_text = True
+        j += 1
+
+    kept = [lines[k] for k in range(cut) if not drop[k]]
+    # Trailing quotes and decoration are history or signature rules, not new text.
+    trimmed = list(kept)
+    while trimmed and (
+        not trimmed[-1].strip()
+        or _QUOTE_RE.match(trimmed[-1])
+        or _JUNK_RE.match(trimmed[-1].strip())
+    ):
+        trimmed.pop()
+    if not any(line.strip() for line in trimmed) and not any(drop):
+        # Nothing but a quote (someone forwarding our text back): that quote is the message.
+        trimmed = kept
+        while trimmed and not trimmed[-1].strip():
+            trimmed.pop()
+    return trimmed
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+_HTML_SKIP_CLASSES = (
+    "gmail_quote",
+    "yahoo_quoted",
+    "protonmail_quote",
+    "zmail_extra",
+    "moz-cite-prefix",
+    "gmail_signature",
+    "x_gmail_quote",
+)
+_HTML_STOP_IDS = (
+    "divrplyfwdmsg",
+    "appendonsend",
+    "mail-editor-reference-message-container",
+    "stopspelling",
+    "x_divrplyfwdmsg",
+    "x_appendonsend",
+)
+
+
+def _html_quote_hook(tag: str, attrs: dict[str, str]) -> SkipDecision:
+    """Which HTML elements hold quoted history in the common clients."""
+    classes = attrs.get("class", "").lower()
+    ident = attrs.get("id", "").lower()
+    style = attrs.get("style", "").lower().replace(" ", "")
+    if ident in _HTML_STOP_IDS or "outlookmessageheader" in classes:
+        return "stop"
+    if tag == "div" and "border-top:solid#" in style and ("#b5c4df" in style or "#e1e1e1" in style):
+        return "stop"  # Outlook desktop: the rule above "From: ... Sent: ..."
+    if any(c in classes for c in _HTML_SKIP_CLASSES):
+        return "skip"
+    if tag == "blockquote" and (attrs.get("type", "").lower() == "cite" or "border-left" in style):
+        return "skip"
+    return None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def extract_reply_text(text: str, html: str = "", *, strip_signature: bool = True) -> str:
+    """The new text of a reply: without quoted history and (by default) signature.
+
+    `text` is the plain-text body; when it is empty, `html` is used with the quote
+    containers of Gmail, Apple Mail, Thunderbird and Outlook removed first. Inline
+    answers between quotes are kept together with the quotes they answer. With
+    `strip_signature=False` only quoted history is removed (mobile "Sent from" lines and
+    `-- ` signatures stay). Returns "" when nothing new was written. Never raises.
+    """
+    try:
+        if not text.strip() and html.strip():
+            text = html_to_text(html, _html_quote_hook)
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").split("\n")
+        if len(lines) > 20_000:  # nobody writes that much new text; bound the work
+            lines = lines[:20_000]
+        trimmed = _trim_lines(lines, strip_signature)
+        return "\n".join(trimmed).strip("\n").rstrip()
+    except Exception:  # a reply's text is best effort; never lose the message
+        return text.strip()
+
+
+def new_words(reply_text: str) -> str:
+    """The lines of `reply_text` that the sender wrote now: quotes removed."""
+    return "\n".join(line for line in reply_text.split("\n") if not _QUOTE_RE.match(line))
+
+
+# ----------------------------------------------------------------------------- intent
+
+_UNSUBSCRIBE_RE = re.compile(
+    r"(?i)\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
+    r"\btake\s+(?:me|us)\s+off\b|\bopt(?:\s|-)?(?:me\s+)?out\b|"
+    r"\bstop\s+(?:e-?mailing|sending|contacting|writing)\b|"
+    r"\b(?:don'?t|do\s+not|never)\s+(?:e-?mail|send)\s+(?:me|us)\b|"
+    r"\bno\s+more\s+e-?mails\b|\babmelden\b|\babbestellen\b|\baustragen\b|"
+    r"\bkeine\s+(?:weiteren\s+)?(?:e-?mails|nachrichten|newsletter)\b|"
+    r"d[ée]sabonner|d[ée]sinscri|\bne\s+plus\s+recevoir\b|\bretirez[- ]moi\b|"
+    r"\bdar(?:me|se)?\s+de\s+baja\b|\bno\s+(?:quiero|deseo)\s+recibir\b|"
+    r"cancelar\s+(?:la\s+)?suscripci[oó]n|\bcancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
+    r"\bdisiscriv|\bnon\s+voglio\s+(?:più\s+)?ricevere\b|\bdescadastr|"
+    r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|\bn[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
+    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^\s*stop\s*[.!]?\s*$",
+    re.MULTILINE,
+)
+
+_NEGATIVE_RE = re.compile(
+    r"(?i)\bnot\s+(?:really\s+|currently\s+|at\s+all\s+)?interested\b|\bno\s+interest\b|"
+    r"\bno,?\s+thank(?:s|\s+you)\b|\bnot\s+(?:a\s+(?:good\s+)?fit|for\s+us|relevant)\b|"
+    r"\b(?:please\s+)?(?:don'?t|do\s+not)\s+(?:contact|call|email|e-mail|reach\s+out)\b|"
+    r"\bwe(?:'re|\s+are)\s+(?:all\s+set|good|covered)\b|\balready\s+(?:have|use|using|work\s+with)\b|"
+    r"\bnot\s+(?:looking|in\s+the\s+market)\b|\bno\s+need\b|\bnot\s+at\s+this\s+time\b|"
+    r"\bkein(?:e|en)?\s+(?:interesse|bedarf)\b|\bnicht\s+interessiert\b|"
+    r"\bpas\s+(?:du\s+tout\s+)?intéressée?s?\b|\bn'?(?:est|sommes|suis)\s+pas\s+intéressée?s?\b|"
+    r"\bnon\s+merci\b|\bpas\s+besoin\b|"
+    r"\bno\s+(?:estoy|estamos)\s+interesad[oa]s?\b|\bno\s+(?:nos|me)\s+interesa\b|"
+    r"\bno,?\s+gracias\b|\bnon\s+(?:sono|siamo)\s+interessat[oaie]\b|"
+    r"\bnon\s+(?:ci|mi)\s+interessa\b|\bno,?\s+grazie\b|"
+    r"\bn[aã]o\s+(?:tenho|temos)\s+interesse\b|\bn[aã]o\s+(?:estou|estamos)\s+interessad[oa]s?\b|"
+    r"\bn[aã]o,?\s+obrigad[oa]\b|\bgeen\s+interesse\b|\bniet\s+geïnteresseerd\b|\bnee,?\s+bedankt\b"
+)
+
+_REFERRAL_RE = re.compile(
+    r"(?i)\bnot\s+the\s+(?:right|best|correct|appropriate)\s+(?:person|contact|one)\b|"
+    r"\bwrong\s+(?:person|contact)\b|\bis\s+the\s+(?:right|best|correct)\s+(?:person|contact)\b|"
+    r"\b(?:talk|speak)\s+(?:to|with)\s+(?:my\s+)?(?:colleague|coworker|co-worker|boss|manager|"
+    r"team|\w+\s+in\s+\w+)\b|\b(?:contact|reach\s+out\s+to|get\s+in\s+touch\s+with|email|"
+    r"write\s+to)\s+(?:my\s+)?(?:colleague|coworker|co-worker|boss|manager|our\s+\w+\s+team)\b|"
+    r"\b(?:i'?ve|i\s+have)\s+(?:forwarded|passed)\b|\b(?:cc'?(?:ed|ing)|copying|looping\s+in)\b|"
+    r"\bin\s+charge\s+of\b|\bresponsible\s+for\b|\bno\s+longer\s+(?:with|at|works?)\b|"
+    r"\bnicht\s+(?:der|die)\s+richtige\s+ansprechp|\bwenden\s+sie\s+sich\s+an\b|"
+    r"\bmeine[nrm]?\s+kolleg|\bzuständig\b|"
+    r"\bpas\s+la\s+bonne\s+personne\b|\bmon\s+coll[eè]gue\b|\bma\s+coll[eè]gue\b|"
+    r"\bno\s+soy\s+la\s+persona\b|\bmi\s+(?:colega|compañer[oa])\b|"
+    r"\bnon\s+sono\s+la\s+persona\b|\bil\s+mio\s+collega\b|\bla\s+mia\s+collega\b|"
+    r"\bn[aã]o\s+sou\s+a\s+pessoa\b|\bmeu\s+colega\b|\bminha\s+colega\b|"
+    r"\bniet\s+de\s+juiste\s+persoon\b|\bmijn\s+collega\b"
+)
+
+_POSITIVE_RE = re.compile(
+    r"(?i)\binterested\b|\bpric(?:e|es|ing)\b|\bquote\b|\bdemo\b|\btrial\b|\bbudget\b|"
+    r"\b(?:a|quick|short|phone|video|intro)\s+call\b|\bcall\s+(?:me|us)\b|\bmeeting\b|\bmeet\b|"
+    r"\blet'?s\s+(?:talk|chat|connect|meet|discuss)\b|\btell\s+me\s+more\b|\bmore\s+(?:info|information|details)\b|"
+    r"\bsend\s+(?:me|us)\b|\bschedule\b|\bbook\s+a\b|\bavailable\s+(?:on|next|this|tomorrow)\b|"
+    r"\bsounds\s+(?:good|great|interesting)\b|\b(?:works|suits)\s+(?:for\s+)?(?:me|us)\b|"
+    r"\b(?:monday|tuesday|wednesday|thursday|friday|tomorrow)\s+(?:works|is\s+fine|suits)\b|\bhow\s+much\b|\bcost\b|\bproposal\b|"
+    r"\binteressiert\b|\bpreis|\bangebot\b|\btermin\b|\bgespräch\b|\bkosten\b|"
+    r"\bintéressée?s?\b|\btarifs?\b|\bprix\b|\bdevis\b|\brendez-vous\b|\bdémo\b|\bappel\b|"
+    r"\binteresad[oa]s?\b|\bprecios?\b|\bcotizaci[oó]n\b|\bdemostraci[oó]n\b|\bllamada\b|\breuni[oó]n\b|"
+    r"\binteressat[oaie]\b|\bprezz[oi]\b|\bpreventivo\b|\bchiamata\b|\briunione\b|"
+    r"\binteressad[oa]s?\b|\bpreços?\b|\borçamento\b|\breuni[aã]o\b|\bligação\b|"
+    r"\bgeïnteresseerd\b|\bprijs\b|\bofferte\b|\bafspraak\b|\bgesprek\b"
+)
+
+_EMAIL_RE = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def wants_unsubscribe(words: str) -> bool:
+    """Whether these words (new text or subject) ask to stop receiving mail."""
+    return bool(_UNSUBSCRIBE_RE.search(words))
+
+
+def detect_intent(words: str, exclude: frozenset[str] = frozenset()) -> tuple[Intent, str | None]:
+    """The intent of a reply's new words, and a referred colleague's address if given.
+
+    Referral wins (someone else should be contacted), then negative (a clear no), then
+    positive (buying signals), else neutral. Addresses in `exclude` (the sender, our own
+    addresses) are never reported as the referral.
+    """
+    emails = [e.lower().rstrip(".") for e in _EMAIL_RE.findall(words)]
+    others = [e for e in emails if e not in exclude and e.split("@", 1)[-1] not in exclude]
+    referral_email = others[0] if others else None
+    if _REFERRAL_RE.search(words):
+        return "referral", referral_email
+    if referral_email and re.search(
+        r"(?i)\b(?:contact|reach|talk|speak|write|email|e-mail|ask|kontaktieren|contactez|"
+        r"contacte|contatta|contacteer|neem\s+contact|schreiben\s+sie)\b",
+        words,
+    ):
+        return "referral", referral_email
+    if _NEGATIVE_RE.search(words):
+        return "negative", None
+    if _POSITIVE_RE.search(words):
+        return "positive", None
+    return "neutral", None
