@@ -1,0 +1,144 @@
+"""Outbound throughput: twoway's Mailer against a plain smtplib loop, in the same run.
+
+Starts an aiosmtpd sink on 127.0.0.1, builds N messages with `compose`, then sends them
+with a plain `smtplib.SMTP.send_message` loop over one connection and with `Mailer` (one
+reused connection, retry machinery armed). Rounds alternate the two so that a noisy,
+shared machine hurts both alike; the best round of each is reported.
+
+    .venv/bin/python bench/bench_outbound.py [-n 2000] [--rounds 3] [--json]
+
+The ratio Mailer/plain is the figure to watch (target >= 0.7); absolute rates depend on
+the machine and mostly measure the Python SMTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import smtplib
+import sys
+import time
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from worker.compose import compose, new_message_id, reply_address
+from worker.config import SmtpConfig
+from worker.mailer import Mailer
+
+HOST = "127.0.0.1"
+ENVELOPE_FROM = "bounces@acme.example"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.count += 1
+        return "250 2.0.0 OK"
+
+
+class _SinkController(Controller):
+    def _trigger_server(self) -> None:
+        assert isinstance(self.server, asyncio.Server)
+        self.port = self.server.sockets[0].getsockname()[1]  # port 0: learn the real one
+        super()._trigger_server()  # type: ignore[no-untyped-call]
+
+
+def build_messages(n: int) -> list[tuple[EmailMessage, str]]:
+    """N realistic nurture emails (about 3 KB each) and their recipients."""
+    text = (
+        "Hi {name},\n\nThanks for getting in touch. Most operations teams come to us with "
+        "the same story: routes planned in spreadsheets and dispatch in one person's head.\n" * 6
+    )
+    html = "<p>" + text.replace("\n\n", "</p><p>") + "</p>"
+    out = []
+    for i in range(n):
+        to = f"lead{i}@example.net"
+        msg = compose(
+            from_addr="sales@acme.example",
+            from_name="Acme Sales",
+            to_addr=to,
+            to_name=f"Lead Number {i}",
+            subject=f"Welcome, lead {i} — three ways to get started",
+            text=text.format(name=f"Lead {i}"),
+            html=html.format(name=f"Lead {i}"),
+            message_id=new_message_id("acme.example"),
+            domain="acme.example",
+            reply_to=reply_address("sales@acme.example", f"tok{i:06d}"),
+            unsubscribe_url=f"https://acme.example/unsubscribe/tok{i:06d}",
+            unsubscribe_mailto=f"sales+unsubscribe-tok{i:06d}@acme.example",
+            auto_submitted=True,
+        )
+        out.append((msg, to))
+    return out
+
+
+def run_plain(port: int, messages: list[tuple[EmailMessage, str]]) -> float:
+    start = time.perf_counter()
+    with smtplib.SMTP(HOST, port) as conn:
+        for msg, to in messages:
+            conn.send_message(msg, ENVELOPE_FROM, [to])
+    return time.perf_counter() - start
+
+
+def run_mailer(port: int, messages: list[tuple[EmailMessage, str]]) -> float:
+    cfg = SmtpConfig(kind="smtp", host=HOST, port=port, security="none")
+    start = time.perf_counter()
+    with Mailer(cfg) as mailer:
+        for msg, to in messages:
+            result = mailer.send(msg, ENVELOPE_FROM, [to])
+            if result.status != "sent":
+                raise SystemExit(f"send failed: {result}")
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("-n", "--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    sink = _Sink()
+    controller = _SinkController(sink, hostname=HOST, port=0)
+    controller.start()
+    try:
+        messages = build_messages(args.messages)
+        run_plain(controller.port, messages[:50])  # warm both paths up
+        run_mailer(controller.port, messages[:50])
+        plain_times, mailer_times = [], []
+        for _ in range(args.rounds):
+            plain_times.append(run_plain(controller.port, messages))
+            mailer_times.append(run_mailer(controller.port, messages))
+    finally:
+        controller.stop()
+
+    n = args.messages
+    plain_rate = n / min(plain_times)
+    mailer_rate = n / min(mailer_times)
+    result: dict[str, Any] = {
+        "messages": n,
+        "rounds": args.rounds,
+        "message_bytes": len(messages[0][0].as_bytes()),
+        "plain_smtplib_msgs_per_s": round(plain_rate, 1),
+        "mailer_msgs_per_s": round(mailer_rate, 1),
+        "ratio": round(mailer_rate / plain_rate, 3),
+        "received": sink.count,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"messages:      {n} x {result['message_bytes']} bytes, best of {args.rounds}")
+        print(f"plain smtplib: {plain_rate:8.1f} msgs/s")
+        print(f"Mailer:        {mailer_rate:8.1f} msgs/s")
+        print(f"ratio:         {result['ratio']:.3f} (Mailer / plain)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

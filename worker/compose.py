@@ -1,0 +1,276 @@
+"""Build outbound emails as `email.message.EmailMessage` objects (RFC 5322, MIME).
+
+Everything that reaches a header here may come from a lead (a name typed into a web form, a
+CSV cell), so every value is neutralised before it is set: control characters (CR and LF
+above all) never reach the wire, and an address must be exactly one valid address or the
+call raises ValueError. Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import unicodedata
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime
+from types import MappingProxyType
+from urllib.parse import quote
+
+from worker.config import SenderConfig
+
+LOOP_HEADER = "X-Twoway-Loop"
+
+# refold_source="none": headers we fold ourselves (Message-IDs, References, List-Unsubscribe)
+# go out as written. The stdlib's folder would turn a long References line into RFC 2047
+# encoded words, which mail clients do not decode there, and threading would break.
+_POLICY = email.policy.default.clone(refold_source="none")
+_MAX_LINE = 78
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ":"
+_MSGID = re.compile(r"^[^\s<>@\x00-\x1f\x7f]+@[^\s<>@\x00-\x1f\x7f]+$")
+# Headers compose() owns: an extra header of the same name would duplicate or override them.
+_RESERVED = frozenset(
+    h.lower()
+    for h in (
+        "From", "To", "Cc", "Bcc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
+        "References", "List-Unsubscribe", "List-Unsubscribe-Post", "Auto-Submitted",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender", "Return-Path",
+        LOOP_HEADER,
+    )
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file to attach. `mime_type` "message/rfc822" attaches `content` (the raw bytes of
+    an email) as a proper message/rfc822 part, so mail clients show it as a message."""
+
+    filename: str
+    content: bytes
+    mime_type: str
+
+
+def clean_text(value: str) -> str:
+    """One header-safe line: every control character (CR, LF, NUL, ...) becomes a space,
+    whitespace runs collapse, the ends are stripped."""
+    value = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in value)
+    return " ".join(value.split())
+
+
+def check_address(value: str) -> str:
+    """Return `value` as one bare, valid addr-spec ("local@domain"); raise ValueError if it
+    is anything else (empty, several addresses, a display name, control characters).
+
+    An internationalised domain is returned in its ASCII (IDNA) form; a non-ASCII local
+    part is refused, because it would need SMTPUTF8 from every server on the way.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"not an email address: {value!r}")
+    stripped = value.strip()
+    if not stripped or any(
+        unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch.isspace() for ch in stripped
+    ):
+        raise ValueError(f"not a single email address: {value!r}")
+    if any(ch in stripped for ch in ',;<>()[]\\"') or stripped.count("@") != 1:
+        raise ValueError(f"not a single email address: {value!r}")
+    local, domain = stripped.rsplit("@", 1)
+    if not local or not domain or not local.isascii():
+        raise ValueError(f"not a valid email address: {value!r}")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"not a valid email domain: {value!r}") from None
+    if not _DOMAIN.match(domain):
+        raise ValueError(f"not a valid email domain: {value!r}")
+    try:
+        parsed = Address(addr_spec=f"{local}@{domain}")
+    except (ValueError, IndexError):
+        raise ValueError(f"not a valid email address: {value!r}") from None
+    return parsed.addr_spec
+
+
+def new_message_id(domain: str) -> str:
+    """A fresh, globally unique Message-ID "twoway.<32 hex>@domain", without angle brackets.
+
+    The `twoway.` prefix and our domain let inbound matching recognise replies to our mail.
+    """
+    domain = clean_text(domain).lower()
+    if not _DOMAIN.match(domain):
+        raise ValueError(f"not a domain for a Message-ID: {domain!r}")
+    return f"twoway.{uuid.uuid4().hex}@{domain}"
+
+
+def reply_address(sender_address: str, token: str) -> str:
+    """The sender's address plus-addressed with `token`: ("sales@example.com", "k3x9") →
+    "sales+k3x9@example.com". Replies to it carry the token back to us."""
+    address = check_address(sender_address)
+    if not _TOKEN.match(token):
+        raise ValueError(f"a reply token is letters, digits, '.', '_', '=', '-': {token!r}")
+    local, domain = address.rsplit("@", 1)
+    return check_address(f"{local}+{token}@{domain}")
+
+
+def unsubscribe_targets(sender: SenderConfig, token: str) -> tuple[str | None, str | None]:
+    """The (https URL, mailto address) to unsubscribe the lead with `token`, from the
+    sender's `unsubscribe_url` / `unsubscribe_mailto` with "{token}" filled in; None for
+    one that is not configured."""
+    if not _TOKEN.match(token):
+        raise ValueError(f"an unsubscribe token is letters, digits, '.', '_', '=', '-': {token!r}")
+    url = mailto = None
+    if sender.unsubscribe_url:
+        url = _check_url(sender.unsubscribe_url.replace("{token}", quote(token, safe="")))
+    if sender.unsubscribe_mailto:
+        target = sender.unsubscribe_mailto.replace("{token}", token).removeprefix("mailto:")
+        mailto = check_address(target)
+    return url, mailto
+
+
+def _check_url(url: str) -> str:
+    if clean_text(url) != url or any(ch in url for ch in "<> ,"):
+        raise ValueError(f"not a usable unsubscribe URL: {url!r}")
+    if not url.lower().startswith(("https://", "http://")):
+        raise ValueError(f"the unsubscribe URL must be http(s): {url!r}")
+    return url
+
+
+def _bracketed(message_id: str) -> str:
+    """`message_id` as "<id@domain>", checked to be a single id with no spaces or controls."""
+    bare = message_id.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1]
+    if not _MSGID.match(bare):
+        raise ValueError(f"not a Message-ID: {message_id!r}")
+    return f"<{bare}>"
+
+
+def _mailbox(name: str, address: str) -> Address:
+    addr = check_address(address)
+    local, domain = addr.rsplit("@", 1)
+    return Address(display_name=clean_text(name), username=local, domain=domain)
+
+
+def _set_folded(msg: EmailMessage, name: str, items: Sequence[str], separator: str = "") -> None:
+    """Set header `name` to `items` (checked ASCII tokens without whitespace) joined by
+    `separator` and a space, folded between items so lines stay within 78 characters."""
+    lines: list[str] = []
+    current = ""
+    for i, item in enumerate(items):
+        token = item + (separator if i < len(items) - 1 else "")
+        used = len(current) + (0 if lines else len(name) + 2)
+        if current and used + 1 + len(token) > _MAX_LINE:
+            lines.append(current)
+            current = " " + token
+        else:
+            current = f"{current} {token}" if current else token
+    lines.append(current)
+    msg.set_raw(name, "\n".join(lines))
+
+
+def _body_cte(text: str) -> str:
+    # 7bit when it is safe everywhere; otherwise quoted-printable, which (unlike 8bit) does
+    # not need the server to offer 8BITMIME and keeps the source readable.
+    if text.isascii() and all(len(line) <= 900 for line in text.splitlines()):
+        return "7bit"
+    return "quoted-printable"
+
+
+def compose(
+    *,
+    from_addr: str,
+    from_name: str,
+    to_addr: str,
+    to_name: str,
+    subject: str,
+    text: str,
+    html: str,
+    message_id: str,
+    domain: str,
+    reply_to: str | None = None,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
+    unsubscribe_url: str | None = None,
+    unsubscribe_mailto: str | None = None,
+    auto_submitted: bool = False,
+    attachments: Sequence[Attachment] = (),
+    date: datetime | None = None,
+    extra_headers: Mapping[str, str] = _NO_HEADERS,
+) -> EmailMessage:
+    """Build one outbound email: multipart/alternative (text, then HTML), wrapped in
+    multipart/mixed when there are attachments.
+
+    Headers: Date (`date`, default now), Message-ID `<message_id>`, From and To with
+    encoded display names, Subject, optional Reply-To, In-Reply-To and References, the
+    RFC 8058 pair `List-Unsubscribe` / `List-Unsubscribe-Post: List-Unsubscribe=One-Click`
+    (the Post header only when there is an https URL), `Auto-Submitted: auto-generated` when
+    `auto_submitted`, and always `X-Twoway-Loop: <domain>` so we recognise our own mail.
+
+    Names and the subject are neutralised (control characters become spaces); an address
+    that is not exactly one valid address raises ValueError, as does a naive `date`, a
+    malformed Message-ID or an extra header that would replace one of ours.
+    """
+    msg = EmailMessage(policy=_POLICY)
+    when = date if date is not None else datetime.now(UTC)
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("date must be timezone-aware")
+    loop_domain = clean_text(domain).lower()
+    if not _DOMAIN.match(loop_domain):
+        raise ValueError(f"not a domain: {domain!r}")
+
+    msg["Date"] = format_datetime(when)
+    _set_folded(msg, "Message-ID", [_bracketed(message_id)])
+    msg["From"] = _mailbox(from_name, from_addr)
+    msg["To"] = _mailbox(to_name, to_addr)
+    msg["Subject"] = clean_text(subject)
+    if reply_to:
+        msg["Reply-To"] = check_address(reply_to)
+    if in_reply_to:
+        _set_folded(msg, "In-Reply-To", [_bracketed(in_reply_to)])
+    refs = [_bracketed(r) for r in references if r and r.strip()]
+    if refs:
+        _set_folded(msg, "References", refs)
+    targets = []
+    if unsubscribe_url:
+        targets.append(f"<{_check_url(unsubscribe_url)}>")
+    if unsubscribe_mailto:
+        targets.append(f"<mailto:{check_address(unsubscribe_mailto.removeprefix('mailto:'))}>")
+    if targets:
+        _set_folded(msg, "List-Unsubscribe", targets, separator=",")
+    if unsubscribe_url and unsubscribe_url.lower().startswith("https://"):
+        # RFC 8058 one-click needs an https URL; a mailto alone does not qualify.
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    if auto_submitted:
+        msg["Auto-Submitted"] = "auto-generated"
+    msg[LOOP_HEADER] = loop_domain
+    for name, value in extra_headers.items():
+        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
+            raise ValueError(f"cannot set header {name!r} through extra_headers")
+        msg[name] = clean_text(value)
+
+    msg.set_content(text, cte=_body_cte(text))
+    msg.add_alternative(html, subtype="html", cte=_body_cte(html))
+    for att in attachments:
+        _attach(msg, att)
+    return msg
+
+
+def _attach(msg: EmailMessage, att: Attachment) -> None:
+    filename = clean_text(att.filename).replace("/", "_").replace("\\", "_") or "attachment"
+    mime_type = att.mime_type.strip().lower()
+    maintype, _, subtype = mime_type.partition("/")
+    if not maintype or not subtype or clean_text(mime_type) != mime_type or " " in mime_type:
+        raise ValueError(f"not a MIME type: {att.mime_type!r}")
+    if mime_type == "message/rfc822":
+        inner = BytesParser(policy=_POLICY).parsebytes(att.content)
+        msg.add_attachment(inner, filename=filename)
+    else:
+        msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=filename)

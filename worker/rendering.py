@@ -1,0 +1,344 @@
+"""Email templates: Jinja2 in a sandbox, with undefined variables as errors.
+
+This is the only module that imports jinja2. An email template is a folder under the
+templates directory holding `subject.txt`, `body.txt` and `body.html`; bodies extend the
+shared `layout.txt` / `layout.html`, which add the unsubscribe footer and postal address.
+Every problem a template can have (missing file, syntax error, undefined variable, sandbox
+violation, a failing expression) is reported as a TemplateError naming file and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from worker.config import Campaign, SenderConfig
+
+PARTS = ("subject.txt", "body.txt", "body.html")
+_TYPE_MESSAGE = re.compile(r"^'(?P<type>[\w .]+) object' has no attribute '(?P<attr>[^']+)'")
+_UNDEFINED_NAME = re.compile(r"^'(?P<name>\w+)' is undefined")
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    """One rendered email: a single-line subject, a text body and an HTML body."""
+
+    subject: str
+    text: str
+    html: str
+
+
+class TemplateError(Exception):
+    """A template cannot be rendered; `file` and `line` say where, `message` says why."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.message}"
+
+
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined that suggests the closest existing key ("did you mean ...?")."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        message = super()._undefined_message
+        obj, name = self._undefined_obj, self._undefined_name
+        if isinstance(obj, Mapping) and isinstance(name, str):
+            close = difflib.get_close_matches(name, [str(k) for k in obj], n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        return message
+
+
+def _clean_subject(text: str) -> str:
+    """One header-safe line: control characters dropped, whitespace runs collapsed."""
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return " ".join(text.split())
+
+
+class Renderer:
+    """Renders the email templates found in `templates_dir`."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self.templates_dir = Path(templates_dir)
+        # ImmutableSandboxedEnvironment: templates are edited by admins and see lead data;
+        # they may read it but never call private attributes or mutate what they are given.
+        self._env = ImmutableSandboxedEnvironment(
+            # An absolute search path makes Jinja's traceback frames carry absolute file
+            # names, which is how _location finds the template line of a runtime error.
+            loader=jinja2.FileSystemLoader(self.templates_dir.resolve()),
+            undefined=_Undefined,
+            autoescape=jinja2.select_autoescape(
+                enabled_extensions=("html", "htm"), default_for_string=False, default=False
+            ),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            auto_reload=True,
+        )
+
+    def names(self) -> list[str]:
+        """Every email template (a folder holding subject.txt), as "nurture/welcome", sorted."""
+        if not self.templates_dir.is_dir():
+            return []
+        return sorted(
+            p.parent.relative_to(self.templates_dir).as_posix()
+            for p in self.templates_dir.rglob("subject.txt")
+        )
+
+    def render(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
+        """Render template folder `name` with `context`; raise TemplateError on any problem."""
+        if not name or name.startswith(("/", ".")) or ".." in name.split("/"):
+            raise TemplateError(name or "<empty>", None, "not a template name")
+        subject = self._render_part(f"{name}/subject.txt", context)
+        return RenderedEmail(
+            subject=_clean_subject(subject),
+            text=self._render_part(f"{name}/body.txt", context),
+            html=self._render_part(f"{name}/body.html", context),
+        )
+
+    def lint(
+        self, context: Mapping[str, Any], names: list[str] | None = None
+    ) -> list[TemplateError]:
+        """Render every part of each template (default: all of them); return every problem.
+
+        Unlike `render`, a broken subject does not hide a broken body: each part is tried.
+        An empty list means every template renders with `context`.
+        """
+        problems: list[TemplateError] = []
+        for name in self.names() if names is None else names:
+            for part in PARTS:
+                try:
+                    out = self._render_part(f"{name}/{part}", context)
+                except TemplateError as e:
+                    problems.append(e)
+                    continue
+                if part == "subject.txt" and not _clean_subject(out):
+                    problems.append(
+                        TemplateError(self._display(f"{name}/{part}"), None, "the subject is empty")
+                    )
+        return problems
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _display(self, template: str) -> str:
+        """A template's path as a person would type it: relative to the cwd when possible."""
+        path = self.templates_dir / template
+        try:
+            return path.resolve().relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def _render_part(self, template: str, context: Mapping[str, Any]) -> str:
+        try:
+            return self._env.get_template(template).render(context)
+        except jinja2.TemplateSyntaxError as e:
+            file = self._display(e.name) if e.name else self._display(template)
+            raise TemplateError(file, e.lineno, f"syntax error: {e.message}") from None
+        except jinja2.TemplateNotFound as e:
+            if e.name == template:
+                raise TemplateError(
+                    self._display(template), None, "no such template file"
+                ) from None
+            file, line = self._location(e.__traceback__, template)
+            raise TemplateError(file, line, f"includes missing template {e.name!r}") from None
+        except SecurityError as e:
+            file, line = self._location(e.__traceback__, template)
+            raise TemplateError(file, line, f"not allowed in a template: {e}") from None
+        except jinja2.UndefinedError as e:
+            file, line = self._location(e.__traceback__, template)
+            raise TemplateError(
+                file, line, self._explain_undefined(str(e), file, line, context)
+            ) from None
+        # Any other exception here was raised by an expression in the template (1/0,
+        # "a" + 1, a filter given bad input): it is the template's problem, so report it
+        # with its place instead of letting it take the worker down.
+        except Exception as e:
+            file, line = self._location(e.__traceback__, template)
+            raise TemplateError(file, line, f"{type(e).__name__}: {e}") from None
+
+    def _location(self, tb: TracebackType | None, fallback: str) -> tuple[str, int | None]:
+        """The innermost template frame of a rendering traceback: (file, line)."""
+        root = str(self.templates_dir.resolve())
+        found: tuple[str, int | None] = (self._display(fallback), None)
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            # Jinja rewrites tracebacks so template code shows as frames of the template file.
+            if filename.startswith(root) and not filename.endswith(".py"):
+                rel = Path(filename).relative_to(root).as_posix()
+                found = (self._display(rel), tb.tb_lineno)
+            tb = tb.tb_next
+        return found
+
+    def _explain_undefined(
+        self, message: str, file: str, line: int | None, context: Mapping[str, Any]
+    ) -> str:
+        """Name the variable instead of its Python type, and suggest a close name."""
+        m = _TYPE_MESSAGE.match(message)
+        if m and line is not None:
+            source = self._source_line(file, line)
+            ref = re.search(r"([A-Za-z_][\w.]*)\." + re.escape(m["attr"]) + r"\b", source)
+            if ref:
+                return f"{ref.group(1)!r} has no attribute {m['attr']!r}{message[m.end() :]}"
+        m = _UNDEFINED_NAME.match(message)
+        if m:
+            close = difflib.get_close_matches(m["name"], [str(k) for k in context], n=1)
+            if close:
+                return f"{message} (did you mean {close[0]!r}?)"
+        return message
+
+    def _source_line(self, file: str, line: int) -> str:
+        path = Path(file) if Path(file).is_absolute() else Path.cwd() / file
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return ""
+        return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+# --- sample data ---------------------------------------------------------------------------
+
+
+def sample_context(
+    *,
+    sender: SenderConfig | None = None,
+    lead: Mapping[str, Any] | None = None,
+    campaign: Campaign | None = None,
+    step: int = 1,
+) -> dict[str, Any]:
+    """Realistic data for every template: nurture, handoff and follow-up keys at once.
+
+    Used by `templates lint` (render everything before anything is sent) and `preview`.
+    `sender` fills the sender block from the config, `lead` overrides sample lead fields
+    (e.g. a real lead for `preview --lead`), `campaign` names the campaign and its length.
+    """
+    sample_lead: dict[str, Any] = {
+        "email": "maya.patel@northwind-logistics.example",
+        "first_name": "Maya",
+        "last_name": "Patel",
+        "company": "Northwind Logistics",
+        "title": "Head of Operations",
+        "industry": "logistics",
+        "company_size": 240,
+        "annual_revenue": 38_000_000,
+        "country": "GB",
+        "timezone": "Europe/London",
+        "source": "webinar: Shipping without spreadsheets",
+        "custom": {"webinar_date": "3 November"},
+    }
+    if lead:
+        sample_lead.update({k: v for k, v in lead.items() if v is not None})
+        sample_lead.setdefault("custom", {})
+    sender_block = {
+        "name": "Acme Sales",
+        "address": "sales@acme.example",
+        "postal_address": "Acme Inc., 1 Main Street, Springfield, IL 62701, USA",
+    }
+    if sender is not None:
+        sender_block = {
+            "name": sender.display_name or sender.address,
+            "address": sender.address,
+            "postal_address": sender.postal_address,
+        }
+    total = len(campaign.steps) if campaign is not None else 3
+    rep = {"name": "Ben Okafor", "email": "ben.okafor@acme.example", "first_name": "Ben"}
+    reply = {
+        "subject": "Re: How Brightline cut dispatch time by 40%",
+        "from": f"{sample_lead['first_name']} {sample_lead.get('last_name', '')} <{sample_lead['email']}>".replace(
+            "  ", " "
+        ),
+        "date": "Tue, 1 Dec 2026 10:42:00 +0000",
+        "text": (
+            "Hi Ben,\n\nThe Brightline story sounds a lot like us. We run about 60 trucks and "
+            "still plan routes in spreadsheets.\nCould you send pricing for a team of 12 "
+            "planners, and would a demo next week work?\n\nThanks,\nMaya"
+        ),
+    }
+    return {
+        "lead": sample_lead,
+        "campaign": {"name": campaign.name if campaign is not None else "welcome"},
+        "step": {"number": max(1, min(step, total)), "total": total},
+        "sender": sender_block,
+        "unsubscribe_url": "https://acme.example/unsubscribe/k3x9q2m7",
+        "rep": rep,
+        "prospect": {**sample_lead, "status": "prospect", "owner": rep["email"]},
+        "qualification": {
+            "score": 80,
+            "checklist": [
+                {
+                    "criterion": "Industry is in the target market",
+                    "status": "met",
+                    "evidence": "logistics",
+                },
+                {
+                    "criterion": "Company size at least 20",
+                    "status": "met",
+                    "evidence": "240 employees",
+                },
+                {
+                    "criterion": "Annual revenue at least 1,000,000",
+                    "status": "met",
+                    "evidence": "38,000,000",
+                },
+                {
+                    "criterion": "Decision-making title",
+                    "status": "met",
+                    "evidence": "Head of Operations",
+                },
+                {
+                    "criterion": "Buying intent in the reply",
+                    "status": "met",
+                    "evidence": "pricing, demo",
+                },
+                {"criterion": "Budget confirmed", "status": "unknown", "evidence": ""},
+            ],
+        },
+        "match": {
+            "method": "reply_token",
+            "explanation": (
+                "Sent to the reply address of our step 2 email (sales+k3x9q2m7@acme.example) "
+                "by a person, not an auto-responder; it quotes our message and adds new text."
+            ),
+        },
+        "reply": reply,
+        "reply_text": reply["text"],
+        "thread": [
+            {
+                "direction": "out",
+                "at": "2026-11-24 09:05 UTC",
+                "subject": "Welcome to Acme, Maya",
+                "summary": "Step 1 of 3: welcome",
+            },
+            {
+                "direction": "out",
+                "at": "2026-11-27 09:12 UTC",
+                "subject": "How Brightline cut dispatch time by 40%",
+                "summary": "Step 2 of 3: case study",
+            },
+            {
+                "direction": "in",
+                "at": "2026-12-01 10:42 UTC",
+                "subject": reply["subject"],
+                "summary": "Asks for pricing for 12 planners and a demo next week",
+            },
+        ],
+        "assignment_reason": "Industry rule: logistics goes to Ben Okafor",
+    }

@@ -1,0 +1,108 @@
+"""Send-window and delay arithmetic: pure functions on aware datetimes.
+
+Every function takes and returns aware datetimes in UTC; the lead's (or campaign's) IANA
+time zone is passed by name and only used to decide what "Monday 09:00" or "three business
+days later" means locally, so daylight-saving changes are handled by `zoneinfo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from worker.config import WEEKDAYS, Delay, SendWindow
+
+# A window that never opens (no days, or every day a holiday) must not loop forever.
+_SEARCH_DAYS = 800
+
+
+def _check_aware(at: datetime, name: str) -> None:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"{name} must be an aware datetime (UTC), got naive {at.isoformat()}")
+
+
+def _local_instant(day: date, wall: time, zone: ZoneInfo) -> datetime:
+    """The UTC instant of wall-clock `wall` on `day` in `zone`.
+
+    A wall time skipped by a spring-forward change resolves to the same reading on the
+    pre-change offset (02:30 becomes 03:30 summer time); an ambiguous autumn time takes
+    its first occurrence. Either way the result is a real instant, never an error.
+    """
+    return datetime.combine(day, wall, tzinfo=zone).astimezone(UTC)
+
+
+def _is_business_day(day: date) -> bool:
+    return day.weekday() < 5
+
+
+def add_delay(start: datetime, delay: Delay, tz: str) -> datetime:
+    """Return `start` moved on by `delay`, as an aware UTC datetime.
+
+    - `d` (days): the same local wall-clock time `amount` calendar days later in `tz`
+      (so a 09:00 send stays at 09:00 across a DST change, although 23 or 25 hours pass).
+    - `bd` (business days): the same local time after `amount` Monday-to-Friday days; a
+      start on a weekend counts the coming Monday as the first business day.
+    - `h` / `m`: elapsed hours or minutes, independent of the time zone.
+
+    Raises ValueError for a naive `start`.
+    """
+    _check_aware(start, "start")
+    if delay.unit == "h":
+        return (start + timedelta(hours=delay.amount)).astimezone(UTC)
+    if delay.unit == "m":
+        return (start + timedelta(minutes=delay.amount)).astimezone(UTC)
+    zone = ZoneInfo(tz)
+    local = start.astimezone(zone)
+    day = local.date()
+    if delay.unit == "d":
+        day += timedelta(days=delay.amount)
+    else:
+        remaining = delay.amount
+        while remaining > 0:
+            day += timedelta(days=1)
+            if _is_business_day(day):
+                remaining -= 1
+    if day == local.date():
+        return start.astimezone(UTC)
+    return _local_instant(day, local.time().replace(tzinfo=None), zone)
+
+
+def next_open_slot(
+    at: datetime,
+    window: SendWindow | None,
+    tz: str,
+    holidays: Collection[date] = (),
+) -> datetime:
+    """The earliest instant at or after `at` when sending is allowed, as aware UTC.
+
+    Sending is allowed on the window's days, between `start` (inclusive) and `end`
+    (exclusive) in local time of `tz`, on dates not in `holidays` (local dates). `at` itself
+    is returned when it is already inside the window; otherwise the start of the next open
+    window. `window=None` means any time of any non-holiday day.
+
+    Raises ValueError for a naive `at`, or when the window never opens (no days).
+    """
+    _check_aware(at, "at")
+    zone = ZoneInfo(tz)
+    local = at.astimezone(zone)
+    if window is None:
+        days: Collection[str] = WEEKDAYS
+        start, end = time(0, 0), None
+    else:
+        days, start, end = window.days, window.start, window.end
+    wall = local.time().replace(tzinfo=None)
+
+    day = local.date()
+    for offset in range(_SEARCH_DAYS):
+        candidate_day = day + timedelta(days=offset)
+        if WEEKDAYS[candidate_day.weekday()] not in days or candidate_day in holidays:
+            continue
+        if offset == 0:
+            if wall < start:
+                return _local_instant(candidate_day, start, zone)
+            if end is None or wall < end:
+                return at.astimezone(UTC)
+            continue  # today's window has closed
+        return _local_instant(candidate_day, start, zone)
+    raise ValueError(f"the send window {days} never opens (check its days and the holidays)")
