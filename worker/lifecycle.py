@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from worker.app import App
-from worker.assign import assign
+from worker.assign import CONSUMER_DOMAINS, assign
 from worker.classify import Classification
 from worker.compose import new_message_id
 from worker.leads import enroll, lead_fields, new_token, record_event, stop_nurture
@@ -29,10 +29,6 @@ logger = logging.getLogger(__name__)
 
 PROMOTABLE = ("lead", "engaged", "bounced")
 SUPPRESSED = ("unsubscribed", "bounced", "disqualified")
-# Shared consumer domains: colleagues there are not one account.
-FREEMAIL = frozenset(
-    ["gmail.com", "googlemail.com", "yahoo.com", "yahoo.co.uk", "outlook.com", "hotmail.com", "live.com", "msn.com", "icloud.com", "me.com", "mac.com", "aol.com", "gmx.de", "gmx.net", "web.de", "proton.me", "protonmail.com", "yandex.ru", "mail.ru", "orange.fr", "free.fr", "laposte.net", "libero.it", "t-online.de", "qq.com", "163.com"]
-)
 
 
 def _cause(row: InboundMessage) -> str:
@@ -412,7 +408,7 @@ def _account_awareness(
     """Colleagues at the same company pause their nurture and go to the same rep."""
     campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
-    if not aware or lead.domain in FREEMAIL:
+    if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return
     colleagues = s.scalars(
         select(Lead).where(Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == "lead")
