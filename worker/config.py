@@ -239,6 +239,8 @@ class Step(_Model):
             return v
         if isinstance(v, str | int):
             return Delay.parse(v)
+        if isinstance(v, dict) and set(v) == {"amount", "unit"}:  # a dumped config
+            return Delay.parse(f"{v['amount']}{v['unit']}")
         raise ValueError("a delay is a string such as 0d, 3bd or 4h")
 
 

@@ -1,0 +1,150 @@
+"""`twoway run` as a user runs it: a subprocess against real Dovecot and aiosmtpd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from tests import mails
+from tests.conftest import ROOT
+from tests.imap_server import DovecotServer
+from tests.smtp_server import SmtpServer
+from worker.app import App
+from worker.config import clock_from_env, load_config
+from worker.leads import import_leads
+from worker.models import Lead
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `check()` held; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def setup(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "database": sqlite_url,
+        "templates_dir": str(ROOT / "templates"),
+        "mailboxes": [
+            {
+                "name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port,
+                "security": "none", "username": imap_user, "password": "${TEST_IMAP_PASSWORD}",
+                "idle": True, "poll_interval": 30,
+            }
+        ],
+        "smtp": {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"},
+        "sender": {"from": "Acme Sales <sales@example.com>"},
+        "internal_domains": ["example.com"],
+        "campaigns": [{"name": "welcome", "mailbox": "sales", "send_window": None,
+                       "steps": [{"template": "nurture/welcome"}, {"template": "nurture/case-study", "delay": "3d"}]}],
+        "reps": [{"name": "Ana Lopez", "email": "ana@example.com"}],
+    }  # fmt: skip
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "TEST_IMAP_PASSWORD": dovecot.users[imap_user]}
+    config = load_config(cfg, env=env)
+    app = App.open(config, clock_from_env({}))
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "maria@nube.example.org", "first_name": "María"})], app.now(),
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    return {
+        "cfg": cfg,
+        "env": env,
+        "app": app,
+        "smtp": smtp_server,
+        "dovecot": dovecot,
+        "user": imap_user,
+    }
+
+
+@pytest.fixture
+def daemon(setup: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "--config",
+            str(setup["cfg"]),
+            "run",
+            "--log-format",
+            "json",
+        ],
+        env=setup["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    setup["app"].close()
+
+
+def status_of(app: App, email: str) -> str:
+    with app.transaction() as s:
+        lead = s.scalar(select(Lead).where(Lead.email == email))
+        assert lead is not None
+        return lead.status
+
+
+def test_it_sees_a_reply_within_seconds_and_stops_cleanly(
+    setup: dict[str, Any], daemon: subprocess.Popen[str]
+) -> None:
+    smtp: SmtpServer = setup["smtp"]
+    wait_for(lambda: len(smtp.messages) == 1, 30)  # step 1 went out
+    step1 = smtp.messages[0].parsed()
+    time.sleep(1.0)  # the worker is now idling on the mailbox
+    setup["dovecot"].append(
+        setup["user"],
+        "INBOX",
+        mails.reply(step1, "Sounds great, can we get pricing?", datetime.now(UTC)),
+    )
+    took = wait_for(lambda: any("ana@example.com" in m.rcpts for m in smtp.messages), 5)
+    assert status_of(setup["app"], "maria@nube.example.org") == "prospect"
+    assert took < 5
+
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(5) == 0
+    out = daemon.stdout.read() if daemon.stdout else ""
+    assert "stopping" in out
+    assert setup["env"]["TEST_IMAP_PASSWORD"] not in out  # secrets never logged
+
+
+def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
+    setup: dict[str, Any], daemon: subprocess.Popen[str]
+) -> None:
+    smtp: SmtpServer = setup["smtp"]
+    wait_for(lambda: len(smtp.messages) == 1, 30)
+    setup["cfg"].write_text("campaigns: [this is not: valid\n")
+    daemon.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert daemon.poll() is None  # still running
+    step1 = smtp.messages[0].parsed()
+    setup["dovecot"].append(
+        setup["user"], "INBOX", mails.reply(step1, "Let's talk next week.", datetime.now(UTC))
+    )
+    wait_for(lambda: status_of(setup["app"], "maria@nube.example.org") == "prospect", 10)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(5) == 0
+    out = daemon.stdout.read() if daemon.stdout else ""
+    assert "keeping the old one" in out
