@@ -16,6 +16,7 @@ from worker import __version__
 from worker.app import App
 from worker.config import ConfigError, clock_from_env, load_config
 from worker.db import DatabaseError
+from worker.leases import WorkerLockError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +45,8 @@ def _errors() -> Iterator[None]:
         _die(str(e), 1)
     except Failure as e:
         _die(str(e), 1)
+    except WorkerLockError as e:
+        _die(str(e), 2)
 
 
 def _print_json(data: Any) -> None:
@@ -767,3 +770,42 @@ def demo_cmd(workspace: Path | None) -> None:
 
     with _errors():
         sys.exit(run_demo(workspace, clock_from_env(), click.echo))
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+@main.command("report")
+@click.option(
+    "--html",
+    "html_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the page here (one self-contained HTML file).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1, max=3660),
+    default=30,
+    show_default=True,
+    help="Days of activity to chart, today included.",
+)
+@pass_state
+def report_cmd(state: _State, html_file: Path, days: int) -> None:
+    """Write the funnel, daily activity and health as an HTML page; print its path."""
+    from worker.report import build_report
+
+    target = html_file.resolve()
+    if not target.parent.is_dir():
+        _die(f"--html: no such folder {html_file.parent}", 2)
+    with _errors():
+        page = build_report(state.app(), days)
+        # Written beside the target and renamed, so a reader never sees half a page.
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            partial.write_text(page, encoding="utf-8")
+            partial.replace(target)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise Failure(f"cannot write {html_file}: {e.strerror or e}") from None
+        click.echo(str(target))

@@ -338,6 +338,11 @@ class Referrals(_Model):
     """What happens to a lead who points us to a colleague: nurture stops, or a prospect."""
 
 
+class Workers(_Model):
+    lease_seconds: float = Field(default=60, ge=5)
+    """A mailbox's lease lasts this long unless renewed; a dead worker's is taken over after it."""
+
+
 class Alarms(_Model):
     silent_hours: int = Field(default=48, gt=0)
     bounce_rate: float = Field(default=0.05, gt=0, le=1)
@@ -361,6 +366,7 @@ class Config(_Model):
     auto_reply: AutoReply = AutoReply()
     alarms: Alarms = Alarms()
     referrals: Referrals = Referrals()
+    workers: Workers = Workers()
     unknown_senders: Literal["record", "create_lead"] = "record"
     path: Path = Field(default=Path("<memory>"), exclude=True)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.app import App
@@ -126,6 +127,11 @@ def process_message(
     except _Quarantine as q:
         _quarantine(app, mb, fetched, q.reason, now)
         result.quarantined += 1
+    except IntegrityError:
+        # Another worker recorded the same message at the same moment: it is done.
+        with app.transaction() as s:
+            _advance(s, mb.name, fetched)
+        result.duplicates += 1
     except Exception as e:  # a poisoned message must never stop the worker
         logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
         _quarantine(app, mb, fetched, f"processing failed: {e.__class__.__name__}: {e}", now)

@@ -45,7 +45,12 @@ def apply_inbound(
     ):
         _rep_answered(s, app, msg, row, now)
         return
-    lead = s.get(Lead, match.lead_id) if match.lead_id is not None else None
+    # Lock the lead: two workers reading two replies of one lead must not both promote it.
+    lead = (
+        s.get(Lead, match.lead_id, with_for_update=True, populate_existing=True)
+        if match.lead_id is not None
+        else None
+    )
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
             _inbound_lead(s, app, msg, row, now)

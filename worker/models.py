@@ -146,7 +146,8 @@ class InboundMessage(Base):
     __tablename__ = "inbound_messages"
     __table_args__ = (
         UniqueConstraint("mailbox", "folder", "uidvalidity", "uid"),
-        Index("ix_inbound_dedupe", "mailbox", "message_id"),
+        # One row per message per mailbox, however many folders or workers saw it.
+        UniqueConstraint("mailbox", "message_id", name="uq_inbound_dedupe"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -222,3 +223,27 @@ class LeadEvent(Base):
     inbound_id: Mapped[int | None] = mapped_column(
         ForeignKey("inbound_messages.id", ondelete="SET NULL")
     )
+
+
+class MailboxLease(Base):
+    """Which worker reads a mailbox now. A lease not renewed before `expires_at` is free."""
+
+    __tablename__ = "mailbox_leases"
+
+    mailbox: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class WorkerHeartbeat(Base):
+    """One row per running worker process, for `twoway status`."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]

@@ -28,7 +28,6 @@ from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
 from worker.rendering import Renderer, TemplateError
 
 logger = logging.getLogger(__name__)
-LEASE = timedelta(minutes=10)
 CLAIM_BATCH = 20
 
 SentCopy = Callable[[str | None, bytes], None]
@@ -93,7 +92,8 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
                 .values(
                     status="sending",
                     attempts=OutboundMessage.attempts + 1,
-                    next_attempt_at=now + LEASE,
+                    # A claim is a lease: past it, another worker settles the row (never resends).
+                    next_attempt_at=now + timedelta(seconds=app.config.workers.lease_seconds),
                 )
                 .execution_options(synchronize_session=False)
             )

@@ -20,6 +20,16 @@ from worker.app import App
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig
 from worker.inbound import SyncResult, classify_context, sync_mailbox
+from worker.leases import (
+    SqliteLock,
+    acquire_lease,
+    heartbeat,
+    live_workers,
+    new_worker_id,
+    release_lease,
+    release_leases,
+    wall_clock,
+)
 from worker.mailbox import MailboxError, MailSource, open_source
 from worker.mailer import Mailer
 from worker.models import Enrollment, MailboxState, OutboundMessage
@@ -39,6 +49,7 @@ class _Mailbox:
     failures: int = 0
     retry_at: float = 0.0
     reported: bool = False
+    leased: bool = False
 
 
 @dataclass
@@ -59,20 +70,37 @@ class Worker:
     """Owns the mailbox connections, the SMTP connection and the renderer of one process."""
 
     def __init__(self, app: App, stop: threading.Event | None = None) -> None:
+        """Raises WorkerLockError when another worker already uses this SQLite database."""
         self.app = app
         self.stop = stop or threading.Event()
+        self.id = new_worker_id()
+        self.started = wall_clock()
+        self._lock: SqliteLock | None = None
+        if app.engine.dialect.name == "sqlite":
+            self._lock = SqliteLock(app.config.database)
+            self._lock.acquire()
         self.renderer = Renderer(app.config.templates_path)
         self.ctx: ClassifyContext = classify_context(app.config)
         self.mailboxes = [_Mailbox(m, open_source(m)) for m in app.config.mailboxes]
         self._recovered = False
+        self._fair = len(self.mailboxes)
+        self._closing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        if self._lock is None and self.mailboxes:
+            self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
+            self._renewer.start()
 
     # --- one pass -------------------------------------------------------------------
 
     def run_once(self) -> PassResult:
         """Sync every mailbox, queue due steps, send what is due. Returns what it did."""
         result = PassResult()
-        if not self._recovered:
+        heartbeat(self.app, self.id, self.started)
+        if not self._recovered or self._lock is None:
+            # SQLite: once at start (no one else can be mid-send). Several workers: every
+            # pass, for rows whose claim expired (their worker died mid-send).
             self._recover()
+        self._balance()
         for mb in self.mailboxes:
             if self.stop.is_set():
                 break
@@ -82,8 +110,7 @@ class Worker:
         return result
 
     def _recover(self) -> None:
-        one_worker = self.app.engine.dialect.name == "sqlite"
-        recover_sending(self.app, self._in_sent_folder, all_rows=one_worker)
+        recover_sending(self.app, self._in_sent_folder, all_rows=self._lock is not None)
         self._recovered = True
 
     def _in_sent_folder(self, mailbox: str | None, message_id: str) -> bool | None:
@@ -103,9 +130,54 @@ class Worker:
             mb.source.connect()
             mb.connected = True
 
+    def _renew_leases(self) -> None:
+        """Keep this worker's leases while a long pass runs (a thread, every lease/3 s).
+
+        Without it a pass longer than the lease (a big first sync, a large send batch)
+        would let another worker read the same mailbox at the same time.
+        """
+        ttl = self.app.config.workers.lease_seconds
+        while not self._closing.wait(ttl / 3):
+            for mb in list(self.mailboxes):
+                if mb.leased:
+                    with contextlib.suppress(Exception):  # the next pass will notice
+                        acquire_lease(self.app, mb.cfg.name, self.id, ttl)
+            with contextlib.suppress(Exception):
+                heartbeat(self.app, self.id, self.started)
+
+    def _balance(self) -> None:
+        """Hold no more than a fair share of the mailboxes when several workers run."""
+        if self._lock is not None or len(self.mailboxes) < 2:
+            return
+        live = live_workers(self.app, self.app.config.workers.lease_seconds)
+        self._fair = -(-len(self.mailboxes) // live)
+        held = [m for m in self.mailboxes if m.leased]
+        for mb in held[self._fair :]:
+            logger.info("mailbox %s: handed over to balance %d workers", mb.cfg.name, live)
+            release_lease(self.app, mb.cfg.name, self.id)
+            self._let_go(mb)
+
+    def _let_go(self, mb: _Mailbox) -> None:
+        if mb.connected:
+            with contextlib.suppress(Exception):
+                mb.source.close()
+            mb.connected = False
+        mb.leased = False
+
     def _sync(self, mb: _Mailbox, result: PassResult) -> None:
         if time.monotonic() < mb.retry_at:
             return
+        if not mb.leased and sum(m.leased for m in self.mailboxes) >= self._fair:
+            return  # enough mailboxes for this worker; another one reads this
+        ttl = self.app.config.workers.lease_seconds
+        if not acquire_lease(self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None):
+            if mb.leased:
+                logger.warning("mailbox %s: another worker took it over", mb.cfg.name)
+            self._let_go(mb)
+            return
+        if not mb.leased:
+            logger.info("mailbox %s: this worker reads it now", mb.cfg.name)
+            mb.leased = True
         try:
             self._connect(mb)
             got = sync_mailbox(self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set)
@@ -186,6 +258,7 @@ class Worker:
     def wait(self) -> None:
         """Sleep until new mail may be there, something is due, or stop is requested."""
         poll = min((m.cfg.poll_interval for m in self.mailboxes), default=60.0)
+        poll = min(poll, self.app.config.workers.lease_seconds / 3)  # renew leases in time
         due = self.next_due()
         timeout = poll
         if due is not None:
@@ -225,6 +298,15 @@ class Worker:
         logger.info("twoway worker stopped")
 
     def close(self) -> None:
+        """Close connections, hand the mailboxes back and drop the SQLite lock."""
+        self._closing.set()
+        if self._renewer is not None:
+            self._renewer.join(5)
         for mb in self.mailboxes:
             with contextlib.suppress(Exception):  # closing a dead connection
                 mb.source.close()
+        with contextlib.suppress(Exception):  # the database may be the thing that failed
+            release_leases(self.app, self.id)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -96,8 +96,14 @@ def collect_status(app: App) -> dict[str, Any]:
         }
         funnel = _funnel(s, app)
         alarms = _alarms(s, app, now)
+    from worker.leases import workers_and_leases
+
+    workers, leases = workers_and_leases(app)
+    for m in mailboxes:
+        m["worker"] = leases.get(m["name"])
     return {
         "now": _iso(now),
+        "workers": workers,
         "leads": leads,
         "funnel": funnel,
         "outbox": {**outbox, "sent_today": sent_today or 0, "next_due": _iso(next_due)},
@@ -230,6 +236,16 @@ def format_status(d: dict[str, Any]) -> str:
         if m["last_error"]:
             health += f", last error: {m['last_error']}"
         lines.append(f"mailbox {m['name']} ({m['kind']}): {health}")
+    for w in d["workers"]:
+        held = [
+            m["name"]
+            for m in d["mailboxes"]
+            if (m.get("worker") or {}).get("holder") == w["worker"]
+        ]
+        lines.append(
+            f"worker {w['worker']}: heartbeat {w['heartbeat_age_seconds']} s ago"
+            + (f", reads {', '.join(held)}" if held else "")
+        )
     lines.append(f"quarantine: {d['quarantine']} message(s)")
     for a in d["alarms"]:
         lines.append(f"ALARM: {a}")

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 16:31:02.317009
+Create Date: 2026-11-25 16:54:37.400571
 """
 
 from collections.abc import Sequence
@@ -53,6 +53,15 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_leads_status"), ["status"], unique=False)
 
     op.create_table(
+        "mailbox_leases",
+        sa.Column("mailbox", sa.String(length=200), nullable=False),
+        sa.Column("holder", sa.String(length=200), nullable=False),
+        sa.Column("acquired_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("mailbox"),
+    )
+    op.create_table(
         "mailbox_state",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("mailbox", sa.String(length=200), nullable=False),
@@ -78,6 +87,15 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("resolved_at", sa.DateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_table(
+        "worker_heartbeats",
+        sa.Column("worker", sa.String(length=200), nullable=False),
+        sa.Column("host", sa.String(length=255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("started_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("worker"),
     )
     op.create_table(
         "enrollments",
@@ -158,9 +176,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["outbound_id"], ["outbound_messages.id"], ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("mailbox", "folder", "uidvalidity", "uid"),
+        sa.UniqueConstraint("mailbox", "message_id", name="uq_inbound_dedupe"),
     )
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
-        batch_op.create_index("ix_inbound_dedupe", ["mailbox", "message_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_inbound_messages_kind"), ["kind"], unique=False)
         batch_op.create_index(batch_op.f("ix_inbound_messages_lead_id"), ["lead_id"], unique=False)
 
@@ -194,7 +212,6 @@ def downgrade() -> None:
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_inbound_messages_lead_id"))
         batch_op.drop_index(batch_op.f("ix_inbound_messages_kind"))
-        batch_op.drop_index("ix_inbound_dedupe")
 
     op.drop_table("inbound_messages")
     with op.batch_alter_table("outbound_messages", schema=None) as batch_op:
@@ -207,8 +224,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_enrollments_due")
 
     op.drop_table("enrollments")
+    op.drop_table("worker_heartbeats")
     op.drop_table("quarantine")
     op.drop_table("mailbox_state")
+    op.drop_table("mailbox_leases")
     with op.batch_alter_table("leads", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_leads_status"))
         batch_op.drop_index(batch_op.f("ix_leads_owner"))

@@ -1,0 +1,259 @@
+"""Reply latency: a reply APPENDed to the mailbox -> the rep's handoff accepted by SMTP.
+
+Setup: a throwaway Dovecot and an aiosmtpd server on 127.0.0.1, a SQLite database with
+one lead per reply (each already sent two nurture steps), and `twoway run` started as a
+subprocess (IDLE on the mailbox), exactly as a user runs it.
+
+Timed: replies are APPENDed one at a time (threaded to our Message-ID, sent to the
+lead's reply-token address); for each, the time from just before the APPEND to the
+moment the SMTP server has accepted the handoff email to a rep. p50/p95/max are printed
+(target: p95 < 2 s). At the end every replying lead must be a prospect in the database.
+
+Baseline, same run, same server, same APPENDs: a plain imapclient client in IDLE on the
+same INBOX records when the server's EXISTS for each APPEND reaches it. That is the
+floor any IDLE-based worker sits on; the ratio is twoway p50 / IDLE p50.
+
+    .venv/bin/python bench/bench_latency.py [-n 200] [--gap 0.3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    REPS,
+    ROOT,
+    base_config,
+    build_lead_database,
+    dovecot,
+    emit,
+    human_reply,
+)
+
+TARGET_P95_S = 2.0
+
+
+class _Recorder:
+    """aiosmtpd handler: notes when each handoff to a rep was accepted."""
+
+    def __init__(self) -> None:
+        self.reps = {e for _, e in REPS}
+        self.handoffs: list[float] = []
+        self.other = 0
+        self.event = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        now = time.monotonic()
+        if any(r.lower() in self.reps for r in envelope.rcpt_tos):
+            self.handoffs.append(now)
+            self.event.set()
+        else:
+            self.other += 1
+        return "250 2.0.0 OK"
+
+
+def _smtp_server(handler: _Recorder) -> Any:
+    from aiosmtpd.controller import Controller
+
+    class _Ctl(Controller):
+        def _trigger_server(self) -> None:
+            assert isinstance(self.server, asyncio.Server)
+            self.port = self.server.sockets[0].getsockname()[1]
+            super()._trigger_server()  # type: ignore[no-untyped-call]
+
+    ctl = _Ctl(handler, hostname="127.0.0.1", port=0)
+    ctl.start()
+    return ctl
+
+
+class _IdleWatcher(threading.Thread):
+    """The baseline: a plain imapclient IDLE session noting the time of each EXISTS."""
+
+    def __init__(self, server: Any, user: str) -> None:
+        super().__init__(daemon=True)
+        self.client = server.client(user)
+        self.client.select_folder("INBOX", readonly=True)
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        c = self.client
+        c.idle()
+        self.ready.set()
+        started = time.monotonic()
+        while not self.stop.is_set():
+            for resp in c.idle_check(timeout=0.5):
+                if len(resp) == 2 and resp[1] == b"EXISTS" and isinstance(resp[0], int):
+                    self.seen.setdefault(resp[0], time.monotonic())
+            if time.monotonic() - started > 600:  # renew well within the 29-minute rule
+                c.idle_done()
+                c.idle()
+                started = time.monotonic()
+        c.idle_done()
+        c.logout()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_s": round(statistics.median(values), 3),
+        "p95_s": round(_pct(values, 0.95), 3),
+        "max_s": round(max(values), 3),
+        "mean_s": round(statistics.fmean(values), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("-n", "--replies", type=int, default=200)
+    ap.add_argument(
+        "--gap", type=float, default=0.3, help="seconds between a handoff and the next APPEND"
+    )
+    ap.add_argument("--timeout", type=float, default=30, help="give up on one reply after this")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="twoway-bench-latency-"))
+    recorder = _Recorder()
+    smtp = _smtp_server(recorder)
+    worker: subprocess.Popen[bytes] | None = None
+    latencies: list[float] = []
+    idle_latencies: list[float] = []
+    missed = 0
+    try:
+        db = work / "twoway.db"
+        leads = build_lead_database(f"sqlite:///{db}", args.replies)
+        with dovecot() as server:
+            user = server.fresh_user()
+            data = base_config(
+                f"sqlite:///{db}",
+                mailboxes=[
+                    {
+                        "name": "sales", "kind": "imap", "host": "127.0.0.1",
+                        "port": server.port, "security": "none", "username": user,
+                        "password": "${BENCH_IMAP_PASSWORD}", "address": "sales@acme.example",
+                        "idle": True, "poll_interval": 60,
+                    }
+                ],
+                smtp={"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "security": "none"},
+            )  # fmt: skip
+            cfg = work / "twoway.yaml"
+            cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+            env = {**os.environ, "BENCH_IMAP_PASSWORD": server.users[user]}
+            env.pop("TWOWAY_NOW", None)
+            log = (work / "worker.log").open("wb")
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--config", str(cfg), "run",
+                 "--log-format", "json"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            watcher = _IdleWatcher(server, user)
+            watcher.start()
+            watcher.ready.wait(10)
+            time.sleep(3)  # the worker's first pass (nothing due) and its IDLE
+            rng = random.Random(3)
+            appender = server.client(user)
+            for i, lead in enumerate(leads):
+                raw = human_reply(rng, i, lead, signal="token", at=datetime.now(UTC))
+                recorder.event.clear()
+                before = len(recorder.handoffs)
+                t0 = time.monotonic()
+                appender.append("INBOX", raw)
+                deadline = t0 + args.timeout
+                while len(recorder.handoffs) == before and time.monotonic() < deadline:
+                    recorder.event.wait(0.05)
+                if len(recorder.handoffs) == before:
+                    missed += 1
+                else:
+                    latencies.append(recorder.handoffs[before] - t0)
+                seen = watcher.seen.get(i + 1)
+                if seen is not None:
+                    idle_latencies.append(seen - t0)
+                if worker.poll() is not None:
+                    raise SystemExit("twoway run exited; see its log:\n" + _tail(work))
+                time.sleep(args.gap)
+            appender.logout()
+            watcher.stop.set()
+            watcher.join(5)
+            prospects = _prospects(db)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(5)
+        smtp.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    if not latencies or not idle_latencies:
+        raise SystemExit("no latency measured")
+    twoway = _stats(latencies)
+    idle = _stats(idle_latencies)
+    result: dict[str, Any] = {
+        "replies": args.replies,
+        "handoffs": len(latencies),
+        "missed": missed,
+        "prospects_in_db": prospects,
+        "twoway_append_to_handoff": twoway,
+        "plain_idle_append_to_exists": idle,
+        "ratio_p50_twoway_vs_idle": round(twoway["p50_s"] / idle["p50_s"], 3),
+        "ratio_p95_twoway_vs_idle": round(twoway["p95_s"] / idle["p95_s"], 3),
+        "target_p95_s": TARGET_P95_S,
+        "target_met": twoway["p95_s"] < TARGET_P95_S and missed == 0,
+    }
+    lines = [
+        f"{args.replies} replies, one at a time; {len(latencies)} handoffs, {missed} missed, "
+        f"{prospects} prospects in the database",
+        "  APPEND -> handoff accepted by SMTP (twoway run): "
+        f"p50 {twoway['p50_s']} s  p95 {twoway['p95_s']} s  max {twoway['max_s']} s",
+        "  APPEND -> EXISTS seen by a plain IDLE client:  "
+        f"p50 {idle['p50_s']} s  p95 {idle['p95_s']} s  max {idle['max_s']} s",
+        f"  ratio p50 twoway/IDLE {result['ratio_p50_twoway_vs_idle']}, "
+        f"p95 {result['ratio_p95_twoway_vs_idle']}; target p95 < {TARGET_P95_S} s: "
+        + ("met" if result["target_met"] else "NOT met"),
+    ]
+    emit(result, args.json, lines)
+    return 0
+
+
+def _prospects(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM leads WHERE status = 'prospect'").fetchone()
+    return int(row[0])
+
+
+def _tail(work: Path) -> str:
+    try:
+        return (work / "worker.log").read_text(errors="replace")[-3000:]
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

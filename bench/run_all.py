@@ -1,0 +1,318 @@
+"""Run every benchmark at its default size, keep their JSON, and write bench/README.md.
+
+Each benchmark runs alone (never two at once: the machine is shared), as a subprocess
+with `--json`; its output goes to bench/results/NAME.json. The README is then written
+from every result file present, so the long runs (made with `--long`, or by hand with
+the commands the README lists) appear beside the default ones.
+
+    .venv/bin/python bench/run_all.py                 # default sizes, then README
+    .venv/bin/python bench/run_all.py --long          # plus 100,000-message memory check
+                                                      # and 1,000,000-lead matching
+    .venv/bin/python bench/run_all.py --pg            # plus PostgreSQL (throwaway cluster)
+    .venv/bin/python bench/run_all.py --only import   # one benchmark, then README
+    .venv/bin/python bench/run_all.py --render-only   # README from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, machine, run_child, throwaway_postgres
+
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PY = ".venv/bin/python"
+
+# name -> (arguments after the interpreter, timeout in seconds, long run?)
+RUNS: dict[str, tuple[list[str], float, bool]] = {
+    "outbound": (["bench/bench_outbound.py", "--json"], 900, False),
+    "inbound_fetch": (["bench/bench_inbound_fetch.py", "--json"], 900, False),
+    "eval_corpus": (["bench/eval_corpus.py", "--json"], 900, False),
+    "inbound": (["bench/bench_inbound.py", "--json"], 2400, False),
+    "inbound_profile": (
+        ["bench/bench_inbound.py", "-n", "3000", "--profile", "--json"],
+        1200,
+        False,
+    ),
+    "latency": (["bench/bench_latency.py", "--json"], 1800, False),
+    "import": (["bench/bench_import.py", "--json"], 1200, False),
+    "matching": (["bench/bench_matching.py", "--json"], 1800, False),
+    "inbound_memory": (
+        ["bench/bench_inbound.py", "--skip-default", "--memory-check", "100000", "--json"],
+        5400,
+        True,
+    ),
+    "matching_1m": (["bench/bench_matching.py", "--leads", "1000000", "--json"], 5400, True),
+}
+PG_AWARE = ("import", "matching", "matching_1m")
+
+
+def run_one(name: str, pg_url: str | None) -> None:
+    args, timeout, _long = RUNS[name]
+    cmd = [sys.executable, *args]
+    if pg_url and name in PG_AWARE:
+        cmd += ["--pg-url", pg_url]
+    print(f"[{datetime.now():%H:%M:%S}] {name}: {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    run = run_child(cmd, timeout=timeout, cwd=ROOT)
+    took = time.perf_counter() - t0
+    if run.returncode != 0:
+        print(f"  failed (exit {run.returncode}) after {took:.0f} s:\n{run.stderr[-2000:]}")
+        return
+    data = run.json()
+    record = {
+        "command": f"{PY} {' '.join(args)}"
+        + (" --pg-url URL" if pg_url and name in PG_AWARE else ""),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_seconds": round(took, 1),
+        "result": data,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(f"  done in {took:.0f} s", flush=True)
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError:  # still being written, or a failed run
+        return None
+    if "result" not in data:  # a raw --json output saved by hand
+        args = RUNS[name][0]
+        data = {"command": f"{PY} {' '.join(args)}", "finished": None, "result": data}
+    return data
+
+
+# --- the README --------------------------------------------------------------------------
+
+
+def _met(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "**not met**")
+
+
+def render() -> str:
+    m = machine()
+    r = {name: load(name) for name in RUNS}
+    out: list[str] = []
+    w = out.append
+    w("# twoway benchmarks\n")
+    w("Every figure below comes with a baseline measured **in the same run** on the same")
+    w("machine, and the ratio between the two is the number to compare across machines:")
+    w("the machine is shared and noisy, so absolute rates move from run to run. Only")
+    w("127.0.0.1 is used. Peak memory is each side's own, measured in its own subprocess.\n")
+    w("## Machine\n")
+    dates = sorted(d["finished"] for d in r.values() if d and d.get("finished"))
+    w(f"- written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; runs finished "
+      f"{dates[0] if dates else '?'} … {dates[-1] if dates else '?'}")  # fmt: skip
+    w(f"- {m['nproc']} CPU(s) ({m['cpu']}), {m['memory_gb']} GB memory")
+    w(f"- Python {m['python']}, SQLite {m['sqlite']}, Dovecot {m['dovecot']}, {m['postgresql']}\n")
+    w("## Summary\n")
+    w("| benchmark | twoway | baseline (same run) | ratio | target | |")
+    w("|---|---:|---:|---:|---|---|")
+    rows: list[str] = []
+    notes: list[str] = []
+
+    if (d := r["inbound"]) and "default" in d["result"]:
+        x = d["result"]["default"]
+        rows.append(
+            f"| inbound pipeline, {x['messages']} msgs (`run_once`) | {x['full']['msgs_per_s']} msg/s, "
+            f"{x['full']['peak_rss_mb']} MB | fetch + mail-parser {x['plain_parse']['msgs_per_s']} msg/s, "
+            f"{x['plain_parse']['peak_rss_mb']} MB | {x['ratio_full_vs_plain_parse']} | >= 0.5 | "
+            f"{_met(x['target_met'])} |"
+        )
+        rows.append(
+            f"| ″ against plain fetch only | ″ | fetch {x['fetch']['msgs_per_s']} msg/s, "
+            f"{x['fetch']['peak_rss_mb']} MB | {x['ratio_full_vs_fetch']} | — | — |"
+        )
+        if not x["target_met"]:
+            notes.append(
+                f"**Inbound throughput is below target** ({x['ratio_full_vs_plain_parse']} of the "
+                "plain fetch + mail-parser loop, target 0.5). The profile below shows why: "
+                "classification (bounce detection run on every message, and reply-text "
+                "extraction scanning every quoted line with several windows of regular "
+                "expressions) costs far more than parsing; the database work per message "
+                "comes next. Parsing and IMAP are not the bottleneck."
+            )
+    if (d := r["inbound_memory"]) and "memory_check" in d["result"]:
+        x = d["result"]["memory_check"]
+        inb = r["inbound"]
+        default = inb["result"].get("default") if inb else None
+        base = default["full"] if default else None
+        flat = f"{base['peak_rss_mb']} MB at {default['messages']}" if default and base else "—"
+        ratio = round(x["full"]["peak_rss_mb"] / base["peak_rss_mb"], 3) if base else "—"
+        rows.append(
+            f"| memory check, {x['messages']} msgs (`run_once`) | peak {x['full']['peak_rss_mb']} MB "
+            f"({x['full']['msgs_per_s']} msg/s) | {flat} | {ratio} | < 200 MB, flat | "
+            f"{_met(x['target_met'] and (not isinstance(ratio, float) or ratio < 1.25))} |"
+        )
+    if d := r["latency"]:
+        x = d["result"]
+        t, b = x["twoway_append_to_handoff"], x["plain_idle_append_to_exists"]
+        rows.append(
+            f"| reply latency, {x['replies']} replies (APPEND → handoff at SMTP) | p50 {t['p50_s']} s, "
+            f"p95 {t['p95_s']} s, max {t['max_s']} s | IDLE EXISTS p50 {b['p50_s']} s, p95 {b['p95_s']} s "
+            f"| p50 {x['ratio_p50_twoway_vs_idle']}, p95 {x['ratio_p95_twoway_vs_idle']} | p95 < 2 s | "
+            f"{_met(x['target_met'])} |"
+        )
+    if d := r["import"]:
+        x = d["result"]
+        for db in ("sqlite", "postgresql"):
+            if db in x:
+                y = x[db]
+                rows.append(
+                    f"| `leads import`, {x['rows']} rows, {db} | {y['twoway']['rows_per_s']} rows/s, "
+                    f"{y['twoway']['peak_rss_mb']} MB | csv + executemany {y['baseline']['rows_per_s']} rows/s, "
+                    f"{y['baseline']['peak_rss_mb']} MB | {y['ratio']} | — (reported) | — |"
+                )
+    for name in ("matching", "matching_1m"):
+        if d := r[name]:
+            x = d["result"]
+            for db in ("sqlite", "postgresql"):
+                if db not in x:
+                    continue
+                y = x[db]
+                big, small = y[str(x["leads"])], y[str(x["small"])]
+                cost = ", ".join(
+                    f"{s} {big[s]['median_us']} µs" for s in ("token", "message_id", "sender")
+                )
+                base = ", ".join(
+                    f"{small[s]['median_us']}" for s in ("token", "message_id", "sender")
+                )
+                ratio = ", ".join(str(y["ratio"][s]) for s in ("token", "message_id", "sender"))
+                rows.append(
+                    f"| `match_message`, {x['leads']:,} leads / {x['outbound']:,} outbound, {db} | {cost} "
+                    f"| same at {x['small']:,} leads: {base} µs | {ratio} | <= 1.5 (flat) | {_met(y['target_met'])} |"
+                )
+    if d := r["outbound"]:
+        x = d["result"]
+        rows.append(
+            f"| outbound, {x['messages']} msgs (`Mailer`) | {x['mailer_msgs_per_s']} msg/s | plain smtplib "
+            f"{x['plain_smtplib_msgs_per_s']} msg/s | {x['ratio']} | >= 0.7 | {_met(x['ratio'] >= 0.7)} |"
+        )
+    if d := r["inbound_fetch"]:
+        x = d["result"]
+        rows.append(
+            f"| IMAP fetch only, {x['messages']} msgs (`ImapSource.fetch_new`) | {x['twoway']['msgs_per_s']} msg/s, "
+            f"{x['twoway']['peak_rss_mb']} MB | plain imapclient {x['plain_imapclient']['msgs_per_s']} msg/s, "
+            f"{x['plain_imapclient']['peak_rss_mb']} MB | {x['ratio']} | — | — |"
+        )
+    out.extend(rows)
+    w("")
+    if notes:
+        w("### Where a target is not met\n")
+        for n in notes:
+            w(f"- {n}")
+        w("")
+
+    if (d := r["inbound_profile"]) and "stages_ms_per_msg" in d["result"]:
+        x = d["result"]
+        w("## Where the inbound time goes\n")
+        w(f"From `{d['command']}`. Pure stages on the same mail mix, in one process, no I/O,")
+        w("milliseconds per message (the two indented lines are parts of `classify`;")
+        w("`extract_reply_text` is timed here on every message, but `classify` calls it for")
+        w("replies only):\n")
+        w("| stage | ms / message |")
+        w("|---|---:|")
+        for k, v in x["stages_ms_per_msg"].items():
+            w(f"| {k.replace('  ', '↳ ')} | {v} |")
+        w("")
+        if "profile" in x:
+            keep = [ln for ln in x["profile"] if ln.strip()]
+            head = [ln for ln in keep if "function calls" in ln][:1]
+            own = keep[keep.index("--- by own time ---") :] if "--- by own time ---" in keep else []
+            w("cProfile of one `run_once` (top functions by own time):\n")
+            w("```")
+            w("\n".join(head + own[:22]))
+            w("```\n")
+
+    if d := r["matching_1m"] or r["matching"]:
+        x = d["result"]
+        w(f"## Query plans of matching ({x['leads']:,} leads)\n")
+        w("Captured from the statements `match_message` actually issued:\n")
+        for db in ("sqlite", "postgresql"):
+            if db not in x:
+                continue
+            w(f"{db}:\n")
+            w("```")
+            for sig, plans in x[db][str(x["leads"])]["plans"].items():
+                for p in plans:
+                    w(f"[{sig}] {p['sql'][:120]} …")
+                    for row in p["plan"]:
+                        w(f"    {row}")
+            w("```\n")
+
+    if d := r["eval_corpus"]:
+        x = d["result"]
+        w("## Classification accuracy (shared labelled corpus)\n")
+        w(f"`{d['command']}`\n")
+        w("| kind | support | precision | recall |")
+        w("|---|---:|---:|---:|")
+        for kind, f in x.get("per_kind", {}).items():
+            w(f"| {kind} | {int(f['support'])} | {f['precision']:.3f} | {f['recall']:.3f} |")
+        w("")
+
+    w("## Commands\n")
+    w("Each benchmark is bounded, uses only 127.0.0.1, prints human-readable figures by")
+    w("default and one JSON object with `--json`. Run from the project root:\n")
+    w("```sh")
+    for args, _t, long_ in RUNS.values():
+        w(f"{PY} {' '.join(args)}" + ("   # long run" if long_ else ""))
+    w(f"{PY} bench/run_all.py [--long] [--pg]   # all of them, then this README")
+    w("```\n")
+    w("Longer runs:\n")
+    w("- The memory check APPENDs 100,000 messages (about 600 MB of Maildir in /tmp) and runs")
+    w("  the full pipeline over them once; at the current throughput it takes about 15–20 min.")
+    w("- The 1,000,000-lead matching bulk-loads 1,000,000 leads and 5,000,000 outbound rows")
+    w("  (about 2 GB of SQLite in /tmp) before timing; add `--pg-url URL` for PostgreSQL.")
+    w("- `--pg` (run_all) or `--pg-url URL` (import, matching) adds PostgreSQL; the benchmarks")
+    w("  create and drop their own scratch databases on that server.\n")
+    w("Notes on method: the inbound sides are run in fresh subprocesses after a warm-up fetch")
+    w("(Dovecot's index and the page cache are hot for all); the full pipeline starts from a")
+    w("fresh copy of the same database each time. Mail mix: 40 % replies to our reply-token")
+    w("address, 15 % threaded replies to the plain address, 8 % unthreaded replies from a")
+    w("known sender, 5 % from strangers, 15 % out-of-office, 8 % DSN bounces, 9 % newsletters;")
+    w("4–8 KB each, replies with quoted history.\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--long", action="store_true", help="also the long runs")
+    ap.add_argument("--pg", action="store_true", help="also PostgreSQL (throwaway cluster)")
+    ap.add_argument("--only", nargs="+", choices=list(RUNS), help="just these")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the README")
+    args = ap.parse_args(argv)
+    if not args.render_only:
+        names = args.only or [n for n, (_a, _t, long_) in RUNS.items() if args.long or not long_]
+        with _postgres(args.pg) as pg_url:
+            for name in names:
+                run_one(name, pg_url)
+    (BENCH / "README.md").write_text(render())
+    print(f"wrote {BENCH / 'README.md'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _postgres(wanted: bool) -> Iterator[str | None]:
+    if not wanted:
+        yield None
+        return
+    with throwaway_postgres() as url:
+        yield url
+
+
+if __name__ == "__main__":
+    sys.exit(main())
