@@ -1,0 +1,266 @@
+"""Fault injection: kill the worker anywhere, restart servers under it, lock its database.
+
+Each scenario asserts the end state a user relies on: every inbound message recorded
+exactly once, no email delivered twice (counted at the SMTP server), and every send the
+worker cannot vouch for reported as `unknown`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from tests import mails
+from tests.conftest import ROOT
+from tests.imap_server import DovecotServer
+from tests.smtp_server import SmtpServer
+from worker.app import App
+from worker.config import load_config
+from worker.leads import import_leads
+from worker.models import InboundMessage, Lead, OutboundMessage
+
+NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+
+
+def token_reply(lead: Lead, i: int) -> bytes:
+    """A reply addressed to the lead's reply token (no need for step 1 to have gone out)."""
+    msg = EmailMessage()
+    msg["From"] = lead.email
+    msg["To"] = f"sales+{lead.reply_token}@example.com"
+    msg["Subject"] = "Re: welcome"
+    msg["Date"] = format_datetime(NOW)
+    msg["Message-ID"] = make_msgid(domain=lead.domain)
+    msg.set_content(f"Thanks! Could we see a demo and pricing? ({i})")
+    return msg.as_bytes()
+
+
+def write_config(
+    tmp_path: Path, sqlite_url: str, dovecot: DovecotServer, user: str, smtp: SmtpServer
+) -> Path:
+    data: dict[str, Any] = {
+        "database": sqlite_url,
+        "templates_dir": str(ROOT / "templates"),
+        "mailboxes": [
+            {"name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port, "security": "none",
+             "username": user, "password": dovecot.users[user], "batch_size": 25, "idle": True, "poll_interval": 2}
+        ],
+        "smtp": {"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "security": "none", "timeout": 5},
+        "sender": {"from": "Acme Sales <sales@example.com>"},
+        "internal_domains": ["example.com"],
+        "campaigns": [{"name": "welcome", "send_window": None,
+                       "steps": [{"template": "nurture/welcome"}, {"template": "nurture/case-study", "delay": "0h"}]}],
+        "reps": [{"name": "Ana", "email": "ana@example.com"}, {"name": "Ben", "email": "ben@example.com"}],
+    }  # fmt: skip
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def run_once(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    cfg = write_config(tmp_path, sqlite_url, dovecot, imap_user, smtp_server)
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    config = load_config(cfg, env={})
+    app = App.open(config, lambda: NOW)
+    rng = random.Random(20261201)
+    kills = replies = newsletters = 0
+    for it in range(50):
+        # New work every round, so each kill lands in a different phase: importing,
+        # reading mail, promoting, sending nurture steps, handoffs and follow-ups.
+        with app.transaction() as s:
+            rows = [(n + 2, {"email": f"lead{it}x{n}@c{it}x{n}.example.org"}) for n in range(30)]
+            import_leads(s, rows, NOW, campaign=config.campaign("welcome"))
+            fresh = list(
+                s.scalars(select(Lead).where(Lead.email.like(f"lead{it}x%")).order_by(Lead.id))
+            )
+        with dovecot.client(imap_user) as c:
+            for lead in fresh[:6]:
+                c.append("INBOX", token_reply(lead, replies))
+                replies += 1
+            for _ in range(4):
+                c.append("INBOX", mails.newsletter("sales@example.com", NOW))
+                newsletters += 1
+        proc = run_once(cfg, env)
+        time.sleep(rng.uniform(0.3, 1.1))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(30)
+    for _ in range(2):  # then let it finish
+        assert run_once(cfg, env).wait(180) == 0
+
+    with app.transaction() as s:
+        inbound = s.scalar(select(func.count()).select_from(InboundMessage))
+        distinct = s.scalar(select(func.count(func.distinct(InboundMessage.message_id))))
+        prospects = s.scalar(select(func.count()).where(Lead.status == "prospect"))
+        rows_out = s.execute(
+            select(OutboundMessage.message_id, OutboundMessage.status, OutboundMessage.kind)
+        ).all()
+    print(f"{kills} of 50 runs killed mid-work")
+    assert kills >= 25, "most runs must really be killed mid-work"
+    assert inbound == distinct == replies + newsletters  # nothing lost, nothing twice
+    assert prospects == replies
+    delivered = Counter(str(m.parsed()["Message-ID"]).strip("<>") for m in smtp_server.messages)
+    assert max(delivered.values()) == 1  # zero duplicate deliveries
+    statuses = Counter(st for _, st, _ in rows_out)
+    assert set(statuses) <= {"sent", "unknown", "cancelled"}, statuses
+    for message_id, st, _ in rows_out:
+        assert delivered[message_id] == (1 if st == "sent" else delivered[message_id])
+        if st == "sent":
+            assert delivered[message_id] == 1
+    assert Counter(k for _, _, k in rows_out)["handoff"] == replies  # one per promotion
+    status = subprocess.run(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "status", "--json"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    reported = json.loads(status.stdout)
+    assert reported["outbox"]["unknown"] == statuses["unknown"]  # every unknown is reported
+    assert len(reported["unknown_sends"]) == statuses["unknown"]
+    app.close()
+
+
+def test_it_survives_dovecot_restarting_mid_sync(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    cfg = write_config(tmp_path, sqlite_url, dovecot, imap_user, smtp_server)
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    app = App.open(load_config(cfg, env={}), lambda: NOW)
+    with dovecot.client(imap_user) as c:
+        for i in range(600):
+            c.append(
+                "INBOX",
+                mails.newsletter("sales@example.com", NOW).replace(b"pipeline", f"p{i}".encode()),
+            )
+
+    def count() -> int:
+        with app.transaction() as s:
+            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
+
+    proc = run_once(cfg, env)
+    deadline = time.monotonic() + 60
+    while count() < 50 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dovecot.restart()
+    proc.wait(60)  # the pass ends with an error (exit 1) or, if it was done, 0
+    assert run_once(cfg, env).wait(120) == 0
+    assert count() == 600
+    app.close()
+
+
+def test_it_reconnects_when_dovecot_restarts_under_idle(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    cfg = write_config(tmp_path, sqlite_url, dovecot, imap_user, smtp_server)
+    app = App.open(load_config(cfg, env={}), lambda: NOW)
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--log-format", "json"],
+        env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        time.sleep(2.5)  # connected and idling
+        dovecot.restart()
+        dovecot.append(imap_user, "INBOX", mails.newsletter("sales@example.com", NOW))
+
+        def recorded() -> bool:
+            with app.transaction() as s:
+                return bool(s.scalar(select(func.count()).select_from(InboundMessage)))
+
+        deadline = time.monotonic() + 30
+        while not recorded():
+            assert time.monotonic() < deadline, "the message after the restart was never read"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        log.close()
+    text = (tmp_path / "worker.log").read_text()
+    assert text.count("connection is back") == 1  # one line when lost, one when back
+    app.close()
+
+
+def test_it_waits_out_a_briefly_locked_sqlite_database(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    cfg = write_config(tmp_path, sqlite_url, dovecot, imap_user, smtp_server)
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    config = load_config(cfg, env={})
+    app = App.open(config, lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": f"lead{i}@c{i}.example.org"}) for i in range(20)], NOW,
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    app.close()
+    path = sqlite_url.removeprefix("sqlite:///")
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(2.0, lambda: locker.execute("COMMIT"))
+    release.start()
+    try:
+        assert run_once(cfg, env).wait(120) == 0  # waited for the lock, then did the pass
+    finally:
+        release.join()
+        locker.close()
+    assert Counter(r for m in smtp_server.messages for r in m.rcpts) == Counter(
+        {f"lead{i}@c{i}.example.org": 1 for i in range(20)}
+    )
+
+
+@pytest.mark.parametrize("burst", [3, 8])
+def test_it_delivers_once_through_bursts_of_4xx_and_dropped_connections(
+    sqlite_url: str,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    smtp_server: SmtpServer,
+    burst: int,
+) -> None:
+    cfg = write_config(tmp_path, sqlite_url, dovecot, imap_user, smtp_server)
+    config = load_config(cfg, env={})
+    clock = [NOW]
+    app = App.open(config, lambda: clock[0])
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": f"lead{i}@c{i}.example.org"}) for i in range(40)], NOW,
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    from worker.runner import Worker
+
+    worker = Worker(app)
+    from datetime import timedelta
+
+    for minute in range(0, 600, 10):
+        if minute % 60 == 0:
+            smtp_server.fail_next(burst, 451)
+            smtp_server.drop_next(1)
+            smtp_server.fail_next(1, 421)
+        clock[0] = NOW + timedelta(minutes=minute)
+        worker.run_once()
+    worker.close()
+    got = Counter(r for m in smtp_server.messages for r in m.rcpts)
+    assert got == Counter({f"lead{i}@c{i}.example.org": 2 for i in range(40)})
+    app.close()
