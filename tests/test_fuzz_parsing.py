@@ -7,6 +7,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from worker.classify import ClassifyContext, classify, extract_reply_text
 from worker.parsing import ParseError, parse
 
@@ -15,7 +16,9 @@ CTX = ClassifyContext(
     our_addresses=frozenset({"sales@example.com"}),
     unsubscribe_mailto="sales+unsubscribe-{token}@example.com",
 )
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 header_names = st.sampled_from(
     [

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from tests.conftest import ROOT, base_config
+from tests.fuzz import examples
 from tests.imap_server import DovecotServer
 from worker.app import App
 from worker.cli import main
@@ -170,7 +171,9 @@ def test_it_quarantines_what_it_cannot_process_and_goes_on(sqlite_url: str, tmp_
 
 
 @settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(400),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     st.lists(
@@ -219,4 +222,55 @@ def test_it_records_the_events_of_a_message_once(sqlite_url: str, tmp_path: Path
         )
     assert (result.processed, result.duplicates) == (1, 2)
     assert count(app, LeadEvent) == 1
+    app.close()
+
+
+CORPUS = sorted((ROOT / "tests" / "emails").glob("*.eml"))
+
+
+def _mutate(data: bytes, rng_bytes: bytes) -> bytes:
+    """Flip, drop and duplicate bytes at positions chosen by hypothesis."""
+    out = bytearray(data)
+    for i in range(0, len(rng_bytes) - 2, 3):
+        if not out:
+            break
+        pos = (rng_bytes[i] << 8 | rng_bytes[i + 1]) % len(out)
+        op = rng_bytes[i + 2] % 3
+        if op == 0:
+            out[pos] = rng_bytes[i + 2]
+        elif op == 1:
+            del out[pos : pos + rng_bytes[i + 2] % 64]
+        else:
+            out[pos:pos] = out[pos : pos + rng_bytes[i + 2] % 64]
+    return bytes(out)
+
+
+@settings(
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    picks=st.lists(
+        st.integers(min_value=0, max_value=max(len(CORPUS) - 1, 0)), min_size=1, max_size=6
+    ),
+    noise=st.binary(min_size=3, max_size=90),
+)
+def test_it_classifies_or_quarantines_every_mutated_message_in_a_whole_pass(
+    tmp_path_factory: Any, picks: list[int], noise: bytes
+) -> None:
+    d = tmp_path_factory.mktemp("pass")
+    config = base_config(f"sqlite:///{d / 'f.db'}", d)
+    app = App.open(config, lambda: NOW)
+    inbox = d / "inbox" / "new"
+    for n, i in enumerate(picks):
+        (inbox / f"{n}.eml").write_bytes(_mutate(CORPUS[i].read_bytes(), noise[n:] + noise[:n]))
+    worker = Worker(app)
+    try:
+        result = worker.run_once()  # must not raise
+    finally:
+        worker.close()
+    r = result.inbound
+    assert r.processed + r.duplicates + r.quarantined == len(picks)
+    assert count(app, InboundMessage) + count(app, Quarantine) == r.processed + r.quarantined
     app.close()

@@ -370,8 +370,9 @@ def lead_fields(lead: Lead) -> dict[str, Any]:
 # --- looking at leads ------------------------------------------------------------------
 
 
-def _iso(at: datetime | None) -> str | None:
-    return at.isoformat().replace("+00:00", "Z") if at else None
+def iso(at: datetime | None) -> str | None:
+    """An instant as JSON shows it: ISO 8601 UTC to the second, `Z` suffix."""
+    return at.replace(microsecond=0).isoformat().replace("+00:00", "Z") if at else None
 
 
 def get_lead(session: Session, email: str) -> Lead:
@@ -443,7 +444,7 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "direction": "out",
             "kind": o.kind,
             "message_id": o.message_id,
-            "at": _iso(o.sent_at or o.created_at),
+            "at": iso(o.sent_at or o.created_at),
             "match": None,
             "subject": o.subject,
             "status": o.status,
@@ -457,7 +458,7 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "direction": "in",
             "kind": m.kind,
             "message_id": m.message_id,
-            "at": _iso(m.received_at),
+            "at": iso(m.received_at),
             "match": m.match_method,
             "subject": m.subject,
             "from": m.from_addr,
@@ -486,11 +487,11 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
         "owner": lead.owner,
         "score": lead.score,
         "referred_by": referred_by.email if referred_by else None,
-        "created_at": _iso(lead.created_at),
+        "created_at": iso(lead.created_at),
         "qualification": lead.qualification,
         "events": [
             {
-                "at": _iso(e.at),
+                "at": iso(e.at),
                 "type": e.type,
                 "from_status": e.from_status,
                 "to_status": e.to_status,
@@ -504,8 +505,8 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
                 "campaign": en.campaign,
                 "state": en.state,
                 "step": en.step,
-                "next_due": _iso(en.next_due),
-                "paused_until": _iso(en.paused_until),
+                "next_due": iso(en.next_due),
+                "paused_until": iso(en.paused_until),
             }
             for en in enrollments
         ],

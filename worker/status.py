@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker.app import App
-from worker.leads import status_counts
+from worker.leads import iso, status_counts
 from worker.models import (
     OUTBOX_STATES,
     Enrollment,
@@ -19,10 +19,6 @@ from worker.models import (
     OutboundMessage,
     Quarantine,
 )
-
-
-def _iso(at: datetime | None) -> str | None:
-    return at.isoformat().replace("+00:00", "Z") if at else None
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -79,7 +75,7 @@ def collect_status(app: App) -> dict[str, Any]:
                     "name": mb.name,
                     "kind": mb.kind,
                     "folders": list(mb.folders),
-                    "last_sync": _iso(last_sync),
+                    "last_sync": iso(last_sync),
                     "lag_seconds": round((now - last_sync).total_seconds()) if last_sync else None,
                     "idle": any(f.idle for f in folders if f),
                     "last_error": max(errors, key=lambda e: e[0] or now)[1] if errors else None,
@@ -102,11 +98,11 @@ def collect_status(app: App) -> dict[str, Any]:
     for m in mailboxes:
         m["worker"] = leases.get(m["name"])
     return {
-        "now": _iso(now),
+        "now": iso(now),
         "workers": workers,
         "leads": leads,
         "funnel": funnel,
-        "outbox": {**outbox, "sent_today": sent_today or 0, "next_due": _iso(next_due)},
+        "outbox": {**outbox, "sent_today": sent_today or 0, "next_due": iso(next_due)},
         "unknown_sends": unknown,
         "recent_failures": failed,
         "inbound": {str(k): v for k, v in inbound.items()},
