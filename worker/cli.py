@@ -766,10 +766,14 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
 )
 def demo_cmd(workspace: Path | None) -> None:
     """The whole flow on the embedded default: SQLite, a Maildir inbox and outbox, no setup."""
-    from worker.demo import run_demo
+    from worker.demo import DemoError, run_demo
 
     with _errors():
-        sys.exit(run_demo(workspace, clock_from_env(), click.echo))
+        try:
+            code = run_demo(workspace, clock_from_env(), click.echo)
+        except DemoError as e:
+            _die(str(e), 1)
+        sys.exit(code)
 
 
 # --- report ------------------------------------------------------------------------------

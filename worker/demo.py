@@ -30,7 +30,8 @@ from worker.leads import import_leads, read_csv
 from worker.runner import Worker
 from worker.status import collect_status
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# The checkout's templates/ (an editable install), else ./templates (the container's /app).
+TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "templates", Path("templates").resolve())
 SENDER = "sales@acme.example"
 
 LEADS = [
@@ -101,10 +102,21 @@ def _config(ws: Path) -> dict[str, Any]:
     }
 
 
+class DemoError(Exception):
+    """The demo cannot set up its workspace."""
+
+
 def make_workspace(ws: Path) -> Path:
     """Write config, templates, sample leads and empty mailboxes; returns the config path."""
     ws.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(TEMPLATES, ws / "templates", dirs_exist_ok=True)
+    source = next((d for d in TEMPLATE_DIRS if (d / "nurture").is_dir()), None)
+    if source is None:
+        raise DemoError(
+            "cannot find the sample templates (looked in "
+            + ", ".join(str(d) for d in TEMPLATE_DIRS)
+            + "): run the demo from a checkout of twoway"
+        )
+    shutil.copytree(source, ws / "templates", dirs_exist_ok=True)
     for box in ("inbox", "outbox"):
         (ws / "mail").mkdir(exist_ok=True)
         mailbox.Maildir(ws / "mail" / box, create=True)
