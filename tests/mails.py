@@ -6,6 +6,8 @@ from datetime import date, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
+from worker import demo
+
 
 def _base(sender: str, name: str, to: str, subject: str, at: datetime) -> EmailMessage:
     msg = EmailMessage()
@@ -101,32 +103,9 @@ def dsn(
     original: EmailMessage, recipient: str, status: str, diagnostic: str, at: datetime
 ) -> bytes:
     """A Postfix RFC 3464 report to the envelope sender, returning our headers."""
-    envelope = str(original["Reply-To"] or original["From"]).split("<")[-1].rstrip(">")
-    returned = "".join(
-        f"{k}: {v}\r\n"
-        for k, v in original.items()
-        if k in ("From", "To", "Subject", "Message-ID", "Date")
+    return demo.dsn(
+        original, recipient, at, status=status, diagnostic=diagnostic, mta="mx.example.net"
     )
-    text = (
-        "From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\n"
-        f"To: {envelope}\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\n"
-        f"Date: {format_datetime(at)}\r\n"
-        f"Message-ID: {make_msgid(domain='mx.example.net')}\r\n"
-        "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\n"
-        "This is the mail system at host mx.example.net.\r\n\r\n"
-        "I'm sorry to have to inform you that your message could not\r\n"
-        "be delivered to one or more recipients.\r\n\r\n"
-        f"<{recipient}>: {diagnostic}\r\n"
-        "\r\n--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; mx.example.net\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: {status}\r\n"
-        f"Diagnostic-Code: smtp; {diagnostic}\r\n"
-        f"\r\n--B\r\nContent-Type: text/rfc822-headers\r\n\r\n{returned}\r\n--B--\r\n"
-    )
-    return text.encode()
 
 
 def newsletter(to: str, at: datetime) -> bytes:

@@ -171,32 +171,44 @@ def _reply(original: EmailMessage, sender: str, name: str, body: str, now: datet
     return msg.as_bytes()
 
 
-def _bounce(original: EmailMessage, recipient: str, now: datetime) -> bytes:
-    """A Postfix-style RFC 3464 delivery status notification for `recipient`."""
+def dsn(
+    original: EmailMessage,
+    recipient: str,
+    at: datetime,
+    *,
+    status: str = "5.1.1",
+    diagnostic: str = "550 5.1.1 User unknown in virtual mailbox table",
+    mta: str = "mx.acme.example",
+) -> bytes:
+    """A Postfix-style RFC 3464 report that `original` failed for `recipient`.
+
+    It goes to the envelope sender (our Reply-To address, as VERP would) and returns the
+    original's headers, as Postfix does.
+    """
     returned = "".join(
         f"{k}: {v}\r\n"
         for k, v in original.items()
         if k in ("From", "To", "Subject", "Message-ID", "Date")
     )
+    envelope = str(original["Reply-To"] or original["From"]).split("<")[-1].rstrip(">")
     text = (
-        "From: Mail Delivery System <MAILER-DAEMON@mx.acme.example>\r\n"
-        f"To: {original['Reply-To'] or SENDER}\r\n"
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
+        f"To: {envelope}\r\n"
         "Subject: Undelivered Mail Returned to Sender\r\n"
-        f"Date: {format_datetime(now)}\r\n"
-        f"Message-ID: {make_msgid(domain='mx.acme.example')}\r\n"
+        f"Date: {format_datetime(at)}\r\n"
+        f"Message-ID: {make_msgid(domain=mta)}\r\n"
         "Auto-Submitted: auto-replied\r\n"
         "MIME-Version: 1.0\r\n"
         'Content-Type: multipart/report; report-type=delivery-status; boundary="dsn"\r\n'
         "\r\n--dsn\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
-        "This is the mail system at host mx.acme.example.\r\n\r\n"
+        f"This is the mail system at host {mta}.\r\n\r\n"
         "I'm sorry to have to inform you that your message could not\r\n"
         "be delivered to one or more recipients.\r\n\r\n"
-        f"<{recipient}>: host mx.gone.example said: 550 5.1.1 <{recipient}>:\r\n"
-        "    Recipient address rejected: User unknown in virtual mailbox table\r\n"
+        f"<{recipient}>: {diagnostic}\r\n"
         "\r\n--dsn\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; mx.acme.example\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "Diagnostic-Code: smtp; 550 5.1.1 User unknown in virtual mailbox table\r\n"
+        f"Reporting-MTA: dns; {mta}\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n"
         "\r\n--dsn\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         f"{returned}\r\n--dsn--\r\n"
     )
@@ -256,7 +268,7 @@ def drop_replies(ws: Path, now: datetime) -> list[str]:
         drop(ooo.as_bytes(), f"Tom Becker: an Exchange out-of-office, back on {back}")
     if m := sent.get("old.contact@gone.example"):
         drop(
-            _bounce(m, "old.contact@gone.example", now),
+            dsn(m, "old.contact@gone.example", now),
             "a hard bounce (550 5.1.1) for old.contact@gone.example",
         )
     if m := sent.get("john.smith@northwind.example"):

@@ -535,11 +535,16 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
         .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(("active", "paused")))
         .values(state="stopped", next_due=None, updated_at=now)
     )
+    return cancel_queued(session, lead_id, "nurture", why)
+
+
+def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
+    """Cancel a lead's queued sends of one kind (nurture, followup); returns how many."""
     res = session.execute(
         update(OutboundMessage)
         .where(
             OutboundMessage.lead_id == lead_id,
-            OutboundMessage.kind == "nurture",
+            OutboundMessage.kind == kind,
             OutboundMessage.status == "queued",
         )
         .values(status="cancelled", last_error=why)

@@ -19,7 +19,7 @@ from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign
 from worker.classify import Classification
 from worker.compose import new_message_id
-from worker.leads import enroll, lead_fields, new_token, record_event, stop_nurture
+from worker.leads import cancel_queued, enroll, lead_fields, new_token, record_event, stop_nurture
 from worker.match import Match
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
 from worker.parsing import ParsedMessage
@@ -554,13 +554,4 @@ def _rep_answered(
 
 
 def _cancel_followups(s: Session, lead_id: int, why: str) -> int:
-    res = s.execute(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.lead_id == lead_id,
-            OutboundMessage.kind == "followup",
-            OutboundMessage.status == "queued",
-        )
-        .values(status="cancelled", last_error=why)
-    )
-    return int(getattr(res, "rowcount", 0) or 0)
+    return cancel_queued(s, lead_id, "followup", why)
