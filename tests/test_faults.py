@@ -264,3 +264,45 @@ def test_it_delivers_once_through_bursts_of_4xx_and_dropped_connections(
     got = Counter(r for m in smtp_server.messages for r in m.rcpts)
     assert got == Counter({f"lead{i}@c{i}.example.org": 2 for i in range(40)})
     app.close()
+
+
+def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    """A row left in `sending` is `sent` when the Sent folder has it, else `unknown`: never resent."""
+    from worker.runner import Worker
+
+    mailbox = {"name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port, "security": "none",
+               "username": imap_user, "password": dovecot.users[imap_user], "sent_folder": "Sent"}  # fmt: skip
+    dovecot.create_folder(imap_user, "Sent")
+    from tests.conftest import base_config
+
+    config = base_config(
+        sqlite_url, tmp_path, mailboxes=[mailbox],
+        smtp={"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"},
+    )  # fmt: skip
+    app = App.open(config, lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "a@a.example.org"}), (3, {"email": "b@b.example.org"})], NOW,
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    worker = Worker(app)
+    from worker.sequences import queue_due
+
+    queue_due(app)
+    with app.transaction() as s:
+        rows = list(s.scalars(select(OutboundMessage).order_by(OutboundMessage.id)))
+        for row in rows:
+            row.status = "sending"  # as if the worker died during the SMTP call
+        in_sent = rows[0].message_id
+    copy = EmailMessage()
+    copy["From"], copy["To"], copy["Subject"] = "sales@example.com", "a@a.example.org", "Welcome"
+    copy["Message-ID"] = f"<{in_sent}>"
+    copy.set_content("the copy the server kept")
+    dovecot.append(imap_user, "Sent", copy.as_bytes())
+    worker.run_once()
+    worker.close()
+    with app.transaction() as s:
+        states = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.status)).all())
+    assert states == {"a@a.example.org": "sent", "b@b.example.org": "unknown"}
+    assert smtp_server.messages == []  # neither was sent again
+    app.close()
