@@ -103,6 +103,39 @@ def _met(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**not met**")
 
 
+FINDINGS = """\
+## Slow spots found in worker/ (for the owners of those modules)
+
+Measured while building these benchmarks, on the benchmark mail mix (see the notes at
+the end; a 4–8 KB reply has about 50 lines of plain text, most of it quoted history):
+
+- **Reply-text extraction** (`replytext._header_spans`): for every non-empty line it
+  tries windows of 1 to 6 lines and, for each, re-unquotes and joins the lines and runs
+  the attribution regular expressions (`_is_attribution`). That is about 300 calls per
+  50-line reply, and it keeps scanning the whole quoted history after the first
+  attribution. A cheap test on the window's last line (an attribution ends with `:` or
+  a "wrote"-like verb) before building the window, or stopping at the first quote block
+  when the new text is above it, would remove most of the cost.
+- **Bounce detection on every message** (`bounces._from_text`): `classify` calls
+  `analyse_bounce` first, and for ordinary replies the text fallback runs
+  `_FAILURE_BODY_RE` and `_DELAY_RE` over the whole body (case-insensitive, many
+  alternatives, no anchor) — milliseconds per reply that is not a bounce. Checking the
+  cheap signals first (mailer-daemon sender, multipart/report, bounce subject) and only
+  then the body, or limiting the body search to its first few KB, would cut it.
+- **Per-message database work**: about a dozen ORM statements and one commit per
+  message. Small next to classification today; it becomes the next limit after it.
+- **`leads import`**: `leads.new_token()` draws each of the 16 characters with
+  `secrets.choice`, i.e. 16 `os.urandom` calls per lead (about a third of the import's
+  CPU time in a profile of 20,000 rows). One `secrets.token_bytes(10)` encoded in
+  base32 gives the same 80 bits with one call. The rest is SQLAlchemy's ORM-level
+  `insert(Lead)` with a JSON column per row, plus per-row validation.
+
+Reproduce the per-stage numbers with
+`.venv/bin/python bench/bench_inbound.py -n 3000 --profile` (it prints the stage table
+and the cProfile listing).
+"""
+
+
 def render() -> str:
     m = machine()
     r = {name: load(name) for name in RUNS}
@@ -237,6 +270,8 @@ def render() -> str:
             w("```")
             w("\n".join(head + own[:22]))
             w("```\n")
+
+    w(FINDINGS)
 
     if d := r["matching_1m"] or r["matching"]:
         x = d["result"]

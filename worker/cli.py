@@ -49,6 +49,17 @@ def _errors() -> Iterator[None]:
         _die(str(e), 2)
 
 
+def _prog_name() -> str:
+    """How to type this program again: `twoway` when that is on PATH, else its path."""
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    found = shutil.which("twoway")
+    if argv0.name == "twoway" and (found is None or Path(found).resolve() != argv0.resolve()):
+        return str(argv0)
+    return "twoway"
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
@@ -770,7 +781,7 @@ def demo_cmd(workspace: Path | None) -> None:
 
     with _errors():
         try:
-            code = run_demo(workspace, clock_from_env(), click.echo)
+            code = run_demo(workspace, clock_from_env(), click.echo, _prog_name())
         except DemoError as e:
             _die(str(e), 1)
         sys.exit(code)

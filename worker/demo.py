@@ -283,7 +283,9 @@ def drop_replies(ws: Path, now: datetime) -> list[str]:
     return dropped
 
 
-def run_demo(ws: Path | None, clock: Clock, echo: Callable[[str], None]) -> int:
+def run_demo(
+    ws: Path | None, clock: Clock, echo: Callable[[str], None], prog: str = "twoway"
+) -> int:
     """Run the whole flow and narrate it; returns an exit code."""
     started = time.monotonic()
     ws = ws or Path(tempfile.mkdtemp(prefix="twoway-demo-"))
@@ -320,10 +322,10 @@ def run_demo(ws: Path | None, clock: Clock, echo: Callable[[str], None]) -> int:
     finally:
         app.close()
     echo(f"\nDone in {time.monotonic() - started:.1f} s. Everything is in {ws}:")
-    echo(f"  twoway --config {cfg_path} status          # the funnel and health")
-    echo(f"  twoway --config {cfg_path} leads list      # every lead and its state")
+    echo(f"  {prog} --config {cfg_path} status          # the funnel and health")
+    echo(f"  {prog} --config {cfg_path} leads list      # every lead and its state")
     echo(
-        f"  twoway --config {cfg_path} leads show maria.garcia@nube.example   # one lead's whole story"
+        f"  {prog} --config {cfg_path} leads show maria.garcia@nube.example   # one lead's whole story"
     )
     echo(
         "To point twoway at a real mailbox: copy config/twoway.example.yaml to config/twoway.yaml,"
