@@ -31,18 +31,21 @@ def twoway(cfg: Path, *args: str) -> Result:
 
 
 def make_csv(path: Path) -> None:
-    """1,005 data rows: 1,000 valid (3 repeat an earlier address in other case), 5 invalid."""
+    """1,005 data rows: 1,000 valid (3 repeat an earlier address in other case), 5 invalid.
+
+    996 distinct + 3 repeats + 1 more distinct = 1,000 valid rows, 997 leads."""
     lines = ["email,first_name,company,company_size,country,favourite_colour"]
-    for i in range(997):
+    for i in range(996):
         lines.append(f"lead{i}@example.org,Lead{i},Company {i % 50},{10 + i},DE,blue")
-    lines.append("LEAD1@Example.org,Again,Company 1,11,DE,red")  # line 999
+    lines.append("LEAD1@Example.org,Again,Company 1,11,DE,red")  # line 998
     lines.append("Lead2@EXAMPLE.ORG,Again,Company 2,12,DE,red")
     lines.append("lead3@example.ORG,Again,Company 3,13,DE,red")
-    lines.append("not-an-address,X,Y,1,DE,")  # line 1002
-    lines.append(",Empty,Y,1,DE,")  # line 1003
-    lines.append("a@@example.org,X,Y,1,DE,")  # line 1004
-    lines.append("bad@example.org,X,Y,twelve,DE,")  # line 1005: bad number
-    lines.append("bad2@example.org,X,Y,12,Germany,")  # line 1006: bad country
+    lines.append("not-an-address,X,Y,1,DE,")  # line 1001
+    lines.append(",Empty,Y,1,DE,")  # line 1002
+    lines.append("a@@example.org,X,Y,1,DE,")  # line 1003
+    lines.append("bad@example.org,X,Y,twelve,DE,")  # line 1004: bad number
+    lines.append("bad2@example.org,X,Y,12,Germany,")  # line 1005: bad country
+    lines.append("last@example.org,Last,Z,5,FR,green")  # line 1006: valid again
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -57,11 +60,11 @@ def test_it_imports_updates_and_rejects_with_line_numbers(
     data = json.loads(result.stdout)
     assert data["imported"] == 997
     assert data["updated"] == 3
-    assert [r["line"] for r in data["rejected"]] == [1002, 1003, 1004, 1005, 1006]
+    assert [r["line"] for r in data["rejected"]] == [1001, 1002, 1003, 1004, 1005]
     reasons = {r["line"]: r["reason"] for r in data["rejected"]}
-    assert "empty" in reasons[1003]
-    assert "not a number" in reasons[1005]
-    assert "ISO 3166" in reasons[1006]
+    assert "empty" in reasons[1002]
+    assert "not a number" in reasons[1004]
+    assert "ISO 3166" in reasons[1005]
 
     listed = json.loads(twoway(cfg, "leads", "list", "--json").stdout)
     assert len(listed) == 997
@@ -79,7 +82,7 @@ def test_it_imports_nothing_with_strict_when_a_row_is_bad(
     make_csv(csv_file)
     result = twoway(cfg, "leads", "import", str(csv_file), "--strict")
     assert result.exit_code == 2
-    assert "leads.csv:1005: rejected bad@example.org" in result.output
+    assert "leads.csv:1004: rejected bad@example.org" in result.output
     assert json.loads(twoway(cfg, "leads", "list", "--json").stdout) == []
 
 
