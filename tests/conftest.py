@@ -60,6 +60,13 @@ def sqlite_url(tmp_path: Path) -> str:
 
 def base_config(database: str, tmp_path: Path, **overrides: Any) -> Config:
     """A small valid config for tests: one campaign, three reps, Maildir transports."""
+    return config_from_dict(
+        base_config_data(database, tmp_path, **overrides), tmp_path / "twoway.yaml"
+    )
+
+
+def base_config_data(database: str, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """The YAML data of `base_config` (to write a file for a `twoway` subprocess)."""
     mailbox.Maildir(tmp_path / "inbox", create=True)
     data: dict[str, Any] = {
         "database": database,
@@ -96,7 +103,7 @@ def base_config(database: str, tmp_path: Path, **overrides: Any) -> Config:
         ],
     }
     data.update(overrides)
-    return config_from_dict(data, tmp_path / "twoway.yaml")
+    return data
 
 
 @pytest.fixture

@@ -7,6 +7,12 @@ and everybody else is in the state their answer calls for.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -14,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+import yaml
+from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import base_config
+from tests.conftest import base_config, base_config_data
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
+from worker.config import load_config
 from worker.leads import import_leads, show_lead
-from worker.models import Lead, OutboundMessage
+from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
 from worker.runner import Worker
 
 START = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
@@ -80,15 +88,67 @@ def world(
     with app.transaction() as s:
         import_leads(s, lead_rows(), clock[0], campaign=config.campaign("welcome"))
     worker = Worker(app)
+
+    def run_pass(at: datetime) -> None:
+        clock[0] = at
+        worker.run_once()
+
     yield {
         "app": app,
         "clock": clock,
         "worker": worker,
+        "run_pass": run_pass,
         "smtp": smtp_server,
         "dovecot": dovecot,
         "user": imap_user,
     }
     worker.close()
+    app.close()
+
+
+@pytest.fixture
+def killed_world(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> Iterator[dict[str, Any]]:
+    """The same world, but each pass is `twoway run --once` SIGKILLed at random points
+    (zero to two times) and then run again to completion."""
+    mailbox = {
+        "name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port,
+        "security": "none", "username": imap_user, "password": dovecot.users[imap_user],
+        "idle": False, "batch_size": 2,
+    }  # fmt: skip
+    smtp = {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"}
+    data = base_config_data(sqlite_url, tmp_path, mailboxes=[mailbox], smtp=smtp)
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    config = load_config(cfg, env={})
+    clock = [START]
+    app = App.open(config, lambda: clock[0])
+    with app.transaction() as s:
+        import_leads(s, lead_rows(), clock[0], campaign=config.campaign("welcome"))
+    rng = random.Random(5)
+    kills = [0]
+
+    def run_pass(at: datetime) -> None:
+        clock[0] = at
+        env = {**os.environ, "TWOWAY_NOW": at.isoformat()}
+        cmd = [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"]
+        for _ in range(rng.randint(0, 2)):
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            time.sleep(rng.uniform(0.3, 0.9))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills[0] += 1
+            proc.wait(30)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    yield {
+        "app": app, "clock": clock, "run_pass": run_pass, "smtp": smtp_server,
+        "dovecot": dovecot, "user": imap_user, "kills": kills,
+    }  # fmt: skip
     app.close()
 
 
@@ -101,14 +161,28 @@ def by_recipient(smtp: SmtpServer) -> dict[str, list[EmailMessage]]:
 
 
 def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, Any]) -> None:
+    scenario(world)
+
+
+def test_it_ends_the_same_when_killed_and_restarted_between_the_steps(
+    killed_world: dict[str, Any],
+) -> None:
+    scenario(killed_world)
+    assert killed_world["kills"][0] >= 3  # the passes really were interrupted
+
+
+def scenario(world: dict[str, Any]) -> None:
     app: App = world["app"]
-    worker: Worker = world["worker"]
     smtp: SmtpServer = world["smtp"]
     dovecot: DovecotServer = world["dovecot"]
-    clock: list[datetime] = world["clock"]
+    run_pass = world["run_pass"]
 
-    first = worker.run_once()
-    assert first.sent == 20
+    def count(model: Any) -> int:
+        with app.transaction() as s:
+            return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+    run_pass(START)
+    assert len(smtp.messages) == 20
     sent = {k: v[0] for k, v in by_recipient(smtp).items()}
     assert len(sent) == 20
     step1 = {k: str(v["Subject"]) for k, v in sent.items()}
@@ -140,10 +214,9 @@ def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, A
         dovecot.append(world["user"], "INBOX", raw)
     flags_before = dovecot.flags(world["user"], "INBOX")
 
-    clock[0] = START + timedelta(hours=2)
-    second = worker.run_once()
-    assert second.inbound.processed == 11
-    assert second.inbound.quarantined == 0
+    run_pass(START + timedelta(hours=2))
+    assert count(InboundMessage) == 11
+    assert count(Quarantine) == 0
 
     with app.transaction() as s:
         status = {row.email: row for row in s.scalars(select(Lead))}
@@ -198,21 +271,19 @@ def test_it_turns_exactly_the_genuine_repliers_into_prospects(world: dict[str, A
 
     # Running again changes nothing.
     before = len(smtp.messages)
-    third = worker.run_once()
-    assert (third.inbound.processed, third.sent, third.queued) == (0, 0, 0)
-    assert len(smtp.messages) == before
+    rows = count(OutboundMessage)
+    run_pass(START + timedelta(hours=2))
+    assert (len(smtp.messages), count(InboundMessage), count(OutboundMessage)) == (before, 11, rows)
 
     # Three days later step 2 goes only to leads still in `lead` and not paused.
-    clock[0] = START + timedelta(days=3, hours=1)
-    worker.run_once()
+    run_pass(START + timedelta(days=3, hours=1))
     step2 = {r for m in smtp.messages[before:] for r in m.rcpts}
     expected = {lead(i) for i in (4, 6)} | {lead(i) for i in range(10, 20)}
     assert step2 == expected
 
     # After the return date the out-of-office lead resumes and gets step 2.
-    clock[0] = START + timedelta(days=11, hours=1)
     n = len(smtp.messages)
-    worker.run_once()
+    run_pass(START + timedelta(days=11, hours=1))
     resumed = [m for m in smtp.messages[n:] if lead(3) in m.rcpts]
     assert len(resumed) == 1
     with app.transaction() as s:
