@@ -165,10 +165,21 @@ def config_check(state: _State, connect: bool) -> None:
 
 
 def _connect_checks(config: Any) -> list[str]:
-    from worker.mailbox import probe_imap
+    from worker.mailbox import MailboxError, open_source, probe_imap
 
     problems: list[str] = []
     for m in config.mailboxes:
+        if m.kind == "maildir":
+            source = open_source(m)
+            try:
+                source.connect()
+                for folder in m.folders:
+                    source.select(folder)
+            except MailboxError as e:
+                problems.append(f"mailbox {m.name}: {e}")
+            finally:
+                source.close()
+            continue
         found = probe_imap(m)
         if found:
             problems.append(f"mailbox {m.name}: {found}")
