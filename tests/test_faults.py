@@ -306,3 +306,96 @@ def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
     assert states == {"a@a.example.org": "sent", "b@b.example.org": "unknown"}
     assert smtp_server.messages == []  # neither was sent again
     app.close()
+
+
+@pytest.fixture
+def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A PostgreSQL of this test's own (it gets restarted), via .ci/pg.sh on a free port."""
+    import glob
+    import shutil
+    import socket
+    import tempfile
+
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        pytest.skip("PostgreSQL server binaries are not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = tempfile.mkdtemp(prefix="twoway-pg-")
+    script = str(ROOT / ".ci" / "pg.sh")
+    url = subprocess.run(
+        [script, "start", d, str(port)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    def restart() -> None:
+        subprocess.run([script, "stop", d], check=True)
+        time.sleep(1.0)
+        bin_dir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        opts = f"-k {d} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        start = f"{bin_dir}/pg_ctl -D {d}/data -l {d}/log -w start -o '{opts}'"
+        as_pg = (
+            ["su", "postgres", "-s", "/bin/sh", "-c", start]
+            if os.getuid() == 0
+            else ["sh", "-c", start]
+        )
+        subprocess.run(as_pg, check=True, capture_output=True)
+
+    yield url, restart
+    subprocess.run([script, "stop", d], check=False)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_it_rides_out_a_postgresql_restart(
+    own_postgres: Any,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    smtp_server: SmtpServer,
+) -> None:
+    url, restart = own_postgres
+    cfg = write_config(tmp_path, "sqlite:///unused.db", dovecot, imap_user, smtp_server)
+    env = {**os.environ, "TWOWAY_DATABASE_URL": url}
+    env.pop("TWOWAY_NOW", None)
+    config = load_config(cfg, env=env)
+    app = App.open(config, lambda: datetime.now(UTC))
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": f"lead{i}@c{i}.example.org"}) for i in range(10)],
+                     app.now(), campaign=config.campaign("welcome"))  # fmt: skip
+        leads = list(s.scalars(select(Lead).order_by(Lead.id)))
+    app.engine.dispose()
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--log-format", "json"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def inbound() -> int:
+        with app.transaction() as s:
+            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
+
+    try:
+        dovecot.append(imap_user, "INBOX", token_reply(leads[0], 0))
+        deadline = time.monotonic() + 30
+        while inbound() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        restart()  # the worker's connections die under it
+        app.engine.dispose()
+        for i, lead in enumerate(leads[1:4], start=1):
+            dovecot.append(imap_user, "INBOX", token_reply(lead, i))
+        deadline = time.monotonic() + 60
+        while inbound() < 4:
+            assert time.monotonic() < deadline, "replies after the restart were never read"
+            time.sleep(0.3)
+        assert proc.poll() is None  # the worker kept running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        log.close()
+    with app.transaction() as s:
+        assert s.scalar(select(func.count()).where(Lead.status == "prospect")) == 4
+        handoffs = s.scalar(select(func.count()).where(OutboundMessage.kind == "handoff"))
+    assert handoffs == 4
+    delivered = Counter(str(m.parsed()["Message-ID"]) for m in smtp_server.messages)
+    assert max(delivered.values()) == 1
+    app.close()
