@@ -234,3 +234,31 @@ def test_it_never_sends_twice_when_killed_mid_batch(
     )
     if unknown:
         assert f"unknown {len(unknown)}" in status.stdout
+
+
+def test_it_stops_between_messages_and_leaves_the_rest_queued(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    from worker.mailer import Mailer
+    from worker.outbox import send_due
+    from worker.rendering import Renderer
+
+    config = base_config(sqlite_url, tmp_path, smtp=smtp_section(smtp_server))
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(10), clock[0], campaign=config.campaign("welcome"))
+    queue_due(app)
+    assert config.smtp is not None
+    renderer = Renderer(config.templates_path)
+    with Mailer(config.smtp) as mailer:
+        # SIGTERM arrives while the third message is in flight.
+        sent = send_due(app, renderer, mailer, should_stop=lambda: len(smtp_server.messages) >= 3)
+    assert sent == 3
+    with app.transaction() as s:
+        states = Counter(s.scalars(select(OutboundMessage.status)).all())
+    assert states == Counter({"sent": 3, "queued": 7})  # nothing left half-claimed
+    with Mailer(config.smtp) as mailer:
+        assert send_due(app, renderer, mailer) == 7
+    assert len(set(smtp_server.recipients())) == len(smtp_server.recipients()) == 10
+    app.close()

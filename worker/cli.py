@@ -397,8 +397,10 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            data["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            data["error"] = f"{exc.__class__.__name__}: {first}".rstrip(": ")
         return json.dumps(data, ensure_ascii=False)
 
 

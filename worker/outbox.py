@@ -276,16 +276,24 @@ def send_due(
     mailer: Mailer,
     sent_copy: SentCopy | None = None,
     limit: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Send everything due now (respecting the caps); returns how many were sent."""
+    """Send everything due now (respecting the caps); returns how many were sent.
+
+    `should_stop` is asked between messages: the message in flight finishes, the rest of
+    the claimed batch goes back to the queue untouched.
+    """
     sent = 0
-    while limit is None or sent < limit:
+    while (limit is None or sent < limit) and not should_stop():
         batch = claim(
             app, renderer, CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
         )
         if not batch:
             break
-        for item in batch:
+        for n, item in enumerate(batch):
+            if should_stop():
+                unclaim(app, batch[n:])
+                break
             result = mailer.send(item.message, item.envelope_from, [item.to_addr])
             record(app, item, result)
             if result.status == "sent":
@@ -298,6 +306,18 @@ def send_due(
     if sent:
         logger.info("sent %d message(s)", sent)
     return sent
+
+
+def unclaim(app: App, items: list[Prepared]) -> None:
+    """Give claimed rows that were never handed to SMTP back to the queue."""
+    now = app.now()
+    with app.transaction() as s:
+        for item in items:
+            s.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id == item.row_id, OutboundMessage.status == "sending")
+                .values(status="queued", attempts=OutboundMessage.attempts - 1, next_attempt_at=now)
+            )
 
 
 def recover_sending(

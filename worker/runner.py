@@ -230,7 +230,9 @@ class Worker:
         if self.app.config.smtp is None:
             return
         with Mailer(self.app.config.smtp) as mailer:
-            result.sent = send_due(self.app, self.renderer, mailer, self._sent_copy)
+            result.sent = send_due(
+                self.app, self.renderer, mailer, self._sent_copy, should_stop=self.stop.is_set
+            )
 
     def _sent_copy(self, mailbox: str | None, raw: bytes) -> None:
         mb = next((m for m in self.mailboxes if m.cfg.name == mailbox), None)
