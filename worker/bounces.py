@@ -333,7 +333,6 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
 
 def _from_text(msg: ParsedMessage) -> BounceReport | None:
     subject = msg.subject
-    human = _human_part(msg.text)
     is_report = msg.report_type == "delivery-status" or (
         msg.content_type == "multipart/report" and msg.report_type in (None, "")
     )
@@ -341,6 +340,12 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
     subject_hit = bool(_BOUNCE_SUBJECT_RE.search(subject)) and not re.match(
         r"(?i)\s*(?:re|aw|sv|antw|r)\s*:", subject
     )
+    threaded = bool(msg.in_reply_to or msg.references)
+    if not (is_report or daemon or subject_hit or not threaded):
+        # Only the body could still say "bounce", and for threaded mail it may not
+        # decide alone (the test below): skip scanning the body of every reply.
+        return None
+    human = _human_part(msg.text)
     body_hit = bool(_FAILURE_BODY_RE.search(human))
     delay_hit = bool(_DELAY_RE.search(subject)) or bool(_DELAY_RE.search(human[:3000]))
     strong_delay = _STRONG_DELAY_RE.search(human[:3000])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -194,9 +194,17 @@ def _process(
 
 
 def _advance(s: Session, mailbox: str, fetched: FetchedMessage) -> None:
-    st = _state(s, mailbox, fetched.folder)
-    if fetched.uid > st.last_uid:
-        st.last_uid = fetched.uid
+    """Move the folder's progress past this message (in the caller's transaction)."""
+    s.execute(
+        update(MailboxState)
+        .where(
+            MailboxState.mailbox == mailbox,
+            MailboxState.folder == fetched.folder,
+            MailboxState.last_uid < fetched.uid,
+        )
+        .values(last_uid=fetched.uid)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _quarantine(

@@ -90,24 +90,25 @@ def record_event(
     to_status: str | None = None,
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
-) -> LeadEvent:
+) -> None:
     """Append an event to a lead's timeline; with `to_status`, also change the status."""
     from_status = lead.status
     if to_status is not None:
         lead.status = to_status
         lead.updated_at = at
-    ev = LeadEvent(
-        lead_id=lead.id,
-        at=at,
-        type=type_,
-        from_status=from_status if to_status is not None else None,
-        to_status=to_status,
-        cause=cause,
-        detail=detail or {},
-        inbound_id=inbound_id,
+    # A plain INSERT: events are written on every message and never read back here.
+    session.execute(
+        insert(LeadEvent).values(
+            lead_id=lead.id,
+            at=at,
+            type=type_,
+            from_status=from_status if to_status is not None else None,
+            to_status=to_status,
+            cause=cause,
+            detail=detail or {},
+            inbound_id=inbound_id,
+        )
     )
-    session.add(ev)
-    return ev
 
 
 # --- import ----------------------------------------------------------------------------

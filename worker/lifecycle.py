@@ -46,11 +46,12 @@ def apply_inbound(
         _rep_answered(s, app, msg, row, now)
         return
     # Lock the lead: two workers reading two replies of one lead must not both promote it.
-    lead = (
-        s.get(Lead, match.lead_id, with_for_update=True, populate_existing=True)
-        if match.lead_id is not None
-        else None
-    )
+    lead = None
+    if match.lead_id is not None:
+        # PostgreSQL: re-read under a row lock. SQLite's BEGIN IMMEDIATE already
+        # serialises writers, so the copy matching loaded is current.
+        locking = s.get_bind().dialect.name != "sqlite"
+        lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
             _inbound_lead(s, app, msg, row, now)
@@ -138,6 +139,8 @@ def _bounce(
 
 def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
+    if lead.status not in ("lead", "engaged"):
+        return  # soft bounces only count towards suppressing a lead still being nurtured
     has_soft = s.scalar(
         select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
     )
