@@ -49,6 +49,15 @@ def _errors() -> Iterator[None]:
         _die(str(e), 2)
 
 
+def _count_lines(path: Path) -> int:
+    """Data rows in a CSV file, roughly (for the progress bar only)."""
+    try:
+        with path.open("rb") as f:
+            return max(sum(1 for _ in f) - 1, 0)
+    except OSError:
+        return 0
+
+
 def _prog_name() -> str:
     """How to type this program again: `twoway` when that is on PATH, else its path."""
     import shutil
@@ -216,11 +225,12 @@ def leads_import(
     with _errors():
         app = state.app()
         camp = campaign_for(app.config, campaign)
-        rows = list(read_csv(file))
-        show_bar = sys.stderr.isatty() and not as_json and len(rows) > 2000
+        rows = read_csv(file)
+        total = _count_lines(file) if sys.stderr.isatty() and not as_json else 0
+        show_bar = total > 2000
         with app.transaction() as session:
             if show_bar:
-                with click.progressbar(length=len(rows), label="importing", file=sys.stderr) as bar:
+                with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
                     done = [0]
 
                     def tick(n: int) -> None:

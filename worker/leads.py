@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import re
@@ -44,8 +45,8 @@ _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _DOMAIN = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
 )
-_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _CHUNK = 900  # below SQLite's bound-parameter limit
+_SLICE = 5000  # rows written per round trip on import
 
 
 class LeadError(Exception):
@@ -77,7 +78,7 @@ def normalise_email(text: str) -> str:
 
 def new_token() -> str:
     """A reply token: 16 base32 characters (80 bits), safe in a plus-address local part."""
-    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(16))
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
 
 
 def record_event(
@@ -244,32 +245,32 @@ def import_leads(
         result.strict_failed = True
         return result
 
+    cause = f"import ({source})" if source else "import"
     emails = list(clean)
-    existing: dict[str, tuple[int, dict[str, Any]]] = {}
-    for i in range(0, len(emails), _CHUNK):
-        chunk = emails[i : i + _CHUNK]
-        for lead_id, email, custom in session.execute(
-            select(Lead.id, Lead.email, Lead.custom).where(Lead.email.in_(chunk))
-        ):
-            existing[email] = (lead_id, custom or {})
-
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
-    for email, fields in clean.items():
-        if email in existing:
-            lead_id, custom = existing[email]
-            updates.append(
-                {
-                    **fields,
-                    "id": lead_id,
-                    "custom": {**custom, **fields["custom"]},
-                    "updated_at": now,
-                }
-            )
-        else:
+    enroll_ids: list[int] = []
+    # In slices, so memory holds the cleaned rows once, not several copies of them.
+    for i in range(0, len(emails), _SLICE):
+        chunk = emails[i : i + _SLICE]
+        existing: dict[str, tuple[int, dict[str, Any]]] = {}
+        for j in range(0, len(chunk), _CHUNK):
+            for lead_id, email, custom in session.execute(
+                select(Lead.id, Lead.email, Lead.custom).where(
+                    Lead.email.in_(chunk[j : j + _CHUNK])
+                )
+            ):
+                existing[email] = (lead_id, custom or {})
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for email in chunk:
+            fields = clean.pop(email)
+            if email in existing:
+                lead_id, custom = existing[email]
+                fields.update(id=lead_id, custom={**custom, **fields["custom"]}, updated_at=now)
+                updates.append(fields)
+                continue
             inserts.append(
                 {
-                    **{c: None for c in KNOWN_COLUMNS[1:]},
+                    **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
                     "status": "lead",
                     "reply_token": new_token(),
@@ -278,38 +279,28 @@ def import_leads(
                     "updated_at": now,
                 }
             )
-    result.imported = len(inserts)
-    result.updated += len(updates)
-    for i in range(0, len(inserts), 5000):
-        session.execute(insert(Lead), inserts[i : i + 5000])
-    if updates:
-        session.execute(update(Lead), updates)
-
-    new_ids: list[int] = []
-    for i in range(0, len(inserts), _CHUNK):
-        chunk = [r["email"] for r in inserts[i : i + _CHUNK]]
-        new_ids.extend(session.scalars(select(Lead.id).where(Lead.email.in_(chunk))))
-    cause = f"import ({source})" if source else "import"
-    if new_ids:
-        session.execute(
-            insert(LeadEvent),
-            [
-                {
-                    "lead_id": lid,
-                    "at": now,
-                    "type": "created",
-                    "from_status": None,
-                    "to_status": "lead",
-                    "cause": cause,
-                    "detail": {},
-                    "inbound_id": None,
-                }
-                for lid in new_ids
-            ],
-        )
+        result.imported += len(inserts)
+        result.updated += len(updates)
+        if inserts:
+            session.execute(insert(Lead), inserts)
+        if updates:
+            session.execute(update(Lead), updates)
+        new_ids: list[int] = []
+        for j in range(0, len(inserts), _CHUNK):
+            new_emails = [r["email"] for r in inserts[j : j + _CHUNK]]
+            new_ids.extend(session.scalars(select(Lead.id).where(Lead.email.in_(new_emails))))
+        if new_ids:
+            session.execute(
+                insert(LeadEvent),
+                [
+                    {"lead_id": lid, "at": now, "type": "created", "from_status": None,
+                     "to_status": "lead", "cause": cause, "detail": {}, "inbound_id": None}
+                    for lid in new_ids
+                ],
+            )  # fmt: skip
+        enroll_ids += new_ids + [lead_id for lead_id, _ in existing.values()]
     if campaign is not None:
-        ids = new_ids + [existing[e][0] for e in clean if e in existing]
-        result.enrolled = enroll(session, ids, campaign, now)
+        result.enrolled = enroll(session, enroll_ids, campaign, now)
     return result
 
 
