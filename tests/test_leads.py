@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -144,3 +145,22 @@ def test_it_counts_leads_per_status(tmp_path: Path, database_url: str) -> None:
     data = json.loads(twoway(cfg, "status", "--json").stdout)
     assert data["leads"]["lead"] == 1 and data["leads"]["disqualified"] == 1
     assert data["quarantine"] == 0
+
+
+def test_it_unsubscribes_a_lead_by_the_token_of_its_link(tmp_path: Path, database_url: str) -> None:
+    cfg = write_config(tmp_path, database_url)
+    csv_file = tmp_path / "leads.csv"
+    csv_file.write_text("email\nlinked@example.org\n")
+    twoway(cfg, "leads", "import", str(csv_file))
+    from worker.app import App
+    from worker.config import load_config
+    from worker.leads import get_lead
+
+    app = App.open(load_config(cfg, env={}), lambda: datetime.now(UTC))
+    with app.transaction() as s:
+        token = get_lead(s, "linked@example.org").reply_token
+    app.close()
+    result = twoway(cfg, "leads", "mark", token, "unsubscribed", "--reason", "one-click link")
+    assert result.exit_code == 0, result.output
+    assert "linked@example.org is now unsubscribed" in result.output
+    assert twoway(cfg, "leads", "mark", "aaaaaaaaaaaaaaaa", "unsubscribed").exit_code == 2

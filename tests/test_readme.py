@@ -52,10 +52,24 @@ def test_it_runs_the_readme_command(command: str, workspace: Path, tmp_path: Pat
         .replace("/tmp/w.html", str(tmp_path / "w.html"))
         .replace("report.html", str(tmp_path / "report.html"))
     )
+    if "k3x9q2m7abcdefgh" in text:  # the example token: use a real lead's
+        text = text.replace("k3x9q2m7abcdefgh", token_of(workspace, "carlos.ruiz@nube.example"))
     args = shlex.split(text)[1:]
     result = CliRunner().invoke(main, ["--config", str(workspace / "twoway.yaml"), *args])
     assert result.exit_code == 0, f"{command}\n{result.output}"
     assert "Traceback" not in result.output
+
+
+def token_of(workspace: Path, email: str) -> str:
+    from worker.app import App
+    from worker.config import load_config
+    from worker.leads import get_lead
+
+    app = App.open(load_config(workspace / "twoway.yaml", env={}), lambda: datetime.now(UTC))
+    with app.transaction() as s:
+        token = get_lead(s, email).reply_token
+    app.close()
+    return token
 
 
 def test_it_documents_the_daemon_command() -> None:

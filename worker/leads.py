@@ -368,6 +368,12 @@ def iso(at: datetime | None) -> str | None:
 
 
 def get_lead(session: Session, email: str) -> Lead:
+    """The lead with this address, or with this reply token (what an unsubscribe link carries)."""
+    if "@" not in email and re.fullmatch(r"[a-z2-7]{16}", email.strip().lower()):
+        by_token = session.scalar(select(Lead).where(Lead.reply_token == email.strip().lower()))
+        if by_token is None:
+            raise LeadError(f"no lead with the token {email.strip()}")
+        return by_token
     try:
         key = normalise_email(email)
     except ValueError as e:
