@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,3 +149,36 @@ def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
     assert daemon.wait(5) == 0
     out = daemon.stdout.read() if daemon.stdout else ""
     assert "keeping the old one" in out
+
+
+def test_it_reads_a_reply_while_a_large_send_backlog_goes_out(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """The daemon's passes are bounded: a backlog of sends never holds up reading mail."""
+    from tests.conftest import base_config
+    from worker.runner import PASS_LIMIT, Worker
+
+    smtp = {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"}
+    config = base_config(sqlite_url, tmp_path, smtp=smtp)
+    app = App.open(config, clock_from_env({}))
+    rows = [(i + 2, {"email": f"lead{i}@c{i}.example.org"}) for i in range(PASS_LIMIT * 3)]
+    with app.transaction() as s:
+        import_leads(s, rows, app.now(), campaign=config.campaign("welcome"))
+        token = s.scalar(select(Lead.reply_token).where(Lead.email == "lead7@c7.example.org"))
+    reply = (
+        f"From: lead7@c7.example.org\r\nTo: sales+{token}@example.com\r\nSubject: Re: hi\r\n"
+        "Message-ID: <r1@c7.example.org>\r\n\r\nYes, send pricing please.\r\n"
+    )
+    (tmp_path / "inbox" / "new" / "1.reply").write_text(reply)
+    worker = Worker(app)
+    first = worker.run_once(limit=PASS_LIMIT)
+    assert first.inbound.processed == 1 and first.sent == PASS_LIMIT and first.more
+    assert status_of(app, "lead7@c7.example.org") == "prospect"
+    while worker.run_once(limit=PASS_LIMIT).more:
+        pass
+    got = Counter(r for m in smtp_server.messages for r in m.rcpts)
+    # Step 1 to everyone but the prospect, who got the in-thread follow-up; one handoff.
+    assert len(got) == PASS_LIMIT * 3 + 1 and set(got.values()) == {1}
+    assert sum(got[r] for r in ("ana@example.com", "ben@example.com", "chloe@example.com")) == 1
+    worker.close()
+    app.close()

@@ -49,6 +49,8 @@ class SyncResult:
     quarantined: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     to_move: list[tuple[str, int, int, str]] = field(default_factory=list)
+    more: bool = False
+    """True when the sync stopped before the folders were drained."""
 
 
 def _state(s: Session, mailbox: str, folder: str) -> MailboxState:
@@ -75,10 +77,12 @@ def sync_mailbox(
     mb: MailboxConfig,
     ctx: ClassifyContext,
     should_stop: Callable[[], bool] = lambda: False,
+    limit: int | None = None,
 ) -> SyncResult:
     """Read every new message of every configured folder and process it once.
 
-    Returns when the folders are drained (or `should_stop` says so between messages).
+    Returns when the folders are drained, after `limit` messages (the daemon interleaves
+    reading and sending), or when `should_stop` says so between messages.
     A UIDVALIDITY change restarts the folder from UID 0, deduplicating by Message-ID.
     """
     result = SyncResult()
@@ -97,7 +101,9 @@ def sync_mailbox(
         for batch in source.fetch_new(folder, after, mb.batch_size):
             for fetched in batch:
                 process_message(app, mb, fetched, ctx, result)
-                if should_stop():
+                seen = result.processed + result.duplicates + result.quarantined
+                if should_stop() or (limit is not None and seen >= limit):
+                    result.more = True
                     return result
         with app.transaction() as s:
             st = _state(s, mb.name, folder)

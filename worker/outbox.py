@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from worker.app import App
 from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
@@ -85,21 +86,35 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
             .limit(n)
             .with_for_update(skip_locked=True)
         ).all()
-        for row in rows:
-            res = s.execute(
+        if not rows:
+            return []
+        lease = now + timedelta(seconds=app.config.workers.lease_seconds)
+        # One conditional UPDATE claims the batch: a row another worker took in between
+        # is no longer `queued`, so it is not returned here and not sent twice.
+        claimed = set(
+            s.scalars(
                 update(OutboundMessage)
-                .where(OutboundMessage.id == row.id, OutboundMessage.status == "queued")
+                .where(
+                    OutboundMessage.id.in_([r.id for r in rows]),
+                    OutboundMessage.status == "queued",
+                )
                 .values(
                     status="sending",
                     attempts=OutboundMessage.attempts + 1,
                     # A claim is a lease: past it, another worker settles the row (never resends).
-                    next_attempt_at=now + timedelta(seconds=app.config.workers.lease_seconds),
+                    next_attempt_at=lease,
                 )
+                .returning(OutboundMessage.id)
                 .execution_options(synchronize_session=False)
             )
-            if getattr(res, "rowcount", 0) != 1:
-                continue  # another worker took it
-            s.refresh(row)
+        )
+        for row in rows:
+            if row.id not in claimed:
+                continue
+            # What the UPDATE wrote, without reading the row again.
+            set_committed_value(row, "status", "sending")
+            set_committed_value(row, "attempts", row.attempts + 1)
+            set_committed_value(row, "next_attempt_at", lease)
             prepared = _prepare(s, app, renderer, row, now)
             if prepared is not None:
                 out.append(prepared)

@@ -39,6 +39,8 @@ from worker.sequences import queue_due
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
+PASS_LIMIT = 200
+"""Messages read per mailbox and sent per daemon pass, so reading and sending interleave."""
 
 
 @dataclass
@@ -60,10 +62,18 @@ class PassResult:
     queued: int = 0
     sent: int = 0
     errors: list[str] = field(default_factory=list)
+    more: bool = False
+    """True when a limit stopped the pass before everything was done."""
 
     @property
     def found_work(self) -> bool:
-        return bool(self.inbound.processed or self.inbound.quarantined or self.queued or self.sent)
+        return bool(
+            self.more
+            or self.inbound.processed
+            or self.inbound.quarantined
+            or self.queued
+            or self.sent
+        )
 
 
 class Worker:
@@ -84,6 +94,8 @@ class Worker:
         self.mailboxes = [_Mailbox(m, open_source(m)) for m in app.config.mailboxes]
         self._recovered = False
         self._fair = len(self.mailboxes)
+        self._limit: int | None = None
+        self._mailer: Mailer | None = None
         self._closing = threading.Event()
         self._renewer: threading.Thread | None = None
         if self._lock is None and self.mailboxes:
@@ -92,8 +104,14 @@ class Worker:
 
     # --- one pass -------------------------------------------------------------------
 
-    def run_once(self) -> PassResult:
-        """Sync every mailbox, queue due steps, send what is due. Returns what it did."""
+    def run_once(self, limit: int | None = None) -> PassResult:
+        """Sync every mailbox, queue due steps, send what is due. Returns what it did.
+
+        Without `limit` the pass drains everything (`twoway run --once`). The daemon passes
+        a limit per mailbox and for sending, so a backlog on one side never holds up the
+        other: a reply is read within a pass even while thousands of steps go out.
+        """
+        self._limit = limit
         result = PassResult()
         heartbeat(self.app, self.id, self.started)
         if not self._recovered or self._lock is None:
@@ -180,7 +198,9 @@ class Worker:
             mb.leased = True
         try:
             self._connect(mb)
-            got = sync_mailbox(self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set)
+            got = sync_mailbox(
+                self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set, limit=self._limit
+            )
         except MailboxError as e:
             self._mailbox_failed(mb, str(e), temporary=e.temporary)
             result.errors.append(f"{mb.cfg.name}: {e}")
@@ -193,6 +213,7 @@ class Worker:
         r.processed += got.processed
         r.duplicates += got.duplicates
         r.quarantined += got.quarantined
+        result.more = result.more or got.more
         for k, v in got.kinds.items():
             r.kinds[k] = r.kinds.get(k, 0) + v
 
@@ -229,10 +250,18 @@ class Worker:
         result.queued = queue_due(self.app)
         if self.app.config.smtp is None:
             return
-        with Mailer(self.app.config.smtp) as mailer:
-            result.sent = send_due(
-                self.app, self.renderer, mailer, self._sent_copy, should_stop=self.stop.is_set
-            )
+        if self._mailer is None:
+            self._mailer = Mailer(self.app.config.smtp)  # one connection, reused across passes
+        result.sent = send_due(
+            self.app,
+            self.renderer,
+            self._mailer,
+            self._sent_copy,
+            limit=self._limit,
+            should_stop=self.stop.is_set,
+        )
+        if self._limit is not None and result.sent >= self._limit:
+            result.more = True
 
     def _sent_copy(self, mailbox: str | None, raw: bytes) -> None:
         mb = next((m for m in self.mailboxes if m.cfg.name == mailbox), None)
@@ -289,7 +318,7 @@ class Worker:
         logger.info("twoway worker started (%d mailbox(es))", len(self.mailboxes))
         while not self.stop.is_set():
             try:
-                result = self.run_once()
+                result = self.run_once(limit=PASS_LIMIT)
             except Exception:
                 # A failing pass (database down, say) is logged and retried, not fatal.
                 logger.exception("the pass failed; retrying in 5 s")
@@ -304,6 +333,10 @@ class Worker:
         self._closing.set()
         if self._renewer is not None:
             self._renewer.join(5)
+        if self._mailer is not None:
+            with contextlib.suppress(Exception):
+                self._mailer.close()
+            self._mailer = None
         for mb in self.mailboxes:
             with contextlib.suppress(Exception):  # closing a dead connection
                 mb.source.close()
