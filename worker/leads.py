@@ -247,21 +247,20 @@ def import_leads(
 
     cause = f"import ({source})" if source else "import"
     emails = list(clean)
-    enroll_ids: list[int] = []
+    # Look every address up before writing anything: on PostgreSQL a lookup after bulk
+    # inserts in the same transaction plans with stale statistics (a scan per lookup).
+    existing: dict[str, tuple[int, dict[str, Any]]] = {}
+    for j in range(0, len(emails), _CHUNK):
+        for lead_id, email, custom in session.execute(
+            select(Lead.id, Lead.email, Lead.custom).where(Lead.email.in_(emails[j : j + _CHUNK]))
+        ):
+            existing[email] = (lead_id, custom or {})
+    enroll_ids: list[int] = [lead_id for lead_id, _ in existing.values()]
     # In slices, so memory holds the cleaned rows once, not several copies of them.
     for i in range(0, len(emails), _SLICE):
-        chunk = emails[i : i + _SLICE]
-        existing: dict[str, tuple[int, dict[str, Any]]] = {}
-        for j in range(0, len(chunk), _CHUNK):
-            for lead_id, email, custom in session.execute(
-                select(Lead.id, Lead.email, Lead.custom).where(
-                    Lead.email.in_(chunk[j : j + _CHUNK])
-                )
-            ):
-                existing[email] = (lead_id, custom or {})
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
-        for email in chunk:
+        for email in emails[i : i + _SLICE]:
             fields = clean.pop(email)
             if email in existing:
                 lead_id, custom = existing[email]
@@ -281,14 +280,11 @@ def import_leads(
             )
         result.imported += len(inserts)
         result.updated += len(updates)
+        new_ids: list[int] = []
         if inserts:
-            session.execute(insert(Lead), inserts)
+            new_ids = list(session.scalars(insert(Lead).returning(Lead.id), inserts))
         if updates:
             session.execute(update(Lead), updates)
-        new_ids: list[int] = []
-        for j in range(0, len(inserts), _CHUNK):
-            new_emails = [r["email"] for r in inserts[j : j + _CHUNK]]
-            new_ids.extend(session.scalars(select(Lead.id).where(Lead.email.in_(new_emails))))
         if new_ids:
             session.execute(
                 insert(LeadEvent),
@@ -298,7 +294,7 @@ def import_leads(
                     for lid in new_ids
                 ],
             )  # fmt: skip
-        enroll_ids += new_ids + [lead_id for lead_id, _ in existing.values()]
+        enroll_ids += new_ids
     if campaign is not None:
         result.enrolled = enroll(session, enroll_ids, campaign, now)
     return result
