@@ -262,3 +262,41 @@ def test_it_stops_between_messages_and_leaves_the_rest_queued(
         assert send_due(app, renderer, mailer) == 7
     assert len(set(smtp_server.recipients())) == len(smtp_server.recipients()) == 10
     app.close()
+
+
+def test_it_skips_public_holidays_in_the_leads_country(sqlite_url: str, tmp_path: Path) -> None:
+    campaign = {
+        "name": "welcome",
+        "skip_holidays": True,
+        "send_window": {
+            "days": ["mon", "tue", "wed", "thu", "fri"],
+            "start": "09:00",
+            "end": "17:00",
+        },
+        "steps": [{"template": "nurture/welcome", "delay": "0d"}],
+    }
+    config = base_config(sqlite_url, tmp_path, campaigns=[campaign])
+    christmas = datetime(2026, 12, 25, 10, 0, tzinfo=UTC)  # a Friday, a holiday in DE, not in JP
+    clock = [christmas]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(
+            s,
+            [(2, {"email": "de@example.org", "country": "DE", "timezone": "Europe/Berlin"}),
+             (3, {"email": "jp@example.org", "country": "JP", "timezone": "Asia/Tokyo"})],
+            clock[0],
+            campaign=config.campaign("welcome"),
+        )  # fmt: skip
+    assert queue_due(app) == 0  # Berlin: Christmas; Tokyo: 19:00, after the window
+    with app.transaction() as s:
+        due = {
+            lead.email: en.next_due
+            for en, lead in s.execute(
+                select(Enrollment, Lead).join(Lead, Lead.id == Enrollment.lead_id)
+            )
+        }
+    # Germany: the 25th and 26th are holidays, then the weekend: Monday the 28th, 09:00 CET.
+    assert due["de@example.org"] == datetime(2026, 12, 28, 8, 0, tzinfo=UTC)
+    # Japan has no holiday on the 28th either; its next open slot is Monday 09:00 JST.
+    assert due["jp@example.org"] == datetime(2026, 12, 28, 0, 0, tzinfo=UTC)
+    app.close()

@@ -9,8 +9,10 @@ counts from the moment this one is queued, so later steps shift rather than pile
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import date, datetime
+from functools import lru_cache
 
+import holidays as holiday_calendars
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -36,6 +38,17 @@ def resume_paused(session: Session, now: datetime) -> int:
         .values(state="active", paused_until=None, updated_at=now)
     )
     return int(getattr(res, "rowcount", 0) or 0)
+
+
+@lru_cache(maxsize=256)
+def public_holidays(country: str | None, year: int) -> frozenset[date]:
+    """Public holidays of a country (ISO 3166 alpha-2) this year and next; empty if unknown."""
+    if not country:
+        return frozenset()
+    try:
+        return frozenset(holiday_calendars.country_holidays(country, years=[year, year + 1]))
+    except NotImplementedError:  # a country the calendar does not know: no days off
+        return frozenset()
 
 
 def lead_zone(lead: Lead, campaign: Campaign) -> str:
@@ -84,7 +97,8 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
         en.state, en.next_due, en.updated_at = "completed", None, now
         return 0
     tz = lead_zone(lead, campaign)
-    slot = next_open_slot(now, campaign.send_window, tz)
+    days_off = public_holidays(lead.country, now.year) if campaign.skip_holidays else frozenset()
+    slot = next_open_slot(now, campaign.send_window, tz, days_off)
     if slot > now:
         en.next_due, en.updated_at = slot, now
         return 0
