@@ -300,3 +300,60 @@ def test_it_skips_public_holidays_in_the_leads_country(sqlite_url: str, tmp_path
     # Japan has no holiday on the 28th either; its next open slot is Monday 09:00 JST.
     assert due["jp@example.org"] == datetime(2026, 12, 28, 0, 0, tzinfo=UTC)
     app.close()
+
+
+def test_it_sends_each_campaign_from_its_mailboxs_identity_and_caps(
+    database_url: str, tmp_path: Path, smtp_server_factory: Any
+) -> None:
+    """A rep's mailbox with its own sender, SMTP account and caps, beside the shared one."""
+    import mailbox as maildir
+
+    shared, own = smtp_server_factory(), smtp_server_factory()
+    maildir.Maildir(tmp_path / "ana-inbox", create=True)
+    config = base_config(
+        database_url,
+        tmp_path,
+        smtp=smtp_section(shared),
+        mailboxes=[
+            {"name": "sales", "kind": "maildir", "path": str(tmp_path / "inbox")},
+            {"name": "ana", "kind": "maildir", "path": str(tmp_path / "ana-inbox"),
+             "from": "Ana Lopez <ana.box@example.com>",
+             "smtp": smtp_section(own, max_per_minute=3)},
+        ],
+        campaigns=[
+            {"name": "welcome", "mailbox": "sales", "send_window": None,
+             "steps": [{"template": "nurture/welcome"}]},
+            {"name": "spain", "mailbox": "ana", "send_window": None,
+             "steps": [{"template": "nurture/welcome"}]},
+        ],
+    )  # fmt: skip
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(5), clock[0], campaign=config.campaign("welcome"))
+        more = [(i + 2, {"email": f"es{i}@empresa{i}.example.org"}) for i in range(5)]
+        import_leads(s, more, clock[0], campaign=config.campaign("spain"))
+        token = s.scalar(select(Lead.reply_token).where(Lead.email == "es0@empresa0.example.org"))
+    worker = Worker(app)
+    worker.run_once()
+    assert len(shared.messages) == 5 and len(own.messages) == 3  # the rep's account: 3 a minute
+    assert {str(m.parsed()["From"]) for m in shared.messages} == {"Acme Sales <sales@example.com>"}
+    first = own.messages[0].parsed()
+    assert str(first["From"]) == "Ana Lopez <ana.box@example.com>"
+    assert str(first["Reply-To"]).startswith("ana.box+")
+    assert own.messages[0].envelope_from.startswith("ana.box+")
+    clock[0] = MONDAY + timedelta(minutes=2)
+    worker.run_once()
+    assert len(own.messages) == 5 and len(shared.messages) == 5
+
+    # A reply to the rep's token address is matched like one to the shared address.
+    (tmp_path / "ana-inbox" / "new" / "1.reply").write_text(
+        f"From: es0@empresa0.example.org\r\nTo: ana.box+{token}@example.com\r\n"
+        "Subject: Re: hola\r\nMessage-ID: <r@empresa0.example.org>\r\n\r\nMe interesa, ¿precio?\r\n"
+    )
+    worker.run_once()
+    with app.transaction() as s:
+        lead = s.scalar(select(Lead).where(Lead.email == "es0@empresa0.example.org"))
+        assert lead is not None and lead.status == "prospect"
+    worker.close()
+    app.close()

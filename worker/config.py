@@ -73,6 +73,27 @@ class Delay:
         return f"{self.amount}{self.unit}"
 
 
+def address_of(from_: str) -> str:
+    """The bare, lower-cased address of a From value such as 'Acme <sales@example.com>'."""
+    m = re.search(r"<([^>]+)>", from_)
+    return (m.group(1) if m else from_).strip().lower()
+
+
+def display_name_of(from_: str) -> str:
+    m = re.match(r'\s*"?([^"<]*?)"?\s*<', from_)
+    return m.group(1).strip() if m else ""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a message is from and which SMTP account carries it (`transport` names it)."""
+
+    address: str
+    name: str
+    transport: str
+    smtp: SmtpConfig | None
+
+
 def _check_security(security: str, host: str | None) -> None:
     if security == "none" and host not in _LOOPBACK:
         raise ValueError(
@@ -126,6 +147,19 @@ class MailboxConfig(Credentials):
     path: Path | None = None
     move_processed: dict[str, str] = Field(default_factory=dict)
     address: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    """The sending identity of campaigns (and reps) naming this mailbox (default: sender.from)."""
+    smtp: SmtpConfig | None = None
+    """Its own SMTP account, with its own caps (default: the top-level smtp)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("from_")
+    @classmethod
+    def _from_has_address(cls, v: str | None) -> str | None:
+        if v is not None and ("@" not in v or "\n" in v or "\r" in v):
+            raise ValueError("needs an address such as 'Ana Lopez <ana@example.com>'")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> MailboxConfig:
@@ -194,13 +228,11 @@ class SenderConfig(_Model):
     @property
     def address(self) -> str:
         """The bare, lower-cased sending address."""
-        m = re.search(r"<([^>]+)>", self.from_)
-        return (m.group(1) if m else self.from_).strip().lower()
+        return address_of(self.from_)
 
     @property
     def display_name(self) -> str:
-        m = re.match(r'\s*"?([^"<]*?)"?\s*<', self.from_)
-        return m.group(1).strip() if m else ""
+        return display_name_of(self.from_)
 
     @property
     def domain(self) -> str:
@@ -382,6 +414,9 @@ class Config(_Model):
         for i, c in enumerate(self.campaigns):
             if c.mailbox is not None and c.mailbox not in names:
                 raise ValueError(f"campaigns[{i}].mailbox: no mailbox named {c.mailbox!r}")
+        for i, r in enumerate(self.reps):
+            if r.mailbox is not None and r.mailbox not in names:
+                raise ValueError(f"reps[{i}].mailbox: no mailbox named {r.mailbox!r}")
         return self
 
     @property
@@ -406,6 +441,33 @@ class Config(_Model):
                 return c
         raise KeyError(name)
 
+    def mailbox(self, name: str | None) -> MailboxConfig | None:
+        return next((m for m in self.mailboxes if m.name == name), None) if name else None
+
+    def identity(self, mailbox: str | None) -> Identity:
+        """The sending identity and SMTP account of a mailbox (or the defaults)."""
+        mb = self.mailbox(mailbox)
+        from_ = mb.from_ if mb is not None and mb.from_ else self.sender.from_
+        own_smtp = mb is not None and mb.smtp is not None
+        return Identity(
+            address=address_of(from_),
+            name=display_name_of(from_),
+            transport=mb.name if own_smtp and mb is not None else "default",
+            smtp=mb.smtp if own_smtp and mb is not None else self.smtp,
+        )
+
+    def transport_mailboxes(self, transport: str) -> tuple[str | None, ...]:
+        """The mailbox names (None: none named) whose mail an SMTP account carries."""
+        if transport != "default":
+            return (transport,)
+        return (None, *(m.name for m in self.mailboxes if m.smtp is None))
+
+    @property
+    def reply_bases(self) -> frozenset[str]:
+        """Local parts our reply-token addresses are built on (`sales` in sales+TOKEN@…)."""
+        froms = [self.sender.from_, *(m.from_ for m in self.mailboxes if m.from_)]
+        return frozenset(address_of(f).rsplit("@", 1)[0] for f in froms)
+
     def rep(self, email: str) -> Rep | None:
         for r in self.reps:
             if r.email == email.lower():
@@ -418,7 +480,7 @@ class Config(_Model):
         out = {self.sender.address}
         out.update(r.email for r in self.reps)
         for m in self.mailboxes:
-            for a in (m.address, m.username):
+            for a in (m.address, m.username, address_of(m.from_) if m.from_ else None):
                 if a and "@" in a:
                     out.add(a.lower())
         return frozenset(out)
@@ -573,20 +635,18 @@ def parse_config(text: str, cfg_path: Path, env: Mapping[str, str]) -> Config:
         db_file = data["database"][len("sqlite:///") :]
         if db_file and not db_file.startswith("/") and db_file != ":memory:":
             data["database"] = f"sqlite:///{(base / db_file).resolve()}"
+
+    def local_path(section: Any) -> None:
+        """Make a section's relative `path` relative to the config file."""
+        path = section.get("path") if isinstance(section, dict) else None
+        if isinstance(path, str) and not Path(path).is_absolute():
+            section["path"] = str((base / path).resolve())
+
     for m in data.get("mailboxes") or []:
-        if (
-            isinstance(m, dict)
-            and isinstance(m.get("path"), str)
-            and not Path(m["path"]).is_absolute()
-        ):
-            m["path"] = str((base / m["path"]).resolve())
-    smtp = data.get("smtp")
-    if (
-        isinstance(smtp, dict)
-        and isinstance(smtp.get("path"), str)
-        and not Path(smtp["path"]).is_absolute()
-    ):
-        smtp["path"] = str((base / smtp["path"]).resolve())
+        local_path(m)
+        if isinstance(m, dict):
+            local_path(m.get("smtp"))
+    local_path(data.get("smtp"))
     data["path"] = cfg_path
     try:
         cfg = Config.model_validate(data)
@@ -639,3 +699,6 @@ def clock_from_env(env: Mapping[str, str] | None = None) -> Clock:
 def env_value(name: str) -> str | None:
     """Read one environment variable (the CLI's `--config` default and such)."""
     return os.environ.get(name)
+
+
+MailboxConfig.model_rebuild()  # it refers to SmtpConfig, defined after it

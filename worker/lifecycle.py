@@ -331,6 +331,7 @@ def promote(
             message_id=new_message_id(config.sender.domain),
             reply_token=lead.reply_token,
             to_addr=lead.email,
+            mailbox=rep.mailbox if from_rep and rep else None,
             in_reply_to=msg.message_id,
             inbound_id=row.id,
             status="queued",

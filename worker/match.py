@@ -42,15 +42,15 @@ class Match:
 NO_MATCH = Match(None, None, "no reply token, none of our Message-IDs, and an unknown sender")
 
 
-def _tokens(addresses: tuple[str, ...], sender_local: str) -> list[str]:
-    """Plus-address tokens of our sending address (`sales+TOKEN@…`) among `addresses`."""
+def _tokens(addresses: tuple[str, ...], bases: frozenset[str]) -> list[str]:
+    """Plus-address tokens of our sending addresses (`sales+TOKEN@…`) among `addresses`."""
     found = []
     for addr in addresses:
         local = addr.rsplit("@", 1)[0].lower()
         if "+" not in local:
             continue
         base, tag = local.split("+", 1)
-        if base != sender_local:
+        if base not in bases:
             continue
         tag = tag.removeprefix("unsubscribe-")
         if _TOKEN.match(tag):
@@ -78,9 +78,8 @@ def match_message(
     if bounce is None and is_internal(msg.from_addr, config):
         return Match(None, None, f"sent by {msg.from_addr}, one of ours: never a lead's reply")
 
-    sender_local = config.sender.address.rsplit("@", 1)[0]
     tokens = ([cls.unsubscribe_token] if cls.unsubscribe_token else []) + _tokens(
-        msg.all_recipients(), sender_local
+        msg.all_recipients(), config.reply_bases
     )
     for token in tokens:
         lead = session.scalar(select(Lead).where(Lead.reply_token == token))

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -44,26 +44,41 @@ class Prepared:
     mailbox: str | None
     message: EmailMessage
     envelope_from: str
+    transport: str = "default"
+    """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
 
 
-def _sent_since(s: Session, since: datetime, domain: str | None = None) -> int:
+def _sent_since(
+    s: Session,
+    since: datetime,
+    domain: str | None = None,
+    mailboxes: tuple[str | None, ...] | None = None,
+) -> int:
     q = select(func.count()).where(OutboundMessage.sent_at >= since)
     if domain is not None:
         q = q.where(OutboundMessage.to_addr.like(f"%@{domain}"), OutboundMessage.kind == "nurture")
+    if mailboxes is not None:
+        named = [m for m in mailboxes if m is not None]
+        cond: ColumnElement[bool] = OutboundMessage.mailbox.in_(named)
+        if None in mailboxes:
+            cond = cond | OutboundMessage.mailbox.is_(None)
+        q = q.where(cond)
     return int(s.scalar(q) or 0)
 
 
-def _budget(s: Session, app: App, now: datetime) -> int:
-    """How many more messages the SMTP account's caps allow right now."""
-    smtp = app.config.smtp
-    budget = CLAIM_BATCH
+def _budget(s: Session, app: App, transport: str, now: datetime) -> int:
+    """How many more messages one SMTP account's caps allow right now."""
+    smtp = app.config.identity(transport if transport != "default" else None).smtp
     if smtp is None:
         return 0
+    mailboxes = app.config.transport_mailboxes(transport)
+    budget = CLAIM_BATCH
     if smtp.max_per_minute:
-        budget = min(budget, smtp.max_per_minute - _sent_since(s, now - timedelta(minutes=1)))
+        sent = _sent_since(s, now - timedelta(minutes=1), mailboxes=mailboxes)
+        budget = min(budget, smtp.max_per_minute - sent)
     if smtp.max_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        budget = min(budget, smtp.max_per_day - _sent_since(s, day))
+        budget = min(budget, smtp.max_per_day - _sent_since(s, day, mailboxes=mailboxes))
     return max(budget, 0)
 
 
@@ -76,14 +91,11 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
     now = app.now()
     out: list[Prepared] = []
     with app.transaction() as s:
-        n = min(limit, _budget(s, app, now))
-        if n <= 0:
-            return []
         rows = s.scalars(
             select(OutboundMessage)
             .where(OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
-            .limit(n)
+            .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
         if not rows:
@@ -108,6 +120,7 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
                 .execution_options(synchronize_session=False)
             )
         )
+        budgets: dict[str, int] = {}
         for row in rows:
             if row.id not in claimed:
                 continue
@@ -115,6 +128,15 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
             set_committed_value(row, "status", "sending")
             set_committed_value(row, "attempts", row.attempts + 1)
             set_committed_value(row, "next_attempt_at", lease)
+            transport = app.config.identity(row.mailbox).transport
+            if transport not in budgets:
+                budgets[transport] = _budget(s, app, transport, now)
+            if budgets[transport] <= 0:
+                # This account's cap is reached: the row waits for the next minute.
+                row.status, row.attempts = "queued", row.attempts - 1
+                row.next_attempt_at = now + timedelta(minutes=1)
+                continue
+            budgets[transport] -= 1
             prepared = _prepare(s, app, renderer, row, now)
             if prepared is not None:
                 out.append(prepared)
@@ -153,11 +175,13 @@ def _prepare(
         logger.error("cannot build %s for %s: %s", row.template, row.to_addr, e)
         return None
     row.subject = str(message["Subject"])
-    sender = app.config.sender
-    envelope = sender.address
-    if row.kind == "nurture" and sender.reply_token and row.reply_token:
-        envelope = reply_address(sender.address, row.reply_token)  # VERP: bounces carry the token
-    return Prepared(row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, envelope)
+    me = app.config.identity(row.mailbox)
+    envelope = me.address
+    if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
+        envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
+    return Prepared(
+        row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, envelope, me.transport
+    )
 
 
 def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> str | None:
@@ -181,9 +205,10 @@ def _build(
     config = app.config
     sender = config.sender
     ctx: dict[str, Any] = dict(row.context or {})
+    me = config.identity(row.mailbox)
     sender_block = {
-        "name": sender.display_name or sender.address,
-        "address": sender.address,
+        "name": me.name or me.address,
+        "address": me.address,
         "postal_address": sender.postal_address,
     }
     token = row.reply_token or lead.reply_token
@@ -198,12 +223,12 @@ def _build(
         ctx.setdefault("campaign", {"name": row.campaign})
         ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
     rendered = renderer.render(row.template, ctx)
-    from_addr, from_name = sender.address, sender.display_name
+    from_addr, from_name = me.address, me.name
     reply_to: str | None = None
     attachments: list[Attachment] = []
     to_name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
     if row.kind == "nurture":
-        reply_to = reply_address(sender.address, token) if sender.reply_token else None
+        reply_to = reply_address(me.address, token) if sender.reply_token else None
     elif row.kind == "handoff":
         rep = ctx.get("rep") or {}
         to_name = str(rep.get("name", ""))
@@ -245,7 +270,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
     from worker.lifecycle import bounce_lead
 
     now = app.now()
-    smtp = app.config.smtp
+    smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5
     with app.transaction() as s:
         row = s.get(OutboundMessage, item.row_id)
@@ -288,10 +313,11 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
 def send_due(
     app: App,
     renderer: Renderer,
-    mailer: Mailer,
+    mailer: Mailer | None,
     sent_copy: SentCopy | None = None,
     limit: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    mailer_for: Callable[[str], Mailer] | None = None,
 ) -> int:
     """Send everything due now (respecting the caps); returns how many were sent.
 
@@ -309,7 +335,15 @@ def send_due(
             if should_stop():
                 unclaim(app, batch[n:])
                 break
-            result = mailer.send(item.message, item.envelope_from, [item.to_addr])
+            via = (
+                mailer
+                if item.transport == "default" or mailer_for is None
+                else mailer_for(item.transport)
+            )
+            if via is None:  # no SMTP account for it (claim gives such rows no budget)
+                unclaim(app, [item])
+                continue
+            result = via.send(item.message, item.envelope_from, [item.to_addr])
             record(app, item, result)
             if result.status == "sent":
                 sent += 1

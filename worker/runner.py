@@ -95,7 +95,7 @@ class Worker:
         self._recovered = False
         self._fair = len(self.mailboxes)
         self._limit: int | None = None
-        self._mailer: Mailer | None = None
+        self._mailers: dict[str, Mailer] = {}
         self._closing = threading.Event()
         self._renewer: threading.Thread | None = None
         if self._lock is None and self.mailboxes:
@@ -248,20 +248,29 @@ class Worker:
 
     def _send(self, result: PassResult) -> None:
         result.queued = queue_due(self.app)
-        if self.app.config.smtp is None:
+        config = self.app.config
+        if config.smtp is None and not any(m.smtp for m in config.mailboxes):
             return
-        if self._mailer is None:
-            self._mailer = Mailer(self.app.config.smtp)  # one connection, reused across passes
         result.sent = send_due(
             self.app,
             self.renderer,
-            self._mailer,
+            self._mailer_for("default") if config.smtp is not None else None,
             self._sent_copy,
             limit=self._limit,
             should_stop=self.stop.is_set,
+            mailer_for=self._mailer_for,
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
+
+    def _mailer_for(self, transport: str) -> Mailer:
+        """One SMTP connection per account, reused across passes."""
+        if transport not in self._mailers:
+            smtp = self.app.config.identity(None if transport == "default" else transport).smtp
+            if smtp is None:  # rows are claimed only for accounts that exist
+                raise RuntimeError(f"no SMTP account for {transport!r}")
+            self._mailers[transport] = Mailer(smtp)
+        return self._mailers[transport]
 
     def _sent_copy(self, mailbox: str | None, raw: bytes) -> None:
         mb = next((m for m in self.mailboxes if m.cfg.name == mailbox), None)
@@ -333,10 +342,10 @@ class Worker:
         self._closing.set()
         if self._renewer is not None:
             self._renewer.join(5)
-        if self._mailer is not None:
+        for mailer in self._mailers.values():
             with contextlib.suppress(Exception):
-                self._mailer.close()
-            self._mailer = None
+                mailer.close()
+        self._mailers.clear()
         for mb in self.mailboxes:
             with contextlib.suppress(Exception):  # closing a dead connection
                 mb.source.close()
