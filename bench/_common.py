@@ -6,6 +6,7 @@ Nothing here is timed by itself; each benchmark says what it measures.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -486,3 +487,19 @@ def emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
         print(json.dumps(result, indent=2))
     else:
         print("\n".join(lines))
+
+
+def smtp_sink(handler: Any) -> Any:
+    """An aiosmtpd server on 127.0.0.1 and a free port, started; `.port`, `.stop()`."""
+    from aiosmtpd.controller import Controller
+
+    class _Ctl(Controller):
+        def _trigger_server(self) -> None:
+            # Port 0 asks the OS for a free port; learn which before probing it.
+            assert isinstance(self.server, asyncio.Server)
+            self.port = self.server.sockets[0].getsockname()[1]
+            super()._trigger_server()  # type: ignore[no-untyped-call]
+
+    ctl = _Ctl(handler, hostname="127.0.0.1", port=0)
+    ctl.start()
+    return ctl

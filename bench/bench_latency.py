@@ -19,7 +19,6 @@ floor any IDLE-based worker sits on; the ratio is twoway p50 / IDLE p50.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import shutil
@@ -45,6 +44,7 @@ from _common import (
     dovecot,
     emit,
     human_reply,
+    smtp_sink,
 )
 
 TARGET_P95_S = 2.0
@@ -70,17 +70,7 @@ class _Recorder:
 
 
 def _smtp_server(handler: _Recorder) -> Any:
-    from aiosmtpd.controller import Controller
-
-    class _Ctl(Controller):
-        def _trigger_server(self) -> None:
-            assert isinstance(self.server, asyncio.Server)
-            self.port = self.server.sockets[0].getsockname()[1]
-            super()._trigger_server()  # type: ignore[no-untyped-call]
-
-    ctl = _Ctl(handler, hostname="127.0.0.1", port=0)
-    ctl.start()
-    return ctl
+    return smtp_sink(handler)
 
 
 class _IdleWatcher(threading.Thread):

@@ -32,7 +32,6 @@ Dovecot and the SMTP sink all share the same cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -68,6 +67,7 @@ from _common import (
     lead_email,
     machine,
     scratch_pg_database,
+    smtp_sink,
     throwaway_postgres,
 )
 
@@ -93,18 +93,7 @@ class _Sink:
 
 
 def _smtp_server(handler: _Sink) -> Any:
-    from aiosmtpd.controller import Controller
-
-    class _Ctl(Controller):
-        def _trigger_server(self) -> None:
-            # Port 0 asks the OS for a free port; learn which before probing it.
-            assert isinstance(self.server, asyncio.Server)
-            self.port = self.server.sockets[0].getsockname()[1]
-            super()._trigger_server()  # type: ignore[no-untyped-call]
-
-    ctl = _Ctl(handler, hostname="127.0.0.1", port=0)
-    ctl.start()
-    return ctl
+    return smtp_sink(handler)
 
 
 # --- one run ---------------------------------------------------------------------------
