@@ -274,3 +274,23 @@ def test_it_classifies_or_quarantines_every_mutated_message_in_a_whole_pass(
     assert r.processed + r.duplicates + r.quarantined == len(picks)
     assert count(app, InboundMessage) + count(app, Quarantine) == r.processed + r.quarantined
     app.close()
+
+
+def test_it_files_processed_mail_into_folders_only_when_configured(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str
+) -> None:
+    from tests import mails
+
+    dovecot.create_folder(imap_user, "Newsletters")
+    dovecot.append(imap_user, "INBOX", human(1))
+    dovecot.append(imap_user, "INBOX", mails.newsletter("sales@example.com", NOW))
+    app = imap_app(sqlite_url, tmp_path, dovecot, imap_user, move_processed={"bulk": "Newsletters"})
+    worker = Worker(app)
+    result = worker.run_once()
+    worker.close()
+    assert result.inbound.kinds == {"reply": 1, "bulk": 1}
+    assert len(dovecot.uids(imap_user, "INBOX")) == 1  # the human's message stays put
+    assert len(dovecot.uids(imap_user, "Newsletters")) == 1  # the newsletter was filed
+    with app.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(InboundMessage)) == 2
+    app.close()
