@@ -99,16 +99,17 @@ def record_event(
         lead.updated_at = at
     # A plain INSERT: events are written on every message and never read back here.
     session.execute(
-        insert(LeadEvent).values(
-            lead_id=lead.id,
-            at=at,
-            type=type_,
-            from_status=from_status if to_status is not None else None,
-            to_status=to_status,
-            cause=cause,
-            detail=detail or {},
-            inbound_id=inbound_id,
-        )
+        insert(LeadEvent),  # parameters apart: the compiled statement is cached
+        {
+            "lead_id": lead.id,
+            "at": at,
+            "type": type_,
+            "from_status": from_status if to_status is not None else None,
+            "to_status": to_status,
+            "cause": cause,
+            "detail": detail or {},
+            "inbound_id": inbound_id,
+        },
     )
 
 
