@@ -335,3 +335,29 @@ def test_it_changes_nothing_when_the_same_message_arrives_twice(world: dict[str,
     with world["app"].transaction() as s:
         handoffs = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "handoff")).all()
         assert len(handoffs) == 1
+
+
+def test_it_tells_the_owner_of_every_later_reply_once(world: dict[str, Any]) -> None:
+    worker: Worker = world["worker"]
+    smtp: SmtpServer = world["smtp"]
+    worker.run_once()
+    sent = {k: v[0] for k, v in by_recipient(smtp).items()}
+    first = mails.reply(sent["lead0@company0.example.org"], "Send pricing please", START)
+    world["dovecot"].append(world["user"], "INBOX", first)
+    worker.run_once()
+    later = mails.reply(
+        sent["lead0@company0.example.org"],
+        "Also: can we start in March?",
+        START + timedelta(hours=3),
+    )
+    world["dovecot"].append(world["user"], "INBOX", later)
+    worker.run_once()
+    worker.run_once()  # nothing more
+    to_ana = by_recipient(smtp)["ana@example.com"]
+    subjects = [str(m["Subject"]) for m in to_ana]
+    assert len(subjects) == 2 and subjects[0].startswith("New prospect: Lead0 Tester")
+    assert subjects[1] == "New reply from Lead0 Tester (Company 0), your prospect"
+    body = to_ana[1].get_body(("plain",))
+    assert body is not None and "start in March" in body.get_content()
+    assert "already your prospect" in body.get_content()
+    assert str(to_ana[1]["Reply-To"]) == "lead0@company0.example.org"

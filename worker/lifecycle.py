@@ -19,6 +19,7 @@ from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign
 from worker.classify import Classification
 from worker.compose import new_message_id
+from worker.config import Rep
 from worker.leads import cancel_queued, enroll, lead_fields, new_token, record_event, stop_nurture
 from worker.match import Match
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
@@ -231,6 +232,12 @@ def _reply(
     if lead.status not in PROMOTABLE:
         if lead.status in ("prospect", "customer"):
             record_event(s, lead, "replied", f"{cause}: another reply", now, inbound_id=row.id)
+            # The rep hears of every reply that lands in our mailbox, not only the first.
+            owner = app.config.rep(lead.owner) if lead.owner else None
+            why = f"{owner.name} owns this prospect" if owner else "no rep owns this prospect"
+            _queue_handoff(
+                s, app, lead, msg, cls, match, row, now, _rep_block(app, owner), why, again=True
+            )
         return
     result = qualify(LeadFacts.of(lead), cls.reply_text or msg.text, app.config.qualification)
     lead.score = result.score
@@ -273,46 +280,8 @@ def promote(
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
     _account_awareness(s, app, lead, rep.email if rep else None, now)
-    rep_block = (
-        {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
-        if rep
-        else {"name": "Sales team", "email": config.sender.address, "first_name": "team"}
-    )
-    reply_block = {
-        "subject": msg.subject,
-        "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
-        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
-        "text": cls.reply_text or msg.text.strip(),
-    }
-    handoff_ctx: dict[str, Any] = {
-        "rep": rep_block,
-        "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
-        "qualification": lead.qualification or {"score": lead.score, "checklist": []},
-        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
-        "reply": reply_block,
-        "reply_text": reply_block["text"],
-        "thread": _thread(s, lead, row),
-        "assignment_reason": a.reason,
-    }
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"handoff:{row.id}",
-            kind="handoff",
-            lead_id=lead.id,
-            template=config.handoff.template,
-            message_id=new_message_id(config.sender.domain),
-            to_addr=rep_block["email"],
-            inbound_id=row.id,
-            status="queued",
-            attempts=0,
-            next_attempt_at=now,
-            context=handoff_ctx,
-            created_at=now,
-        )
-    )
-    record_event(
-        s, lead, "handoff_queued", f"handoff to {rep_block['email']}", now, inbound_id=row.id
-    )
+    rep_block = _rep_block(app, rep)
+    reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
     fu = config.handoff.follow_up
     if fu is None or not msg.message_id:
         return
@@ -339,7 +308,7 @@ def promote(
             next_attempt_at=add_delay(now, fu.delay, lead.timezone or "UTC"),
             context={
                 "rep": rep_block,
-                "reply": {"subject": msg.subject, "text": reply_block["text"]},
+                "reply": {"subject": msg.subject, "text": reply_text},
                 "references": [*msg.references, msg.message_id][-20:],
                 "subject_override": f"Re: {subject}" if subject else "Re: your reply",
                 "from_addr": rep.email if from_rep and rep else config.sender.address,
@@ -351,6 +320,63 @@ def promote(
     record_event(
         s, lead, "followup_queued", "in-thread answer to the prospect", now, inbound_id=row.id
     )
+
+
+def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
+    """The `rep` templates see; the sales team's address when no rep could be assigned."""
+    if rep is not None:
+        return {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
+    return {"name": "Sales team", "email": app.config.sender.address, "first_name": "team"}
+
+
+def _queue_handoff(
+    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
+    row: InboundMessage, now: datetime, rep_block: dict[str, str], reason: str,
+    *, again: bool = False,
+) -> str:  # fmt: skip
+    """Queue the email that hands this reply to the rep (once per inbound message).
+
+    `again`: the lead already is the rep's prospect and wrote once more. Returns the
+    reply text the email quotes.
+    """
+    reply_block = {
+        "subject": msg.subject,
+        "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
+        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
+        "text": cls.reply_text or msg.text.strip(),
+    }
+    context: dict[str, Any] = {
+        "rep": rep_block,
+        "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
+        "qualification": lead.qualification or {"score": lead.score, "checklist": []},
+        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
+        "reply": reply_block,
+        "reply_text": reply_block["text"],
+        "thread": _thread(s, lead, row),
+        "assignment_reason": reason,
+        "again": again,
+    }
+    s.add(
+        OutboundMessage(
+            idempotency_key=f"handoff:{row.id}",
+            kind="handoff",
+            lead_id=lead.id,
+            template=app.config.handoff.template,
+            message_id=new_message_id(app.config.sender.domain),
+            to_addr=rep_block["email"],
+            inbound_id=row.id,
+            status="queued",
+            attempts=0,
+            next_attempt_at=now,
+            context=context,
+            created_at=now,
+        )
+    )
+    what = "new reply" if again else "handoff"
+    record_event(
+        s, lead, "handoff_queued", f"{what} to {rep_block['email']}", now, inbound_id=row.id
+    )
+    return str(reply_block["text"])
 
 
 def _why_two_way(match: Match, cls: Classification) -> str:
