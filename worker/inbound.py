@@ -133,7 +133,12 @@ def process_message(
     except _Quarantine as q:
         _quarantine(app, mb, fetched, q.reason, now)
         result.quarantined += 1
-    except IntegrityError:
+    except IntegrityError as e:
+        if not _is_duplicate(e):
+            logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
+            _quarantine(app, mb, fetched, f"processing failed: {e.orig or e}", now)
+            result.quarantined += 1
+            return
         # Another worker recorded the same message at the same moment: it is done.
         with app.transaction() as s:
             _advance(s, mb.name, fetched)
@@ -142,6 +147,15 @@ def process_message(
         logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
         _quarantine(app, mb, fetched, f"processing failed: {e.__class__.__name__}: {e}", now)
         result.quarantined += 1
+
+
+def _is_duplicate(e: IntegrityError) -> bool:
+    """Whether the error is the (mailbox, Message-ID) uniqueness of inbound messages."""
+    text = str(e.orig)
+    return (
+        "uq_inbound_dedupe" in text
+        or "inbound_messages.mailbox, inbound_messages.message_id" in text
+    )
 
 
 class _Quarantine(Exception):
