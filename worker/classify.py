@@ -122,6 +122,16 @@ _AUTO_BODY_RE = re.compile(
     r"(?:verify|confirm)\s+your\s+(?:email\s+)?address\s+(?:to|so)\s+(?:deliver|complete)"
 )
 _REPLY_PREFIX_RE = re.compile(r"(?i)\s*(?:re|aw|sv|antw|r|rif|réf|ref)\s*:")
+
+
+def strip_reply_prefixes(subject: str) -> str:
+    """The subject without its leading reply prefixes ("Re: AW: Offer" -> "Offer")."""
+    subject = subject.strip()
+    while m := _REPLY_PREFIX_RE.match(subject):
+        subject = subject[m.end() :].strip()
+    return subject
+
+
 _TICKET_SUBJECT_RE = re.compile(
     r"(?i)\[?(?:#|ticket\s*#?|request\s*#?|case\s*#?)\s*\d{3,}\]?|\[request\s+received\]"
 )

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign
-from worker.classify import Classification
+from worker.classify import Classification, strip_reply_prefixes
 from worker.compose import new_message_id
 from worker.config import Rep
 from worker.leads import cancel_queued, enroll, lead_fields, new_token, record_event, stop_nurture
@@ -288,9 +288,7 @@ def promote(
     from worker.schedule import add_delay
 
     from_rep = fu.from_ == "rep" and rep is not None
-    subject = msg.subject.strip()
-    while subject.lower().startswith(("re:", "aw:", "sv:", "antw:")):
-        subject = subject.split(":", 1)[1].strip()
+    subject = strip_reply_prefixes(msg.subject)
     s.add(
         OutboundMessage(
             idempotency_key=f"followup:{row.id}",
