@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,11 @@ pytest_plugins = ["tests.imap_server", "tests.smtp_server"]
 
 PG_URL = os.environ.get("TWOWAY_TEST_PG_URL")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def twoway_cmd(cfg: Path, *args: str) -> list[str]:
+    """The command line of `twoway --config CFG ARGS…`, as a user runs it (a subprocess)."""
+    return [sys.executable, "-m", "worker", "--config", str(cfg), *args]
 
 
 def _pg_schema_url(base: str) -> Iterator[str]:

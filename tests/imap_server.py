@@ -250,19 +250,22 @@ class DovecotServer:
         with self.client(user) as c:
             c.delete_folder(folder)
 
-    def mailbox_config(self, user: str, **overrides: Any) -> MailboxConfig:
-        """A plain (security: none) IMAP mailbox config for `user` on this server."""
-        fields: dict[str, Any] = {
-            "name": user.split("@")[0],
+    def mailbox_section(self, user: str, name: str = "sales", **overrides: Any) -> dict[str, Any]:
+        """The `mailboxes[]` entry (YAML-ready) that reads `user` here over plain IMAP."""
+        return {
+            "name": name,
             "kind": "imap",
             "host": self.host,
             "port": self.port,
             "security": "none",
             "username": user,
             "password": self.users.get(user, PASSWORD),
-            "timeout": 10,
-            "address": user,
+            **overrides,
         }
+
+    def mailbox_config(self, user: str, **overrides: Any) -> MailboxConfig:
+        """A plain (security: none) IMAP mailbox config for `user` on this server."""
+        fields = self.mailbox_section(user, user.split("@")[0], timeout=10, address=user)
         fields.update(overrides)
         return MailboxConfig.model_validate(fields)
 

@@ -106,6 +106,10 @@ class SmtpServer:
 
     def config(self, **overrides: Any) -> SmtpConfig:
         """An SmtpConfig pointing at this server (with the test login when auth is on)."""
+        return SmtpConfig.model_validate(self.section(**overrides))
+
+    def section(self, **overrides: Any) -> dict[str, Any]:
+        """The `smtp` config section (YAML-ready) pointing at this server."""
         data: dict[str, Any] = {
             "kind": "smtp",
             "host": HOST,
@@ -118,7 +122,7 @@ class SmtpServer:
         if self.auth:
             data.update(username=USER, password=PASSWORD)
         data.update(overrides)
-        return SmtpConfig.model_validate(data)
+        return data
 
     # --- reading what arrived ---------------------------------------------------------
 

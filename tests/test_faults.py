@@ -13,7 +13,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import ROOT
+from tests.conftest import ROOT, twoway_cmd
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -58,10 +57,9 @@ def write_config(
         "database": sqlite_url,
         "templates_dir": str(ROOT / "templates"),
         "mailboxes": [
-            {"name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port, "security": "none",
-             "username": user, "password": dovecot.users[user], "batch_size": 25, "idle": True, "poll_interval": 2}
+            dovecot.mailbox_section(user, batch_size=25, idle=True, poll_interval=2)
         ],
-        "smtp": {"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "security": "none", "timeout": 5},
+        "smtp": smtp.section(),
         "sender": {"from": "Acme Sales <sales@example.com>"},
         "internal_domains": ["example.com"],
         "campaigns": [{"name": "welcome", "send_window": None,
@@ -75,7 +73,7 @@ def write_config(
 
 def run_once(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"],
+        twoway_cmd(cfg, "run", "--once"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -137,7 +135,7 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
             assert delivered[message_id] == 1
     assert Counter(k for _, _, k in rows_out)["handoff"] == replies  # one per promotion
     status = subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "status", "--json"],
+        twoway_cmd(cfg, "status", "--json"),
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     reported = json.loads(status.stdout)
@@ -181,7 +179,7 @@ def test_it_reconnects_when_dovecot_restarts_under_idle(
     app = App.open(load_config(cfg, env={}), lambda: NOW)
     log = (tmp_path / "worker.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--log-format", "json"],
+        twoway_cmd(cfg, "run", "--log-format", "json"),
         env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -272,14 +270,13 @@ def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
     """A row left in `sending` is `sent` when the Sent folder has it, else `unknown`: never resent."""
     from worker.runner import Worker
 
-    mailbox = {"name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port, "security": "none",
-               "username": imap_user, "password": dovecot.users[imap_user], "sent_folder": "Sent"}  # fmt: skip
+    mailbox = dovecot.mailbox_section(imap_user, sent_folder="Sent")
     dovecot.create_folder(imap_user, "Sent")
     from tests.conftest import base_config
 
     config = base_config(
         sqlite_url, tmp_path, mailboxes=[mailbox],
-        smtp={"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"},
+        smtp=smtp_server.section(),
     )  # fmt: skip
     app = App.open(config, lambda: NOW)
     with app.transaction() as s:
@@ -365,7 +362,7 @@ def test_it_rides_out_a_postgresql_restart(
     app.engine.dispose()
     log = (tmp_path / "worker.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--log-format", "json"],
+        twoway_cmd(cfg, "run", "--log-format", "json"),
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from tests.conftest import ROOT, base_config
+from tests.conftest import ROOT, base_config, twoway_cmd
 from tests.fuzz import examples
 from tests.imap_server import DovecotServer
 from worker.app import App
@@ -46,10 +45,7 @@ def human(i: int, body: str = "Hello, could you tell me more about pricing?") ->
 def imap_app(
     database_url: str, tmp_path: Path, dovecot: DovecotServer, user: str, **box: Any
 ) -> App:
-    mailbox = {
-        "name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port, "security": "none",
-        "username": user, "password": dovecot.users[user], "idle": False, **box,
-    }  # fmt: skip
+    mailbox = dovecot.mailbox_section(user, idle=False, **box)
     config = base_config(database_url, tmp_path, mailboxes=[mailbox], campaigns=[])
     return App.open(config, lambda: NOW)
 
@@ -116,24 +112,13 @@ def test_it_loses_nothing_and_repeats_nothing_when_killed_mid_sync(
             {
                 "database": sqlite_url,
                 "templates_dir": str(ROOT / "templates"),
-                "mailboxes": [
-                    {
-                        "name": "sales",
-                        "kind": "imap",
-                        "host": "127.0.0.1",
-                        "port": dovecot.port,
-                        "security": "none",
-                        "username": imap_user,
-                        "password": dovecot.users[imap_user],
-                        "batch_size": 100,
-                    }
-                ],
+                "mailboxes": [dovecot.mailbox_section(imap_user, batch_size=100)],
                 "sender": {"from": "Acme Sales <sales@example.com>"},
             }
         )
     )
     env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
-    cmd = [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"]
+    cmd = twoway_cmd(cfg, "run", "--once")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while count(app, InboundMessage) < 200 and time.monotonic() < deadline:

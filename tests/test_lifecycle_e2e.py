@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import base_config, base_config_data
+from tests.conftest import base_config, base_config_data, twoway_cmd
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -65,23 +64,8 @@ def world(
     imap_user: str,
     smtp_server: SmtpServer,
 ) -> Iterator[dict[str, Any]]:
-    smtp = {
-        "kind": "smtp",
-        "host": "127.0.0.1",
-        "port": smtp_server.port,
-        "security": "none",
-        "timeout": 5,
-    }
-    mailbox = {
-        "name": "sales",
-        "kind": "imap",
-        "host": "127.0.0.1",
-        "port": dovecot.port,
-        "security": "none",
-        "username": imap_user,
-        "password": dovecot.users[imap_user],
-        "idle": False,
-    }
+    smtp = smtp_server.section()
+    mailbox = dovecot.mailbox_section(imap_user, idle=False)
     config = base_config(database_url, tmp_path, mailboxes=[mailbox], smtp=smtp)
     clock = [START]
     app = App.open(config, lambda: clock[0])
@@ -112,12 +96,8 @@ def killed_world(
 ) -> Iterator[dict[str, Any]]:
     """The same world, but each pass is `twoway run --once` SIGKILLed at random points
     (zero to two times) and then run again to completion."""
-    mailbox = {
-        "name": "sales", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port,
-        "security": "none", "username": imap_user, "password": dovecot.users[imap_user],
-        "idle": False, "batch_size": 2,
-    }  # fmt: skip
-    smtp = {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"}
+    mailbox = dovecot.mailbox_section(imap_user, idle=False, batch_size=2)
+    smtp = smtp_server.section()
     data = base_config_data(sqlite_url, tmp_path, mailboxes=[mailbox], smtp=smtp)
     cfg = tmp_path / "twoway.yaml"
     cfg.write_text(yaml.safe_dump(data))
@@ -132,7 +112,7 @@ def killed_world(
     def run_pass(at: datetime) -> None:
         clock[0] = at
         env = {**os.environ, "TWOWAY_NOW": at.isoformat()}
-        cmd = [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"]
+        cmd = twoway_cmd(cfg, "run", "--once")
         first = at == START  # step 1 goes out whole: the kills come between the steps
         for _ in range(0 if first else rng.randint(1, 2)):
             proc = subprocess.Popen(

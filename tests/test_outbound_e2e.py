@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from sqlalchemy import select
 
-from tests.conftest import ROOT, base_config
+from tests.conftest import ROOT, base_config, twoway_cmd
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import Config
@@ -26,17 +25,6 @@ from worker.runner import Worker
 from worker.sequences import queue_due
 
 MONDAY = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
-
-
-def smtp_section(server: SmtpServer, **extra: Any) -> dict[str, Any]:
-    return {
-        "kind": "smtp",
-        "host": "127.0.0.1",
-        "port": server.port,
-        "security": "none",
-        "timeout": 5,
-        **extra,
-    }
 
 
 def rows(n: int, **fields: str) -> list[tuple[int, dict[str, str | None]]]:
@@ -50,7 +38,7 @@ def open_app(config: Config, clock: list[datetime]) -> App:
 def test_it_sends_each_step_once_and_only_to_leads_still_in_lead(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
-    config = base_config(database_url, tmp_path, smtp=smtp_section(smtp_server))
+    config = base_config(database_url, tmp_path, smtp=smtp_server.section())
     clock = [MONDAY]
     app = open_app(config, clock)
     with app.transaction() as s:
@@ -145,7 +133,7 @@ def test_it_honours_the_send_window_in_each_leads_time_zone(
 def test_it_retries_temporary_failures_and_never_a_permanent_one(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
-    config = base_config(database_url, tmp_path, smtp=smtp_section(smtp_server, max_attempts=5))
+    config = base_config(database_url, tmp_path, smtp=smtp_server.section(max_attempts=5))
     clock = [MONDAY]
     app = open_app(config, clock)
     with app.transaction() as s:
@@ -175,7 +163,7 @@ def test_it_retries_temporary_failures_and_never_a_permanent_one(
 
 def _run_once(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--once"],
+        twoway_cmd(cfg, "run", "--once"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -188,7 +176,7 @@ def test_it_never_sends_twice_when_killed_mid_batch(
     data: dict[str, Any] = {
         "database": sqlite_url,
         "templates_dir": str(ROOT / "templates"),
-        "smtp": smtp_section(smtp_server),
+        "smtp": smtp_server.section(),
         "sender": {"from": "Acme Sales <sales@example.com>"},
         "campaigns": [
             {"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}
@@ -227,7 +215,7 @@ def test_it_never_sends_twice_when_killed_mid_batch(
         assert (addr in got) == (st == "sent") or st == "unknown"
     assert set(got) | unknown == set(states)  # each one delivered once, or reported unknown
     status = subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(cfg), "status"],
+        twoway_cmd(cfg, "status"),
         env=env,
         capture_output=True,
         text=True,
@@ -243,7 +231,7 @@ def test_it_stops_between_messages_and_leaves_the_rest_queued(
     from worker.outbox import send_due
     from worker.rendering import Renderer
 
-    config = base_config(sqlite_url, tmp_path, smtp=smtp_section(smtp_server))
+    config = base_config(sqlite_url, tmp_path, smtp=smtp_server.section())
     clock = [MONDAY]
     app = open_app(config, clock)
     with app.transaction() as s:
@@ -313,12 +301,12 @@ def test_it_sends_each_campaign_from_its_mailboxs_identity_and_caps(
     config = base_config(
         database_url,
         tmp_path,
-        smtp=smtp_section(shared),
+        smtp=shared.section(),
         mailboxes=[
             {"name": "sales", "kind": "maildir", "path": str(tmp_path / "inbox")},
             {"name": "ana", "kind": "maildir", "path": str(tmp_path / "ana-inbox"),
              "from": "Ana Lopez <ana.box@example.com>",
-             "smtp": smtp_section(own, max_per_minute=3)},
+             "smtp": own.section(max_per_minute=3)},
         ],
         campaigns=[
             {"name": "welcome", "mailbox": "sales", "send_window": None,

@@ -51,7 +51,7 @@ def setup(
                 "idle": True, "poll_interval": 30,
             }
         ],
-        "smtp": {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"},
+        "smtp": smtp_server.section(),
         "sender": {"from": "Acme Sales <sales@example.com>"},
         "internal_domains": ["example.com"],
         "campaigns": [{"name": "welcome", "mailbox": "sales", "send_window": None,
@@ -158,7 +158,7 @@ def test_it_reads_a_reply_while_a_large_send_backlog_goes_out(
     from tests.conftest import base_config
     from worker.runner import PASS_LIMIT, Worker
 
-    smtp = {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"}
+    smtp = smtp_server.section()
     config = base_config(sqlite_url, tmp_path, smtp=smtp)
     app = App.open(config, clock_from_env({}))
     rows = [(i + 2, {"email": f"lead{i}@c{i}.example.org"}) for i in range(PASS_LIMIT * 3)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import PG_URL, ROOT, _pg_schema_url
+from tests.conftest import PG_URL, ROOT, _pg_schema_url, twoway_cmd
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -59,12 +58,10 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
         "database": "sqlite:///unused.db",  # TWOWAY_DATABASE_URL gives the PostgreSQL one
         "templates_dir": str(ROOT / "templates"),
         "mailboxes": [
-            {"name": f"box{i}", "kind": "imap", "host": "127.0.0.1", "port": dovecot.port,
-             "security": "none", "username": u, "password": dovecot.users[u], "idle": True,
-             "poll_interval": 1, "address": u}
+            dovecot.mailbox_section(u, f"box{i}", idle=True, poll_interval=1, address=u)
             for i, u in enumerate(users)
         ],
-        "smtp": {"kind": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "security": "none"},
+        "smtp": smtp_server.section(),
         "sender": {"from": "Acme Sales <sales@example.com>"},
         "internal_domains": ["example.com"],
         "campaigns": [{"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}],
@@ -82,7 +79,7 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
     with app.transaction() as s:
         import_leads(s, rows, app.now(), campaign=config.campaign("welcome"))
 
-    cmd = [sys.executable, "-m", "worker", "--config", str(cfg), "run", "--log-format", "json"]
+    cmd = twoway_cmd(cfg, "run", "--log-format", "json")
     logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(3)]
     workers = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     try:
