@@ -80,8 +80,11 @@ def counts(db_path: str) -> tuple[int, int, int]:
     """(inbound messages recorded, quarantined, prospects), read while a writer holds the
     lock (a plain WAL reader; twoway's own sessions always take the write lock)."""
     conn = sqlite3.connect(db_path, timeout=30)
+
+    def one(query: str) -> int:
+        return int(conn.execute(query).fetchone()[0])
+
     try:
-        one = lambda q: int(conn.execute(q).fetchone()[0])  # noqa: E731
         return (
             one("SELECT count(*) FROM inbound_messages"),
             one("SELECT count(*) FROM quarantine"),
