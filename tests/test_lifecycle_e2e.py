@@ -36,7 +36,11 @@ from worker.status import collect_status
 START = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 
-def lead_rows() -> list[tuple[int, dict[str, str | None]]]:
+def lead(i: int) -> str:
+    return f"lead{i}@company{i}.example.org"
+
+
+def lead_rows() -> list[tuple[int, dict[str, str]]]:
     rows = []
     for i in range(20):
         rows.append(
@@ -171,7 +175,6 @@ def scenario(world: dict[str, Any]) -> None:
 
     at = START + timedelta(hours=1)
     back = (START + timedelta(days=9)).date()
-    lead = lambda i: f"lead{i}@company{i}.example.org"  # noqa: E731
     inbox = [
         mails.reply(sent[lead(0)], "Yes please, send me pricing and let's book a demo.", at, name="Lead0 Tester"),
         mails.outlook_reply(sent[lead(1)], "Interesting. What does a pilot cost for 10 users?", at),
@@ -305,7 +308,8 @@ def scenario(world: dict[str, Any]) -> None:
                 OutboundMessage.to_addr == lead(3), OutboundMessage.kind == "nurture"
             )
         ).all()
-    assert sorted(steps) == [0, 1]  # step 2 after the pause, not step 3
+    # Step 2 after the pause, not step 3.
+    assert sorted(st for st in steps if st is not None) == [0, 1]
 
 
 def test_it_changes_nothing_when_the_same_message_arrives_twice(world: dict[str, Any]) -> None:
