@@ -348,6 +348,8 @@ def _format_lead(d: dict[str, Any]) -> str:
         for m in d["messages"]:
             arrow = "->" if m["direction"] == "out" else "<-"
             what = m["kind"] or "?"
+            if m.get("bounce"):
+                what += f" ({m['bounce'].get('type')}, {m['bounce'].get('reason') or 'other'})"
             extra = (
                 f" [{m['status']}]"
                 if m["direction"] == "out"
@@ -467,7 +469,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         worker = Worker(app)
         if once:
             try:
-                result = worker.run_once()
+                result = worker.run_once_retrying()
             finally:
                 worker.close()
             summary = {
