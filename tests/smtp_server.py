@@ -66,6 +66,8 @@ class SmtpServer:
         self, *, auth: bool = False, tls: ssl.SSLContext | None = None, implicit_tls: bool = False
     ) -> None:
         self.messages: list[ReceivedMessage] = []
+        self.attempted: list[str] = []
+        """Every recipient given in a RCPT command, accepted or not: the transactions begun."""
         self.connections = 0
         self.logins: list[str] = []
         self.failed_logins = 0
@@ -228,6 +230,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.owner.attempted.append(address)
         if address.lower() in self.owner.faults.rejected:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)

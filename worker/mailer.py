@@ -346,6 +346,13 @@ class Mailer:
         except (OSError, smtplib.SMTPException):
             _abandon(conn)
 
+    def connect(self) -> None:
+        """Open the connection now if none is open (nothing to do for a Maildir). A failure
+        is not raised: the next send() retries it and reports it in its SendResult."""
+        if self.cfg.kind != "maildir":
+            with contextlib.suppress(_Outcome):
+                self._connection()
+
     def send(self, msg: EmailMessage, envelope_from: str, recipients: Sequence[str]) -> SendResult:
         """Hand `msg` to the server for `recipients` with MAIL FROM `envelope_from`.
 
