@@ -170,7 +170,9 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
         assert s.scalar(select(func.count()).select_from(InboundMessage)) == REPLIES
         assert s.scalar(select(func.count(func.distinct(InboundMessage.message_id)))) == REPLIES
         assert s.scalar(select(func.count()).where(Lead.status == "prospect")) == REPLIES
-        statuses = Counter(s.execute(select(OutboundMessage.kind, OutboundMessage.status)).all())
+        statuses = Counter(
+            tuple(r) for r in s.execute(select(OutboundMessage.kind, OutboundMessage.status))
+        )
     assert statuses[("nurture", "sent")] + statuses[("nurture", "unknown")] == LEADS
     for kind in ("handoff", "followup"):
         assert statuses[(kind, "sent")] + statuses[(kind, "unknown")] == REPLIES, statuses

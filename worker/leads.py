@@ -7,7 +7,7 @@ import csv
 import io
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -143,7 +143,7 @@ class ImportResult:
         }
 
 
-def _clean_row(raw: dict[str, str | None], source: str | None) -> dict[str, Any]:
+def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, Any]:
     """Validate one CSV row into lead fields; ValueError says what is wrong."""
     row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
     if None in raw:
@@ -207,7 +207,7 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
 
 def import_leads(
     session: Session,
-    rows: Iterable[tuple[int, dict[str, str | None]]],
+    rows: Iterable[tuple[int, Mapping[str, str | None]]],
     now: datetime,
     *,
     campaign: Campaign | None = None,
@@ -460,6 +460,7 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "intent": m.intent,
             "reason": m.reason,
             "reply_text": m.reply_text,
+            "bounce": m.bounce,
         }
         for m in inbound
     ]

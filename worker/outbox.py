@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.app import App
+from worker.bounces import address_is_dead
 from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
@@ -338,7 +339,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
             result.status == "permanent"
             and row.kind == "nurture"
             and refused_lead
-            and (status.startswith("5.1.") or (result.code == 550 and not status.startswith("5.7")))
+            and address_is_dead(result.code, status or None, result.message)
         ):
             lead = s.get(Lead, row.lead_id)
             if lead is not None:
