@@ -465,7 +465,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         worker = Worker(app)
         if once:
             try:
-                result = worker.run_once()
+                result = worker.run_once_retrying()
             finally:
                 worker.close()
             summary = {

@@ -373,6 +373,9 @@ class Referrals(_Model):
 class Workers(_Model):
     lease_seconds: float = Field(default=60, ge=5)
     """A mailbox's lease lasts this long unless renewed; a dead worker's is taken over after it."""
+    busy_timeout: float = Field(default=30, gt=0, le=3600)
+    """SQLite: seconds a statement waits for another process's lock; past it the pass
+    fails temporarily and is retried with backoff (nothing is quarantined)."""
 
 
 class Alarms(_Model):
