@@ -50,6 +50,8 @@ class Prepared:
     to_addr: str
     mailbox: str | None
     message: EmailMessage
+    raw: bytes
+    """The message as it goes to SMTP, written once before the claim."""
     envelope_from: str
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
@@ -164,7 +166,8 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         try:
             message = _build(s, app, renderer, row, lead)
-            message.as_bytes()  # what SMTP will send: a message that cannot be written fails here
+            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
+            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
@@ -191,7 +194,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         budgets[transport] -= 1
         return Prepared(
-            row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, envelope, transport
+            row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, raw, envelope, transport
         )
 
 
@@ -381,13 +384,13 @@ def send_due(
             if item is None:
                 continue
             assert mailer is not None  # rows of an account that does not exist get no budget
-            result = mailer.send(item.message, item.envelope_from, [item.to_addr])
+            result = mailer.send(item.raw, item.envelope_from, [item.to_addr])
             record(app, item, result)
             if result.status == "sent":
                 sent += 1
                 if sent_copy is not None:
                     try:
-                        sent_copy(item.mailbox, item.message.as_bytes())
+                        sent_copy(item.mailbox, item.raw)
                     except Exception as e:  # a missing Sent copy must not fail the send
                         logger.warning("could not save a copy in the Sent folder: %s", e)
     if sent:
