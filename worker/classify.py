@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
 
-from worker.bounces import analyse_bounce
+from worker.bounces import Reason, analyse_bounce
 from worker.parsing import ParsedMessage
 from worker.replytext import Intent, detect_intent, extract_reply_text, new_words, wants_unsubscribe
 
@@ -27,6 +27,7 @@ __all__ = [
     "ClassifyContext",
     "Intent",
     "Kind",
+    "Reason",
     "classify",
     "extract_reply_text",
     "find_return_date",
@@ -46,11 +47,13 @@ class Bounce:
     status: str | None
     diagnostic: str | None
     original_message_ids: tuple[str, ...]
+    reason: Reason = "other"
 
     def as_json(self) -> dict[str, object]:
-        """The stable JSON shape: type, recipients, status, diagnostic, original_message_ids."""
+        """The stable JSON shape: type, reason, recipients, status, diagnostic, message ids."""
         return {
             "type": self.type,
+            "reason": self.reason,
             "recipients": list(self.recipients),
             "status": self.status,
             "diagnostic": self.diagnostic,
@@ -470,6 +473,7 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
                 status=report.status,
                 diagnostic=report.diagnostic,
                 original_message_ids=report.original_message_ids,
+                reason=report.cause,
             )
             return Classification(kind="bounce", reason=report.reason, bounce=bounce)
         label = "delay warning" if report.outcome == "delayed" else "delivery success notice"

@@ -344,6 +344,8 @@ def _format_lead(d: dict[str, Any]) -> str:
         for m in d["messages"]:
             arrow = "->" if m["direction"] == "out" else "<-"
             what = m["kind"] or "?"
+            if m.get("bounce"):
+                what += f" ({m['bounce'].get('type')}, {m['bounce'].get('reason') or 'other'})"
             extra = (
                 f" [{m['status']}]"
                 if m["direction"] == "out"

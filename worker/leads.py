@@ -460,6 +460,7 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "intent": m.intent,
             "reason": m.reason,
             "reply_text": m.reply_text,
+            "bounce": m.bounce,
         }
         for m in inbound
     ]
