@@ -25,7 +25,7 @@ def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, An
     matched to that step's messages), and leads unsubscribed after it was their last."""
     camp = next((c for c in config.campaigns if c.name == campaign), None)
     templates = {i: st.template for i, st in enumerate(camp.steps)} if camp else {}
-    sent = dict(
+    sent: dict[int | None, int] = _pairs(
         s.execute(
             select(OutboundMessage.step, func.count())
             .where(
@@ -59,7 +59,7 @@ def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, An
         .group_by(OutboundMessage.lead_id)
         .subquery()
     )
-    unsubscribed: dict[int, int] = dict(
+    unsubscribed: dict[int | None, int] = _pairs(
         s.execute(
             select(last_step.c.step, func.count())
             .join(Lead, Lead.id == last_step.c.lead_id)
@@ -80,6 +80,11 @@ def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, An
         }
         for i in steps
     ]
+
+
+def _pairs(result: Any) -> dict[Any, int]:
+    """{first column: second column} of a two-column result."""
+    return {k: int(v) for k, v in result}
 
 
 def search_leads(

@@ -64,7 +64,7 @@ def check_health(app: App) -> Health:
         seen = (
             f"the last heartbeat was {round((wall - last_beat).total_seconds())} s ago"
             if last_beat
-            else "none has ever run on this database"
+            else "none is running"
         )
         health.fail(f"no worker has heartbeated within its lease ({lease:g} s): {seen}")
     started = min((w.started_at for w in live), default=None)

@@ -547,9 +547,11 @@ def build_app(app: App) -> Starlette:
 
 def serve(app: App, host: str, port: int) -> None:
     """Run the server until SIGTERM/SIGINT (uvicorn handles both)."""
+    https = (app.config.serve.public_url or "").startswith("https://")
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(app),
+            # Outside Starlette's error handler too, so a 500 page carries them as well.
+            _SecureHeaders(build_app(app), hsts=https),
             host=host,
             port=port,
             log_level="warning",
