@@ -479,6 +479,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 "kinds": result.inbound.kinds,
                 "queued": result.queued,
                 "sent": result.sent,
+                "delivered": result.delivered,
                 "errors": result.errors,
             }
             if as_json:
@@ -883,7 +884,7 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
 def _register_marketing() -> None:
     from worker import cli_marketing as m
 
-    for group in (m.campaigns_group, m.suppress_group):
+    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group):
         main.add_command(group)
 
 

@@ -92,7 +92,11 @@ def record_event(
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
 ) -> None:
-    """Append an event to a lead's timeline; with `to_status`, also change the status."""
+    """Append an event to a lead's timeline; with `to_status`, also change the status.
+
+    A change the CRM hears of (customer, disqualified, unsubscribed, bounced) also
+    records its conversion event for the webhooks, in the same unit of work.
+    """
     from_status = lead.status
     if to_status is not None:
         lead.status = to_status
@@ -111,6 +115,10 @@ def record_event(
             "inbound_id": inbound_id,
         },
     )
+    if to_status is not None and to_status != from_status:
+        from worker.webhooks import on_status
+
+        on_status(session, lead, to_status, at, cause, inbound_id)
 
 
 # --- import ----------------------------------------------------------------------------
