@@ -431,3 +431,39 @@ def recover_sending(
     if found or unknown:
         logger.warning("after a restart: %d send(s) confirmed sent, %d unknown", found, unknown)
     return found, unknown
+
+
+def resolve_unknown(s: Session, message_id: str, action: str, now: datetime) -> OutboundMessage:
+    """A person settles a send left `unknown` by a crash: `sent` (it did arrive) or `resend`
+    (queue it again, same Message-ID, so a copy that did arrive threads with it).
+
+    Recorded on the lead's timeline. Raises LookupError when no unknown send has that
+    Message-ID and ValueError for another action.
+    """
+    from worker.leads import record_event
+
+    if action not in ("sent", "resend"):
+        raise ValueError(f"unknown action {action!r}: use sent or resend")
+    row = s.scalar(
+        select(OutboundMessage)
+        .where(
+            OutboundMessage.message_id == message_id.strip().strip("<>"),
+            OutboundMessage.status == "unknown",
+        )
+        .with_for_update()
+    )
+    if row is None:
+        raise LookupError(f"no send in state unknown has the Message-ID {message_id}")
+    if action == "sent":
+        row.status, row.sent_at = "sent", row.sent_at or now
+        row.last_error = "marked as sent by a user"
+    else:
+        row.status, row.next_attempt_at, row.attempts = "queued", now, 0
+        row.last_error = "sent again by a user"
+    lead = s.get(Lead, row.lead_id)
+    if lead is not None:
+        what = "marked as sent" if action == "sent" else "queued to be sent again"
+        cause = f"user: {row.template} ({row.kind}) {what}"
+        detail = {"message_id": row.message_id, "action": action}
+        record_event(s, lead, "send_resolved", cause, now, detail=detail)
+    return row
