@@ -135,8 +135,8 @@ def resume_campaign(
             .where(
                 OutboundMessage.campaign == name,
                 OutboundMessage.kind == "nurture",
+                # Held while paused (an hour at a time): all of them get a slot now.
                 OutboundMessage.status == "queued",
-                OutboundMessage.next_attempt_at <= now,
             )
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
         ).all()
