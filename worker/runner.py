@@ -273,21 +273,20 @@ class Worker:
         result.sent = send_due(
             self.app,
             self.renderer,
-            self._mailer_for("default") if config.smtp is not None else None,
+            self._mailer_for,
             self._sent_copy,
             limit=self._limit,
             should_stop=self.stop.is_set,
-            mailer_for=self._mailer_for,
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
 
-    def _mailer_for(self, transport: str) -> Mailer:
-        """One SMTP connection per account, reused across passes."""
+    def _mailer_for(self, transport: str) -> Mailer | None:
+        """One SMTP connection per account, reused across passes; None: no such account."""
         if transport not in self._mailers:
             smtp = self.app.config.identity(None if transport == "default" else transport).smtp
-            if smtp is None:  # rows are claimed only for accounts that exist
-                raise RuntimeError(f"no SMTP account for {transport!r}")
+            if smtp is None:
+                return None
             self._mailers[transport] = Mailer(smtp)
         return self._mailers[transport]
 
