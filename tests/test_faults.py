@@ -33,7 +33,7 @@ from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import load_config
 from worker.leads import import_leads
-from worker.models import InboundMessage, Lead, OutboundMessage
+from worker.models import InboundMessage, Lead, OutboundMessage, OutboxState
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -139,8 +139,10 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     reported = json.loads(status.stdout)
-    assert reported["outbox"]["unknown"] == statuses["unknown"]  # every unknown is reported
-    assert len(reported["unknown_sends"]) == statuses["unknown"]
+    assert (
+        reported["outbox"]["unknown"] == statuses[OutboxState.UNKNOWN]
+    )  # every unknown is reported
+    assert len(reported["unknown_sends"]) == statuses[OutboxState.UNKNOWN]
     app.close()
 
 
@@ -289,7 +291,7 @@ def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
     with app.transaction() as s:
         rows = list(s.scalars(select(OutboundMessage).order_by(OutboundMessage.id)))
         for row in rows:
-            row.status = "sending"  # as if the worker died during the SMTP call
+            row.status = OutboxState.SENDING  # as if the worker died during the SMTP call
         in_sent = rows[0].message_id
     copy = EmailMessage()
     copy["From"], copy["To"], copy["Subject"] = "sales@example.com", "a@a.example.org", "Welcome"

@@ -19,12 +19,15 @@ from sqlalchemy.orm import Session
 
 from worker.config import Campaign, Config
 from worker.models import (
-    LEAD_STATUSES,
+    LIVE_ENROLLMENT,
     Enrollment,
+    EnrollmentState,
     InboundMessage,
     Lead,
     LeadEvent,
+    LeadStatus,
     OutboundMessage,
+    OutboxState,
 )
 
 KNOWN_COLUMNS = (
@@ -88,29 +91,103 @@ def record_event(
     cause: str,
     at: datetime,
     *,
-    to_status: str | None = None,
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
 ) -> None:
-    """Append an event to a lead's timeline; with `to_status`, also change the status."""
-    from_status = lead.status
-    if to_status is not None:
-        lead.status = to_status
-        lead.updated_at = at
+    """Append a fact to a lead's timeline that does not change its status."""
+    _write_event(session, lead.id, type_, cause, at, None, None, detail, inbound_id)
+
+
+def _write_event(
+    session: Session,
+    lead_id: int,
+    type_: str,
+    cause: str,
+    at: datetime,
+    from_status: LeadStatus | None,
+    to_status: LeadStatus | None,
+    detail: dict[str, Any] | None,
+    inbound_id: int | None,
+) -> None:
     # A plain INSERT: events are written on every message and never read back here.
     session.execute(
         insert(LeadEvent),  # parameters apart: the compiled statement is cached
         {
-            "lead_id": lead.id,
+            "lead_id": lead_id,
             "at": at,
             "type": type_,
-            "from_status": from_status if to_status is not None else None,
+            "from_status": from_status,
             "to_status": to_status,
             "cause": cause,
             "detail": detail or {},
             "inbound_id": inbound_id,
         },
     )
+
+
+L = LeadStatus
+_EVERY = frozenset(LeadStatus)
+
+# The moves the worker makes: target status -> (the event it writes, the statuses it may
+# come from). A move from anywhere else does not happen (`transition` returns False).
+MOVES: dict[LeadStatus, tuple[str, frozenset[LeadStatus]]] = {
+    L.PROSPECT: ("promoted", frozenset({L.LEAD, L.HELD, L.BOUNCED})),  # a genuine reply
+    L.HELD: ("held", frozenset({L.LEAD, L.BOUNCED})),  # a reply below the minimum fit
+    L.DISQUALIFIED: ("disqualified", frozenset({L.LEAD, L.HELD, L.PROSPECT})),  # "no thanks"
+    L.UNSUBSCRIBED: ("unsubscribed", _EVERY - {L.UNSUBSCRIBED}),
+    L.BOUNCED: ("bounced", _EVERY - {L.BOUNCED, L.UNSUBSCRIBED}),
+}
+# By hand (`twoway leads mark`, event `status`) any move is allowed but these: nobody who
+# asked to stop goes back to nurture, and `held` is the worker's verdict, not a user's.
+BY_HAND_FORBIDDEN: dict[LeadStatus, frozenset[LeadStatus]] = {
+    L.LEAD: frozenset({L.UNSUBSCRIBED}),
+    L.HELD: _EVERY,
+}
+
+
+def transition(
+    session: Session,
+    lead: Lead,
+    to: LeadStatus,
+    cause: str,
+    at: datetime,
+    *,
+    by_hand: bool = False,
+    detail: dict[str, Any] | None = None,
+    inbound_id: int | None = None,
+) -> bool:
+    """Move `lead` to status `to` and write the move's event; False if the move does not happen.
+
+    The worker's moves follow MOVES; a move by hand that BY_HAND_FORBIDDEN names raises
+    LeadError saying why. Moving to the status the lead already has does nothing.
+    """
+    source = lead.status
+    if source == to:
+        return False
+    if by_hand:
+        if source in BY_HAND_FORBIDDEN.get(to, frozenset()):
+            why = (
+                "the lead asked to stop; only a new opt-in brings them back"
+                if source == L.UNSUBSCRIBED
+                else f"{to} is set by the worker, not by hand"
+            )
+            raise LeadError(f"cannot move {lead.email} from {source} to {to}: {why}")
+        event = "status"
+    else:
+        event, sources = MOVES[to]
+        if source not in sources:
+            return False
+    lead.status = to
+    lead.updated_at = at
+    _write_event(session, lead.id, event, cause, at, source, to, detail, inbound_id)
+    return True
+
+
+def record_created(
+    session: Session, lead: Lead, cause: str, at: datetime, inbound_id: int | None = None
+) -> None:
+    """The first event of a lead made one by one (referral, unprompted mail)."""
+    _write_event(session, lead.id, "created", cause, at, None, lead.status, None, inbound_id)
 
 
 # --- import ----------------------------------------------------------------------------
@@ -272,7 +349,7 @@ def import_leads(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
-                    "status": "lead",
+                    "status": LeadStatus.LEAD,
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],
                     "created_at": now,
@@ -291,7 +368,7 @@ def import_leads(
                 insert(LeadEvent),
                 [
                     {"lead_id": lid, "at": now, "type": "created", "from_status": None,
-                     "to_status": "lead", "cause": cause, "detail": {}, "inbound_id": None}
+                     "to_status": LeadStatus.LEAD, "cause": cause, "detail": {}, "inbound_id": None}
                     for lid in new_ids
                 ],
             )  # fmt: skip
@@ -324,7 +401,7 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
             "lead_id": lid,
             "campaign": campaign.name,
             "step": 0,
-            "state": "active",
+            "state": EnrollmentState.ACTIVE,
             "next_due": due,
             "paused_until": None,
             "created_at": now,
@@ -385,11 +462,9 @@ def list_leads(
     session: Session, status: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """The rows of `twoway leads list --json`."""
-    if status is not None and status not in LEAD_STATUSES:
-        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
     q = select(Lead).order_by(Lead.id)
-    if status:
-        q = q.where(Lead.status == status)
+    if status is not None:
+        q = q.where(Lead.status == parse_status(status))
     if limit:
         q = q.limit(limit)
     leads = list(session.scalars(q))
@@ -509,17 +584,29 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
     }
 
 
+def parse_status(text: str) -> LeadStatus:
+    """The lead status a user typed, or LeadError naming the valid ones."""
+    try:
+        return LeadStatus(text.strip().lower())
+    except ValueError:
+        pass
+    hint = " (renamed `held`: waits for a person after a reply below the minimum fit)"
+    raise LeadError(
+        f"unknown status {text!r}; use one of {', '.join(LeadStatus)}"
+        + (hint if text.strip().lower() == "engaged" else "")
+    )
+
+
 def mark_lead(session: Session, email: str, status: str, now: datetime, reason: str | None) -> Lead:
-    """A manual lifecycle change by a user; stops nurture unless the lead goes back to `lead`."""
-    if status not in LEAD_STATUSES:
-        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
+    """A manual lifecycle change by a user; stops nurture unless the lead goes back to `lead`.
+
+    LeadError if the status is unknown or the move is one nobody may make by hand.
+    """
+    to = parse_status(status)
     lead = get_lead(session, email)
-    if lead.status == status:
-        return lead
     cause = f"user: {reason}" if reason else "user"
-    record_event(session, lead, "status", cause, now, to_status=status)
-    if status != "lead":
-        stop_nurture(session, lead.id, now, f"lead marked {status}")
+    if transition(session, lead, to, cause, now, by_hand=True) and to != LeadStatus.LEAD:
+        stop_nurture(session, lead.id, now, f"lead marked {to}")
     return lead
 
 
@@ -527,8 +614,8 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
     session.execute(
         update(Enrollment)
-        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(("active", "paused")))
-        .values(state="stopped", next_due=None, updated_at=now)
+        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(LIVE_ENROLLMENT))
+        .values(state=EnrollmentState.STOPPED, next_due=None, updated_at=now)
     )
     return cancel_queued(session, lead_id, "nurture", why)
 
@@ -540,15 +627,15 @@ def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
         .where(
             OutboundMessage.lead_id == lead_id,
             OutboundMessage.kind == kind,
-            OutboundMessage.status == "queued",
+            OutboundMessage.status == OutboxState.QUEUED,
         )
-        .values(status="cancelled", last_error=why)
+        .values(status=OutboxState.CANCELLED, last_error=why)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
 
 def status_counts(session: Session) -> dict[str, int]:
-    counts = {s: 0 for s in LEAD_STATUSES}
+    counts = {str(s): 0 for s in LeadStatus}
     for status, n in session.execute(select(Lead.status, func.count()).group_by(Lead.status)):
         counts[status] = n
     return counts

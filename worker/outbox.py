@@ -25,7 +25,16 @@ from worker.app import App
 from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
-from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
+from worker.models import (
+    SUPPRESSED,
+    Enrollment,
+    EnrollmentState,
+    InboundMessage,
+    Lead,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.rendering import Renderer, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +102,10 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
     with app.transaction() as s:
         rows = s.scalars(
             select(OutboundMessage)
-            .where(OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
+            .where(
+                OutboundMessage.status == OutboxState.QUEUED,
+                OutboundMessage.next_attempt_at <= now,
+            )
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -108,10 +120,10 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
                 update(OutboundMessage)
                 .where(
                     OutboundMessage.id.in_([r.id for r in rows]),
-                    OutboundMessage.status == "queued",
+                    OutboundMessage.status == OutboxState.QUEUED,
                 )
                 .values(
-                    status="sending",
+                    status=OutboxState.SENDING,
                     attempts=OutboundMessage.attempts + 1,
                     # A claim is a lease: past it, another worker settles the row (never resends).
                     next_attempt_at=lease,
@@ -125,7 +137,7 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
             if row.id not in claimed:
                 continue
             # What the UPDATE wrote, without reading the row again.
-            set_committed_value(row, "status", "sending")
+            set_committed_value(row, "status", OutboxState.SENDING)
             set_committed_value(row, "attempts", row.attempts + 1)
             set_committed_value(row, "next_attempt_at", lease)
             transport = app.config.identity(row.mailbox).transport
@@ -133,7 +145,7 @@ def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepar
                 budgets[transport] = _budget(s, app, transport, now)
             if budgets[transport] <= 0:
                 # This account's cap is reached: the row waits for the next minute.
-                row.status, row.attempts = "queued", row.attempts - 1
+                row.status, row.attempts = OutboxState.QUEUED, row.attempts - 1
                 row.next_attempt_at = now + timedelta(minutes=1)
                 continue
             budgets[transport] -= 1
@@ -148,30 +160,29 @@ def _prepare(
 ) -> Prepared | None:
     lead = s.get(Lead, row.lead_id)
     if lead is None:
-        row.status, row.last_error = "cancelled", "the lead was deleted"
+        row.status, row.last_error = OutboxState.CANCELLED, "the lead was deleted"
         return None
-    why_not = _must_not_send(s, app, row, lead)
-    if why_not == "paused":
-        en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-        row.status = "queued"
-        row.attempts -= 1
-        row.next_attempt_at = en.paused_until if en and en.paused_until else now + timedelta(days=1)
-        return None
+    why_not = _must_not_send(s, row, lead)
     if why_not:
-        row.status, row.last_error = "cancelled", why_not
+        row.status, row.last_error = OutboxState.CANCELLED, why_not
         logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, why_not)
+        return None
+    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+    if row.kind == "nurture" and en is not None and en.state == EnrollmentState.PAUSED:
+        row.status, row.attempts = OutboxState.QUEUED, row.attempts - 1
+        row.next_attempt_at = en.paused_until or now + timedelta(days=1)
         return None
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
     if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
-            row.status, row.attempts = "queued", row.attempts - 1
+            row.status, row.attempts = OutboxState.QUEUED, row.attempts - 1
             row.next_attempt_at = day + timedelta(days=1)
             return None
     try:
         message = _build(s, app, renderer, row, lead)
     except (TemplateError, ValueError) as e:
-        row.status, row.last_error = "failed", f"cannot build the message: {e}"
+        row.status, row.last_error = OutboxState.FAILED, f"cannot build the message: {e}"
         logger.error("cannot build %s for %s: %s", row.template, row.to_addr, e)
         return None
     row.subject = str(message["Subject"])
@@ -184,17 +195,15 @@ def _prepare(
     )
 
 
-def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> str | None:
-    """Why this row must not go out now (None: send it). Checked right before SMTP."""
+def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:
+    """Why this row must never go out (None: it may). Checked right before SMTP."""
     if row.kind == "nurture":
-        if lead.status != "lead":
+        if lead.status != LeadStatus.LEAD:
             return f"the lead is now {lead.status}"
         en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-        if en is None or en.state == "stopped":
+        if en is None or en.state == EnrollmentState.STOPPED:
             return "the enrollment was stopped"
-        if en.state == "paused":
-            return "paused"
-    elif row.kind == "followup" and lead.status in ("unsubscribed", "bounced", "disqualified"):
+    elif row.kind == "followup" and lead.status in SUPPRESSED:
         return f"the lead is now {lead.status}"
     return None
 
@@ -277,13 +286,13 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
         if row is None:
             return
         if result.status == "sent":
-            row.status, row.sent_at, row.last_error = "sent", now, None
+            row.status, row.sent_at, row.last_error = OutboxState.SENT, now, None
             return
         detail = f"{result.code or ''} {result.message}".strip()
         if result.status == "temporary" and row.attempts < max_attempts:
             # Exponential backoff with jitter, kept in the row (not in a sleeping frame).
             wait = min(60 * 2 ** (row.attempts - 1), 3600) * random.uniform(0.8, 1.2)
-            row.status, row.last_error = "queued", f"temporary: {detail}"
+            row.status, row.last_error = OutboxState.QUEUED, f"temporary: {detail}"
             row.next_attempt_at = now + timedelta(seconds=wait)
             logger.warning(
                 "temporary failure sending to %s (attempt %d): %s",
@@ -292,7 +301,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
                 detail,
             )
             return
-        row.status = "failed"
+        row.status = OutboxState.FAILED
         row.last_error = ("permanent: " if result.status == "permanent" else "gave up: ") + detail
         logger.error("failed to send %s to %s: %s", row.kind, row.to_addr, detail)
         status = result.enhanced_status or ""
@@ -364,8 +373,14 @@ def unclaim(app: App, items: list[Prepared]) -> None:
         for item in items:
             s.execute(
                 update(OutboundMessage)
-                .where(OutboundMessage.id == item.row_id, OutboundMessage.status == "sending")
-                .values(status="queued", attempts=OutboundMessage.attempts - 1, next_attempt_at=now)
+                .where(
+                    OutboundMessage.id == item.row_id, OutboundMessage.status == OutboxState.SENDING
+                )
+                .values(
+                    status=OutboxState.QUEUED,
+                    attempts=OutboundMessage.attempts - 1,
+                    next_attempt_at=now,
+                )
             )
 
 
@@ -381,18 +396,18 @@ def recover_sending(
     now = app.now()
     found = unknown = 0
     with app.transaction() as s:
-        q = select(OutboundMessage).where(OutboundMessage.status == "sending")
+        q = select(OutboundMessage).where(OutboundMessage.status == OutboxState.SENDING)
         if not all_rows:
             q = q.where(OutboundMessage.next_attempt_at < now)
         rows = s.scalars(q).all()
         for row in rows:
             answer = in_sent_folder(row.mailbox, row.message_id) if in_sent_folder else None
             if answer:
-                row.status, row.sent_at = "sent", now
+                row.status, row.sent_at = OutboxState.SENT, now
                 row.last_error = "confirmed in the Sent folder after a restart"
                 found += 1
             else:
-                row.status = "unknown"
+                row.status = OutboxState.UNKNOWN
                 row.last_error = (
                     "the worker stopped during the SMTP call; not in the Sent folder"
                     if answer is False

@@ -32,7 +32,7 @@ from worker.leases import (
 )
 from worker.mailbox import MailboxError, MailSource, open_source
 from worker.mailer import Mailer
-from worker.models import Enrollment, MailboxState, OutboundMessage
+from worker.models import Enrollment, EnrollmentState, MailboxState, OutboundMessage, OutboxState
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
@@ -283,14 +283,20 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            a = s.scalar(select(func.min(Enrollment.next_due)).where(Enrollment.state == "active"))
+            a = s.scalar(
+                select(func.min(Enrollment.next_due)).where(
+                    Enrollment.state == EnrollmentState.ACTIVE
+                )
+            )
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
-                    OutboundMessage.status == "queued"
+                    OutboundMessage.status == OutboxState.QUEUED
                 )
             )
             c = s.scalar(
-                select(func.min(Enrollment.paused_until)).where(Enrollment.state == "paused")
+                select(func.min(Enrollment.paused_until)).where(
+                    Enrollment.state == EnrollmentState.PAUSED
+                )
             )
         times = [t for t in (a, b, c) if t is not None]
         return min(times) if times else None

@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.compose import new_message_id
 from worker.config import Campaign, Config
-from worker.models import Enrollment, Lead, OutboundMessage
+from worker.models import (
+    Enrollment,
+    EnrollmentState,
+    Lead,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.schedule import add_delay, next_open_slot
 
 logger = logging.getLogger(__name__)
@@ -31,11 +38,11 @@ def resume_paused(session: Session, now: datetime) -> int:
     res = session.execute(
         update(Enrollment)
         .where(
-            Enrollment.state == "paused",
+            Enrollment.state == EnrollmentState.PAUSED,
             Enrollment.paused_until.is_not(None),
             Enrollment.paused_until <= now,
         )
-        .values(state="active", paused_until=None, updated_at=now)
+        .values(state=EnrollmentState.ACTIVE, paused_until=None, updated_at=now)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
@@ -69,7 +76,7 @@ def queue_due(app: App, batch: int = BATCH) -> int:
             due = s.execute(
                 select(Enrollment, Lead)
                 .join(Lead, Lead.id == Enrollment.lead_id)
-                .where(Enrollment.state == "active", Enrollment.next_due <= now)
+                .where(Enrollment.state == EnrollmentState.ACTIVE, Enrollment.next_due <= now)
                 .order_by(Enrollment.next_due, Enrollment.id)
                 .limit(batch)
                 .with_for_update(skip_locked=True, of=Enrollment)
@@ -88,13 +95,13 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
         campaign = config.campaign(en.campaign)
     except KeyError:
         # The campaign left the config: keep the enrollment, but stop looking at it.
-        en.state, en.next_due, en.updated_at = "stopped", None, now
+        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
         return 0
-    if lead.status != "lead":
-        en.state, en.next_due, en.updated_at = "stopped", None, now
+    if lead.status != LeadStatus.LEAD:
+        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
         return 0
     if en.step >= len(campaign.steps):
-        en.state, en.next_due, en.updated_at = "completed", None, now
+        en.state, en.next_due, en.updated_at = EnrollmentState.COMPLETED, None, now
         return 0
     tz = lead_zone(lead, campaign)
     days_off = public_holidays(lead.country, now.year) if campaign.skip_holidays else frozenset()
@@ -116,7 +123,7 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
             message_id=new_message_id(config.sender.domain),
             reply_token=lead.reply_token,
             to_addr=lead.email,
-            status="queued",
+            status=OutboxState.QUEUED,
             attempts=0,
             next_attempt_at=now,
             context={},
@@ -128,5 +135,5 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     if en.step < len(campaign.steps):
         en.next_due = add_delay(now, campaign.steps[en.step].delay, tz)
     else:
-        en.state, en.next_due = "completed", None
+        en.state, en.next_due = EnrollmentState.COMPLETED, None
     return 1
