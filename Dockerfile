@@ -25,8 +25,11 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install --no-cache-dir -r requirements.txt
 
 # Then twoway itself, without touching the dependencies installed above.
+# templates/ and config/ ship inside the package too (`twoway demo`, `twoway init`).
 COPY README.md ./
 COPY worker/ ./worker/
+COPY templates/ ./templates/
+COPY config/ ./config/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf /tmp/src
 

@@ -810,6 +810,28 @@ def demo_cmd(workspace: Path | None) -> None:
         sys.exit(code)
 
 
+@main.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init_cmd(directory: Path) -> None:
+    """Write a starting point into DIRECTORY: config/twoway.yaml, sample leads, templates/."""
+    from worker.samples import SamplesMissing, init_project
+
+    try:
+        written = init_project(directory)
+    except FileExistsError as e:
+        _die(str(e), 2)
+    except SamplesMissing as e:
+        _die(str(e), 1)
+    click.echo(f"wrote {len(written)} file(s) into {directory}")
+    cfg = directory / "config" / "twoway.yaml"
+    click.echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
+    click.echo(f"  twoway --config {cfg} config check --connect")
+    click.echo(
+        f"  twoway --config {cfg} leads import {directory / 'config' / 'sample-leads.csv'}"
+        " --campaign welcome"
+    )
+
+
 # --- report ------------------------------------------------------------------------------
 
 
