@@ -131,6 +131,7 @@ def test_it_gives_the_stable_json_object_for_inspect() -> None:
     assert result["kind"] == "bounce"
     assert result["bounce"] == {
         "type": "hard",
+        "reason": "user_unknown",
         "recipients": ["dana@acme.example.org"],
         "status": "5.1.1",
         "diagnostic": result["bounce"]["diagnostic"],  # type: ignore[index]

@@ -31,6 +31,7 @@ from worker.config import load_config
 from worker.leads import import_leads, show_lead
 from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
 from worker.runner import Worker
+from worker.status import collect_status
 
 START = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -216,7 +217,14 @@ def scenario(world: dict[str, Any]) -> None:
         referred = status.get("jane.doe@company9.example.org")
         assert referred is not None and referred.source == "referral"
         assert referred.referred_by_id == status[lead(9)].id
-        shown = {e: show_lead(s, e) for e in (lead(0), lead(1), lead(2), lead(3), lead(4), lead(9))}
+        shown = {
+            e: show_lead(s, e)
+            for e in (lead(0), lead(1), lead(2), lead(3), lead(4), lead(6), lead(9))
+        }
+    # The bounce's reason travels to the timeline and to `status`: soft bounces by reason.
+    assert "(mailbox_full)" in shown[lead(6)]["events"][-1]["cause"]
+    assert shown[lead(6)]["messages"][-1]["bounce"]["reason"] == "mailbox_full"
+    assert collect_status(app)["soft_bounces"] == {"mailbox_full": 1}
     assert shown[lead(0)]["messages"][-1]["match"] in ("reply_token", "message_id")
     assert shown[lead(1)]["messages"][-1]["match"] == "reply_token"
     assert shown[lead(2)]["messages"][-1]["match"] == "sender"

@@ -207,12 +207,15 @@ class ImportResult:
     rejected: list[Rejected] = field(default_factory=list)
     enrolled: int = 0
     strict_failed: bool = False
+    suppressed: int = 0
+    """Rows skipped because the address or its domain is on the do-not-contact list."""
 
     def as_json(self) -> dict[str, Any]:
         return {
             "imported": self.imported,
             "updated": self.updated,
             "enrolled": self.enrolled,
+            "suppressed": self.suppressed,
             "rejected": [
                 {"line": r.line, "email": r.email, "reason": r.reason} for r in self.rejected
             ],
@@ -322,6 +325,11 @@ def import_leads(
     if strict and result.rejected:
         result.strict_failed = True
         return result
+    from worker.suppression import suppressed
+
+    for email in suppressed(session, clean):
+        del clean[email]
+        result.suppressed += 1
 
     cause = f"import ({source})" if source else "import"
     emails = list(clean)
@@ -535,11 +543,15 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "intent": m.intent,
             "reason": m.reason,
             "reply_text": m.reply_text,
+            "bounce": m.bounce,
         }
         for m in inbound
     ]
     messages.sort(key=lambda m: m["at"] or "")
     referred_by = session.get(Lead, lead.referred_by_id) if lead.referred_by_id else None
+    from worker.campaigns import paused_campaigns
+
+    paused = paused_campaigns(session)
     return {
         "email": lead.email,
         "first_name": lead.first_name,
@@ -577,6 +589,11 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
                 "step": en.step,
                 "next_due": iso(en.next_due),
                 "paused_until": iso(en.paused_until),
+                "waiting": (
+                    f"campaign {en.campaign} is paused"
+                    if en.campaign in paused and en.state in ("active", "paused")
+                    else en.waiting
+                ),
             }
             for en in enrollments
         ],

@@ -112,15 +112,21 @@ def _bounce(
 ) -> None:
     assert cls.bounce is not None
     b = cls.bounce
-    detail = {"type": b.type, "status": b.status, "recipients": list(b.recipients)}
+    detail = {
+        "type": b.type,
+        "reason": b.reason,
+        "status": b.status,
+        "recipients": list(b.recipients),
+    }
+    code = f"{b.status} " if b.status else ""
     if b.type == "hard":
-        bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {b.status or ''}".strip(), row.id)
+        bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {code}({b.reason})", row.id)
         return
     record_event(
         s,
         lead,
         "soft_bounce",
-        f"{_cause(row)}: soft bounce {b.status or ''}".strip(),
+        f"{_cause(row)}: soft bounce {code}({b.reason})",
         now,
         detail=detail,
         inbound_id=row.id,

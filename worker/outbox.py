@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from worker.app import App
+from worker.bounces import address_is_dead
 from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
@@ -312,7 +313,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
             result.status == "permanent"
             and row.kind == "nurture"
             and refused_lead
-            and (status.startswith("5.1.") or (result.code == 550 and not status.startswith("5.7")))
+            and address_is_dead(result.code, status or None, result.message)
         ):
             lead = s.get(Lead, row.lead_id)
             if lead is not None:

@@ -145,6 +145,10 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     UTF-8 is tried first; a charset that fails strictly falls through to the next guess.
     """
     candidates = [c for c in ("utf-8", charset, "cp1252") if c]
+    declared = (charset or "").strip().strip('"').lower().replace("_", "-")
+    if declared in ("utf-8", "utf8"):
+        # A part declared UTF-8 with one bad byte is UTF-8 with a typo, not Latin-1.
+        return data.decode("utf-8", errors="replace")
     for candidate in candidates:
         try:
             text = data.decode(candidate.strip().strip('"').lower())
@@ -630,6 +634,7 @@ def _message_from_bytes(raw: bytes) -> tuple[Message, tuple[str, ...]]:
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+_LEADING_JUNK = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:[ \t]*\r?\n)*")
 
 
 def parse(raw: bytes) -> ParsedMessage:
@@ -644,6 +649,9 @@ def parse(raw: bytes) -> ParsedMessage:
     raw = bytes(raw)
     if not raw.strip():
         raise ParseError("empty message")
+    # A byte-order mark or blank lines before the header block (saved by some tools and
+    # web forms) would make the whole message a body: drop them.
+    raw = _LEADING_JUNK.sub(b"", raw[:4096], count=1) + raw[4096:]
     head = raw[:4096].lstrip(b"\r\n")
     if head.startswith(b"From ") and b"\n" in head:  # mbox "From " envelope line
         head = head.split(b"\n", 1)[1]

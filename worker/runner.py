@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 from worker.app import App
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig
+from worker.db import as_unavailable, is_unavailable
 from worker.inbound import SyncResult, classify_context, sync_mailbox
 from worker.leases import (
     SqliteLock,
@@ -39,6 +41,10 @@ from worker.sequences import queue_due
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
+DB_BACKOFF = 60.0
+"""The longest wait between two passes while the database is unavailable."""
+ONCE_DB_ATTEMPTS = 6
+"""`run --once` tries a pass this many times while the database is unavailable."""
 PASS_LIMIT = 200
 """Messages read per mailbox and sent per daemon pass, so reading and sending interleave."""
 
@@ -97,6 +103,7 @@ class Worker:
         self._limit: int | None = None
         self._mailers: dict[str, Mailer] = {}
         self._closing = threading.Event()
+        self._db_failures = 0
         self._renewer: threading.Thread | None = None
         if self._lock is None and self.mailboxes:
             self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
@@ -328,17 +335,53 @@ class Worker:
         except MailboxError as e:
             self._mailbox_failed(watcher, str(e), temporary=e.temporary)
 
+    def run_once_retrying(self) -> PassResult:
+        """`run --once`: a whole pass, retried with backoff while the database cannot be
+        reached or written (up to ONCE_DB_ATTEMPTS passes); then DatabaseUnavailable.
+
+        A retried pass starts where the last commit left off, so nothing is read twice
+        and nothing is quarantined for the database's sake.
+        """
+        for attempt in range(1, ONCE_DB_ATTEMPTS + 1):
+            try:
+                return self.run_once()
+            except Exception as e:
+                if not is_unavailable(e):
+                    raise
+                if attempt == ONCE_DB_ATTEMPTS or self.stop.is_set():
+                    raise as_unavailable(e) from e
+                self._database_failed(e)
+        raise AssertionError("unreachable")
+
+    def _database_failed(self, e: BaseException) -> None:
+        """Log once per outage and wait (exponential backoff with jitter, or until stop)."""
+        self._db_failures += 1
+        delay = min(DB_BACKOFF, 2.0 ** min(self._db_failures, 6)) * random.uniform(0.5, 1.0)
+        if self._db_failures == 1:
+            logger.error(
+                "%s: the pass is retried with backoff; no message is quarantined and "
+                "mailbox progress stays where it is",
+                as_unavailable(e),
+            )
+        self.stop.wait(delay)
+
     def run_forever(self) -> None:
         """The daemon loop: a pass, then wait while idle; ends soon after stop is set."""
         logger.info("twoway worker started (%d mailbox(es))", len(self.mailboxes))
         while not self.stop.is_set():
             try:
                 result = self.run_once(limit=PASS_LIMIT)
-            except Exception:
-                # A failing pass (database down, say) is logged and retried, not fatal.
+            except Exception as e:
+                if is_unavailable(e):
+                    self._database_failed(e)
+                    continue
+                # Any other failing pass is logged and retried, not fatal.
                 logger.exception("the pass failed; retrying in 5 s")
                 self.stop.wait(5)
                 continue
+            if self._db_failures:
+                logger.warning("the database is back after %d failed pass(es)", self._db_failures)
+                self._db_failures = 0
             if not result.found_work:
                 self.wait()
         logger.info("twoway worker stopped")
