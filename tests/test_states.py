@@ -1,7 +1,7 @@
 """Lead states as a user meets them: which moves happen, which are refused, and `held`.
 
 `held` (a reply below the minimum fit, waiting for a person) was called `engaged` before
-migration 0002, the same word the funnel uses for "wrote back".
+migration 0003_shape, the same word the funnel uses for "wrote back".
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_it_refuses_by_hand_the_moves_nobody_may_make(tmp_path: Path, database_u
     assert shown["status"] == "lead"
 
 
-def test_it_renames_engaged_to_held_when_upgrading_a_database_from_0001(
+def test_it_renames_engaged_to_held_when_upgrading_a_database_from_0002(
     database_url: str,
 ) -> None:
     from alembic import command
@@ -97,7 +97,7 @@ def test_it_renames_engaged_to_held_when_upgrading_a_database_from_0001(
     from worker.db import _alembic_config
 
     engine = make_engine(database_url)
-    command.upgrade(_alembic_config(engine), "0001")
+    command.upgrade(_alembic_config(engine), "0002_mkt")
     with engine.begin() as conn:
         conn.execute(
             text(

@@ -3,8 +3,8 @@
 `engaged` also named the funnel stage "wrote back" (the `engaged` event); the status means
 "replied below the minimum fit: waits for a person", so it gets a name of its own.
 
-Revision ID: 0002_shape
-Revises: 0001
+Revision ID: 0003_shape
+Revises: 0002_mkt
 Create Date: 2026-12-01 21:30:00
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_shape"
-down_revision: str | None = "0001"
+revision: str = "0003_shape"
+down_revision: str | None = "0002_mkt"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
