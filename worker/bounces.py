@@ -309,7 +309,7 @@ _WEAK_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     (
         "system_error",
         re.compile(
-            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system|"
+            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system\s+(?:error|full)|"
             r"too\s+many\s+hops|hop\s+count|routing\s+loop|loop\s+detected|mail\s+loop|looping|"
             r"service\s+(?:not\s+)?(?:un)?available|configuration\s+error|i/o\s+error|"
             r"resources?\s+(?:temporarily\s+)?unavailable|server\s+(?:is\s+)?busy|"

@@ -19,7 +19,14 @@ from typing import Literal
 
 from worker.bounces import Reason, analyse_bounce, provider_notification
 from worker.parsing import ParsedMessage
-from worker.replytext import Intent, detect_intent, extract_reply_text, new_words, wants_unsubscribe
+from worker.replytext import (
+    Intent,
+    detect_intent,
+    extract_reply_text,
+    new_words,
+    quotes_history,
+    wants_unsubscribe,
+)
 
 __all__ = [
     "Bounce",
@@ -369,11 +376,48 @@ for _number, _names in enumerate(
 ):
     for _name in _names.split():
         _MONTHS.setdefault(_name, _number)
+# Month names of the Nordic, Slavic, Baltic, Finnic, Hungarian, Romanian, Turkish and
+# Greek calendars, with the genitive forms dates use ("14 декабря", "14. prosince").
+for _number, _names in enumerate(
+    [
+        "januar januari tammikuuta tammikuu stycznia styczeń ledna leden января январь "
+        "січня січень януари január ianuarie ocak ιανουαρίου ιανουάριος sausio janvāris jaanuar",
+        "februar februari helmikuuta helmikuu lutego luty února únor февраля февраль лютого "
+        "лютий февруари február februarie şubat şubat φεβρουαρίου vasario februāris veebruar",
+        "marts mars maaliskuuta maaliskuu marca marzec března březen марта март березня "
+        "березень март március martie mart μαρτίου kovo marts märts",
+        "april huhtikuuta huhtikuu kwietnia kwiecień dubna duben апреля апрель квітня "
+        "квітень април április aprilie nisan απριλίου balandžio aprīlis aprill",
+        "maj toukokuuta toukokuu maja května květen мая май травня травень május mai mayıs "
+        "μαΐου μαΐου gegužės maijs",
+        "juni juni kesäkuuta kesäkuu czerwca czerwiec června červen июня июнь червня "
+        "червень юни június iunie haziran ιουνίου birželio jūnijs juuni",
+        "juli heinäkuuta heinäkuu lipca lipiec července červenec июля июль липня липень "
+        "юли július iulie temmuz ιουλίου liepos jūlijs juuli",
+        "augusti august elokuuta elokuu sierpnia sierpień srpna srpen августа август "
+        "серпня серпень август augusztus ağustos αυγούστου rugpjūčio augusts",
+        "september syyskuuta syyskuu września wrzesień září сентября сентябрь вересня "
+        "вересень септември szeptember septembrie eylül σεπτεμβρίου rugsėjo septembris",
+        "oktober lokakuuta lokakuu października październik října říjen октября октябрь "
+        "жовтня жовтень октомври október octombrie ekim οκτωβρίου spalio oktobris",
+        "november marraskuuta marraskuu listopada listopad listopadu ноября ноябрь "
+        "листопада листопад ноември noiembrie kasım νοεμβρίου lapkričio novembris",
+        "december desember joulukuuta joulukuu grudnia grudzień prosince prosinec декабря "
+        "декабрь грудня грудень декември decembrie aralık δεκεμβρίου gruodžio decembris detsember",
+    ],
+    start=1,
+):
+    for _name in _names.split():
+        _MONTHS.setdefault(_name, _number)
 
 _MONTH_ALT = "|".join(sorted((re.escape(m) for m in _MONTHS), key=len, reverse=True))
 _DATE_RES = [
     # 2026-12-14
     ("ymd", re.compile(r"(?<!\d)(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")),
+    # 2026年12月14日, 2026년 12월 14일, 12月14日 (Japanese, Chinese, Korean)
+    ("cjk", re.compile(r"(?:(\d{4})\s*[年년]\s*)?(\d{1,2})\s*[月월]\s*(\d{1,2})\s*[日일号號]?")),
+    # 2026. december 14. (Hungarian: year, month, day)
+    ("yMd", re.compile(rf"(?i)(?<!\d)(\d{{4}})\.\s*({_MONTH_ALT})\s+(\d{{1,2}})(?!\d)")),
     # 14.12.2026, 14/12/2026, 14.12.
     ("dmy", re.compile(r"(?<![\d.])(\d{1,2})[./](\d{1,2})(?:[./](\d{2,4}))?(?![\d/])\.?")),
     # 12 December 2026, 14. Dezember, 3 janvier, 14 de diciembre de 2026, 12th of December
@@ -410,11 +454,34 @@ _RETURN_KW_RE = re.compile(
     r"wieder\s+(?:im\s+büro|erreichbar|da|verfügbar)|wieder|ab|de\s+retour|retour|à\s+partir\s+du|"
     r"dès\s+le|de\s+vuelta|regres(?:o|aré|ar)|vuelvo|a\s+partir\s+del?|rientr(?:o|erò)|"
     r"di\s+ritorno|tornerò|de\s+volta|retorno|regresso|volto|terug|"
-    r"weer\s+(?:aanwezig|op\s+kantoor|bereikbaar)|vanaf)" + _TAIL
+    r"weer\s+(?:aanwezig|op\s+kantoor|bereikbaar)|vanaf|"
+    # sv, da, nb, fi, et, lv, lt
+    r"tillbaka|åter|tilbage|tilbake|retur|palaan|takaisin|tagasi|atgriezīšos|grįšiu|"
+    # pl, cs, sk, hu, ro, hr, sl, ca
+    r"wracam|wrócę|powrót|powrocie|vrátím|zpět|vrátim|späť|vissza(?:érkezem)?|"
+    r"mă\s+întorc|revin|înapoi|vraćam\s+se|vratit\s+ću|vrnem|nazaj|tornaré|de\s+tornada|"
+    # ru, uk, bg, el, tr, vi, id
+    r"вернусь|выйду|буду\s+на\s+месте|повернуся|повернусь|ще\s+се\s+върна|връщам\s+се|"
+    r"επιστρέφω|θα\s+επιστρέψω|επιστροφή|döneceğim|dönüş|trở\s+lại|kembali)" + _TAIL
 )
 _UNTIL_KW_RE = re.compile(
     r"(?i)\b(?:until|till|through|thru|to|bis|jusqu'?au|jusqu'?à|au|hasta|al|fino\s+al|fino\s+a|"
-    r"até|tot(?:\s+en\s+met)?|t/m)" + _TAIL
+    r"até|tot(?:\s+en\s+met)?|t/m|"
+    r"till(?:\s+och\s+med)?|t\.o\.m|til(?:\s+og\s+med)?|indtil|frem\s+til|do|по|до|"
+    r"până\s+(?:la|pe|în)|pana\s+la|έως|μέχρι|fins\s+al?|kuni|līdz|iki|đến|sampai|hingga)" + _TAIL
+)
+
+
+# Languages whose keyword follows the date: Japanese, Chinese, Korean, Finnish,
+# Hungarian, Turkish, Estonian ("14.12. alkaen", "december 14-től", "14 Aralık'ta dönüyorum").
+_AFTER_RETURN_RE = re.compile(
+    r"(?i)^[\s.,'’]*(?:(?:に|から|より)\s*)?(?:戻り|戻る|出社|復帰|回来|回到|返回|복귀|돌아|부터|"
+    r"alkaen|lähtien|-?t[óő]l|-?t[aeó]n|'?(?:da|de|ta|te|dan|den|tan|ten)\s+(?:itibaren|dönüyorum|"
+    r"döneceğim|ofisteyim)|alates)"
+)
+_AFTER_UNTIL_RE = re.compile(
+    r"(?i)^[\s.,'’]*(?:まで|까지|为止|為止|止|asti|saakka|-?ig\b|'?[ae]?\s*kadar|-?ni\b|"
+    r"(?:[\s(]*(?:inclusive|inklusive|einschließlich|inclus|incluso|inclusief|included)))"
 )
 
 
@@ -451,7 +518,14 @@ def find_return_date(text: str, today: date) -> date | None:
         for match in regex.finditer(text):
             groups = match.groups()
             try:
-                if style == "ymd":
+                if style == "cjk":
+                    year = int(groups[0]) if groups[0] else None
+                    value = _resolve(int(groups[2]), int(groups[1]), year, today)
+                elif style == "yMd":
+                    value = _resolve(
+                        int(groups[2]), _MONTHS[groups[1].lower()], int(groups[0]), today
+                    )
+                elif style == "ymd":
                     value = _resolve(int(groups[2]), int(groups[1]), int(groups[0]), today)
                 elif style == "dmy":
                     year = int(groups[2]) if groups[2] else None
@@ -481,6 +555,13 @@ def find_return_date(text: str, today: date) -> date | None:
                 start <= match.start() < start + 12 and v == value for start, v, _ in found
             ):
                 continue
+            after = text[match.end() : match.end() + 30]
+            if _AFTER_RETURN_RE.match(after):
+                found.append((match.start(), value, "return"))
+                continue
+            if _AFTER_UNTIL_RE.match(after):
+                found.append((match.start(), value, "until"))
+                continue
             before = text[max(0, match.start() - 60) : match.start()]
             sentence = re.split(r"[.!?\n]\s", before)[-1]
             kind = (
@@ -494,7 +575,7 @@ def find_return_date(text: str, today: date) -> date | None:
     found.sort()
     # "Out until Friday 11 December, back on Monday 14 December": the return date wins.
     for _pos, value, kind in found:
-        if kind == "return":
+        if kind == "return" and value > today:  # "ab 01.12. nicht im Büro" starts the absence
             return value
     for _pos, value, kind in found:
         if kind == "until":
@@ -536,10 +617,10 @@ def _bulk_signal(msg: ParsedMessage) -> str | None:
     if re.search(r"(?i)[\w.-]+-bounces?(?:\+[^@]*)?@|owner-[\w.-]+@", sender):
         return "list bounce address"
     answers = bool(msg.in_reply_to or msg.references) or bool(_REPLY_PREFIX_RE.match(msg.subject))
-    if not answers:
-        for name in _ESP_HEADERS:
-            if msg.header(name) is not None:
-                return f"{name} header"
+    esp = next((name for name in _ESP_HEADERS if msg.header(name) is not None), None)
+    # A person answering through their company's ESP relay quotes what they answer.
+    if esp and not answers and not quotes_history(msg.text[:100_000]):
+        return f"{esp} header"
     return None
 
 

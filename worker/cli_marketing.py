@@ -263,3 +263,50 @@ def suppress_remove(state: _State, entries: tuple[str, ...]) -> None:
         except ValueError as e:
             _die(str(e), 2)
         click.echo(f"{n} entr{'y' if n == 1 else 'ies'} removed")
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+
+@click.group("webhooks")
+def webhooks_group() -> None:
+    """Conversion events sent to the CRM's webhooks."""
+
+
+@webhooks_group.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "retry_all", is_flag=True, help="Every dead delivery.")
+@pass_state
+def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None:
+    """Give dead deliveries (by id, as `status` shows them, or --all) a fresh set of tries."""
+    from worker.webhooks import retry_dead
+
+    if not ids and not retry_all:
+        _die("webhooks retry: give delivery ids or --all", 2)
+    with _errors():
+        app = state.app()
+        with app.transaction() as s:
+            n = retry_dead(s, app.now(), None if retry_all else list(ids))
+        click.echo(f"{n} deliver{'y' if n == 1 else 'ies'} queued again")
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+@click.command("export")
+@click.argument("kind", type=click.Choice(["prospects", "leads", "events"]))
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+)
+@click.option("--since", help="Only records changed (events: that happened) at or after this.")
+@pass_state
+def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
+    """Write prospects, leads or timeline events to standard output for a CRM import."""
+    from worker.export import rows, write
+
+    with _errors():
+        at = _since(since, "--since")
+        app = state.app()
+        with app.transaction() as s:
+            n = write(sys.stdout, rows(s, kind, at), kind, fmt)
+        click.echo(f"{n} {kind} exported", err=True)

@@ -29,6 +29,7 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.webhooks import on_status
 
 KNOWN_COLUMNS = (
     "email",
@@ -125,61 +126,65 @@ def _write_event(
     )
 
 
-L = LeadStatus
+@dataclass(frozen=True)
+class Move:
+    """A kind of status change: the statuses it may start from and those it may lead to."""
+
+    sources: frozenset[LeadStatus]
+    targets: frozenset[LeadStatus]
+
+
+_S = LeadStatus
 _EVERY = frozenset(LeadStatus)
 
-# The moves the worker makes: target status -> (the event it writes, the statuses it may
-# come from). A move from anywhere else does not happen (`transition` returns False).
-MOVES: dict[LeadStatus, tuple[str, frozenset[LeadStatus]]] = {
-    L.PROSPECT: ("promoted", frozenset({L.LEAD, L.HELD, L.BOUNCED})),  # a genuine reply
-    L.HELD: ("held", frozenset({L.LEAD, L.BOUNCED})),  # a reply below the minimum fit
-    L.DISQUALIFIED: ("disqualified", frozenset({L.LEAD, L.HELD, L.PROSPECT})),  # "no thanks"
-    L.UNSUBSCRIBED: ("unsubscribed", _EVERY - {L.UNSUBSCRIBED}),
-    L.BOUNCED: ("bounced", _EVERY - {L.BOUNCED, L.UNSUBSCRIBED}),
+MOVES: dict[str, Move] = {
+    # The worker, on an inbound message or an SMTP refusal:
+    "promoted": Move(frozenset({_S.LEAD, _S.HELD, _S.BOUNCED}), frozenset({_S.PROSPECT})),
+    "held": Move(frozenset({_S.LEAD, _S.BOUNCED}), frozenset({_S.HELD})),
+    "disqualified": Move(frozenset({_S.LEAD, _S.HELD, _S.PROSPECT}), frozenset({_S.DISQUALIFIED})),
+    "unsubscribed": Move(_EVERY - {_S.UNSUBSCRIBED}, frozenset({_S.UNSUBSCRIBED})),
+    "bounced": Move(_EVERY - {_S.BOUNCED, _S.UNSUBSCRIBED}, frozenset({_S.BOUNCED})),
+    # The lead takes back its own one-click unsubscribe (within the undo window):
+    "unsubscribe_undone": Move(frozenset({_S.UNSUBSCRIBED}), _EVERY - {_S.UNSUBSCRIBED}),
+    # A person (`twoway leads mark`): anything but undoing a lead's request to stop, or
+    # giving the worker's own verdict `held`.
+    "status": Move(_EVERY - {_S.UNSUBSCRIBED}, _EVERY - {_S.HELD}),
 }
-# By hand (`twoway leads mark`, event `status`) any move is allowed but these: nobody who
-# asked to stop goes back to nurture, and `held` is the worker's verdict, not a user's.
-BY_HAND_FORBIDDEN: dict[LeadStatus, frozenset[LeadStatus]] = {
-    L.LEAD: frozenset({L.UNSUBSCRIBED}),
-    L.HELD: _EVERY,
-}
+"""Every status change there is, by the event type that records it."""
+
+
+def can_move(event: str, source: LeadStatus, to: LeadStatus) -> bool:
+    move = MOVES[event]
+    return source in move.sources and to in move.targets
 
 
 def transition(
     session: Session,
     lead: Lead,
-    to: LeadStatus,
+    event: str,
     cause: str,
     at: datetime,
     *,
-    by_hand: bool = False,
+    to: LeadStatus | None = None,
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
 ) -> bool:
-    """Move `lead` to status `to` and write the move's event; False if the move does not happen.
+    """Make the status change `event` (a key of MOVES) and write its event, if MOVES allows it.
 
-    The worker's moves follow MOVES; a move by hand that BY_HAND_FORBIDDEN names raises
-    LeadError saying why. Moving to the status the lead already has does nothing.
+    `to` may be left out when the move has one target. Returns whether the status changed:
+    False, writing nothing, when the lead already has it or cannot come from where it is.
+    A change the CRM hears of (customer, disqualified, unsubscribed, bounced) also records
+    its conversion event for the webhooks, in the same unit of work.
     """
+    if to is None:
+        (to,) = MOVES[event].targets
     source = lead.status
-    if source == to:
+    if source == to or not can_move(event, source, to):
         return False
-    if by_hand:
-        if source in BY_HAND_FORBIDDEN.get(to, frozenset()):
-            why = (
-                "the lead asked to stop; only a new opt-in brings them back"
-                if source == L.UNSUBSCRIBED
-                else f"{to} is set by the worker, not by hand"
-            )
-            raise LeadError(f"cannot move {lead.email} from {source} to {to}: {why}")
-        event = "status"
-    else:
-        event, sources = MOVES[to]
-        if source not in sources:
-            return False
     lead.status = to
     lead.updated_at = at
     _write_event(session, lead.id, event, cause, at, source, to, detail, inbound_id)
+    on_status(session, lead, to, at, cause, inbound_id)
     return True
 
 
@@ -621,8 +626,15 @@ def mark_lead(session: Session, email: str, status: str, now: datetime, reason: 
     """
     to = parse_status(status)
     lead = get_lead(session, email)
+    if lead.status != to and not can_move("status", lead.status, to):
+        why = (
+            "the lead asked to stop; only the lead can take that back"
+            if lead.status == LeadStatus.UNSUBSCRIBED
+            else f"{to} is the worker's verdict on a reply, not set by hand"
+        )
+        raise LeadError(f"cannot move {lead.email} from {lead.status} to {to}: {why}")
     cause = f"user: {reason}" if reason else "user"
-    if transition(session, lead, to, cause, now, by_hand=True) and to != LeadStatus.LEAD:
+    if transition(session, lead, "status", cause, now, to=to) and to != LeadStatus.LEAD:
         stop_nurture(session, lead.id, now, f"lead marked {to}")
     return lead
 

@@ -46,6 +46,7 @@ from worker.models import (
 )
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def apply_inbound(
     kind = cls.kind
     if kind in ("unsubscribe", "complaint"):
         why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
-        transition(s, lead, LeadStatus.UNSUBSCRIBED, f"{cause}: {why}", now, inbound_id=row.id)
+        transition(s, lead, "unsubscribed", f"{cause}: {why}", now, inbound_id=row.id)
         stop_nurture(s, lead.id, now, "the lead unsubscribed")
         _cancel_followups(s, lead.id, "the lead unsubscribed")
     elif kind == "bounce" and cls.bounce is not None:
@@ -102,7 +103,7 @@ def bounce_lead(
     s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
 ) -> None:
     """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
-    if not transition(s, lead, LeadStatus.BOUNCED, cause, now, inbound_id=inbound_id):
+    if not transition(s, lead, "bounced", cause, now, inbound_id=inbound_id):
         return
     stop_nurture(s, lead.id, now, "the lead's address bounced")
 
@@ -229,9 +230,7 @@ def _reply(
             detail={"match": match.method, "intent": cls.intent}, inbound_id=row.id,
         )  # fmt: skip
     if cls.intent == "negative":
-        transition(
-            s, lead, LeadStatus.DISQUALIFIED, f"{cause}: not interested", now, inbound_id=row.id
-        )
+        transition(s, lead, "disqualified", f"{cause}: not interested", now, inbound_id=row.id)
         stop_nurture(s, lead.id, now, "the lead is not interested")
         return
     if cls.intent == "referral" and cls.referral_email:
@@ -239,7 +238,7 @@ def _reply(
         if app.config.referrals.referrer == "stop":
             stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
             return
-    if lead.status not in MOVES[LeadStatus.PROSPECT][1]:
+    if lead.status not in MOVES["promoted"].sources:
         if lead.status in (LeadStatus.PROSPECT, LeadStatus.CUSTOMER):
             record_event(s, lead, "replied", f"{cause}: another reply", now, inbound_id=row.id)
             # The rep hears of every reply that lands in our mailbox, not only the first.
@@ -255,7 +254,7 @@ def _reply(
     stop_nurture(s, lead.id, now, "the lead replied")
     if app.config.qualification.require_fit and not result.fit:
         transition(
-            s, lead, LeadStatus.HELD, f"{cause}: replied, but below the minimum fit (score {result.score}): review by hand",
+            s, lead, "held", f"{cause}: replied, but below the minimum fit (score {result.score}): review by hand",
             now, inbound_id=row.id,
         )  # fmt: skip
         return
@@ -270,7 +269,7 @@ def promote(
     config = app.config
     cause = _cause(row)
     transition(
-        s, lead, LeadStatus.PROSPECT, f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
+        s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
         now, detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
     )  # fmt: skip
     a = assign(s, lead, config, now)
@@ -288,6 +287,7 @@ def promote(
         )
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
+    emit(s, lead, "lead.promoted", now, f"{cause}: genuine reply", row.id)
     _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
     reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
@@ -561,6 +561,10 @@ def _rep_answered(
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
+        if lead.status in ("prospect", "customer"):
+            emit(
+                s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
+            )
         n = _cancel_followups(s, lead.id, f"{msg.from_addr} answered first")
         if n:
             record_event(

@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 
 from worker.app import App
+from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig
 from worker.db import as_unavailable, is_unavailable
@@ -38,6 +39,9 @@ from worker.models import Enrollment, EnrollmentState, MailboxState, OutboundMes
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
+from worker.webhooks import deliver_due
+from worker.webhooks import next_due as webhooks_due
+from worker.webhooks import recover as recover_webhooks
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
@@ -67,6 +71,8 @@ class PassResult:
     inbound: SyncResult = field(default_factory=SyncResult)
     queued: int = 0
     sent: int = 0
+    delivered: int = 0
+    """Webhook events delivered to the CRM."""
     errors: list[str] = field(default_factory=list)
     more: bool = False
     """True when a limit stopped the pass before everything was done."""
@@ -79,6 +85,7 @@ class PassResult:
             or self.inbound.quarantined
             or self.queued
             or self.sent
+            or self.delivered
         )
 
 
@@ -132,10 +139,15 @@ class Worker:
             self._sync(mb, result)
         if not self.stop.is_set():
             self._send(result)
+        if not self.stop.is_set():
+            result.delivered = deliver_due(
+                self.app, should_stop=self.stop.is_set, limit=self._limit
+            )
         return result
 
     def _recover(self) -> None:
         recover_sending(self.app, self._in_sent_folder, all_rows=self._lock is not None)
+        recover_webhooks(self.app, all_rows=self._lock is not None)
         self._recovered = True
 
     def _in_sent_folder(self, mailbox: str | None, message_id: str) -> bool | None:
@@ -261,21 +273,20 @@ class Worker:
         result.sent = send_due(
             self.app,
             self.renderer,
-            self._mailer_for("default") if config.smtp is not None else None,
+            self._mailer_for,
             self._sent_copy,
             limit=self._limit,
             should_stop=self.stop.is_set,
-            mailer_for=self._mailer_for,
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
 
-    def _mailer_for(self, transport: str) -> Mailer:
-        """One SMTP connection per account, reused across passes."""
+    def _mailer_for(self, transport: str) -> Mailer | None:
+        """One SMTP connection per account, reused across passes; None: no such account."""
         if transport not in self._mailers:
             smtp = self.app.config.identity(None if transport == "default" else transport).smtp
-            if smtp is None:  # rows are claimed only for accounts that exist
-                raise RuntimeError(f"no SMTP account for {transport!r}")
+            if smtp is None:
+                return None
             self._mailers[transport] = Mailer(smtp)
         return self._mailers[transport]
 
@@ -290,11 +301,11 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            a = s.scalar(
-                select(func.min(Enrollment.next_due)).where(
-                    Enrollment.state == EnrollmentState.ACTIVE
-                )
-            )
+            active = [Enrollment.state == EnrollmentState.ACTIVE]
+            paused = paused_campaigns(s)
+            if paused:  # their steps stay due until resumed: not a reason to wake up
+                active.append(Enrollment.campaign.not_in(sorted(paused)))
+            a = s.scalar(select(func.min(Enrollment.next_due)).where(*active))
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
                     OutboundMessage.status == OutboxState.QUEUED
@@ -305,7 +316,8 @@ class Worker:
                     Enrollment.state == EnrollmentState.PAUSED
                 )
             )
-        times = [t for t in (a, b, c) if t is not None]
+            d = webhooks_due(s, self.app.config)
+        times = [t for t in (a, b, c, d) if t is not None]
         return min(times) if times else None
 
     def wait(self) -> None:
