@@ -27,13 +27,13 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import ROOT, twoway_cmd
+from tests.conftest import ROOT, twoway_cmd, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import load_config
 from worker.leads import import_leads
-from worker.models import InboundMessage, Lead, OutboundMessage, OutboxState
+from worker.models import InboundMessage, Lead, MailboxState, OutboundMessage, OutboxState
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -206,7 +206,12 @@ def test_it_reconnects_when_dovecot_restarts_under_idle(
         env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        time.sleep(2.5)  # connected and idling
+
+        def synced() -> bool:  # connected: the restart cuts a live connection
+            with app.transaction() as s:
+                return s.scalar(select(MailboxState.last_sync)) is not None
+
+        wait_for(synced, 60, "the worker's first sync")
         dovecot.restart()
         dovecot.append(imap_user, "INBOX", mails.newsletter("sales@example.com", NOW))
 
