@@ -161,6 +161,18 @@ def test_it_logs_in_and_shows_the_funnel_per_step(
     assert "2 prospects" in campaign.text
     shot(browser, tmp_path / "funnel.png", "Funnel", "welcome", "Unsubscribed", "Bounced")
 
+    pause = browser.find_element(
+        By.CSS_SELECTOR, "form[action='/console/campaigns/welcome/pause'] button"
+    )
+    click(browser, pause)
+    assert "Campaign welcome paused" in browser.find_element(By.CLASS_NAME, "flash").text
+    assert "paused" in browser.find_element(By.ID, "campaign-welcome").text
+    resume = browser.find_element(
+        By.CSS_SELECTOR, "form[action='/console/campaigns/welcome/resume'] button"
+    )
+    click(browser, resume)
+    assert "Campaign welcome resumed" in browser.find_element(By.CLASS_NAME, "flash").text
+
 
 def test_it_opens_a_leads_timeline_from_a_search(
     browser: WebDriver, workspace: tuple[Path, Served, int, str], tmp_path: Path

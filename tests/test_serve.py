@@ -247,6 +247,8 @@ def console_routes() -> list[tuple[str, str]]:
             route.path.replace("{email}", "maria.garcia@nube.example")
             .replace("{qid:int}", "1")
             .replace("{choice}", "sent")
+            .replace("{name}", "welcome")
+            .replace("{choice:str}", "pause")
         )
         for method in sorted(route.methods or {"GET"}):
             if method != "HEAD":

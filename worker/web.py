@@ -325,10 +325,15 @@ def build_app(app: App) -> Starlette:
         from worker.status import collect_status
 
         def data() -> dict[str, Any]:
+            from worker.campaigns import paused_campaigns
+
             status = collect_status(app)
             with app.transaction() as s:
+                paused = paused_campaigns(s)
                 for f in status["funnel"]:
                     f["steps"] = funnel_steps(s, config, f["campaign"])
+                    f["paused"] = f["campaign"] in paused
+                    f["configured"] = any(c.name == f["campaign"] for c in config.campaigns)
             return status
 
         status = await run_in_threadpool(data)
@@ -446,6 +451,20 @@ def build_app(app: App) -> Starlette:
         except LookupError as e:
             return str(e)
 
+    def pause_or_resume(request: Request, form: dict[str, str]) -> str:
+        from worker.campaigns import pause_campaign, resume_campaign
+
+        name = str(request.path_params["name"])[:200]
+        try:
+            with app.transaction() as s:
+                if request.path_params["choice"] == "pause":
+                    n = pause_campaign(s, config, name, app.now(), by="console")
+                    return f"Campaign {name} paused ({n} lead(s) waiting)."
+                r = resume_campaign(s, config, name, app.now(), by="console")
+                return f"Campaign {name} resumed ({r.leads} lead(s))."
+        except LeadError as e:
+            return str(e)
+
     def preview(name: str, lead_key: str) -> tuple[Any, str, str | None]:
         renderer = Renderer(config.templates_path)
         lead = None
@@ -516,6 +535,11 @@ def build_app(app: App) -> Starlette:
         Route("/logout", logout, methods=["POST"]),
         Route("/", root),
         Route("/console", login_required(home)),
+        Route(
+            "/console/campaigns/{name}/{choice:str}",
+            action(pause_or_resume, "/console"),
+            methods=["POST"],
+        ),
         Route("/console/leads", login_required(leads)),
         Route("/console/leads/{email}", login_required(lead)),
         Route("/console/waiting", login_required(waiting)),
