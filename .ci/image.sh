@@ -44,7 +44,7 @@ if ! podman image exists "$base"; then
   mirror=$(apt-get indextargets --format '$(REPO_URI)' | grep -v security | sort -u | head -1)
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
     "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
-  tar -C "$work/rootfs" -c . | podman import - localhost/debian-py:bookworm >/dev/null
+  tar -C "$work/rootfs" -c . | podman import - localhost/debian-py:bookworm >/dev/null 2>&1
   rm -rf "$work/rootfs"
   mkdir "$work/base"
   cp /etc/ssl/certs/ca-certificates.crt "$work/base/"
