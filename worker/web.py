@@ -42,7 +42,7 @@ from worker.console import (
 from worker.health import check_health
 from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
-from worker.models import LEAD_STATUSES
+from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
 from worker.rendering import Pages, Renderer, TemplateError, sample_context
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
@@ -351,7 +351,7 @@ def build_app(app: App) -> Starlette:
     async def leads(request: Request) -> Response:
         q = request.query_params.get("q", "")[:200]
         status = request.query_params.get("status") or None
-        if status not in (None, *LEAD_STATUSES):
+        if status not in (None, *LeadStatus):
             status = None
 
         def data() -> tuple[list[dict[str, Any]], bool]:
@@ -366,7 +366,7 @@ def build_app(app: App) -> Starlette:
             more=more,
             q=q,
             status=status or "",
-            statuses=LEAD_STATUSES,
+            statuses=tuple(LeadStatus),
         )
 
     async def lead(request: Request) -> Response:
@@ -389,7 +389,7 @@ def build_app(app: App) -> Starlette:
                 more=False,
                 q=key,
                 status="",
-                statuses=LEAD_STATUSES,
+                statuses=tuple(LeadStatus),
                 flash=f"No lead {key}.",
             )
         return page(request, "lead.html", lead=found)
