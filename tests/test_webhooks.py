@@ -205,6 +205,10 @@ def test_every_event_arrives_across_sigkills_and_bursts_of_failures(
     assert all(len(bodies) == 1 for bodies in flaky.bodies.values())
     assert flaky.bad_signatures == 0 and broken.bad_signatures == 0
     assert flaky.requests > n  # failures and kills made it send some more than once
+    print(
+        f"{n} events: {flaky.requests} requests to the flaky endpoint, "
+        f"{broken.requests} to the broken one, {kills} SIGKILLs"
+    )
     out = subprocess.run(
         twoway_cmd(cfg, "status", "--json"), env=env, capture_output=True, text=True, check=True
     )
