@@ -129,6 +129,9 @@ def test_it_sends_nothing_more_to_an_unenrolled_lead(make_world: Any) -> None:
     w.import_(leads, "welcome")
     assert w.run() == 3
     with w.app.transaction() as s:
+        steps = campaign_stats(s, w.config)[0]["steps"]
+    assert [(st["sent"], st["waiting"]) for st in steps] == [(3, 0), (0, 3), (0, 0)]
+    with w.app.transaction() as s:
         out = unenroll_segment(
             s, w.config, "welcome", Segment(emails=("u1@example.org",)), w.clock[0]
         )
