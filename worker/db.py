@@ -119,6 +119,32 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     return create_engine(u, pool_pre_ping=True)
 
 
+# The tables whose plans depend on their size; small ones (mailbox_state, leases) are not.
+_GROWING = ("leads", "enrollments", "outbound_messages", "inbound_messages", "lead_events")
+
+
+def refresh_statistics(engine: Engine) -> None:
+    """Give the query planner fresh table statistics (after an import, and periodically).
+
+    SQLite has none unless ANALYZE runs; `analysis_limit` bounds the work to a sample of
+    each index (well under a second at a million leads). PostgreSQL's autovacuum keeps
+    them up to date in steady state; right after a bulk import it may lag, so ANALYZE
+    the growing tables then. Failures are logged and ignored: statistics are an
+    optimisation, never a reason to fail a command.
+    """
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
+                conn.exec_driver_sql("PRAGMA optimize")
+            else:
+                conn.exec_driver_sql("ANALYZE " + ", ".join(_GROWING))
+            conn.commit()
+    except Exception as e:  # optimisation only; the next refresh tries again
+        logger.warning("could not refresh the database statistics: %s", e)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

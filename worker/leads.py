@@ -25,6 +25,7 @@ from worker.models import (
     Lead,
     LeadEvent,
     OutboundMessage,
+    company_key,
 )
 
 KNOWN_COLUMNS = (
@@ -266,12 +267,15 @@ def import_leads(
             if email in existing:
                 lead_id, custom = existing[email]
                 fields.update(id=lead_id, custom={**custom, **fields["custom"]}, updated_at=now)
+                if "company" in fields:
+                    fields["company_key"] = company_key(fields["company"])
                 updates.append(fields)
                 continue
             inserts.append(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
+                    "company_key": company_key(fields.get("company")),
                     "status": "lead",
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],
