@@ -1,4 +1,4 @@
-"""Migration 0002_scale upgrades a database made by 0001 without losing anything."""
+"""Migration 0002_scale upgrades a database made by the revision before it, keeping data."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import json
 from datetime import datetime
 
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from worker import db
 
 
-def test_it_upgrades_a_0001_database_keeping_accounts_and_assignment_history(
+def test_it_upgrades_the_previous_revision_s_database_keeping_accounts_and_assignment_history(
     database_url: str,
 ) -> None:
     engine = db.make_engine(database_url)
-    command.upgrade(db._alembic_config(engine), "0001")
+    previous = ScriptDirectory(str(db.MIGRATIONS)).get_revision("0002_scale").down_revision
+    assert isinstance(previous, str)
+    command.upgrade(db._alembic_config(engine), previous)
     at = datetime(2026, 11, 30, 9, 0)
     with engine.begin() as conn:
         for i, (company, owner) in enumerate(

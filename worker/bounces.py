@@ -13,9 +13,10 @@ Pure functions; nothing here raises.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from worker.parsing import DeliveryStatus, ParsedMessage
 
@@ -26,6 +27,7 @@ __all__ = [
     "analyse_bounce",
     "bounce_reason",
     "hard_or_soft",
+    "provider_notification",
 ]
 
 Outcome = Literal["failed", "delayed", "delivered"]
@@ -307,7 +309,7 @@ _WEAK_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     (
         "system_error",
         re.compile(
-            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system|"
+            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system\s+(?:error|full)|"
             r"too\s+many\s+hops|hop\s+count|routing\s+loop|loop\s+detected|mail\s+loop|looping|"
             r"service\s+(?:not\s+)?(?:un)?available|configuration\s+error|i/o\s+error|"
             r"resources?\s+(?:temporarily\s+)?unavailable|server\s+(?:is\s+)?busy|"
@@ -481,6 +483,15 @@ _ANNOUNCE_RE = re.compile(
 )
 
 
+# "not accepting mail from <our address>", "Sender: ...": the address there is ours.
+_SENDER_MENTION_RE = re.compile(
+    r"(?i)(?:mail\s+from|from\s+sender|sender(?:\s+address)?|envelope[- ]from|return[- ]path)"
+    r"\s*:?\s*<?[^\s<>]+@[^\s<>]+>?"
+)
+# A bare local part under an announcement (AOL: "could not be delivered ...:\n\tscreenname").
+_BARE_LOCAL_RE = re.compile(r"^\s*<?([A-Za-z0-9][\w.+-]{0,63})>?\s*(?:$|\s{2,}\S)")
+
+
 def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
     """Addresses the bounce text names as failed.
 
@@ -497,7 +508,7 @@ def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
             continue
         if _ANNOUNCE_RE.search(line):
             announced = i
-        found = _addresses_in(line, excluded)
+        found = _addresses_in(_SENDER_MENTION_RE.sub(" ", line), excluded)
         if not found:
             continue
         if re.search(r"(?i)expanded\s+from", line) and strong:
@@ -518,8 +529,83 @@ def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
     return strong or loose
 
 
+def _bare_recipients(msg: ParsedMessage, human: str) -> list[str]:
+    """Recipients named by local part only, completed with a domain.
+
+    The domain is the one the returned message was addressed to when that address has
+    the same local part (a `for <user@domain>` in its Received lines, its To), else the
+    reporting host's (the bounce's From, e.g. MAILER-DAEMON@aol.com).
+    """
+    lines = human.split("\n")
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if not _ANNOUNCE_RE.search(line):
+            continue
+        for nxt in lines[i + 1 : i + 4]:
+            m = _BARE_LOCAL_RE.match(nxt)
+            if m and "@" not in nxt and not nxt.strip().endswith(":"):
+                out.append(m.group(1).lower())
+                break
+    if not out:
+        return []
+    known = _ADDR_RE.findall(msg.text[:200_000]) + [
+        a for name, v in msg.returned_headers if name in ("to", "cc") for a in _ADDR_RE.findall(v)
+    ]
+    host = (msg.from_addr or "").rpartition("@")[2]
+    done: list[str] = []
+    for local in out:
+        same = [a.lower() for a in known if a.lower().split("@", 1)[0] == local]
+        if same:
+            done.append(same[0])
+        elif host:
+            done.append(f"{local}@{host}")
+    return done
+
+
+_FIELD_LINE_RE = re.compile(
+    r"(?im)^(final-recipient|original-recipient|status|diagnostic-code|action)\s*:\s*(.+)$"
+)
+
+
+def _fields_in_text(text: str) -> list[DeliveryStatus]:
+    """DSN fields written in the body: a report whose MIME boundary does not match its
+    header is read by a MIME parser as one text part, with the fields inside."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for m in _FIELD_LINE_RE.finditer(text[:200_000]):
+        name, value = m.group(1).lower(), m.group(2).strip()
+        if name in current and name != "diagnostic-code":
+            blocks.append(current)
+            current = {}
+        current[name] = value
+    if current:
+        blocks.append(current)
+
+    def addr(value: str | None) -> str | None:
+        if not value:
+            return None
+        found = _ADDR_RE.search(value.split(";", 1)[-1])
+        return found.group(0).lower() if found else None
+
+    return [
+        DeliveryStatus(
+            final_recipient=addr(b.get("final-recipient")),
+            original_recipient=addr(b.get("original-recipient")),
+            action=(b.get("action") or "").lower() or None,
+            status=b.get("status"),
+            diagnostic_code=b.get("diagnostic-code"),
+        )
+        for b in blocks
+        if b.get("final-recipient") or b.get("original-recipient")
+    ]
+
+
 def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
     blocks = msg.delivery_status
+    if not blocks and (
+        msg.content_type == "multipart/report" or _is_daemon(msg) or msg.return_path == ""
+    ):
+        blocks = tuple(_fields_in_text(msg.text))
     if not blocks:
         return None
     failed: list[DeliveryStatus] = []
@@ -577,17 +663,37 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
     )
 
 
+# Mailing-list managers refusing our post (Mailman, LISTSERV, Sympa, Google Groups).
+_LIST_MANAGER_RE = re.compile(
+    r"(?i)^(?:[\w.-]+-(?:owner|bounces?|request|admin)(?:\+[^@]*)?|owner-[\w.-]+|mailman|"
+    r"listserv|sympa|majordomo|ezmlm|lyris|googlegroups-noreply)@|@googlegroups\.com$"
+)
+_LIST_REJECT_RE = re.compile(
+    r"(?i)you\s+are\s+not\s+a\s+member|not\s+a\s+(?:list\s+)?member|\bnon-?member|"
+    r"members[- ]only|only\s+members\s+(?:can|may)\s+(?:post|send)|"
+    r"(?:are\s+not|aren't)\s+(?:allowed|authori[sz]ed|permitted)\s+to\s+(?:post|send)|"
+    r"(?:do|does)\s+not\s+have\s+permission\s+to\s+post|you\s+must\s+be\s+(?:a\s+)?(?:member|"
+    r"subscribed)|posting\s+(?:is\s+)?restricted|rejected\s+by\s+(?:the\s+)?(?:list\s+)?moderator"
+)
+# Loop alerts (Exim "Too many \"Received\" headers", Sendmail "Too many hops", qmail loops).
+_LOOP_RE = re.compile(
+    r"(?i)mail\s+loop|loop\s+(?:detected|alert)|too\s+many\s+hops|too\s+many\s+\"?received|"
+    r"routing\s+loop|message\s+looping|loops\s+back\s+to\s+myself|hop\s+count\s+exceeded"
+)
+
+
 def _from_text(msg: ParsedMessage) -> BounceReport | None:
     subject = msg.subject
     is_report = msg.report_type == "delivery-status" or (
         msg.content_type == "multipart/report" and msg.report_type in (None, "")
     )
     daemon = _is_daemon(msg) or msg.return_path == ""
+    list_manager = bool(_LIST_MANAGER_RE.search(msg.from_addr or ""))
     subject_hit = bool(_BOUNCE_SUBJECT_RE.search(subject)) and not re.match(
         r"(?i)\s*(?:re|aw|sv|antw|r)\s*:", subject
     )
     threaded = bool(msg.in_reply_to or msg.references)
-    if not (is_report or daemon or subject_hit or not threaded):
+    if not (is_report or daemon or list_manager or subject_hit or not threaded):
         # Only the body could still say "bounce", and for threaded mail it may not
         # decide alone (the test below): skip scanning the body of every reply.
         return None
@@ -596,16 +702,29 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
     delay_hit = bool(_DELAY_RE.search(subject)) or bool(_DELAY_RE.search(human[:3000]))
     strong_delay = _STRONG_DELAY_RE.search(human[:3000])
     qmail_list = re.search(r"(?m)^\s*<[^<>\s]+@[^<>\s]+>\s*:\s*$", human)
+    # A postmaster "Re: ..." with an SMTP error in its words is a bounce dressed as a reply.
+    smtp_error = bool(_SMTP_CODE_RE.search(human[:5000])) and bool(
+        _STATUS_RE.search(human[:5000]) or re.search(r"(?i)smtp|said:|error", human[:5000])
+    )
+    list_reject = (daemon or list_manager) and bool(_LIST_REJECT_RE.search(human[:5000]))
+    loop = daemon and bool(_LOOP_RE.search(f"{subject}\n{human[:5000]}"))
+    if list_reject or loop:
+        body_hit = True
     if not (
         is_report
-        or (daemon and (subject_hit or body_hit or qmail_list))
+        or (daemon and (subject_hit or body_hit or qmail_list or smtp_error))
+        or list_reject
         or (subject_hit and strong_delay)
         or (subject_hit and body_hit)
         or (body_hit and not msg.in_reply_to and not msg.references)
     ):
         return None
     excluded = _excluded(msg)
-    recipients = _failed_recipients(human, excluded) or _addresses_in(subject, excluded)
+    recipients = (
+        _failed_recipients(human, excluded)
+        or _addresses_in(subject, excluded)
+        or _bare_recipients(msg, human)
+    )
     found = _STATUS_RE.search(human)
     status = found.group(0) if found else None
     permanent_words = re.search(
@@ -632,6 +751,9 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
             if diag:
                 break
     cause, kind = bounce_reason(status, diag, None, human[:4000])
+    if list_reject and cause in ("other", "spam_policy"):
+        # The list refuses our sender (not a member): a problem of ours, never a dead lead.
+        cause, kind = "sender_rejected", "soft"
     why = (
         "multipart/report" if is_report else "mailer-daemon sender" if daemon else "bounce subject"
     )
@@ -647,6 +769,102 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
     )
 
 
+# ----------------------------------------------------------------------------- SES / SNS
+
+_SES_MARK_RE = re.compile(r'"(?:notificationType|eventType)"\s*:\s*"(\w+)"')
+
+
+def provider_notification(msg: ParsedMessage) -> dict[str, Any] | None:
+    """An Amazon SES notification in JSON (as mailed by SNS), or None.
+
+    SES documents `notificationType` (or `eventType`) Bounce, Complaint, Delivery and
+    DeliveryDelay; SNS wraps the object as a JSON string in `Message`. Read only when the
+    body names one of those types; bounded to the first 200 kB.
+    """
+    text = msg.text[:200_000]
+    found = _SES_MARK_RE.search(text) or _SES_MARK_RE.search(text.replace('\\"', '"'))
+    if not found or found.group(1) not in ("Bounce", "Complaint", "Delivery", "DeliveryDelay"):
+        return None
+    try:
+        start, end = text.index("{"), text.rindex("}") + 1
+        data: Any = json.loads(text[start:end])
+        if isinstance(data, dict) and isinstance(data.get("Message"), str):
+            data = json.loads(data["Message"])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("notificationType") or data.get("eventType")
+    return data if kind in ("Bounce", "Complaint", "Delivery", "DeliveryDelay") else None
+
+
+# SES bounce sub-types (docs: "Amazon SES notification contents", bounce types).
+_SES_SUBTYPES: dict[str, Reason] = {
+    "NoEmail": "user_unknown",
+    "Suppressed": "user_unknown",
+    "OnAccountSuppressionList": "user_unknown",
+    "MailboxFull": "mailbox_full",
+    "MessageTooLarge": "message_too_big",
+    "ContentRejected": "spam_policy",
+    "AttachmentRejected": "spam_policy",
+}
+
+
+def _from_ses(msg: ParsedMessage) -> BounceReport | None:
+    data = provider_notification(msg)
+    if data is None:
+        return None
+    kind = data.get("notificationType") or data.get("eventType")
+    mail: dict[str, Any] = data["mail"] if isinstance(data.get("mail"), dict) else {}
+    ids = []
+    for header in mail.get("headers") or []:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == "message-id":
+            ids += re.findall(r"<([^<>\s]+)>", str(header.get("value", "")))
+    if kind == "Complaint":
+        return None  # a complaint, not a delivery report: classify reads it
+    if kind in ("Delivery", "DeliveryDelay"):
+        found = data.get("delivery") or data.get("deliveryDelay")
+        block: dict[str, Any] = found if isinstance(found, dict) else {}
+        recips = block.get("recipients") or [
+            r.get("emailAddress")
+            for r in block.get("delayedRecipients") or []
+            if isinstance(r, dict)
+        ]
+        return BounceReport(
+            outcome="delivered" if kind == "Delivery" else "delayed",
+            kind="soft",
+            recipients=tuple(str(r).lower() for r in recips if r),
+            status=None,
+            diagnostic=None,
+            original_message_ids=tuple(ids),
+            reason=f"SES {kind} notification",
+        )
+    bounce: dict[str, Any] = data["bounce"] if isinstance(data.get("bounce"), dict) else {}
+    rows = [r for r in bounce.get("bouncedRecipients") or [] if isinstance(r, dict)]
+    status = next((str(r["status"]) for r in rows if r.get("status")), None)
+    diag = next((str(r["diagnosticCode"]) for r in rows if r.get("diagnosticCode")), None)
+    cause = bounce_reason(status, diag)[0]
+    permanent = bounce.get("bounceType") == "Permanent"
+    sub = _SES_SUBTYPES.get(str(bounce.get("bounceSubType")))
+    if cause == "other" and sub is not None:
+        cause = sub
+    elif cause == "other" and permanent:
+        cause = "user_unknown"  # SES: a general hard bounce; remove the address
+    hard = cause in HARD_REASONS and permanent
+    return BounceReport(
+        outcome="failed",
+        kind="hard" if hard else "soft",
+        recipients=tuple(
+            str(r.get("emailAddress", "")).lower() for r in rows if r.get("emailAddress")
+        ),
+        status=status if status and _STATUS_RE.fullmatch(status) else None,
+        diagnostic=diag,
+        original_message_ids=tuple(ids),
+        reason=f"SES bounce notification ({bounce.get('bounceType')}/{bounce.get('bounceSubType')})",
+        cause=cause,
+    )
+
+
 def analyse_bounce(msg: ParsedMessage) -> BounceReport | None:
     """The delivery report in `msg`, or None when it is not one.
 
@@ -655,6 +873,6 @@ def analyse_bounce(msg: ParsedMessage) -> BounceReport | None:
     if msg.report_type in ("feedback-report", "disposition-notification"):
         return None
     try:
-        return _from_dsn(msg) or _from_text(msg)
+        return _from_ses(msg) or _from_dsn(msg) or _from_text(msg)
     except Exception:  # a detector bug must not stop classification
         return None

@@ -153,7 +153,7 @@ def config_check(state: _State, connect: bool) -> None:
             from worker.rendering import Renderer, sample_context
 
             renderer = Renderer(config.templates_path)
-            names = {s.template for c in config.campaigns for s in c.steps}
+            names = {t for c in config.campaigns for s in c.steps for t in s.templates}
             names.add(config.handoff.template)
             if config.handoff.follow_up:
                 names.add(config.handoff.follow_up.template)
@@ -262,6 +262,8 @@ def leads_import(
                     f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True
                 )
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
+            if result.suppressed:
+                summary += f", {result.suppressed} skipped (do-not-contact list)"
             if camp is not None:
                 summary += f", {result.enrolled} enrolled in {camp.name}"
             if result.strict_failed:
@@ -340,6 +342,8 @@ def _format_lead(d: dict[str, Any]) -> str:
             extra = f" next due {en['next_due']}" if en["next_due"] else ""
             if en["paused_until"]:
                 extra += f" paused until {en['paused_until']}"
+            if en.get("waiting"):
+                extra += f" (waits: {en['waiting']})"
             lines.append(f"  {en['campaign']}: {en['state']}, {en['step']} step(s) sent{extra}")
     if d["messages"]:
         lines.append("mail:")
@@ -477,6 +481,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 "kinds": result.inbound.kinds,
                 "queued": result.queued,
                 "sent": result.sent,
+                "delivered": result.delivered,
                 "errors": result.errors,
             }
             if as_json:
@@ -707,7 +712,7 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                     )
                     for i, step in enumerate(camp.steps):
                         ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
-                        for e in renderer.lint(ctx, [step.template]):
+                        for e in renderer.lint(ctx, list(step.templates)):
                             problems.append(f"{e} (lead {lead.email})")
                         checked += 1
         for p in dict.fromkeys(problems):
@@ -873,3 +878,16 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
             partial.unlink(missing_ok=True)
             raise Failure(f"cannot write {html_file}: {e.strerror or e}") from None
         click.echo(str(target))
+
+
+# --- the marketer's commands (worker/cli_marketing.py) -------------------------------------
+
+
+def _register_marketing() -> None:
+    from worker import cli_marketing as m
+
+    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group):
+        main.add_command(group)
+
+
+_register_marketing()

@@ -25,6 +25,7 @@ from worker.match import Match
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,7 @@ def promote(
         )
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
+    emit(s, lead, "lead.promoted", now, f"{cause}: genuine reply", row.id)
     _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
     reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
@@ -637,6 +639,10 @@ def _rep_answered(
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
+        if lead.status in ("prospect", "customer"):
+            emit(
+                s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
+            )
         n = _cancel_followups(s, lead.id, f"{msg.from_addr} answered first")
         if n:
             record_event(

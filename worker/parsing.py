@@ -594,6 +594,11 @@ def _walk(part: Message, acc: _Walk, depth: int, inside_message: bool) -> None:
                 acc.attachments.append(name)
             _walk(children[0], acc, depth + 1, True)
         return
+    if ctype.startswith("multipart/") and isinstance(part.get_payload(), str):
+        # A boundary that matches no line (cut off, mistyped): the parts are one text.
+        if not inside_message:
+            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]))
+        return
     if ctype.startswith("multipart/") or isinstance(part.get_payload(), list):
         for child in _iter_children(part):
             _walk(child, acc, depth + 1, inside_message)

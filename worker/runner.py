@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 
 from worker.app import App
+from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig
 from worker.db import as_unavailable, is_unavailable, refresh_statistics
@@ -38,6 +39,9 @@ from worker.models import Enrollment, MailboxState, OutboundMessage
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
+from worker.webhooks import deliver_due
+from worker.webhooks import next_due as webhooks_due
+from worker.webhooks import recover as recover_webhooks
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
@@ -124,6 +128,8 @@ class PassResult:
     inbound: SyncResult = field(default_factory=SyncResult)
     queued: int = 0
     sent: int = 0
+    delivered: int = 0
+    """Webhook events delivered to the CRM."""
     errors: list[str] = field(default_factory=list)
     more: bool = False
     """True when a limit stopped the pass before everything was done."""
@@ -136,6 +142,7 @@ class PassResult:
             or self.inbound.quarantined
             or self.queued
             or self.sent
+            or self.delivered
         )
 
 
@@ -197,10 +204,15 @@ class Worker:
             self._sync(mb, result)
         if not self.stop.is_set():
             self._send(result)
+        if not self.stop.is_set():
+            result.delivered = deliver_due(
+                self.app, should_stop=self.stop.is_set, limit=self._limit
+            )
         return result
 
     def _recover(self) -> None:
         recover_sending(self.app, self._in_sent_folder, all_rows=self._lock is not None)
+        recover_webhooks(self.app, all_rows=self._lock is not None)
         self._recovered = True
 
     def _in_sent_folder(self, mailbox: str | None, message_id: str) -> bool | None:
@@ -381,7 +393,11 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            a = s.scalar(select(func.min(Enrollment.next_due)).where(Enrollment.state == "active"))
+            active = [Enrollment.state == "active"]
+            paused = paused_campaigns(s)
+            if paused:  # their steps stay due until resumed: not a reason to wake up
+                active.append(Enrollment.campaign.not_in(sorted(paused)))
+            a = s.scalar(select(func.min(Enrollment.next_due)).where(*active))
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
                     OutboundMessage.status == "queued"
@@ -390,7 +406,8 @@ class Worker:
             c = s.scalar(
                 select(func.min(Enrollment.paused_until)).where(Enrollment.state == "paused")
             )
-        times = [t for t in (a, b, c) if t is not None]
+            d = webhooks_due(s, self.app.config)
+        times = [t for t in (a, b, c, d) if t is not None]
         return min(times) if times else None
 
     def wait(self) -> None:

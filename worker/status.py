@@ -105,6 +105,14 @@ def collect_status(app: App) -> dict[str, Any]:
             soft_bounces[key] = soft_bounces.get(key, 0) + n
         funnel = _funnel(s, app)
         alarms = _alarms(s, app, now)
+        from worker.webhooks import webhook_status
+
+        webhooks = webhook_status(s)
+        if webhooks["dead"]:
+            alarms.append(
+                f"{webhooks['dead']} webhook deliver(ies) dead after every retry: fix the "
+                "endpoint, then `twoway webhooks retry --all`"
+            )
     from worker.leases import workers_and_leases
 
     workers, leases = workers_and_leases(app)
@@ -123,6 +131,7 @@ def collect_status(app: App) -> dict[str, Any]:
         "mailboxes": mailboxes,
         "quarantine": quarantine or 0,
         "alarms": alarms,
+        "webhooks": webhooks,
     }
 
 
@@ -264,6 +273,17 @@ def format_status(d: dict[str, Any]) -> str:
         counts = ", ".join(f"{why} {n}" for why, n in d["soft_bounces"].items())
         lines.append(f"soft bounces by reason: {counts}")
     lines.append(f"quarantine: {d['quarantine']} message(s)")
+    w = d["webhooks"]
+    if any(w[k] for k in ("pending", "sending", "delivered", "dead")):
+        lines.append(
+            f"webhooks: pending {w['pending']}, sending {w['sending']}, "
+            f"delivered {w['delivered']}, dead {w['dead']}"
+        )
+        for x in w["dead_letters"]:
+            lines.append(
+                f"  dead #{x['id']} {x['event']} to {x['endpoint']} after {x['attempts']} "
+                f"attempt(s): {x['last_error']}"
+            )
     for a in d["alarms"]:
         lines.append(f"ALARM: {a}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@
   events, so round robin and daily caps stop counting events.
 
 Revision ID: 0002_scale
-Revises: 0001
+Revises: 0002_mkt
 """
 
 from collections import Counter
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002_scale"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002_mkt"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
