@@ -42,6 +42,7 @@ newly added catches up by taking the next leads (bounded by their daily cap, if 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -187,33 +188,45 @@ def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[R
     return (rep, what) if rep is not None else None
 
 
+_PENDING = "twoway.rep_assignments"
+
+
 def note_assignment(session: Session, rep_email: str, now: datetime) -> None:
     """Count one prospect assigned to `rep_email` today (UTC), in the caller's transaction.
 
     The caller records the "assigned" event too; round robin and daily caps read these
-    counters. An upsert, so two workers assigning at once both count.
+    counters. The increment is kept in the session and written just before its commit
+    (`write_assignments`), so a long transaction (a batch of inbound mail) holds the
+    counter rows, which every worker shares, only for that instant, and always in the
+    same order (no deadlock between two workers' batches). Reads in the same
+    transaction see it at once.
     """
-    day = now.astimezone(UTC).date()
-    values = {"rep": rep_email, "day": day, "assigned": 1}
+    pending: Counter[tuple[str, date]] = session.info.setdefault(_PENDING, Counter())
+    pending[(rep_email, now.astimezone(UTC).date())] += 1
+
+
+def write_assignments(session: Session) -> None:
+    """Write the increments `note_assignment` kept (upserts in (rep, day) order)."""
+    pending: Counter[tuple[str, date]] | None = session.info.pop(_PENDING, None)
+    if not pending:
+        return
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        pg = pg_insert(RepAssignments).values(values)
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    for (rep, day), n in sorted(pending.items()):
+        stmt = upsert(RepAssignments).values(rep=rep, day=day, assigned=n)
         session.execute(
-            pg.on_conflict_do_update(
-                index_elements=["rep", "day"], set_={"assigned": RepAssignments.assigned + 1}
+            stmt.on_conflict_do_update(
+                index_elements=["rep", "day"], set_={"assigned": RepAssignments.assigned + n}
             )
         )
-        return
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    lite = sqlite_insert(RepAssignments).values(values)
-    session.execute(
-        lite.on_conflict_do_update(
-            index_elements=["rep", "day"], set_={"assigned": RepAssignments.assigned + 1}
-        )
-    )
+
+def _pending(session: Session) -> Counter[tuple[str, date]]:
+    found: Counter[tuple[str, date]] = session.info.get(_PENDING) or Counter()
+    return found
 
 
 # --- rules ------------------------------------------------------------------------------
@@ -297,7 +310,11 @@ class _State:
                     RepAssignments.rep.in_([r.email for r in self.reps]),
                 )
             )
-            self._today_counts = {rep: n for rep, n in rows}
+            counts = {rep: n for rep, n in rows}
+            for (rep, day), n in _pending(self.session).items():
+                if day == self.today:
+                    counts[rep] = counts.get(rep, 0) + n
+            self._today_counts = counts
         return self._today_counts
 
     def totals(self) -> dict[str, int]:
@@ -307,7 +324,10 @@ class _State:
                 .where(RepAssignments.rep.in_([r.email for r in self.reps]))
                 .group_by(RepAssignments.rep)
             )
-            self._totals = {rep: int(n or 0) for rep, n in rows}
+            totals = {rep: int(n or 0) for rep, n in rows}
+            for (rep, _day), n in _pending(self.session).items():
+                totals[rep] = totals.get(rep, 0) + n
+            self._totals = totals
         return self._totals
 
     def round_robin(self, candidates: Sequence[Rep]) -> tuple[Rep, str]:

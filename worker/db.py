@@ -59,6 +59,17 @@ def as_unavailable(exc: BaseException) -> DatabaseUnavailable:
     return err
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is a deadlock or serialization failure (SQLSTATE 40P01, 40001): the
+    transaction collided with another worker's and may simply be tried again."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return code in ("40P01", "40001")
+    return False
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database is unavailable now rather than that the statement
     is wrong (see DatabaseUnavailable). Walks the cause chain."""
@@ -146,7 +157,17 @@ def refresh_statistics(engine: Engine) -> None:
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions for `engine`; whatever a unit of work kept for its commit (the reps'
+    assignment counters) is written just before it commits."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+
+    @event.listens_for(factory, "before_commit")
+    def _deferred(session: Session) -> None:
+        from worker.assign import write_assignments
+
+        write_assignments(session)
+
+    return factory
 
 
 @contextmanager
