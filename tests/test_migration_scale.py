@@ -1,4 +1,4 @@
-"""Migration 0002_scale upgrades a database made by the revision before it, keeping data."""
+"""Migration 0004_scale upgrades a database made by the revision before it, keeping data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_it_upgrades_the_previous_revision_s_database_keeping_accounts_and_assig
     database_url: str,
 ) -> None:
     engine = db.make_engine(database_url)
-    previous = ScriptDirectory(str(db.MIGRATIONS)).get_revision("0002_scale").down_revision
+    previous = ScriptDirectory(str(db.MIGRATIONS)).get_revision("0004_scale").down_revision
     assert isinstance(previous, str)
     command.upgrade(db._alembic_config(engine), previous)
     at = datetime(2026, 11, 30, 9, 0)

@@ -176,6 +176,13 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
     assert statuses[("nurture", "sent")] + statuses[("nurture", "unknown")] == LEADS
     for kind in ("handoff", "followup"):
         assert statuses[(kind, "sent")] + statuses[(kind, "unknown")] == REPLIES, statuses
+    # The SIGKILL strands at most the one send in flight, whose transaction had begun.
+    assert sum(n for (_, st), n in statuses.items() if st == "unknown") <= 1, statuses
+    with app.transaction() as s:
+        unknown = list(
+            s.scalars(select(OutboundMessage.to_addr).where(OutboundMessage.status == "unknown"))
+        )
+    assert smtp_server.began_for(unknown)
     handoffs = sum(per_rcpt[f"rep{i}@example.com"] for i in range(3))
     assert handoffs == statuses[("handoff", "sent")]
     for i in range(REPLIES):  # step 1 and the follow-up, never more

@@ -386,13 +386,29 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
 
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check only: exit 1 unless a worker is alive and no mailbox is failing.",
+)
 @pass_state
-def status_cmd(state: _State, as_json: bool) -> None:
+def status_cmd(state: _State, as_json: bool, check: bool) -> None:
     """Funnel, outbox, mailbox health, quarantine and alarms."""
     from worker.status import collect_status, format_status
 
     with _errors():
         app = state.app()
+        if check:
+            from worker.health import check_health
+
+            health = check_health(app)
+            if as_json:
+                _print_json(health.as_json())
+            else:
+                for reason in health.reasons:
+                    click.echo(f"twoway: {reason}", err=True)
+                click.echo("healthy" if health.ok else "not healthy")
+            sys.exit(0 if health.ok else 1)
         data = collect_status(app)
         if as_json:
             _print_json(data)
@@ -841,6 +857,89 @@ def init_cmd(directory: Path) -> None:
     )
 
 
+# --- serve -------------------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option("--host", help="Address to bind (default: serve.host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: serve.port).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default=None,
+    help="Default: human on a terminal, json otherwise.",
+)
+@click.pass_context
+def serve_cmd(
+    ctx: click.Context, host: str | None, port: int | None, log_format: str | None
+) -> None:
+    """The web side: /u/TOKEN unsubscribe, /healthz, /metrics and the console (login)."""
+    from worker.web import serve
+
+    state: _State = ctx.obj
+    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
+    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    with _errors():
+        app = state.app()
+        cfg = app.config.serve
+        try:
+            serve(app, host or cfg.host, cfg.port if port is None else port)
+        finally:
+            app.close()
+
+
+@main.command("hash-password")
+def hash_password_cmd() -> None:
+    """Print the hash of a console password (read from the terminal, or standard input)."""
+    from worker.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = click.prompt("Console password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        _die("a console password needs at least 10 characters", 2)
+    click.echo(hash_password(password))
+
+
+# --- outbox ------------------------------------------------------------------------------
+
+
+@main.group("outbox")
+def outbox_group() -> None:
+    """Settle sends left in state unknown by a crash."""
+
+
+@outbox_group.command("mark-sent")
+@click.argument("message_id")
+@pass_state
+def outbox_mark_sent(state: _State, message_id: str) -> None:
+    """An unknown send did arrive (seen in the recipient's thread): record it as sent."""
+    _settle(state, message_id, "sent")
+
+
+@outbox_group.command("resend")
+@click.argument("message_id")
+@pass_state
+def outbox_resend(state: _State, message_id: str) -> None:
+    """An unknown send did not arrive: queue it again (same Message-ID)."""
+    _settle(state, message_id, "resend")
+
+
+def _settle(state: _State, message_id: str, action: str) -> None:
+    from worker.outbox import resolve_unknown
+
+    with _errors():
+        app = state.app()
+        try:
+            with app.transaction() as s:
+                row = resolve_unknown(s, message_id, action, app.now())
+                to, template = row.to_addr, row.template
+        except LookupError as e:
+            _die(str(e), 2)
+        click.echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -886,7 +985,7 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
 def _register_marketing() -> None:
     from worker import cli_marketing as m
 
-    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group):
+    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group, m.export_cmd):
         main.add_command(group)
 
 

@@ -482,6 +482,58 @@ CRM_EVENT_TYPES = (
 class Alarms(_Model):
     silent_hours: int = Field(default=48, gt=0)
     bounce_rate: float = Field(default=0.05, gt=0, le=1)
+    mailbox_failing_seconds: float = Field(default=900, ge=0)
+    """/healthz and `status --check` fail once a mailbox has failed for longer than this."""
+
+
+class Console(_Model):
+    """Who may log in to the console: a password (checked against its scrypt hash, from
+    `twoway hash-password`) or a token; the session cookie is signed with `session_secret`
+    (default: a random one per process, so a restart logs everyone out)."""
+
+    password_hash: SecretStr | None = None
+    password_hash_file: Path | None = None
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    session_secret: SecretStr | None = None
+    session_secret_file: Path | None = None
+    session_hours: float = Field(default=12, gt=0)
+    max_login_failures: int = Field(default=5, gt=0)
+    """Failed logins per client address per 5 minutes before it is refused (HTTP 429)."""
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret given inline (`${ENV}`) or in a file, read now; None when neither is set."""
+    text = None
+    if value is not None:
+        text = value.get_secret_value()
+    elif file is not None:
+        text = file.read_text(encoding="utf-8").strip()
+    return text or None
+
+
+class Serve(_Model):
+    """`twoway serve`: one-click unsubscribe, /healthz, /metrics and the console."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+    """Where people reach it (https, behind your proxy); nurture mail links /u/TOKEN there."""
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+    """Proxies whose X-Forwarded-For/-Proto are believed (the client address of rate limits)."""
+    undo_minutes: float = Field(default=10, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_token_file: Path | None = None
+    console: Console = Console()
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.fullmatch(r"https?://[^\s/?#<>\"']+(/[^\s?#<>\"']*)?", v):
+            raise ValueError("an http(s) URL such as https://twoway.example.com")
+        return v.rstrip("/")
 
 
 class Config(_Model):
@@ -503,9 +555,23 @@ class Config(_Model):
     alarms: Alarms = Alarms()
     referrals: Referrals = Referrals()
     workers: Workers = Workers()
+    serve: Serve = Serve()
     unknown_senders: Literal["record", "create_lead"] = "record"
     webhooks: tuple[Webhook, ...] = ()
     path: Path = Field(default=Path("<memory>"), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsubscribe_default(cls, data: Any) -> Any:
+        """With `serve.public_url`, nurture mail links to our own /u/TOKEN page unless
+        `sender.unsubscribe_url` says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        serve, sender = data.get("serve"), data.get("sender")
+        url = serve.get("public_url") if isinstance(serve, dict) else None
+        if isinstance(url, str) and isinstance(sender, dict) and not sender.get("unsubscribe_url"):
+            data = {**data, "sender": {**sender, "unsubscribe_url": url.rstrip("/") + "/u/{token}"}}
+        return data
 
     @model_validator(mode="after")
     def _references(self) -> Config:

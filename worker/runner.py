@@ -35,7 +35,7 @@ from worker.leases import (
 )
 from worker.mailbox import IDLE_RENEW_SECONDS, ImapSource, MailboxError, MailSource, open_source
 from worker.mailer import Mailer
-from worker.models import Enrollment, MailboxState, OutboundMessage
+from worker.models import Enrollment, EnrollmentState, MailboxState, OutboundMessage, OutboxState
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
@@ -364,21 +364,20 @@ class Worker:
         result.sent = send_due(
             self.app,
             self.renderer,
-            self._mailer_for("default") if config.smtp is not None else None,
+            self._mailer_for,
             self._sent_copy,
             limit=self._limit,
             should_stop=self.stop.is_set,
-            mailer_for=self._mailer_for,
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
 
-    def _mailer_for(self, transport: str) -> Mailer:
-        """One SMTP connection per account, reused across passes."""
+    def _mailer_for(self, transport: str) -> Mailer | None:
+        """One SMTP connection per account, reused across passes; None: no such account."""
         if transport not in self._mailers:
             smtp = self.app.config.identity(None if transport == "default" else transport).smtp
-            if smtp is None:  # rows are claimed only for accounts that exist
-                raise RuntimeError(f"no SMTP account for {transport!r}")
+            if smtp is None:
+                return None
             self._mailers[transport] = Mailer(smtp)
         return self._mailers[transport]
 
@@ -393,18 +392,20 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            active = [Enrollment.state == "active"]
+            active = [Enrollment.state == EnrollmentState.ACTIVE]
             paused = paused_campaigns(s)
             if paused:  # their steps stay due until resumed: not a reason to wake up
                 active.append(Enrollment.campaign.not_in(sorted(paused)))
             a = s.scalar(select(func.min(Enrollment.next_due)).where(*active))
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
-                    OutboundMessage.status == "queued"
+                    OutboundMessage.status == OutboxState.QUEUED
                 )
             )
             c = s.scalar(
-                select(func.min(Enrollment.paused_until)).where(Enrollment.state == "paused")
+                select(func.min(Enrollment.paused_until)).where(
+                    Enrollment.state == EnrollmentState.PAUSED
+                )
             )
             d = webhooks_due(s, self.app.config)
         times = [t for t in (a, b, c, d) if t is not None]

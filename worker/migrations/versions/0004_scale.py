@@ -8,8 +8,8 @@
 - rep_assignments: prospects assigned per rep and UTC day, filled from the "assigned"
   events, so round robin and daily caps stop counting events.
 
-Revision ID: 0002_scale
-Revises: 0002_mkt
+Revision ID: 0004_scale
+Revises: 0003_shape
 """
 
 from collections import Counter
@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_scale"
-down_revision: str | None = "0002_mkt"
+revision: str = "0004_scale"
+down_revision: str | None = "0003_shape"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
