@@ -32,7 +32,12 @@ __all__ = [
 
 Outcome = Literal["failed", "delayed", "delivered"]
 
-_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|[\w.+-]+@\[[\d.]+\]")
+# Each starts only where a local part can start (the lookbehinds), so a long run of
+# address characters without an "@" costs one pass, not one per position.
+_ADDR_RE = re.compile(
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|"
+    r"(?<![\w.+-])[\w.+-]+@\[[\d.]+\]"
+)
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
 _SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*:|\]:)\s*([45]\d\d)(?:[ -]|$)")
@@ -81,13 +86,14 @@ _STRONG_DELAY_RE = re.compile(
 )
 # Where the copy of the returned message starts in a plain-text bounce.
 _RETURNED_MARKER_RE = re.compile(
-    r"(?im)^[\s>-]*(?:-{2,}\s*)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
+    # Possessive prefixes: a long run of dashes is read once (no cubic backtracking).
+    r"(?im)^[\s>]*+(?:-++\s*+)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
     r"the\s+message|original\s+message\s+follows|the\s+original\s+message\s+follows|"
-    r"-+\s*original\s+message|-+\s*returned\s+message|\s*unsent\s+message\s+below|"
-    r"-+\s*the\s+header\s+of\s+the\s+original|returned\s+mail\s+follows|"
-    r"-+\s*transcript\s+of\s+session\s+follows|message\s+text\s+follows|"
-    r"-+\s*message\s+header\s+follows|-+\s*original\s+text\s+follows|"
-    r"-+\s*undelivered\s+message|-+\s*this\s+is\s+a\s+copy)"
+    r"original\s+message|returned\s+message|unsent\s+message\s+below|"
+    r"the\s+header\s+of\s+the\s+original|returned\s+mail\s+follows|"
+    r"transcript\s+of\s+session\s+follows|message\s+text\s+follows|"
+    r"message\s+header\s+follows|original\s+text\s+follows|"
+    r"undelivered\s+message|this\s+is\s+a\s+copy)"
 )
 _RETURNED_HEADERS_RE = re.compile(
     r"(?im)^(?:received|return-path|message-id|x-[\w-]+|mime-version):[^\n]*\n(?:[ \t][^\n]*\n)*"
@@ -419,8 +425,14 @@ def _is_daemon(msg: ParsedMessage) -> bool:
     )
 
 
+# A report's own words and the returned headers sit in its first part: no detector reads
+# further than this, whatever the size of the message.
+_SCAN = 100_000
+
+
 def _human_part(text: str) -> str:
     """The bounce's own words: the text before the copy of the returned message."""
+    text = text[:_SCAN]
     cut = len(text)
     marker = _RETURNED_MARKER_RE.search(text)
     if marker:
@@ -438,7 +450,7 @@ def _returned_ids(msg: ParsedMessage) -> tuple[str, ...]:
         ids += re.findall(r"<([^<>\s]+)>", value) or [value.strip().strip("<>")]
     if not ids:
         # Plain-text bounces quote the returned headers inline.
-        for match in re.finditer(r"(?im)^\s*message-id:\s*<([^<>\s]+)>", msg.text):
+        for match in re.finditer(r"(?im)^\s*message-id:\s*<([^<>\s]+)>", msg.text[:_SCAN]):
             ids.append(match.group(1))
     return tuple(dict.fromkeys(i for i in ids if i))
 
@@ -605,7 +617,7 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
     if not blocks and (
         msg.content_type == "multipart/report" or _is_daemon(msg) or msg.return_path == ""
     ):
-        blocks = tuple(_fields_in_text(msg.text))
+        blocks = tuple(_fields_in_text(msg.text[:_SCAN]))
     if not blocks:
         return None
     failed: list[DeliveryStatus] = []

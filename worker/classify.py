@@ -753,7 +753,8 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
         return Classification(kind="notification", reason=f"no-reply sender {msg.from_addr}")
 
     # 5. unsubscribe (the unsubscribe address was read above)
-    words = new_words(reply_text)
+    # What someone asks for is in the first pages they wrote: bound the intent scans.
+    words = new_words(reply_text)[:20_000]
     subject_words = re.sub(r"(?i)^\s*(?:(?:re|aw|sv|antw|fwd?|wg)\s*:\s*)+", "", msg.subject)
     bulk = _bulk_signal(msg)
     list_reply = bulk is not None and _threads_to_us(msg, ctx) and bool(msg.in_reply_to)
