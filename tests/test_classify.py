@@ -183,6 +183,10 @@ def test_it_has_labelled_mail_for_every_class_the_issue_names() -> None:
         str(x["language"]) for x in LABELS.values() if x["kind"] == "auto_reply" and "language" in x
     }
     assert len(languages) >= 25
+    replies = {
+        str(x["language"]) for x in LABELS.values() if x["kind"] == "reply" and "language" in x
+    }
+    assert len(replies) >= 25  # quote headers and mobile signatures, each with its reply text
     reasons = {str(x["bounce_reason"]) for x in LABELS.values() if "bounce_reason" in x}
     assert reasons >= {
         "user_unknown", "host_unknown", "mailbox_full", "message_too_big", "rate_limited",

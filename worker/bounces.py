@@ -165,8 +165,9 @@ Reason = Literal[
     "system_error",
     "other",
 ]
-# The two reasons that say the address is dead. Everything else is soft: a problem of
-# our own sender or reputation, of size or load, or a temporary one.
+# The two reasons that say the address is dead. Every other named reason is soft: a
+# problem of our own sender or reputation, of size or load, or a temporary one. An
+# unnamed ("other") permanent failure is hard (see bounce_reason).
 HARD_REASONS: frozenset[str] = frozenset({"user_unknown", "host_unknown"})
 
 # Diagnostic wording, most specific first. Each names the signal and where it is used:
@@ -369,8 +370,9 @@ def bounce_reason(
     diagnostic's before the context's (a "mailbox full" under a wrong 5.1.1, "no such
     user here" under 5.0.0 or 550); then the status code (one in the text is read too,
     it is often finer than the Status field); then weaker wording (policy, system).
-    Hard only for `user_unknown` and `host_unknown`, and never for a temporary failure
-    (class 4, or an SMTP 4xx without a class 5 code): a dead address gets a 5xx.
+    Hard for `user_unknown` and `host_unknown`, and for a permanent failure whose words
+    name no reason (`other` under a 5.x.x, a 5xx, "failed permanently"); never for a
+    temporary failure (class 4, or an SMTP 4xx without a class 5 code).
     """
     diag = (diagnostic or "")[:4000]
     around = context[:4000]
@@ -396,7 +398,21 @@ def bounce_reason(
     if reason is None:
         reason = "spam_policy" if any(c.split(".")[1] == "7" for c in codes) else "other"
     hard = reason in HARD_REASONS and not temporary
+    if reason == "other" and not temporary:
+        # A permanent failure that names no reason: the class decides, as Sisimai does
+        # for its "undefined" reason (5.x.x or a 5xx reply, or "failed permanently").
+        hard = (
+            permanent
+            or (smtp_code is not None and smtp_code >= 500)
+            or bool(_PERMANENT_RE.search(both))
+        )
     return reason, "hard" if hard else "soft"
+
+
+_PERMANENT_RE = re.compile(
+    r"(?i)failed\s+permanently|permanent\s+(?:fatal\s+)?(?:error|failure)|permanently\s+failed|"
+    r"had\s+permanent\s+fatal\s+errors"
+)
 
 
 def _specific(text: str) -> Reason | None:

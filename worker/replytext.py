@@ -45,9 +45,12 @@ _VERBS = (
     r"wrote|writes|schrieb|geschrieben|a\s+écrit|écrit|escribió|escribio|escreveu|"
     r"ha\s+scritto|scrisse|schreef|geschreven|skrev|skriver|napisał\(a\)|napisała|napisał|"
     r"napsal|kirjoitti|írta|пишет|пише|написал[аи]?|написав|写道|寫道|書きました|작성|"
-    r"a\s+scris|έγραψε|كتب|napisana|kirjoitti|skrev|писал[аи]?|yazdı|napísal|je\s+napisal"
+    r"a\s+scris|έγραψε|كتب|napisana|kirjoitti|skrev|писал[аи]?|yazdı|napísal|je\s+napisal|"
+    r"napisao(?:\s+je)?|napisala(?:\s+je)?|đã\s+viết|menulis|rašė|va\s+escriure|escriure|"
+    r"написа|kirjutas|rakstīja|ezt\s+írta|odesílatel|wrote\s+on"
 )
-_VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)")
+# Chinese, Japanese and Korean verbs follow a name or a time with no space between.
+_VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)|写道|寫道|書きました|님이\s*작성|작성")
 _STRONG_START_RE = re.compile(
     r"(?i)^(?:on|le|am|el|em|il|op|den|dnia|w\s+dniu|at|quoting|citando|zitat\s+von|"
     r"в|у|在|于|el\s+\w+,|στις|في|wiadomość|pe|den|dne|dňa)(?:\s|,)|^\d"
@@ -271,6 +274,20 @@ def _is_title(line: str) -> bool:
     return 0 < len(text) <= 60 and not _SENTENCE_END_RE.search(text) and "@" not in text
 
 
+# A device line the sender's client adds under the text ("Wysłane z iPhone'a",
+# "iPhoneから送信", "Saadetud minu iPhone'ist"): a short line naming a device, read only
+# as the last line of the text, so a sentence about a phone elsewhere is never cut.
+_DEVICE_LINE_RE = re.compile(
+    r"(?i)^\W*(?:[^\s]+\s+){0,5}?[^\s]*(?:iphon|ipad|android|blackberry|galaxy|samsung|huawei|"
+    r"xiaomi|pixel|outlook\s+(?:for|pour|für|para|voor|per|för|dla)\s+\w+)[^\s]*(?:\s+[^\s]+){0,4}?\W*$"
+)
+
+
+def _is_device_line(line: str) -> bool:
+    text = line.strip().strip(_BIDI).strip()
+    return 0 < len(text) <= 60 and len(text.split()) <= 7 and bool(_DEVICE_LINE_RE.match(text))
+
+
 def _cut_at_signoff(lines: list[str], strip_signoff: bool) -> list[str]:
     """End the text at the closing and the name under it; without them if `strip_signoff`.
 
@@ -398,6 +415,9 @@ def _trim_lines(lines: list[str], strip_signature: bool, strip_signoff: bool = F
         while trimmed and not trimmed[-1].strip():
             trimmed.pop()
     elif strip_signature:
+        filled = [k for k, line in enumerate(trimmed) if line.strip()]
+        if len(filled) > 1 and _is_device_line(trimmed[filled[-1]]):
+            trimmed = trimmed[: filled[-1]]
         trimmed = _cut_at_signoff(trimmed, strip_signoff)
         while trimmed and not trimmed[-1].strip():
             trimmed.pop()
