@@ -32,10 +32,13 @@ __all__ = [
 
 Outcome = Literal["failed", "delayed", "delivered"]
 
-_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|[\w.+-]+@\[[\d.]+\]")
+_ADDR_RE = re.compile(  # each side starts a run of its characters, so the scan is linear
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}"
+    r"|(?<![\w.+-])[\w.+-]+@\[[\d.]+\]"
+)
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
-_SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*:|\]:)\s*([45]\d\d)(?:[ -]|$)")
+_SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)")
 
 _DAEMON_RE = re.compile(
     r"(?i)^\"?(?:mailer[-_.]?daemon|post[-_.]?master|mdaemon|mail[-_.]?delivery[-_.]?system|"

@@ -26,7 +26,13 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.bounces import address_is_dead
-from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
+from worker.compose import (
+    Attachment,
+    as_wire_bytes,
+    compose,
+    reply_address,
+    unsubscribe_targets,
+)
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
@@ -166,8 +172,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         try:
             message = _build(s, app, renderer, row, lead)
-            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
-            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+            raw = as_wire_bytes(message)  # a message that cannot be written fails here
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others

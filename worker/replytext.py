@@ -45,7 +45,7 @@ _STRONG_START_RE = re.compile(
     r"(?i)^(?:on|le|am|el|em|il|op|den|dnia|w\s+dniu|at|quoting|citando|zitat\s+von|"
     r"в|у|在|于|el\s+\w+,|στις|في|wiadomość|pe|den|dne|dňa)(?:\s|,)|^\d"
 )
-_SENTENCE_END_RE = re.compile(r"[^\W\d_]{2,}[.!?]$")
+_SENTENCE_END_RE = re.compile(r"(?<![^\W\d_])[^\W\d_]{2,}[.!?]$")  # starts a run: linear
 _ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
 # Gmail's date-first attributions: "2016-10-24 15:36 GMT+02:00 Name <a@b>:" and kin.
 _DATE_FIRST_RE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b.*(?:GMT|@)")
@@ -58,11 +58,11 @@ _FIELD_NAMES = (
     r"wysłano|do|temat|от|отправлено|кому|тема|дата|lähettäjä|lähetetty|vastaanottaja|"
     r"aihe|发件人|发送时间|收件人|主题|寄件者|傳送時間|收件者|主旨|差出人|送信日時|宛先|件名"
 )
-_FIELD_RE = re.compile(rf"(?i)^\s*[*_]{{0,2}}\s*(?:{_FIELD_NAMES})\s*[*_]{{0,2}}\s*[:：]")
+_FIELD_RE = re.compile(rf"(?i)^\s*+[*_]{{0,2}}\s*+(?:{_FIELD_NAMES})\s*+[*_]{{0,2}}\s*+[:：]")
 _FROM_FIELD_RE = re.compile(
-    r"(?i)^\s*[*_]{0,2}\s*(?:from|von|de|da|van|från|fra|od|от|от\s+кого|nadawca|من|lähettäjä|"
+    r"(?i)^\s*+[*_]{0,2}\s*+(?:from|von|de|da|van|från|fra|od|от|от\s+кого|nadawca|من|lähettäjä|"
     r"发件人|寄件者|差出人)"
-    r"\s*[*_]{0,2}\s*[:：]"
+    r"\s*+[*_]{0,2}\s*+[:：]"
 )
 _ONE_LINE_OUTLOOK_RE = re.compile(r"(?i)^\s*\*?from:.{3,}\b(?:sent|date):")
 _SEPARATOR_RE = re.compile(
@@ -454,7 +454,7 @@ _UNSUBSCRIBE_RE = re.compile(
     r"cancelar\s+(?:la\s+)?suscripci[oó]n|\bcancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
     r"\bdisiscriv|\bnon\s+voglio\s+(?:più\s+)?ricevere\b|\bdescadastr|"
     r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|\bn[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
-    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^\s*stop\s*[.!]?\s*$",
+    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^[^\S\n]*stop[^\S\n]*[.!]?[^\S\n]*$",
     re.MULTILINE,
 )
 
@@ -506,7 +506,7 @@ _POSITIVE_RE = re.compile(
     r"\bgeïnteresseerd\b|\bprijs\b|\bofferte\b|\bafspraak\b|\bgesprek\b"
 )
 
-_EMAIL_RE = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL_RE = re.compile(r"(?<![\w.+'-])[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")  # starts a run: linear
 
 
 def wants_unsubscribe(words: str) -> bool:
