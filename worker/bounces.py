@@ -32,17 +32,11 @@ __all__ = [
 
 Outcome = Literal["failed", "delayed", "delivered"]
 
-<<<<<<< HEAD
-_ADDR_RE = re.compile(  # each side starts a run of its characters, so the scan is linear
-    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}"
-    r"|(?<![\w.+-])[\w.+-]+@\[[\d.]+\]"
-=======
 # Each starts only where a local part can start (the lookbehinds), so a long run of
 # address characters without an "@" costs one pass, not one per position.
 _ADDR_RE = re.compile(
     r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|"
     r"(?<![\w.+-])[\w.+-]+@\[[\d.]+\]"
->>>>>>> main
 )
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".

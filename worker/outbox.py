@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.bounces import address_is_dead
-<<<<<<< HEAD
+from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
     as_wire_bytes,
@@ -34,10 +34,6 @@ from worker.compose import (
     reply_address,
     unsubscribe_targets,
 )
-=======
-from worker.campaigns import paused_campaigns
-from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
->>>>>>> main
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
