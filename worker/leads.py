@@ -28,6 +28,7 @@ from worker.models import (
     LeadStatus,
     OutboundMessage,
     OutboxState,
+    company_key,
 )
 from worker.webhooks import on_status
 
@@ -362,12 +363,15 @@ def import_leads(
             if email in existing:
                 lead_id, custom = existing[email]
                 fields.update(id=lead_id, custom={**custom, **fields["custom"]}, updated_at=now)
+                if "company" in fields:
+                    fields["company_key"] = company_key(fields["company"])
                 updates.append(fields)
                 continue
             inserts.append(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
+                    "company_key": company_key(fields.get("company")),
                     "status": LeadStatus.LEAD,
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],
