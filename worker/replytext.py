@@ -126,7 +126,10 @@ _BANNER_RE = re.compile(
 
 
 def _unquote(line: str) -> str:
-    return _UNQUOTE_RE.sub("", line.strip(_BIDI)).strip().strip(_BIDI).strip()
+    text = _UNQUOTE_RE.sub("", line).strip()
+    if text and (text[0] in _BIDI or text[-1] in _BIDI):  # RTL clients wrap lines in marks
+        text = _UNQUOTE_RE.sub("", text.strip(_BIDI)).strip().strip(_BIDI).strip()
+    return text
 
 
 def _is_attribution(window: list[str]) -> bool:
