@@ -112,3 +112,27 @@ def test_it_keeps_every_line_it_sends_within_998_octets(
         "message/rfc822": "original-reply.eml",
     }
     app.close()
+
+
+def test_it_promotes_a_genuine_reply_with_a_nul_byte_on_every_database(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL text cannot hold NUL: the reply must not be quarantined for it."""
+    config = base_config(database_url, tmp_path, campaigns=[])
+    app = App.open(config, lambda: hostile.NOW_HINT)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "nul@northwind.example"})], hostile.NOW_HINT)
+    mailbox.Maildir(tmp_path / "inbox").add(
+        b"From: Nu\x00l <nul@northwind.example>\r\nTo: sales@example.com\r\n"
+        b"Subject: Re: Wel\x00come\r\nMessage-ID: <nul.1@northwind.example>\r\n"
+        b"Content-Type: text/plain\r\n\r\nYes, send me pricing\x00 please.\r\n"
+    )
+    worker = Worker(app)
+    worker.run_once()
+    worker.close()
+    with app.transaction() as s:
+        assert s.scalars(select(Quarantine)).all() == []
+        assert s.scalar(select(Lead.status)) == "prospect"
+        row = s.scalars(select(InboundMessage)).one()
+        assert row.subject == "Re: Welcome" and "pricing please" in (row.reply_text or "")
+    app.close()

@@ -184,7 +184,8 @@ def _unsurrogate(value: str) -> str:
 
 def decode_header_value(value: object) -> str:
     """Decode one raw header value: unfold, repair 8-bit bytes, decode RFC 2047 words."""
-    text = _unsurrogate(str(value))
+    # NUL is no text (RFC 5322 excludes it; PostgreSQL text cannot hold it): drop it.
+    text = _unsurrogate(str(value)).replace("\0", "")
     text = re.sub(r"\r?\n(?=[ \t])", "", text).replace("\r", "").replace("\n", " ")
     if "=?" in text:
         # Malformed encoded words: keep the raw text.
@@ -476,10 +477,10 @@ def _part_text(part: Message) -> str:
             charset = part.get_content_charset()
         except Exception:
             charset = None
-        return decode_bytes(payload[:_MAX_TEXT], charset)
+        return decode_bytes(payload[:_MAX_TEXT], charset).replace("\0", "")
     raw = part.get_payload()
     if isinstance(raw, str):
-        return _unsurrogate(raw[:_MAX_TEXT])
+        return _unsurrogate(raw[:_MAX_TEXT]).replace("\0", "")
     return ""
 
 
@@ -613,7 +614,7 @@ def _walk(part: Message, acc: _Walk, depth: int, inside_message: bool) -> None:
     if ctype.startswith("multipart/") and isinstance(part.get_payload(), str):
         # A boundary that matches no line (cut off, mistyped): the parts are one text.
         if not inside_message:
-            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]))
+            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]).replace("\0", ""))
         return
     if ctype.startswith("multipart/") or isinstance(part.get_payload(), list):
         for child in _iter_children(part):
@@ -765,7 +766,10 @@ def _parse(raw: bytes, raw_size: int, limits: list[str]) -> ParsedMessage:
     # Address lists are split before RFC 2047 decoding: a decoded display name may hold
     # the commas and angle brackets that the encoding protected.
     raw_headers = [
-        (str(name).strip().lower(), re.sub(r"\r?\n(?=[ \t])", "", _unsurrogate(str(value))))
+        (
+            str(name).strip().lower(),
+            re.sub(r"\r?\n(?=[ \t])", "", _unsurrogate(str(value)).replace("\0", "")),
+        )
         for name, value in message.raw_items()
     ]
 
