@@ -15,7 +15,7 @@ import click
 from worker import __version__
 from worker.app import App
 from worker.config import ConfigError, clock_from_env, load_config
-from worker.db import DatabaseError
+from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,7 +88,36 @@ class _State:
 pass_state = click.make_pass_decorator(_State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _config_first(args: list[str]) -> list[str]:
+    """Move `--config F` (or `--config=F`) given after the subcommand to the front, where
+    the group parses it: `twoway config check --config F` works like `twoway --config F
+    config check`. Nothing after `--` moves."""
+    head: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--config" and i + 1 < len(args):
+            head += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            head.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return head + rest
+
+
+class _Main(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _config_first(args))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -149,17 +178,14 @@ def config_check(state: _State, connect: bool) -> None:
     with _errors():
         config = load_config(state.config_path)
         problems: list[str] = []
-        try:
-            from worker.rendering import Renderer, sample_context
+        from worker.rendering import Renderer, lint_for
 
-            renderer = Renderer(config.templates_path)
-            names = {t for c in config.campaigns for s in c.steps for t in s.templates}
-            names.add(config.handoff.template)
-            if config.handoff.follow_up:
-                names.add(config.handoff.follow_up.template)
-            problems += [str(e) for e in renderer.lint(sample_context(), sorted(names))]
-        except ImportError:  # pragma: no cover - rendering ships with the package
-            pass
+        renderer = Renderer(config.templates_path)
+        names = {t for c in config.campaigns for s in c.steps for t in s.templates}
+        names.add(config.handoff.template)
+        if config.handoff.follow_up:
+            names.add(config.handoff.follow_up.template)
+        problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
         if connect:
             problems += _connect_checks(config)
         if problems:
@@ -252,6 +278,8 @@ def leads_import(
                 )
             if result.strict_failed:
                 session.rollback()
+        if result.imported or result.updated:
+            refresh_statistics(app.engine)  # thousands of new rows change the plans
         if as_json:
             _print_json({"file": str(file), **result.as_json()})
         else:
@@ -267,13 +295,13 @@ def leads_import(
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             click.echo(summary)
-        if result.strict_failed:
-            sys.exit(2)
+        if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
+            sys.exit(2)  # nothing usable in the file: bad input, not a success
 
 
 @leads_group.command("list")
 @click.option("--status", help="Only leads in this status.")
-@click.option("--limit", type=int, help="At most this many.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
 def leads_list(state: _State, status: str | None, limit: int | None, as_json: bool) -> None:
@@ -577,11 +605,14 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         _add_matches(app, results, paths)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
-        if as_json:
+        if single and not as_json:
+            click.echo(format_human(r))
+        else:  # several files: one JSON object per line, with or without --json
             click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
-        else:
-            click.echo(format_human(r) + ("" if single else "\n"))
-    if single and results and results[0].get("kind") is None:
+    unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
+    for r in unreadable if not single else ():
+        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+    if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
 
 
@@ -697,14 +728,18 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.rendering import Renderer, sample_context
+    from worker.contexts import samples, unsubscribe_url
+    from worker.rendering import Renderer, lint_for
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
         names = renderer.names()
-        problems = [str(e) for e in renderer.lint(sample_context(sender=config.sender), names)]
+        problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
+        # A problem every lead shares (a syntax error) is said once; one of some leads'
+        # data (a custom field they lack) names them.
+        by_lead: dict[str, list[str]] = {}
         if with_leads:
             from sqlalchemy import select
 
@@ -721,18 +756,23 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                         camp = config.campaign(en.campaign)
                     except KeyError:
                         continue
-                    ctx = sample_context(
-                        sender=config.sender, lead=lead_fields(lead), campaign=camp
-                    )
+                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
                     for i, step in enumerate(camp.steps):
-                        ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
-                        for e in renderer.lint(ctx, list(step.templates)):
-                            problems.append(f"{e} (lead {lead.email})")
+                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
+                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
+                            if str(e) not in problems:
+                                by_lead.setdefault(str(e), []).append(lead.email)
                         checked += 1
         for p in dict.fromkeys(problems):
             click.echo(p, err=True)
-        if problems:
-            _die(f"{len(set(problems))} template problem(s)", 2)
+        for p, emails in by_lead.items():
+            who = ", ".join(dict.fromkeys(emails[:3])) + (
+                f" and {len(set(emails)) - 3} more" if len(set(emails)) > 3 else ""
+            )
+            click.echo(f"{p} (lead {who})", err=True)
+        count = len(set(problems)) + len(by_lead)
+        if count:
+            _die(f"{count} template problem(s)", 2)
         click.echo(f"{checked} template render(s) OK in {config.templates_path}")
 
 
@@ -750,20 +790,24 @@ def templates_preview(
     state: _State, name: str, lead_email: str | None, html_file: Path | None
 ) -> None:
     """Print a template's subject and text as a lead would get them."""
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.contexts import kinds_of, samples, unsubscribe_url
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
-        lead = None
+        lead, unsubscribe = None, None
         if lead_email:
             from worker.leads import get_lead, lead_fields
 
             app = state.app()
             with app.transaction() as s:
-                lead = lead_fields(get_lead(s, lead_email))
+                found = get_lead(s, lead_email)
+                lead = lead_fields(found)
+                unsubscribe = unsubscribe_url(config.sender, found.reply_token)
+        ctx = samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
         try:
-            out = renderer.render(name, sample_context(sender=config.sender, lead=lead))
+            out = renderer.render(name, ctx)
         except TemplateError as e:
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
@@ -779,8 +823,9 @@ def templates_preview(
 def templates_send_test(state: _State, name: str, to_addr: str) -> None:
     """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
     from worker.compose import compose, new_message_id
+    from worker.contexts import kinds_of, samples
     from worker.mailer import Mailer
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
@@ -788,7 +833,8 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
             _die("no smtp section in the config", 2)
         renderer = Renderer(config.templates_path)
         try:
-            out = renderer.render(name, sample_context(sender=config.sender))
+            ctx = samples(config.sender)[kinds_of(config, [name])[name]]
+            out = renderer.render(name, ctx)
             msg = compose(
                 from_addr=config.sender.address,
                 from_name=config.sender.display_name,

@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
-from worker.db import as_unavailable, is_unavailable
-from worker.lifecycle import apply_inbound
+from worker.db import as_unavailable, is_conflict, is_unavailable
+from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
 from worker.models import InboundMessage, MailboxState, Quarantine
@@ -167,7 +167,9 @@ def process_batch(
                         break
                 _advance(s, mb.name, done[-1].fetched)
         except Exception as e:
-            if is_unavailable(e):
+            # A deadlock with another worker's batch (both hold leads and rep counters
+            # for up to BATCH_SECONDS) is settled by replaying in short transactions.
+            if is_unavailable(e) and not is_conflict(e):
                 raise as_unavailable(e) from e
             replay = batch[i : i + len(done) + 1]
             logger.info(
@@ -354,7 +356,7 @@ def _process(
         subject=(msg.subject or "")[:2000],
         sent_date=msg.date,
         kind=cls.kind,
-        reason=cls.reason[:2000],
+        reason=(cls.reason + "".join(f"; bounded: {x}" for x in msg.limits))[:2000],
         intent=cls.intent,
         reply_text=cls.reply_text,
         bounce=cls.bounce.as_json() if cls.bounce else None,
@@ -367,7 +369,7 @@ def _process(
     )
     s.add(row)
     s.flush()
-    apply_inbound(s, app, row, msg, cls, match)
+    apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     return cls.kind
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Campaign, Config
+from worker.contexts import LeadBlock
 from worker.models import (
     LIVE_ENROLLMENT,
     Enrollment,
@@ -28,6 +29,7 @@ from worker.models import (
     LeadStatus,
     OutboundMessage,
     OutboxState,
+    company_key,
 )
 from worker.webhooks import on_status
 
@@ -188,6 +190,14 @@ def transition(
     return True
 
 
+def bounce_lead(
+    session: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
+) -> None:
+    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
+    if transition(session, lead, "bounced", cause, now, inbound_id=inbound_id):
+        stop_nurture(session, lead.id, now, "the lead's address bounced")
+
+
 def record_created(
     session: Session, lead: Lead, cause: str, at: datetime, inbound_id: int | None = None
 ) -> None:
@@ -268,21 +278,49 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
     return out
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _decode(data: bytes) -> str:
+    """A CSV file's text: UTF-8 (with or without BOM), UTF-16 (BOM, or the NUL bytes of
+    ASCII text without one), else Windows-1252 as spreadsheets on Windows write it."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    head = data[:200]
+    if len(head) >= 4 and head.count(0) * 3 >= len(head):  # ASCII text in UTF-16
+        return data.decode("utf-16-le" if head[1] == 0 else "utf-16-be", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
 def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     """Rows with the line number an editor shows (the header is line 1)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise LeadError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise LeadError(f"{path}:1: the header row needs an 'email' column")
+    text = _decode(data)
+    header = text.split("\n", 1)[0]
+    # The separator the header row uses most: spreadsheets in many locales write `;`,
+    # and "export as text" writes tabs.
+    delimiter = max(_DELIMITERS, key=header.count) if any(d in header for d in _DELIMITERS) else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = [f.strip() for f in reader.fieldnames or []]
+    if "email" not in [c.lower() for c in columns]:
+        found = ", ".join(repr(c) for c in columns[:10]) or "none"
+        raise LeadError(
+            f"{path}:1: the header row needs an 'email' column (columns found: {found})"
+        )
     prev_line = 1
-    for raw in reader:
+    while True:
+        try:
+            raw = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over the csv module's limit, or a NUL byte
+            raise LeadError(f"{path}:{prev_line + 1}: not a readable CSV row ({e})") from None
         start = prev_line + 1
         prev_line = reader.line_num
         if not any((v or "").strip() for v in raw.values() if isinstance(v, str)):
@@ -356,12 +394,15 @@ def import_leads(
             if email in existing:
                 lead_id, custom = existing[email]
                 fields.update(id=lead_id, custom={**custom, **fields["custom"]}, updated_at=now)
+                if "company" in fields:
+                    fields["company_key"] = company_key(fields["company"])
                 updates.append(fields)
                 continue
             inserts.append(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
+                    "company_key": company_key(fields.get("company")),
                     "status": LeadStatus.LEAD,
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],
@@ -428,7 +469,7 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
     return len(rows)
 
 
-def lead_fields(lead: Lead) -> dict[str, Any]:
+def lead_fields(lead: Lead) -> LeadBlock:
     """The `lead` mapping templates see."""
     return {
         "email": lead.email,
@@ -478,7 +519,7 @@ def list_leads(
     q = select(Lead).order_by(Lead.id)
     if status is not None:
         q = q.where(Lead.status == parse_status(status))
-    if limit:
+    if limit is not None:
         q = q.limit(limit)
     leads = list(session.scalars(q))
     campaigns: dict[int, list[str]] = {}

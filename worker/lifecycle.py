@@ -8,20 +8,21 @@ Every status change is a LeadEvent with its cause.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.app import App
-from worker.assign import CONSUMER_DOMAINS, assign
+from worker.assign import CONSUMER_DOMAINS, assign, note_assignment
 from worker.classify import Classification, strip_reply_prefixes
-from worker.compose import new_message_id
 from worker.config import Rep
+from worker.contexts import FollowupFacts, HandoffFacts, RepBlock, ReplyBlock, ThreadItem, rep_block
 from worker.leads import (
     MOVES,
+    bounce_lead,
     cancel_queued,
     enroll,
     lead_fields,
@@ -44,8 +45,10 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.schedule import add_delay
 from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
@@ -54,19 +57,34 @@ NURTURED = (LeadStatus.LEAD, LeadStatus.HELD)
 """Statuses whose soft bounces still count towards suppressing the address."""
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound message as its lead's lifecycle sees it: the row just recorded, the
+    parsed message, its classification and match, and the instant it is applied at."""
+
+    row: InboundMessage
+    msg: ParsedMessage
+    cls: Classification
+    match: Match
+    at: datetime
+
+    @property
+    def cause(self) -> str:
+        """How events caused by this message name it."""
+        return _cause(self.row)
+
+
 def _cause(row: InboundMessage) -> str:
     return f"inbound message <{row.message_id}> ({row.kind})"
 
 
-def apply_inbound(
-    s: Session, app: App, row: InboundMessage, msg: ParsedMessage, cls: Classification, match: Match
-) -> None:
+def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
-    now = app.now()
+    row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
     if cls.kind == "ours" or (
         match.lead_id is None and match.method is None and _from_rep(app, msg)
     ):
-        _rep_answered(s, app, msg, row, now)
+        _rep_answered(s, app, ev)
         return
     # Lock the lead: two workers reading two replies of one lead must not both promote it.
     lead = None
@@ -77,9 +95,9 @@ def apply_inbound(
         lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
-            _inbound_lead(s, app, msg, row, now)
+            _inbound_lead(s, ev)
         return
-    cause = _cause(row)
+    cause = ev.cause
     kind = cls.kind
     if kind in ("unsubscribe", "complaint"):
         why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
@@ -87,32 +105,22 @@ def apply_inbound(
         stop_nurture(s, lead.id, now, "the lead unsubscribed")
         _cancel_followups(s, lead.id, "the lead unsubscribed")
     elif kind == "bounce" and cls.bounce is not None:
-        _bounce(s, app, lead, cls, row, now)
+        _bounce(s, app, lead, ev)
     elif kind == "auto_reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _auto_reply(s, app, lead, cls, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _auto_reply(s, app, lead, ev)
     elif kind == "reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _reply(s, app, lead, msg, cls, match, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _reply(s, app, lead, ev)
 
 
 # --- bounces -----------------------------------------------------------------------------
 
 
-def bounce_lead(
-    s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
-) -> None:
-    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
-    if not transition(s, lead, "bounced", cause, now, inbound_id=inbound_id):
-        return
-    stop_nurture(s, lead.id, now, "the lead's address bounced")
-
-
-def _bounce(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
-    assert cls.bounce is not None
-    b = cls.bounce
+def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
+    assert ev.cls.bounce is not None
+    b = ev.cls.bounce
     detail = {
         "type": b.type,
         "reason": b.reason,
@@ -156,25 +164,31 @@ def _bounce(
         )  # fmt: skip
 
 
-def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
+def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
     has_soft = s.scalar(
-        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
+        select(LeadEvent.id)
+        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
+        .limit(1)
     )
     if has_soft:
         record_event(
-            s, lead, "bounce_reset", f"{_cause(row)}: mail from the address", now, inbound_id=row.id
+            s,
+            lead,
+            "bounce_reset",
+            f"{ev.cause}: mail from the address",
+            ev.at,
+            inbound_id=ev.row.id,
         )
 
 
 # --- auto-replies ------------------------------------------------------------------------
 
 
-def _auto_reply(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
+def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    cls, row, now = ev.cls, ev.row, ev.at
     max_days = app.config.auto_reply.max_pause_days
     if cls.return_date is None or max_days <= 0:
         record_event(
@@ -216,13 +230,13 @@ def _auto_reply(
 # --- replies -----------------------------------------------------------------------------
 
 
-def _reply(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
-    cause = _cause(row)
+def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     first = not s.scalar(
-        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+        select(LeadEvent.id)
+        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+        .limit(1)
     )
     if first:
         record_event(
@@ -234,7 +248,7 @@ def _reply(
         stop_nurture(s, lead.id, now, "the lead is not interested")
         return
     if cls.intent == "referral" and cls.referral_email:
-        _referral(s, app, lead, cls.referral_email, row, now)
+        _referral(s, app, lead, cls.referral_email, ev)
         if app.config.referrals.referrer == "stop":
             stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
             return
@@ -244,9 +258,7 @@ def _reply(
             # The rep hears of every reply that lands in our mailbox, not only the first.
             owner = app.config.rep(lead.owner) if lead.owner else None
             why = f"{owner.name} owns this prospect" if owner else "no rep owns this prospect"
-            _queue_handoff(
-                s, app, lead, msg, cls, match, row, now, _rep_block(app, owner), why, again=True
-            )
+            _queue_handoff(s, app, lead, ev, _rep_block(app, owner), why, again=True)
         return
     result = qualify(LeadFacts.of(lead), cls.reply_text or msg.text, app.config.qualification)
     lead.score = result.score
@@ -258,16 +270,14 @@ def _reply(
             now, inbound_id=row.id,
         )  # fmt: skip
         return
-    promote(s, app, lead, msg, cls, match, row, now)
+    promote(s, app, lead, ev)
 
 
-def promote(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
+def promote(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     """lead -> prospect: assign a rep, queue the handoff and the in-thread follow-up."""
     config = app.config
-    cause = _cause(row)
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     transition(
         s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
         now, detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
@@ -276,6 +286,7 @@ def promote(
     rep = a.rep
     if rep is not None:
         lead.owner = rep.email
+        note_assignment(s, rep.email, now)
         record_event(
             s,
             lead,
@@ -290,55 +301,20 @@ def promote(
     emit(s, lead, "lead.promoted", now, f"{cause}: genuine reply", row.id)
     _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
-    reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
-    fu = config.handoff.follow_up
-    if fu is None or not msg.message_id:
-        return
-    from worker.schedule import add_delay
-
-    from_rep = fu.from_ == "rep" and rep is not None
-    subject = strip_reply_prefixes(msg.subject)
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"followup:{row.id}",
-            kind="followup",
-            lead_id=lead.id,
-            template=fu.template,
-            message_id=new_message_id(config.sender.domain),
-            reply_token=lead.reply_token,
-            to_addr=lead.email,
-            mailbox=rep.mailbox if from_rep and rep else None,
-            in_reply_to=msg.message_id,
-            inbound_id=row.id,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=add_delay(now, fu.delay, lead.timezone or "UTC"),
-            context={
-                "rep": rep_block,
-                "reply": {"subject": msg.subject, "text": reply_text},
-                "references": [*msg.references, msg.message_id][-20:],
-                "subject_override": f"Re: {subject}" if subject else "Re: your reply",
-                "from_addr": rep.email if from_rep and rep else config.sender.address,
-                "from_name": rep.name if from_rep and rep else config.sender.display_name,
-            },
-            created_at=now,
-        )
-    )
-    record_event(
-        s, lead, "followup_queued", "in-thread answer to the prospect", now, inbound_id=row.id
-    )
+    reply_text = _queue_handoff(s, app, lead, ev, rep_block, a.reason)
+    if config.handoff.follow_up is not None and msg.message_id:
+        _queue_followup(s, app, lead, ev, rep, rep_block, reply_text)
 
 
-def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
+def _rep_block(app: App, rep: Rep | None) -> RepBlock:
     """The `rep` templates see; the sales team's address when no rep could be assigned."""
     if rep is not None:
-        return {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
+        return rep_block(rep.name, rep.email)
     return {"name": "Sales team", "email": app.config.sender.address, "first_name": "team"}
 
 
 def _queue_handoff(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime, rep_block: dict[str, str], reason: str,
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: RepBlock, reason: str,
     *, again: bool = False,
 ) -> str:  # fmt: skip
     """Queue the email that hands this reply to the rep (once per inbound message).
@@ -346,44 +322,60 @@ def _queue_handoff(
     `again`: the lead already is the rep's prospect and wrote once more. Returns the
     reply text the email quotes.
     """
-    reply_block = {
-        "subject": msg.subject,
+    msg, cls = ev.msg, ev.cls
+    reply: ReplyBlock = {
+        "subject": msg.subject or "",
         "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
-        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
+        "date": (msg.date or ev.at).strftime("%a, %d %b %Y %H:%M %Z"),
         "text": cls.reply_text or msg.text.strip(),
     }
-    context: dict[str, Any] = {
-        "rep": rep_block,
+    facts: HandoffFacts = {
+        "rep": rep,
         "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
         "qualification": lead.qualification or {"score": lead.score, "checklist": []},
-        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
-        "reply": reply_block,
-        "reply_text": reply_block["text"],
-        "thread": _thread(s, lead, row),
+        "match": {"method": ev.match.method, "explanation": _why_two_way(ev.match, cls)},
+        "reply": reply,
+        "reply_text": reply["text"],
+        "thread": _thread(s, lead, ev.row),
         "assignment_reason": reason,
         "again": again,
     }
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"handoff:{row.id}",
-            kind="handoff",
-            lead_id=lead.id,
-            template=app.config.handoff.template,
-            message_id=new_message_id(app.config.sender.domain),
-            to_addr=rep_block["email"],
-            inbound_id=row.id,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            context=context,
-            created_at=now,
-        )
-    )
+    enqueue(
+        s, app.config, "handoff", f"handoff:{ev.row.id}", lead, app.config.handoff.template, ev.at,
+        to_addr=rep["email"], facts=facts, inbound_id=ev.row.id,
+    )  # fmt: skip
     what = "new reply" if again else "handoff"
     record_event(
-        s, lead, "handoff_queued", f"{what} to {rep_block['email']}", now, inbound_id=row.id
+        s, lead, "handoff_queued", f"{what} to {rep['email']}", ev.at, inbound_id=ev.row.id
     )
-    return str(reply_block["text"])
+    return reply["text"]
+
+
+def _queue_followup(
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: Rep | None, block: RepBlock, text: str
+) -> None:
+    """Queue the in-thread answer to the prospect, from their rep (or the sender)."""
+    fu, sender, msg = app.config.handoff.follow_up, app.config.sender, ev.msg
+    assert fu is not None and msg.message_id
+    by_rep = rep if fu.from_ == "rep" else None
+    subject = strip_reply_prefixes(msg.subject)
+    facts: FollowupFacts = {
+        "rep": block,
+        "reply": {"subject": msg.subject, "text": text},
+        "references": [*msg.references, msg.message_id][-20:],
+        "subject_override": f"Re: {subject}" if subject else "Re: your reply",
+        "from_addr": by_rep.email if by_rep else sender.address,
+        "from_name": by_rep.name if by_rep else sender.display_name,
+    }
+    enqueue(
+        s, app.config, "followup", f"followup:{ev.row.id}", lead, fu.template, ev.at,
+        due=add_delay(ev.at, fu.delay, lead.timezone or "UTC"), facts=facts,
+        mailbox=by_rep.mailbox if by_rep else None, in_reply_to=msg.message_id,
+        inbound_id=ev.row.id,
+    )  # fmt: skip
+    record_event(
+        s, lead, "followup_queued", "in-thread answer to the prospect", ev.at, inbound_id=ev.row.id
+    )
 
 
 def _why_two_way(match: Match, cls: Classification) -> str:
@@ -393,12 +385,17 @@ def _why_two_way(match: Match, cls: Classification) -> str:
     )
 
 
-def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, Any]]:
-    items: list[tuple[datetime, dict[str, Any]]] = []
+THREAD_ITEMS = 20
+
+
+def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
+    items: list[tuple[datetime, ThreadItem]] = []
+    # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
     for o in s.scalars(
-        select(OutboundMessage).where(
-            OutboundMessage.lead_id == lead.id, OutboundMessage.status == OutboxState.SENT
-        )
+        select(OutboundMessage)
+        .where(OutboundMessage.lead_id == lead.id, OutboundMessage.status == OutboxState.SENT)
+        .order_by(OutboundMessage.id.desc())
+        .limit(THREAD_ITEMS)
     ):
         at = o.sent_at or o.created_at
         summary = f"step {(o.step or 0) + 1} of {o.campaign}" if o.kind == "nurture" else o.kind
@@ -413,7 +410,12 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
                 },
             )
         )
-    for m in s.scalars(select(InboundMessage).where(InboundMessage.lead_id == lead.id)):
+    for m in s.scalars(
+        select(InboundMessage)
+        .where(InboundMessage.lead_id == lead.id)
+        .order_by(InboundMessage.id.desc())
+        .limit(THREAD_ITEMS)
+    ):
         at = m.sent_date or m.received_at
         text = (m.reply_text or m.reason or "").strip().replace("\n", " ")
         items.append(
@@ -444,38 +446,82 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
     return [d for _, d in items]
 
 
+ACCOUNT_MAX_LEADS = 50
+"""A company with more leads than this is a large employer, not a prospect's team:
+one person's reply there neither pauses nor reassigns their colleagues."""
+
+
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
 ) -> None:
-    """Colleagues at the same company pause their nurture and go to the same rep."""
+    """Colleagues at the same company pause their nurture and go to the same rep.
+
+    Set-based and bounded: a count that stops at ACCOUNT_MAX_LEADS + 1, one UPDATE of the
+    colleagues' active enrollments, one of their missing owners, and one event per
+    colleague something actually changed for.
+    """
     campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return
-    colleagues = s.scalars(
-        select(Lead).where(
-            Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == LeadStatus.LEAD
-        )
-    ).all()
-    for other in colleagues:
-        res = s.execute(
+    same = select(Lead.id).where(Lead.domain == lead.domain, Lead.id != lead.id)
+    size = s.scalar(select(func.count()).select_from(same.limit(ACCOUNT_MAX_LEADS + 1).subquery()))
+    if not size:
+        return
+    if size > ACCOUNT_MAX_LEADS:
+        record_event(
+            s, lead, "account_skipped",
+            f"{lead.domain} has more than {ACCOUNT_MAX_LEADS} other leads: a large employer, "
+            "so colleagues' nurture goes on and they keep their own reps",
+            now,
+        )  # fmt: skip
+        return
+    colleagues = same.where(Lead.status == LeadStatus.LEAD).scalar_subquery()
+    paused = set(
+        s.scalars(
             update(Enrollment)
-            .where(Enrollment.lead_id == other.id, Enrollment.state == EnrollmentState.ACTIVE)
+            .where(Enrollment.lead_id.in_(colleagues), Enrollment.state == EnrollmentState.ACTIVE)
             .values(state=EnrollmentState.PAUSED, paused_until=None, updated_at=now)
+            .returning(Enrollment.lead_id)
+            .execution_options(synchronize_session=False)
         )
-        if rep_email and not other.owner:
-            other.owner = rep_email
-        if getattr(res, "rowcount", 0) or rep_email:
-            record_event(
-                s, other, "account_paused",
-                f"colleague {lead.email} became a prospect: nurture paused, shown to {rep_email or 'the team'}",
-                now,
-            )  # fmt: skip
+    )
+    owned: set[int] = set()
+    if rep_email:
+        owned = set(
+            s.scalars(
+                update(Lead)
+                .where(Lead.id.in_(colleagues), Lead.owner.is_(None))
+                .values(owner=rep_email, updated_at=now)
+                .returning(Lead.id)
+                .execution_options(synchronize_session="fetch")
+            )
+        )
+    if not (paused or owned):
+        return
+    shown = rep_email or "the team"
+    s.execute(
+        insert(LeadEvent),
+        [
+            {
+                "lead_id": other,
+                "at": now,
+                "type": "account_paused",
+                "from_status": None,
+                "to_status": None,
+                "cause": f"colleague {lead.email} became a prospect: "
+                + ("nurture paused, " if other in paused else "")
+                + (f"now owned by {shown}" if other in owned else f"shown to {shown}"),
+                "detail": {},
+                "inbound_id": None,
+            }
+            for other in sorted(paused | owned)
+        ],
+    )
 
 
-def _referral(
-    s: Session, app: App, referrer: Lead, email: str, row: InboundMessage, now: datetime
-) -> None:
+def _referral(s: Session, app: App, referrer: Lead, email: str, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
     try:
         address = normalise_email(email)
     except ValueError:
@@ -519,9 +565,8 @@ def _referral(
             continue
 
 
-def _inbound_lead(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
+def _inbound_lead(s: Session, ev: Inbound) -> None:
+    msg, row, now = ev.msg, ev.row, ev.at
     assert msg.from_addr
     if s.scalar(select(Lead.id).where(Lead.email == msg.from_addr)):
         return
@@ -551,17 +596,16 @@ def _from_rep(app: App, msg: ParsedMessage) -> bool:
     return bool(msg.from_addr) and app.config.rep(msg.from_addr or "") is not None
 
 
-def _rep_answered(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
+def _rep_answered(s: Session, app: App, ev: Inbound) -> None:
     """A rep wrote to a prospect before our follow-up went out: cancel the follow-up."""
+    msg, row, now = ev.msg, ev.row, ev.at
     if not _from_rep(app, msg):
         return
     for addr in (*msg.to, *msg.cc):
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
-        if lead.status in ("prospect", "customer"):
+        if lead.status in (LeadStatus.PROSPECT, LeadStatus.CUSTOMER):
             emit(
                 s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
             )

@@ -26,8 +26,26 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.bounces import address_is_dead
-from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
-from worker.leads import lead_fields
+from worker.campaigns import paused_campaigns
+from worker.compose import (
+    Attachment,
+    as_wire_bytes,
+    compose,
+    new_message_id,
+    reply_address,
+    unsubscribe_targets,
+)
+from worker.config import Config
+from worker.contexts import (
+    FollowupFacts,
+    HandoffFacts,
+    Kind,
+    common,
+    context_for,
+    sender_block,
+    unsubscribe_url,
+)
+from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
     SUPPRESSED,
@@ -39,7 +57,9 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.pacing import touch_wait
 from worker.rendering import Renderer
+from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
 CLAIM_BATCH = 20
@@ -64,6 +84,60 @@ class Prepared:
     envelope_from: str
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
+
+
+def enqueue(
+    s: Session,
+    config: Config,
+    kind: Kind,
+    key: str,
+    lead: Lead,
+    template: str,
+    at: datetime,
+    *,
+    to_addr: str | None = None,
+    due: datetime | None = None,
+    mailbox: str | None = None,
+    facts: HandoffFacts | FollowupFacts | None = None,
+    enrollment_id: int | None = None,
+    campaign: str | None = None,
+    step: int | None = None,
+    variant: int | None = None,
+    in_reply_to: str | None = None,
+    inbound_id: int | None = None,
+) -> OutboundMessage:
+    """Queue one email: the only way a row enters the outbox (the caller's transaction).
+
+    `key` is the row's idempotency key (unique: `nurture:<enrollment>:<step>`,
+    `handoff:<inbound>`, `followup:<inbound>`); the Message-ID is chosen now, before any
+    attempt. It goes to the lead unless `to_addr` says otherwise, from `mailbox`'s identity,
+    not before `due` (default: `at`). `facts` is the handoff's or follow-up's part of its
+    template context (worker.contexts); a nurture step's is built when it is sent.
+    """
+    row = OutboundMessage(
+        idempotency_key=key,
+        kind=kind,
+        lead_id=lead.id,
+        enrollment_id=enrollment_id,
+        campaign=campaign,
+        step=step,
+        template=template,
+        variant=variant,
+        mailbox=mailbox,
+        message_id=new_message_id(config.sender.domain),
+        # Handoffs go to a rep: no reply token, a reply to one is the rep's own mail.
+        reply_token=None if kind == "handoff" else lead.reply_token,
+        to_addr=to_addr or lead.email,
+        in_reply_to=in_reply_to,
+        inbound_id=inbound_id,
+        status=OutboxState.QUEUED,
+        attempts=0,
+        next_attempt_at=due or at,
+        context=dict(facts or {}),
+        created_at=at,
+    )
+    s.add(row)
+    return row
 
 
 def _sent_since(
@@ -175,8 +249,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         try:
             message = _build(s, app, renderer, row, lead)
-            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
-            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+            raw = as_wire_bytes(message)  # a message that cannot be written fails here
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
@@ -221,15 +294,46 @@ def _must_wait(
     why_not = _must_not_send(s, row, lead)
     if why_not:
         return why_not
+    if row.kind in ("nurture", "followup"):
+        blocked = suppressed(s, [row.to_addr]).get(row.to_addr)
+        if blocked:
+            return blocked
     en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
     if row.kind == "nurture" and en is not None and en.state == EnrollmentState.PAUSED:
         return en.paused_until or now + timedelta(days=1)
+    if row.kind == "nurture":
+        later = _campaign_wait(s, app, row, lead, now)
+        if later is not None:
+            return later
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
     if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
             return day + timedelta(days=1)
     return None
+
+
+def _campaign_wait(
+    s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
+) -> datetime | None:
+    """A nurture row of a paused campaign, or one that would break the touch cap or gap."""
+    if row.campaign in paused_campaigns(s):
+        return now + timedelta(hours=1)  # `campaigns resume` gives it its slot
+    sender = app.config.sender
+    if sender.max_touches is None and sender.min_gap is None:
+        return None
+    if s.get_bind().dialect.name != "sqlite":
+        # One claim at a time per person, so two workers cannot both see room under the cap.
+        mine = select(Lead.id).where(Lead.id == lead.id).with_for_update(skip_locked=True)
+        if s.scalar(mine) is None:
+            return now + timedelta(seconds=5)
+    wait = touch_wait(s, sender, lead.id, now, exclude_row=row.id, sent_only=True)
+    if wait is None:
+        return None
+    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+    if en is not None:
+        en.waiting = f"{wait[1]}: waits until {wait[0].isoformat()}"
+    return wait[0]
 
 
 def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:
@@ -250,25 +354,20 @@ def _build(
 ) -> EmailMessage:
     config = app.config
     sender = config.sender
-    ctx: dict[str, Any] = dict(row.context or {})
+    facts: dict[str, Any] = dict(row.context or {})
     me = config.identity(row.mailbox)
-    sender_block = {
-        "name": me.name or me.address,
-        "address": me.address,
-        "postal_address": sender.postal_address,
-    }
     token = row.reply_token or lead.reply_token
-    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
-    ctx.setdefault("lead", lead_fields(lead))
-    ctx.setdefault("sender", sender_block)
-    ctx.setdefault(
-        "unsubscribe_url", unsub_url or (f"mailto:{unsub_mailto}" if unsub_mailto else "")
+    base = common(
+        lead_fields(lead),
+        sender_block(me.name, me.address, sender.postal_address),
+        unsubscribe_url(sender, token),
     )
-    if row.kind == "nurture":
-        total = len(config.campaign(row.campaign).steps) if row.campaign else 1
-        ctx.setdefault("campaign", {"name": row.campaign})
-        ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
+    total = len(config.campaign(row.campaign).steps) if row.campaign else 1
+    ctx = context_for(
+        row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
+    )
     rendered = renderer.render(row.template, ctx)
+    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
     from_addr, from_name = me.address, me.name
     reply_to: str | None = None
     attachments: list[Attachment] = []
@@ -276,7 +375,7 @@ def _build(
     if row.kind == "nurture":
         reply_to = reply_address(me.address, token) if sender.reply_token else None
     elif row.kind == "handoff":
-        rep = ctx.get("rep") or {}
+        rep = facts.get("rep") or {}
         to_name = str(rep.get("name", ""))
         reply_to = lead.email  # the rep answers the prospect straight from the handoff
         unsub_url = unsub_mailto = None
@@ -286,16 +385,16 @@ def _build(
                 attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
     elif row.kind == "followup":
         unsub_url = unsub_mailto = None
-        if ctx.get("from_addr"):
-            from_addr, from_name = str(ctx["from_addr"]), str(ctx.get("from_name", ""))
+        if facts.get("from_addr"):
+            from_addr, from_name = str(facts["from_addr"]), str(facts.get("from_name", ""))
         reply_to = from_addr
-    refs = [str(r) for r in ctx.get("references", [])]
+    refs = [str(r) for r in facts.get("references", [])]
     return compose(
         from_addr=from_addr,
         from_name=from_name,
         to_addr=row.to_addr,
         to_name=to_name,
-        subject=str(ctx.get("subject_override") or rendered.subject),
+        subject=str(facts.get("subject_override") or rendered.subject),
         text=rendered.text,
         html=rendered.html,
         message_id=row.message_id,
@@ -313,8 +412,6 @@ def _build(
 
 def record(app: App, item: Prepared, result: SendResult) -> None:
     """Write the outcome of one SMTP attempt (its own transaction)."""
-    from worker.lifecycle import bounce_lead
-
     now = app.now()
     smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5
