@@ -15,14 +15,15 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from worker import handoffs
 from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign
 from worker.classify import Classification, strip_reply_prefixes
-from worker.compose import new_message_id
+from worker.compose import LOOP_HEADER, new_message_id
 from worker.config import Rep
 from worker.leads import cancel_queued, enroll, lead_fields, new_token, record_event, stop_nurture
-from worker.match import Match
-from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
+from worker.match import Match, is_internal
+from worker.models import Enrollment, Handoff, InboundMessage, Lead, LeadEvent, OutboundMessage
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
 
@@ -42,7 +43,7 @@ def apply_inbound(
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
     now = app.now()
     if cls.kind == "ours" or (
-        match.lead_id is None and match.method is None and _from_rep(app, msg)
+        match.lead_id is None and match.method is None and is_internal(msg.from_addr, app.config)
     ):
         _rep_answered(s, app, msg, row, now)
         return
@@ -279,45 +280,65 @@ def promote(
         )
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
-    _account_awareness(s, app, lead, rep.email if rep else None, now)
+    colleagues = _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
-    reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
+    if rep is not None:
+        handoffs.open_handoff(s, config, lead, rep.email, now, row.id)
     fu = config.handoff.follow_up
-    if fu is None or not msg.message_id:
-        return
-    from worker.schedule import add_delay
-
-    from_rep = fu.from_ == "rep" and rep is not None
-    subject = strip_reply_prefixes(msg.subject)
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"followup:{row.id}",
-            kind="followup",
-            lead_id=lead.id,
-            template=fu.template,
-            message_id=new_message_id(config.sender.domain),
-            reply_token=lead.reply_token,
-            to_addr=lead.email,
-            mailbox=rep.mailbox if from_rep and rep else None,
-            in_reply_to=msg.message_id,
-            inbound_id=row.id,
-            status="queued",
-            attempts=0,
-            next_attempt_at=add_delay(now, fu.delay, lead.timezone or "UTC"),
-            context={
-                "rep": rep_block,
-                "reply": {"subject": msg.subject, "text": reply_text},
-                "references": [*msg.references, msg.message_id][-20:],
-                "subject_override": f"Re: {subject}" if subject else "Re: your reply",
-                "from_addr": rep.email if from_rep and rep else config.sender.address,
-                "from_name": rep.name if from_rep and rep else config.sender.display_name,
-            },
-            created_at=now,
+    followup: dict[str, Any] | None = None
+    if fu is not None and msg.message_id:
+        from_rep = fu.from_ == "rep" and rep is not None
+        zone = config.rep_timezone(rep.email if rep else None)
+        due = handoffs.rep_due(config, rep.email if rep else "", now, fu.delay)
+        subject = strip_reply_prefixes(msg.subject)
+        text = cls.reply_text or msg.text.strip()
+        s.add(
+            OutboundMessage(
+                idempotency_key=f"followup:{row.id}",
+                kind="followup",
+                lead_id=lead.id,
+                template=fu.template,
+                message_id=new_message_id(config.sender.domain),
+                reply_token=lead.reply_token,
+                to_addr=lead.email,
+                mailbox=rep.mailbox if from_rep and rep else None,
+                in_reply_to=msg.message_id,
+                inbound_id=row.id,
+                status="queued",
+                attempts=0,
+                next_attempt_at=due,
+                context={
+                    "rep": rep_block,
+                    "reply": {
+                        "subject": msg.subject,
+                        "text": text,
+                        "asks": handoffs.reply_asks(text, cls.intent),
+                        "referral": cls.referral_email or "",
+                    },
+                    "references": [*msg.references, msg.message_id][-20:],
+                    "subject_override": f"Re: {subject}" if subject else "Re: your reply",
+                    "from_addr": rep.email if from_rep and rep else config.sender.address,
+                    "from_name": rep.name if from_rep and rep else config.sender.display_name,
+                },
+                created_at=now,
+            )
         )
-    )
-    record_event(
-        s, lead, "followup_queued", "in-thread answer to the prospect", now, inbound_id=row.id
-    )
+        local = due.astimezone(ZoneInfo(zone))
+        followup = {
+            "due": due.isoformat(),
+            "due_local": local.strftime("%H:%M on %a %d %b") + f" ({zone})",
+            "immediate": due <= now,
+            "key": f"followup:{row.id}",
+        }
+        record_event(
+            s, lead, "followup_queued",
+            f"in-thread answer to the prospect in {rep_block['name']}'s name, unless answered by {followup['due_local']}",
+            now, inbound_id=row.id,
+        )  # fmt: skip
+    _queue_handoff(
+        s, app, lead, msg, cls, match, row, now, rep_block, a.reason,
+        colleagues=colleagues, followup=followup,
+    )  # fmt: skip
 
 
 def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
@@ -330,12 +351,18 @@ def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
 def _queue_handoff(
     s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
     row: InboundMessage, now: datetime, rep_block: dict[str, str], reason: str,
-    *, again: bool = False,
+    *, again: bool = False, colleagues: list[dict[str, str]] | None = None,
+    followup: dict[str, Any] | None = None, key: str = "",
 ) -> str:  # fmt: skip
-    """Queue the email that hands this reply to the rep (once per inbound message).
+    """Queue the two emails that hand this reply to the rep (once per inbound message).
 
-    `again`: the lead already is the rep's prospect and wrote once more. Returns the
-    reply text the email quotes.
+    The briefing (`handoff`) is internal: from the sales address, no Reply-To, nothing of
+    the prospect in its headers, so no reply to it can reach the prospect. The reply-ready
+    copy (`rep_copy`) is the prospect's own message and nothing else, with her thread
+    headers: the rep answers from it (see README, "For reps").
+
+    `again`: the lead already is the rep's prospect and wrote once more. `key` tells
+    apart a second handoff of the same message (a reassignment). Returns the reply text.
     """
     reply_block = {
         "subject": msg.subject,
@@ -353,10 +380,12 @@ def _queue_handoff(
         "thread": _thread(s, lead, row),
         "assignment_reason": reason,
         "again": again,
+        "colleagues": colleagues or [],
+        "followup": followup,
     }
     s.add(
         OutboundMessage(
-            idempotency_key=f"handoff:{row.id}",
+            idempotency_key=f"handoff:{key}{row.id}",
             kind="handoff",
             lead_id=lead.id,
             template=app.config.handoff.template,
@@ -370,6 +399,37 @@ def _queue_handoff(
             created_at=now,
         )
     )
+    if msg.message_id:
+        # Only what the prospect wrote and who she is: this context is all the copy's
+        # template can show, so nothing internal can end up in the rep's answer.
+        copy = {
+            "reply": {
+                "subject": msg.subject,
+                "from_name": msg.from_name or lead_fields(lead)["first_name"] or lead.email,
+                "date": reply_block["date"],
+                "full_text": msg.text[:200_000],
+            },
+            "header_message_id": msg.message_id,
+            "references": [*msg.references][-20:],
+            "reply_in_reply_to": msg.in_reply_to[0] if msg.in_reply_to else None,
+        }
+        s.add(
+            OutboundMessage(
+                idempotency_key=f"rep_copy:{key}{row.id}",
+                kind="rep_copy",
+                lead_id=lead.id,
+                template=app.config.handoff.reply_template,
+                message_id=new_message_id(app.config.sender.domain),
+                reply_token=lead.reply_token,
+                to_addr=rep_block["email"],
+                inbound_id=row.id,
+                status="queued",
+                attempts=0,
+                next_attempt_at=now,
+                context=copy,
+                created_at=now,
+            )
+        )
     what = "new reply" if again else "handoff"
     record_event(
         s, lead, "handoff_queued", f"{what} to {rep_block['email']}", now, inbound_id=row.id
@@ -378,74 +438,82 @@ def _queue_handoff(
 
 
 def _why_two_way(match: Match, cls: Classification) -> str:
+    """Plain words for why this is a person answering (the detail stays in `leads show`)."""
+    how = {
+        "reply_token": "was sent to the reply address of our email to them",
+        "message_id": "answers one of our emails",
+        "sender": "comes from their address",
+    }.get(match.method or "", "was matched to them")
     return (
-        f"{match.explanation}. It was classified a genuine human reply ({cls.reason}), "
-        "not an auto-reply, bounce, list mail or unsubscribe, so the conversation is two-way."
+        f"The message {how}, and a person wrote it: it is not an out-of-office, "
+        "an automatic answer, a bounce, a newsletter or an unsubscribe."
     )
 
 
+_THREAD_TEXT = 2000
+
+
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, Any]]:
+    """What the prospect saw and wrote, oldest first: our emails to them (never the
+    team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, dict[str, Any]]] = []
     for o in s.scalars(
         select(OutboundMessage).where(
-            OutboundMessage.lead_id == lead.id, OutboundMessage.status == "sent"
+            OutboundMessage.lead_id == lead.id,
+            OutboundMessage.status == "sent",
+            OutboundMessage.kind.in_(("nurture", "followup")),
         )
     ):
         at = o.sent_at or o.created_at
-        summary = f"step {(o.step or 0) + 1} of {o.campaign}" if o.kind == "nurture" else o.kind
-        items.append(
-            (
-                at,
-                {
-                    "direction": "out",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": o.subject or "",
-                    "summary": summary,
-                },
-            )
+        summary = (
+            f"step {(o.step or 0) + 1} of {o.campaign}"
+            if o.kind == "nurture"
+            else "our answer in your name"
         )
+        items.append((at, _thread_item("out", at, o.subject, summary, "")))
+    seen_current = False
     for m in s.scalars(select(InboundMessage).where(InboundMessage.lead_id == lead.id)):
         at = m.sent_date or m.received_at
-        text = (m.reply_text or m.reason or "").strip().replace("\n", " ")
-        items.append(
-            (
-                at,
-                {
-                    "direction": "in",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": m.subject or "",
-                    "summary": text[:160],
-                },
-            )
-        )
-    if current.lead_id is None:  # not flushed with its lead yet
+        is_current = m.id == current.id
+        seen_current = seen_current or is_current
+        text = (m.reply_text or "").strip() if m.kind == "reply" and not is_current else ""
+        summary = "this message" if is_current else (m.kind or "")
+        if m.kind != "reply":
+            summary = f"{m.kind}: {(m.reason or '').strip()[:120]}"
+        items.append((at, _thread_item("in", at, m.subject, summary, text[:_THREAD_TEXT])))
+    if not seen_current:  # not flushed with its lead yet
         at = current.sent_date or current.received_at
-        items.append(
-            (
-                at,
-                {
-                    "direction": "in",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": current.subject or "",
-                    "summary": (current.reply_text or "")[:160],
-                },
-            )
-        )
+        items.append((at, _thread_item("in", at, current.subject, "this message", "")))
     items.sort(key=lambda x: x[0])
     return [d for _, d in items]
 
 
+def _thread_item(
+    direction: str, at: datetime, subject: str | None, summary: str, text: str
+) -> dict[str, Any]:
+    return {
+        "direction": direction,
+        "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+        "subject": subject or "",
+        "summary": summary,
+        "text": text,
+    }
+
+
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
-) -> None:
-    """Colleagues at the same company pause their nurture and go to the same rep."""
+) -> list[dict[str, str]]:
+    """Colleagues at the same company pause their nurture and go to the same rep.
+
+    Returns who was paused (name, email, title), for the handoff to show."""
     campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
-        return
+        return []
     colleagues = s.scalars(
         select(Lead).where(Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == "lead")
     ).all()
+    shown: list[dict[str, str]] = []
     for other in colleagues:
         res = s.execute(
             update(Enrollment)
@@ -460,6 +528,10 @@ def _account_awareness(
                 f"colleague {lead.email} became a prospect: nurture paused, shown to {rep_email or 'the team'}",
                 now,
             )  # fmt: skip
+            name = " ".join(x for x in (other.first_name, other.last_name) if x)
+            shown.append({"name": name or other.email, "email": other.email,
+                          "title": other.title or ""})  # fmt: skip
+    return shown
 
 
 def _referral(
@@ -555,31 +627,51 @@ def _inbound_lead(
 # --- reps answering ----------------------------------------------------------------------
 
 
-def _from_rep(app: App, msg: ParsedMessage) -> bool:
-    return bool(msg.from_addr) and app.config.rep(msg.from_addr or "") is not None
-
-
 def _rep_answered(
     s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
 ) -> None:
-    """A rep wrote to a prospect before our follow-up went out: cancel the follow-up."""
-    if not _from_rep(app, msg):
+    """A rep (or a colleague) wrote to a prospect: their first response, never a lead's reply.
+
+    Seen when the answer reaches a watched mailbox: the sales mailbox through the tokenised
+    address the reply-ready copy adds to Reply-To, or a rep's own mailbox. The prospect must
+    be among its recipients (an answer to the internal briefing is not an answer to them),
+    and twoway's own mail (its loop header: the follow-up in the rep's name) never counts.
+    """
+    if msg.header(LOOP_HEADER) is not None or not is_internal(msg.from_addr, app.config):
         return
-    for addr in (*msg.to, *msg.cc):
+    who = msg.from_addr or ""
+    at = msg.date if msg.date is not None else now
+    for addr in dict.fromkeys(a.lower() for a in (*msg.to, *msg.cc)):
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
-        n = _cancel_followups(s, lead.id, f"{msg.from_addr} answered first")
-        if n:
-            record_event(
-                s,
-                lead,
-                "followup_cancelled",
-                f"{msg.from_addr} answered first ({_cause(row)})",
-                now,
-                inbound_id=row.id,
-            )
+        handoffs.rep_answered(s, lead, who, at, now, row.id)
+        row.lead_id, row.match_method = lead.id, "rep_answer"
 
 
 def _cancel_followups(s: Session, lead_id: int, why: str) -> int:
     return cancel_queued(s, lead_id, "followup", why)
+
+
+def handoff_to_new_rep(
+    s: Session, app: App, lead: Lead, rep: Rep, now: datetime, handoff: Handoff
+) -> None:
+    """An escalation reassigned `lead` to `rep`: hand them the same message, freshly."""
+    from worker.parsing import ParseError, parse
+
+    row = s.get(InboundMessage, handoff.inbound_id) if handoff.inbound_id else None
+    if row is None or row.raw is None:
+        return
+    try:
+        msg = parse(row.raw)
+    except ParseError:
+        return
+    cls = Classification(
+        kind="reply", reason=row.reason or "", reply_text=row.reply_text, intent=None
+    )
+    match = Match(lead.id, row.match_method, "")
+    _queue_handoff(
+        s, app, lead, msg, cls, match, row, now, _rep_block(app, rep),
+        f"reassigned to {rep.name}: the first rep did not answer in time",
+        key=f"r{handoff.id}:",
+    )  # fmt: skip

@@ -21,8 +21,16 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from worker import handoffs
 from worker.app import App
-from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
+from worker.compose import (
+    Attachment,
+    clean_text,
+    compose,
+    is_message_id,
+    reply_address,
+    unsubscribe_targets,
+)
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
@@ -196,6 +204,8 @@ def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> st
             return "paused"
     elif row.kind == "followup" and lead.status in ("unsubscribed", "bounced", "disqualified"):
         return f"the lead is now {lead.status}"
+    if row.kind in ("followup", "reminder", "escalation") and handoffs.answered(s, lead.id):
+        return "the rep answered the prospect"
     return None
 
 
@@ -222,47 +232,85 @@ def _build(
         total = len(config.campaign(row.campaign).steps) if row.campaign else 1
         ctx.setdefault("campaign", {"name": row.campaign})
         ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
+    if row.kind == "handoff" and isinstance(ctx.get("followup"), dict):
+        ctx["followup"] = _followup_preview(s, app, renderer, lead, dict(ctx["followup"]))
     rendered = renderer.render(row.template, ctx)
     from_addr, from_name = me.address, me.name
-    reply_to: str | None = None
+    reply_to: str | list[tuple[str, str]] | None = None
     attachments: list[Attachment] = []
     to_name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
     if row.kind == "nurture":
         reply_to = reply_address(me.address, token) if sender.reply_token else None
-    elif row.kind == "handoff":
+    elif row.kind in handoffs.INTERNAL_KINDS:
+        # Mail to the team. The briefing, the reminder and the escalation carry no
+        # Reply-To and nothing of the prospect in their headers: Reply and Reply All reach
+        # the sales mailbox only. The reply-ready copy is the one route to the prospect.
         rep = ctx.get("rep") or {}
-        to_name = str(rep.get("name", ""))
-        reply_to = lead.email  # the rep answers the prospect straight from the handoff
-        unsub_url = unsub_mailto = None
-        if row.inbound_id:
+        to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
+        if row.kind == "handoff" and row.inbound_id:
             inbound = s.get(InboundMessage, row.inbound_id)
             if inbound is not None and inbound.raw:
                 attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
     elif row.kind == "followup":
-        unsub_url = unsub_mailto = None
         if ctx.get("from_addr"):
             from_addr, from_name = str(ctx["from_addr"]), str(ctx.get("from_name", ""))
-        reply_to = from_addr
+        # The prospect's answer reaches the rep and, by the token, twoway.
+        reply_to = [(from_name, from_addr), ("", reply_address(me.address, token))]
     refs = [str(r) for r in ctx.get("references", [])]
+    message_id, in_reply_to = row.message_id, row.in_reply_to
+    if row.kind == "rep_copy":
+        # The prospect's own message, re-sent from our address (her From would fail her
+        # domain's DMARC at the rep's provider), keeping her Message-ID and thread headers:
+        # the rep's client answers with In-Reply-To/References of her message, and
+        # Reply-To sends that answer to her and, by the token, to twoway.
+        copy = ctx.get("reply") or {}
+        name = clean_text(str(copy.get("from_name") or lead.email))
+        from_name = f"{name} via {me.name or me.address}"
+        reply_to = [(name, lead.email), ("", reply_address(me.address, token))]
+        theirs = str(ctx.get("header_message_id") or "")
+        message_id = theirs if is_message_id(theirs) else row.message_id
+        irt = ctx.get("reply_in_reply_to")
+        in_reply_to = str(irt) if irt and is_message_id(str(irt)) else None
+        refs = [r for r in refs if is_message_id(r)]
+    text, html = rendered.text, rendered.html
     return compose(
         from_addr=from_addr,
         from_name=from_name,
         to_addr=row.to_addr,
         to_name=to_name,
         subject=str(ctx.get("subject_override") or rendered.subject),
-        text=rendered.text,
-        html=rendered.html,
-        message_id=row.message_id,
+        text=text,
+        html=html,
+        message_id=message_id,
         domain=sender.domain,
         reply_to=reply_to,
-        in_reply_to=row.in_reply_to,
+        in_reply_to=in_reply_to,
         references=refs,
         unsubscribe_url=unsub_url if row.kind == "nurture" else None,
         unsubscribe_mailto=unsub_mailto if row.kind == "nurture" else None,
-        auto_submitted=sender.auto_submitted and row.kind != "handoff",
+        auto_submitted=sender.auto_submitted and row.kind in ("nurture", "followup"),
         attachments=attachments,
         date=app.now(),
     )
+
+
+def _followup_preview(
+    s: Session, app: App, renderer: Renderer, lead: Lead, followup: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What the handoff announces: the follow-up's text as it will go out, when, and
+    whether it is still to come (None when there is none any more)."""
+    row = s.scalar(
+        select(OutboundMessage).where(OutboundMessage.idempotency_key == followup.get("key"))
+    )
+    if row is None or row.status not in ("queued", "sending", "sent"):
+        return None
+    try:
+        message = _build(s, app, renderer, row, lead)
+    except (TemplateError, ValueError):
+        return None
+    body = message.get_body(("plain",))
+    text = body.get_content() if isinstance(body, EmailMessage) else ""
+    return {**followup, "text": text.strip(), "sent": row.status != "queued"}
 
 
 def record(app: App, item: Prepared, result: SendResult) -> None:

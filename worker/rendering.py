@@ -271,7 +271,14 @@ def sample_context(
             "still plan routes in spreadsheets.\nCould you send pricing for a team of 12 "
             "planners, and would a demo next week work?\n\nThanks,\nMaya"
         ),
+        "asks": ["pricing", "demo"],
+        "referral": "",
+        "from_name": f"{sample_lead['first_name']} {sample_lead.get('last_name', '')}".strip(),
     }
+    reply["full_text"] = (
+        f"{reply['text']}\n\nOn Fri, 27 Nov 2026 at 09:12, Acme Sales wrote:\n"
+        "> Hi Maya, here is how Brightline cut dispatch time by 40%..."
+    )
     return {
         "lead": sample_lead,
         "campaign": {"name": campaign.name if campaign is not None else "welcome"},
@@ -337,8 +344,28 @@ def sample_context(
                 "direction": "in",
                 "at": "2026-12-01 10:42 UTC",
                 "subject": reply["subject"],
-                "summary": "Asks for pricing for 12 planners and a demo next week",
+                "summary": "this message",
+                "text": "",
             },
         ],
         "assignment_reason": "Industry rule: logistics goes to Ben Okafor",
+        "again": False,
+        "colleagues": [
+            {
+                "name": "Tom Reed",
+                "email": "tom.reed@northwind-logistics.example",
+                "title": "Fleet Manager",
+            }
+        ],
+        "followup": {
+            "due": "2026-12-01T11:42:00+00:00",
+            "due_local": "11:42 on Tue 01 Dec (Europe/London)",
+            "immediate": False,
+            "sent": False,
+            "text": "Hi Maya,\n\nThank you for your reply. I will send you pricing ...",
+        },
+        "handed_at": "2026-12-01T10:42:00Z",
+        "waited": "2 h 05 min",
+        "sla": "2bh",
+        "new_rep": {"name": "Chloe Martin", "email": "chloe.martin@acme.example"},
     }
