@@ -25,8 +25,11 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install --no-cache-dir -r requirements.txt
 
 # Then twoway itself, without touching the dependencies installed above.
+# templates/ and config/ ship inside the package too (`twoway demo`, `twoway init`).
 COPY README.md ./
 COPY worker/ ./worker/
+COPY templates/ ./templates/
+COPY config/ ./config/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf /tmp/src
 
@@ -53,9 +56,14 @@ VOLUME ["/app/config", "/app/templates", "/app/data"]
 
 USER 10001:10001
 
-# `twoway status` exits non-zero when the config is invalid or the database unreachable.
-HEALTHCHECK --interval=60s --timeout=30s --start-period=30s --retries=3 \
-    CMD ["twoway", "status", "--json"]
+# `twoway status --check` exits non-zero unless a worker has heartbeated within its lease
+# and no mailbox has been failing for longer than alarms.mailbox_failing_seconds (the
+# same answer as `twoway serve`'s /healthz, which the compose example's web service uses).
+HEALTHCHECK --interval=60s --timeout=30s --start-period=60s --retries=3 \
+    CMD ["twoway", "status", "--check"]
+
+# `twoway serve --host 0.0.0.0` (the compose example's web service) listens here.
+EXPOSE 8080
 
 # SIGTERM (docker stop) lets the message in flight finish; give it a grace period.
 STOPSIGNAL SIGTERM

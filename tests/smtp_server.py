@@ -19,6 +19,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -66,6 +67,8 @@ class SmtpServer:
         self, *, auth: bool = False, tls: ssl.SSLContext | None = None, implicit_tls: bool = False
     ) -> None:
         self.messages: list[ReceivedMessage] = []
+        self.transactions: list[list[str]] = []
+        """One per MAIL command (a transaction begun): the recipients its RCPTs named."""
         self.connections = 0
         self.logins: list[str] = []
         self.failed_logins = 0
@@ -132,6 +135,15 @@ class SmtpServer:
 
     def recipients(self) -> list[str]:
         return [r for m in self.messages for r in m.rcpts]
+
+    def began_for(self, addresses: list[str]) -> bool:
+        """True when each of `addresses` (with repeats) can be paired with an SMTP
+        transaction begun here: one whose RCPT named it, or one that ended before any RCPT
+        (the client died between MAIL and RCPT)."""
+        named = Counter(r for t in self.transactions for r in t)
+        blind = sum(1 for t in self.transactions if not t)
+        missing = sum(max(0, n - named[a]) for a, n in Counter(addresses).items())
+        return missing <= blind
 
     # --- faults -----------------------------------------------------------------------
 
@@ -223,11 +235,14 @@ class _Handler:
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        self.owner.transactions.append([])
+        session.twoway_rcpts = self.owner.transactions[-1]  # type: ignore[attr-defined]
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        getattr(session, "twoway_rcpts", []).append(address)
         if address.lower() in self.owner.faults.rejected:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.bounces import address_is_dead, bounce_reason
 from worker.classify import ClassifyContext, classify, extract_reply_text, find_return_date
 from worker.inspect import format_human, inspect_bytes, inspect_paths
 from worker.parsing import parse
@@ -131,6 +132,7 @@ def test_it_gives_the_stable_json_object_for_inspect() -> None:
     assert result["kind"] == "bounce"
     assert result["bounce"] == {
         "type": "hard",
+        "reason": "user_unknown",
         "recipients": ["dana@acme.example.org"],
         "status": "5.1.1",
         "diagnostic": result["bounce"]["diagnostic"],  # type: ignore[index]
@@ -162,3 +164,71 @@ def test_it_inspects_a_directory_and_goes_on_after_a_bad_file(tmp_path: Path) ->
     assert results[1]["kind"] == "reply"
     assert results[2]["kind"] is None and "cannot read" in str(results[2]["error"])
     assert "kind:" in format_human(results[1]) and "error:" in format_human(results[2])
+
+
+WITH_REASON = sorted(n for n, label in LABELS.items() if "bounce_reason" in label)
+
+
+@pytest.mark.parametrize("name", WITH_REASON)
+def test_it_names_the_reason_of_a_bounce_and_derives_hard_or_soft_from_it(name: str) -> None:
+    label = LABELS[name]
+    bounce = _verdict(name).bounce
+    assert bounce is not None
+    assert (bounce.reason, bounce.type) == (label["bounce_reason"], label["bounce_type"])
+    assert bounce.as_json()["reason"] == label["bounce_reason"]
+
+
+def test_it_has_labelled_mail_for_every_class_the_issue_names() -> None:
+    languages = {
+        str(x["language"]) for x in LABELS.values() if x["kind"] == "auto_reply" and "language" in x
+    }
+    assert len(languages) >= 25
+    reasons = {str(x["bounce_reason"]) for x in LABELS.values() if "bounce_reason" in x}
+    assert reasons >= {
+        "user_unknown", "host_unknown", "mailbox_full", "message_too_big", "rate_limited",
+        "blocked", "spam_policy", "sender_rejected", "relay_denied", "expired", "suspended",
+        "system_error", "other",
+    }  # fmt: skip
+    assert {n for n in LABELS if n.startswith("challenge_")}
+    assert {"complaint_arf.eml", "complaint_microsoft_jmrp.eml", "complaint_ses_json.eml"} <= set(
+        LABELS
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "message", "dead"),
+    [
+        (550, "5.1.1", "5.1.1 <a@example.org>: Recipient address rejected: User unknown", True),
+        (550, None, "No such user here", True),
+        (550, "5.0.0", "Host or domain name not found", True),
+        (550, "5.1.1", "Mailbox is full", False),  # over quota under a wrong 5.1.1
+        (553, "5.1.8", "Domain of sender address sales@example.com does not exist", False),
+        (550, "5.7.1", "Client host blocked using zen.spamhaus.org", False),
+        (450, "4.1.1", "User unknown (temporary lookup failure)", False),
+        (421, None, "Too many connections, try again later", False),
+        (554, "5.7.1", "Relay access denied", False),
+    ],
+)
+def test_it_uses_one_rule_for_a_dead_address_at_smtp_time_and_in_bounces(
+    code: int, status: str | None, message: str, dead: bool
+) -> None:
+    assert address_is_dead(code, status, message) is dead
+    assert (bounce_reason(status, message, code)[1] == "hard") is dead
+
+
+def test_it_reads_mail_with_leading_blank_lines_a_bad_utf8_byte_and_bare_cr_folding() -> None:
+    raw = (
+        b"\xef\xbb\xbf\r\n  \r\nFrom: Ana <ana@example.org>\rSubject: Re: Offer\r to you\r"
+        b"Content-Type: text/plain; charset=utf-8\r\r"
+        b"Gr\xc3\xbc\xc3\x9fe, caf\xe9 ok\r"
+    )
+    msg = parse(raw)
+    assert msg.from_addr == "ana@example.org"
+    assert msg.subject == "Re: Offer to you"
+    assert msg.text.startswith("Grüße, caf\ufffd ok")
+    assert classify(msg, CTX).kind == "reply"
+
+
+def test_it_never_reports_our_own_verp_address_as_failed() -> None:
+    bounce = _verdict("bounce_verp_not_reported.eml").bounce
+    assert bounce is not None and "sales+bx7k2q9@example.com" not in bounce.recipients

@@ -93,7 +93,7 @@ def accepts(command: list[str]) -> subprocess.CompletedProcess[str]:
 def test_it_runs_the_worker_and_checks_health_with_real_twoway_commands() -> None:
     commands = docker_commands()
     assert commands["CMD"] == ["twoway", "run"]
-    assert commands["HEALTHCHECK"][:2] == ["twoway", "status"]
+    assert commands["HEALTHCHECK"] == ["twoway", "status", "--check"]
     for where, command in commands.items():
         result = accepts(command)
         assert result.returncode == 0, f"{where} {command}: {result.stderr}"
@@ -103,7 +103,7 @@ def test_it_runs_the_worker_and_checks_health_with_real_twoway_commands() -> Non
 def test_it_rejects_a_command_twoway_does_not_have() -> None:
     # The check above is worth something only if a wrong command fails it.
     assert accepts(["twoway", "status", "--no-such-option"]).returncode == 2
-    assert accepts(["twoway", "serve"]).returncode == 2
+    assert accepts(["twoway", "no-such-command"]).returncode == 2
 
 
 def test_it_installs_dependencies_before_the_code_and_runs_as_a_plain_user() -> None:
@@ -129,7 +129,11 @@ def test_it_runs_migrations_once_before_the_workers_on_postgresql() -> None:
     assert "@db:5432/" in worker["environment"]["TWOWAY_DATABASE_URL"]
     assert migrate["command"] == ["twoway", "db", "upgrade"]
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    for service in (worker, migrate):
+    web = services["web"]
+    assert web["command"][:2] == ["twoway", "serve"]
+    assert "/healthz" in " ".join(web["healthcheck"]["test"])
+    assert all(p.startswith("127.0.0.1:") for p in web["ports"])
+    for service in (worker, migrate, web):
         assert accepts(service["command"]).returncode == 0, service["command"]
         # Secrets are interpolated from the environment, never written in the file.
         for value in service["environment"].values():

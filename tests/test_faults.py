@@ -123,6 +123,21 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
         rows_out = s.execute(
             select(OutboundMessage.message_id, OutboundMessage.status, OutboundMessage.kind)
         ).all()
+        by_rcpt = Counter(
+            s.execute(
+                select(OutboundMessage.to_addr).where(
+                    OutboundMessage.status.in_(("sent", "unknown"))
+                )
+            ).scalars()
+        )
+        still_leads = s.scalar(select(func.count()).where(Lead.status == "lead"))
+        steps = Counter(
+            s.execute(
+                select(OutboundMessage.status)
+                .join(Lead, Lead.id == OutboundMessage.lead_id)
+                .where(OutboundMessage.kind == "nurture", Lead.status == "lead")
+            ).scalars()
+        )
     print(f"{kills} of 50 runs killed mid-work")
     assert kills >= 25, "most runs must really be killed mid-work"
     assert inbound == distinct == replies + newsletters  # nothing lost, nothing twice
@@ -136,6 +151,12 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
         if st == "sent":
             assert delivered[message_id] == 1
     assert Counter(k for _, _, k in rows_out)["handoff"] == replies  # one per promotion
+    # A row is `unknown` only if its SMTP transaction had begun (the server saw its RCPT),
+    # and a kill strands at most the one message in flight.
+    assert smtp_server.began_for(list(by_rcpt.elements()))
+    assert statuses["unknown"] <= kills
+    # Every lead still in the funnel got both steps (sent, or unknown mid-SMTP).
+    assert steps["sent"] + steps["unknown"] == 2 * (still_leads or 0), steps
     status = subprocess.run(
         twoway_cmd(cfg, "status", "--json"),
         env=env, capture_output=True, text=True, check=True,

@@ -43,7 +43,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ws
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "twoway run"])
+@pytest.mark.parametrize(
+    "command", [c for c in COMMANDS if c != "twoway run" and "status --check" not in c]
+)
 def test_it_runs_the_readme_command(command: str, workspace: Path, tmp_path: Path) -> None:
     text = (
         command.replace("[--leads]", "--leads")
@@ -52,6 +54,10 @@ def test_it_runs_the_readme_command(command: str, workspace: Path, tmp_path: Pat
         .replace("/tmp/w.html", str(tmp_path / "w.html"))
         .replace("report.html", str(tmp_path / "report.html"))
     )
+    if " acme" in text:  # `twoway init acme` and the commands on what it wrote
+        if "acme/" in text:
+            CliRunner().invoke(main, ["init", str(tmp_path / "acme")])
+        text = text.replace(" acme", f" {tmp_path / 'acme'}")
     if "k3x9q2m7abcdefgh" in text:  # the example token: use a real lead's
         text = text.replace("k3x9q2m7abcdefgh", token_of(workspace, "carlos.ruiz@nube.example"))
     args = shlex.split(text)[1:]

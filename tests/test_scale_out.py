@@ -170,10 +170,19 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
         assert s.scalar(select(func.count()).select_from(InboundMessage)) == REPLIES
         assert s.scalar(select(func.count(func.distinct(InboundMessage.message_id)))) == REPLIES
         assert s.scalar(select(func.count()).where(Lead.status == "prospect")) == REPLIES
-        statuses = Counter(s.execute(select(OutboundMessage.kind, OutboundMessage.status)).all())
+        statuses = Counter(
+            tuple(r) for r in s.execute(select(OutboundMessage.kind, OutboundMessage.status))
+        )
     assert statuses[("nurture", "sent")] + statuses[("nurture", "unknown")] == LEADS
     for kind in ("handoff", "followup"):
         assert statuses[(kind, "sent")] + statuses[(kind, "unknown")] == REPLIES, statuses
+    # The SIGKILL strands at most the one send in flight, whose transaction had begun.
+    assert sum(n for (_, st), n in statuses.items() if st == "unknown") <= 1, statuses
+    with app.transaction() as s:
+        unknown = list(
+            s.scalars(select(OutboundMessage.to_addr).where(OutboundMessage.status == "unknown"))
+        )
+    assert smtp_server.began_for(unknown)
     handoffs = sum(per_rcpt[f"rep{i}@example.com"] for i in range(3))
     # Per prospect message, a briefing and a reply-ready copy.
     assert handoffs == statuses[("handoff", "sent")] + statuses[("rep_copy", "sent")]

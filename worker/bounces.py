@@ -13,13 +13,22 @@ Pure functions; nothing here raises.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from worker.parsing import DeliveryStatus, ParsedMessage
 
-__all__ = ["BounceReport", "analyse_bounce", "hard_or_soft"]
+__all__ = [
+    "HARD_REASONS",
+    "BounceReport",
+    "Reason",
+    "analyse_bounce",
+    "bounce_reason",
+    "hard_or_soft",
+    "provider_notification",
+]
 
 Outcome = Literal["failed", "delayed", "delivered"]
 
@@ -119,7 +128,8 @@ class BounceReport:
     being tried, "delivered" for a success notice (delivered/relayed/expanded).
     `recipients` are the affected addresses, lower-cased; `status` the first RFC 3463
     code found (e.g. "5.1.1"); `kind` is "hard" or "soft" (meaningful for "failed");
-    `original_message_ids` the Message-IDs of the returned message, without <>.
+    `original_message_ids` the Message-IDs of the returned message, without <>;
+    `reason` the signal that made it a report; `cause` the bounce taxonomy's reason.
     """
 
     outcome: Outcome
@@ -129,39 +139,276 @@ class BounceReport:
     diagnostic: str | None
     original_message_ids: tuple[str, ...]
     reason: str
+    cause: Reason = "other"
 
 
-def hard_or_soft(status: str | None, diagnostic: str | None) -> Literal["hard", "soft"]:
-    """Hard only for a permanent address failure; everything else is soft.
+# ----------------------------------------------------------------------------- reasons
 
-    The status code decides when it is specific (5.1.x, 5.2.1, 5.4.4 hard; 5.2.2, 5.7.x,
-    4.x.x soft); a generic code (5.0.0, 5.5.x, none) defers to the diagnostic's words.
+Reason = Literal[
+    "user_unknown",
+    "host_unknown",
+    "mailbox_full",
+    "message_too_big",
+    "rate_limited",
+    "blocked",
+    "spam_policy",
+    "sender_rejected",
+    "relay_denied",
+    "expired",
+    "suspended",
+    "system_error",
+    "other",
+]
+# The two reasons that say the address is dead. Everything else is soft: a problem of
+# our own sender or reputation, of size or load, or a temporary one.
+HARD_REASONS: frozenset[str] = frozenset({"user_unknown", "host_unknown"})
+
+# Diagnostic wording, most specific first. Each names the signal and where it is used:
+# RFC 3463 texts, Postfix/Exim/Sendmail/qmail/Exchange/Gmail/Yahoo/Domino messages.
+_REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
+    # Our sender address or domain (Postfix "Sender address rejected", Exim "unrouteable
+    # sender address", Sendmail "Domain of sender address ... does not exist", 5.1.7/5.1.8).
+    (
+        "sender_rejected",
+        re.compile(
+            r"(?i)sender\s+address\s+(?:rejected|invalid|not\s+(?:allowed|valid|accepted))|"
+            r"domain\s+of\s+sender\s+address|unrout(?:e)?able\s+sender|sender\s+verif\w*\s+failed|"
+            r"sender\s+(?:domain|address)\s+(?:must\s+exist|does\s+not\s+exist|unknown|not\s+found)|"
+            r"(?:bad|invalid|unknown)\s+sender|sender\s+(?:is\s+)?(?:rejected|not\s+authori[sz]ed)|"
+            r"return\s+path\s+(?:invalid|rejected)|mail\s+from\s+(?:rejected|refused)"
+        ),
+    ),
+    # Over quota (RFC 3463 X.2.2 "mailbox full"), even under a wrong 5.1.1 or 5.0.0.
+    (
+        "mailbox_full",
+        re.compile(
+            r"(?i)mail\s*box\s+(?:is\s+|was\s+)?(?:full|over\s*quota)|over\s*quota|quota\s+exceeded|"
+            r"exceed(?:s|ed|ing)?\s+(?:the\s+|his\s+|her\s+|their\s+|its\s+)?(?:storage|quota|"
+            r"mailbox\s+size)|(?:disk|storage|mailbox)\s+quota|insufficient\s+(?:system\s+)?storage|"
+            r"mailbox\s+size\s+limit|out\s+of\s+storage|storage\s+(?:space\s+)?(?:full|exceeded)|"
+            r"user\s+has\s+(?:exceeded|too\s+many\s+messages)|mail\s*box\s+space\s+not\s+enough|"
+            r"(?:mail\s*folder|inbox)\s+is\s+full|quota\s+violation|"
+            r"postfach\s+(?:ist\s+)?voll|"
+            r"boîte\s+(?:aux\s+lettres\s+)?pleine|buzón\s+lleno|casella\s+piena"
+        ),
+    ),
+    # X.3.4 "message too big for system", X.2.3 "message length exceeds administrative limit".
+    (
+        "message_too_big",
+        re.compile(
+            r"(?i)message\s+(?:is\s+)?too\s+(?:large|big)|message\s+size\s+(?:exceeds|limit|too)|"
+            r"exceed(?:s|ed)?\s+(?:the\s+)?(?:maximum\s+)?(?:incoming\s+|allowed\s+)?(?:message\s+)?size|size\s+limit\s+exceeded|"
+            r"message\s+length\s+exceeds|too\s+large\s+for"
+        ),
+    ),
+    # DNS blocklists and IP reputation (Spamhaus, Barracuda, SpamCop, SORBS, Microsoft's
+    # "banned sending IP", Yahoo's "[TSS04]", Gmail's "IP reputation").
+    (
+        "blocked",
+        re.compile(
+            r"(?i)spamhaus|barracuda|spamcop|sorbs|\bdnsbl\b|\brbl\b|uceprotect|black\s*list|"
+            r"block\s*list|deny\s*list|listed\s+(?:at|on|in|by)\s+(?:the\s+)?(?!\w+\s+directory)"
+            r"[\w.-]*(?:bl|list|spam|rbl)|ip\s+(?:address\s+)?(?:is\s+)?(?:blocked|banned|listed)|"
+            r"banned\s+sending\s+ip|client\s+host\s+(?:\[[^\]]*\]\s+)?(?:rejected|blocked)|"
+            r"poor\s+reputation|(?:ip|sender|domain)\s+reputation|\[ts[s0]\d+\]|"
+            r"blocked\s+(?:using|by|because|due)|(?:are|is)\s+not\s+accepting\s+mail\s+from"
+        ),
+    ),
+    # Relaying (X.7.1 "relay access denied", Exchange 5.7.54 "unable to relay").
+    (
+        "relay_denied",
+        re.compile(
+            r"(?i)relay(?:ing)?\s+(?:access\s+)?(?:denied|not\s+(?:permitted|allowed))|"
+            r"unable\s+to\s+relay|not\s+permitted\s+to\s+relay|we\s+do\s+not\s+relay|"
+            r"relaying\s+(?:is\s+)?(?:prohibited|denied)"
+        ),
+    ),
+    # Rate limits and too many recipients (X.5.3, Gmail 4.2.1/4.7.28, greylisting).
+    (
+        "rate_limited",
+        re.compile(
+            r"(?i)rate\s*limit|too\s+many\s+(?:messages|connections|recipients|mails|emails|"
+            r"concurrent)|throttl|receiving\s+mail\s+at\s+a\s+rate|(?:message|sending)\s+rate|"
+            r"greylist|graylist|try\s+again\s+later|deferred\s+due\s+to|exceeded\s+the\s+rate|"
+            r"temporarily\s+(?:rate\s+)?limited|user\s+is\s+receiving\s+mail\s+too\s+quickly"
+        ),
+    ),
+    # The address does not exist (X.1.1 "bad destination mailbox address", X.1.6 moved).
+    (
+        "user_unknown",
+        re.compile(
+            r"(?i)user\s*(?:name\s+)?(?:is\s+)?unknown|unknown\s+user|no\s*such\s*(?:user|mailbox|"
+            r"recipient|address|account|person|local\s+user)|nosuchuser|"
+            r"(?:user|mailbox|address|recipient|account|e-?mail)\s+(?:\S+\s+)?(?:does\s+not|doesn'?t)\s+exist|"
+            r"(?:recipient|address|mailbox|user|addressee)\s+(?:is\s+)?(?:unknown|not\s+found|invalid|"
+            r"unavailable|not\s+(?:valid|recogni[sz]ed|listed))|invalid\s+(?:recipient|mailbox|address|"
+            r"user)|unknown\s+(?:recipient|mailbox|address|local[- ]?part|alias)|addressee\s+unknown|"
+            r"not\s+(?:a\s+)?(?:valid|known)\s+(?:user|mailbox|recipient|address)|"
+            r"doesn'?t\s+have\s+an?\s+[\w.-]+\s+account|tried\s+to\s+reach\s+does\s+not\s+exist|"
+            r"wasn'?t\s+found\s+at|address\s+(?:couldn'?t|could\s+not)\s+be\s+found|address\s+not\s+found|"
+            r"no\s+mailbox\s+(?:here|by\s+that\s+name)|"
+            r"mailbox\s+not\s+found|recipient\s+not\s+found|recipnotfound|user\s+not\s+known|"
+            r"invalid\s+final\s+delivery\s+userid|no\s+matches\s+to\s+nameserver\s+query|"
+            r"does\s+not\s+have\s+a\s+final\s+e-?mail\s+delivery\s+point|"
+            r"account\s+(?:has\s+been\s+|is\s+|was\s+)?(?:\w+\s+or\s+)?(?:discontinued|closed|deleted|"
+            r"terminated|removed|cancell?ed)|"
+            r"not\s+listed\s+in\s+(?:the\s+)?(?:domino\s+)?(?:directory|public\s+name|address\s+book|names)|"
+            r"no\s+longer\s+(?:valid|active|exists|in\s+use|with|employed|available)|has\s+(?:been\s+)?moved|"
+            r"(?:bad|invalid)\s+destination\s+(?:mailbox|address)|address\s+rejected:\s+access\s+denied|"
+            r"unbekannt|existiert\s+nicht|inconnu|n'existe\s+pas|desconocido|no\s+existe|sconosciuto|"
+            r"inesistente|non\s+esiste|onbekend|bestaat\s+niet|ismeretlen|nieznany|neznám"
+        ),
+    ),
+    # The domain does not exist or takes no mail (X.1.2, X.4.4, null MX RFC 7505 X.1.10).
+    (
+        "host_unknown",
+        re.compile(
+            r"(?i)host\s+(?:or\s+domain\s+name\s+)?(?:unknown|not\s+found)|unknown\s+(?:host|domain)|"
+            r"no\s+such\s+(?:domain|host)|domain\s+(?:name\s+)?(?:not\s+found|does\s+not\s+exist|"
+            r"doesn'?t\s+exist|is\s+invalid|unknown)|unrout(?:e)?able\s+(?:mail\s+)?(?:domain|address)|"
+            r"no\s+mx\b|null\s+mx|does\s+not\s+accept\s+(?:e-?)?mail|name\s*server\s+error|"
+            r"nxdomain|no\s+(?:valid\s+)?(?:mx|mail\s+exchanger)|domain\s+has\s+no\s+mail|"
+            r"no\s+route\s+to\s+(?:host|domain)|mail\s+for\s+\S+\s+loops\s+back|"
+            r"could\s+not\s+be\s+resolved|dns\s+(?:lookup\s+)?(?:failed|error)\s+for"
+        ),
+    ),
+    # The account exists but is switched off (X.2.1 "mailbox disabled").
+    (
+        "suspended",
+        re.compile(
+            r"(?i)(?:account|mailbox|user|address)\s+(?:has\s+been\s+|is\s+|was\s+)?(?:temporarily\s+)?"
+            r"(?:disabled|suspended|inactive|deactivated|locked|frozen|blocked|on\s+hold)|"
+            r"(?:disabled|suspended|inactive|deactivated)\s+(?:account|mailbox|user)|"
+            r"not\s+accepting\s+(?:any\s+)?(?:new\s+)?(?:messages|mail)\s+at\s+this\s+time|"
+            r"tried\s+to\s+reach\s+(?:is|has\s+been)\s+(?:disabled|suspended|inactive|deactivated)"
+        ),
+    ),
+    # Gave up retrying (X.4.7 "delivery time expired") and network timeouts.
+    (
+        "expired",
+        re.compile(
+            r"(?i)(?:delivery\s+)?time\s*(?:d\s*)?out|timed\s+out|retry\s+time(?:out)?\s+exceeded|"
+            r"(?:message\s+)?expired|too\s+long\s+in\s+(?:the\s+)?queue|could\s+not\s+be\s+delivered\s+"
+            r"(?:for|within)\s+\d+|gave\s+up|giving\s+up|no\s+answer\s+from|connection\s+refused|"
+            r"delivery\s+(?:has\s+been\s+)?(?:delayed|attempts\s+exhausted)|retry\s+limit|"
+            r"not\s+been\s+collected|aborted\s+after"
+        ),
+    ),
+)
+# Weaker words that only decide when nothing above matched.
+_WEAK_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
+    (
+        "spam_policy",
+        re.compile(
+            r"(?i)spam|junk|unsolicited|policy|content\s+(?:rejected|filter)|virus|malware|"
+            r"banned|attachment|\bspf\b|\bdkim\b|\bdmarc\b|authentication|not\s+authori[sz]ed|"
+            r"rejected\s+(?:for|due\s+to|because)|message\s+(?:refused|rejected)|phish|"
+            r"suspicious|bulk\s+mail|5\.7\.\d+"
+        ),
+    ),
+    (
+        "system_error",
+        re.compile(
+            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system\s+(?:error|full)|"
+            r"too\s+many\s+hops|hop\s+count|routing\s+loop|loop\s+detected|mail\s+loop|looping|"
+            r"service\s+(?:not\s+)?(?:un)?available|configuration\s+error|i/o\s+error|"
+            r"resources?\s+(?:temporarily\s+)?unavailable|server\s+(?:is\s+)?busy|"
+            r"database\s+error|transaction\s+failed"
+        ),
+    ),
+)
+# RFC 3463 codes read as reasons when the words say nothing specific.
+_STATUS_REASONS: dict[str, Reason] = {
+    "1.1": "user_unknown",
+    "1.0": "user_unknown",
+    "1.3": "user_unknown",
+    "1.6": "user_unknown",
+    "1.2": "host_unknown",
+    "1.10": "host_unknown",
+    "4.4": "host_unknown",
+    "1.7": "sender_rejected",
+    "1.8": "sender_rejected",
+    "7.27": "sender_rejected",
+    "2.1": "suspended",
+    "2.2": "mailbox_full",
+    "2.3": "message_too_big",
+    "3.4": "message_too_big",
+    "4.7": "expired",
+    "4.1": "expired",
+    "4.2": "expired",
+    "5.3": "rate_limited",
+    "7.28": "rate_limited",
+    "4.5": "system_error",
+    "4.6": "system_error",
+    "3.0": "system_error",
+    "3.1": "mailbox_full",
+    "3.2": "system_error",
+    "7.1": "spam_policy",
+}
+_CODE_IN_TEXT_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+def bounce_reason(
+    status: str | None,
+    diagnostic: str | None,
+    smtp_code: int | None = None,
+    context: str = "",
+) -> tuple[Reason, Literal["hard", "soft"]]:
+    """The reason of a failed delivery and whether the address is dead ("hard").
+
+    The one rule for "this address is dead", used by bounce classification and by the
+    SMTP refusal path of the outbox. Inputs: the RFC 3463 enhanced status (`status`),
+    the diagnostic (the SMTP reply, a DSN's Diagnostic-Code), the SMTP reply code, and
+    `context`, the report's own words around it. Specific wording decides first, the
+    diagnostic's before the context's (a "mailbox full" under a wrong 5.1.1, "no such
+    user here" under 5.0.0 or 550); then the status code (one in the text is read too,
+    it is often finer than the Status field); then weaker wording (policy, system).
+    Hard only for `user_unknown` and `host_unknown`, and never for a temporary failure
+    (class 4, or an SMTP 4xx without a class 5 code): a dead address gets a 5xx.
     """
-    text = diagnostic or ""
-    # Diagnostics often carry a more precise code than the Status field ("5.0.0" vs 5.1.1).
+    diag = (diagnostic or "")[:4000]
+    around = context[:4000]
+    both = f"{diag}\n{around}"
     codes = [status] if status else []
-    codes += [".".join(m.groups()) for m in _STATUS_RE.finditer(text)]
-    for code in codes:
-        if not code or not _STATUS_RE.fullmatch(code):
-            continue
-        klass, subject, detail = code.split(".")
-        if klass == "4":
-            return "soft"
-        if klass == "5":
-            if subject == "1" and detail in ("1", "2", "3", "6", "10"):
-                return "hard"
-            if (subject, detail) in (("2", "1"), ("4", "4"), ("1", "0")):
-                return "hard" if not _SOFT_TEXT_RE.search(text) else "soft"
-            if subject in ("2", "3", "7") or (subject, detail) in (("4", "7"), ("4", "6")):
-                return "soft"
-    if _SOFT_TEXT_RE.search(text) and not _HARD_TEXT_RE.search(text):
-        return "soft"
-    if _HARD_TEXT_RE.search(text):
-        smtp = _SMTP_CODE_RE.search(text)
-        if smtp and smtp.group(1).startswith("4"):
-            return "soft"
-        return "hard"
-    return "soft"
+    codes += [".".join(m.groups()) for m in _CODE_IN_TEXT_RE.finditer(both)]
+    codes = [c for c in codes if c and _CODE_IN_TEXT_RE.fullmatch(c)]
+    permanent = any(c.startswith("5.") for c in codes)
+    if smtp_code is None:
+        smtp = _SMTP_CODE_RE.search(both)
+        smtp_code = int(smtp.group(1)) if smtp else None
+    temporary = (codes and not permanent) or (
+        smtp_code is not None and 400 <= smtp_code < 500 and not permanent
+    )
+    reason = _specific(diag) or _specific(around)
+    if reason is None:
+        for code in codes:
+            reason = _STATUS_REASONS.get(code.split(".", 1)[1])
+            if reason is not None:
+                break
+    if reason is None:
+        reason = next((name for name, regex in _WEAK_TEXT if regex.search(both)), None)
+    if reason is None:
+        reason = "spam_policy" if any(c.split(".")[1] == "7" for c in codes) else "other"
+    hard = reason in HARD_REASONS and not temporary
+    return reason, "hard" if hard else "soft"
+
+
+def _specific(text: str) -> Reason | None:
+    if not text.strip():
+        return None
+    return next((name for name, regex in _REASON_TEXT if regex.search(text)), None)
+
+
+def hard_or_soft(
+    status: str | None, diagnostic: str | None, smtp_code: int | None = None
+) -> Literal["hard", "soft"]:
+    """Hard when the address is dead (see `bounce_reason`), else soft."""
+    return bounce_reason(status, diagnostic, smtp_code)[1]
+
+
+def address_is_dead(smtp_code: int | None, status: str | None, message: str) -> bool:
+    """Whether an SMTP refusal at send time says the recipient address is dead."""
+    return bounce_reason(status, message, smtp_code)[1] == "hard"
 
 
 def _is_daemon(msg: ParsedMessage) -> bool:
@@ -236,6 +483,15 @@ _ANNOUNCE_RE = re.compile(
 )
 
 
+# "not accepting mail from <our address>", "Sender: ...": the address there is ours.
+_SENDER_MENTION_RE = re.compile(
+    r"(?i)(?:mail\s+from|from\s+sender|sender(?:\s+address)?|envelope[- ]from|return[- ]path)"
+    r"\s*:?\s*<?[^\s<>]+@[^\s<>]+>?"
+)
+# A bare local part under an announcement (AOL: "could not be delivered ...:\n\tscreenname").
+_BARE_LOCAL_RE = re.compile(r"^\s*<?([A-Za-z0-9][\w.+-]{0,63})>?\s*(?:$|\s{2,}\S)")
+
+
 def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
     """Addresses the bounce text names as failed.
 
@@ -252,7 +508,7 @@ def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
             continue
         if _ANNOUNCE_RE.search(line):
             announced = i
-        found = _addresses_in(line, excluded)
+        found = _addresses_in(_SENDER_MENTION_RE.sub(" ", line), excluded)
         if not found:
             continue
         if re.search(r"(?i)expanded\s+from", line) and strong:
@@ -273,8 +529,83 @@ def _failed_recipients(text: str, excluded: set[str]) -> list[str]:
     return strong or loose
 
 
+def _bare_recipients(msg: ParsedMessage, human: str) -> list[str]:
+    """Recipients named by local part only, completed with a domain.
+
+    The domain is the one the returned message was addressed to when that address has
+    the same local part (a `for <user@domain>` in its Received lines, its To), else the
+    reporting host's (the bounce's From, e.g. MAILER-DAEMON@aol.com).
+    """
+    lines = human.split("\n")
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if not _ANNOUNCE_RE.search(line):
+            continue
+        for nxt in lines[i + 1 : i + 4]:
+            m = _BARE_LOCAL_RE.match(nxt)
+            if m and "@" not in nxt and not nxt.strip().endswith(":"):
+                out.append(m.group(1).lower())
+                break
+    if not out:
+        return []
+    known = _ADDR_RE.findall(msg.text[:200_000]) + [
+        a for name, v in msg.returned_headers if name in ("to", "cc") for a in _ADDR_RE.findall(v)
+    ]
+    host = (msg.from_addr or "").rpartition("@")[2]
+    done: list[str] = []
+    for local in out:
+        same = [a.lower() for a in known if a.lower().split("@", 1)[0] == local]
+        if same:
+            done.append(same[0])
+        elif host:
+            done.append(f"{local}@{host}")
+    return done
+
+
+_FIELD_LINE_RE = re.compile(
+    r"(?im)^(final-recipient|original-recipient|status|diagnostic-code|action)\s*:\s*(.+)$"
+)
+
+
+def _fields_in_text(text: str) -> list[DeliveryStatus]:
+    """DSN fields written in the body: a report whose MIME boundary does not match its
+    header is read by a MIME parser as one text part, with the fields inside."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for m in _FIELD_LINE_RE.finditer(text[:200_000]):
+        name, value = m.group(1).lower(), m.group(2).strip()
+        if name in current and name != "diagnostic-code":
+            blocks.append(current)
+            current = {}
+        current[name] = value
+    if current:
+        blocks.append(current)
+
+    def addr(value: str | None) -> str | None:
+        if not value:
+            return None
+        found = _ADDR_RE.search(value.split(";", 1)[-1])
+        return found.group(0).lower() if found else None
+
+    return [
+        DeliveryStatus(
+            final_recipient=addr(b.get("final-recipient")),
+            original_recipient=addr(b.get("original-recipient")),
+            action=(b.get("action") or "").lower() or None,
+            status=b.get("status"),
+            diagnostic_code=b.get("diagnostic-code"),
+        )
+        for b in blocks
+        if b.get("final-recipient") or b.get("original-recipient")
+    ]
+
+
 def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
     blocks = msg.delivery_status
+    if not blocks and (
+        msg.content_type == "multipart/report" or _is_daemon(msg) or msg.return_path == ""
+    ):
+        blocks = tuple(_fields_in_text(msg.text))
     if not blocks:
         return None
     failed: list[DeliveryStatus] = []
@@ -315,8 +646,8 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
             if found:
                 status = found.group(0)
                 break
-    detail = " ".join(filter(None, [diagnostic, first.status, _human_part(msg.text)[:2000]]))
-    kind = hard_or_soft(status, detail)
+    diagnostics = " ".join(b.diagnostic_code for b in chosen if b.diagnostic_code)
+    cause, kind = bounce_reason(status, diagnostics, None, _human_part(msg.text)[:2000])
     reason = f"DSN Action: {(first.action or outcome).split()[0]}" + (
         f", status {status}" if status else ""
     )
@@ -328,7 +659,27 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
         diagnostic=diagnostic,
         original_message_ids=_returned_ids(msg),
         reason=reason,
+        cause=cause,
     )
+
+
+# Mailing-list managers refusing our post (Mailman, LISTSERV, Sympa, Google Groups).
+_LIST_MANAGER_RE = re.compile(
+    r"(?i)^(?:[\w.-]+-(?:owner|bounces?|request|admin)(?:\+[^@]*)?|owner-[\w.-]+|mailman|"
+    r"listserv|sympa|majordomo|ezmlm|lyris|googlegroups-noreply)@|@googlegroups\.com$"
+)
+_LIST_REJECT_RE = re.compile(
+    r"(?i)you\s+are\s+not\s+a\s+member|not\s+a\s+(?:list\s+)?member|\bnon-?member|"
+    r"members[- ]only|only\s+members\s+(?:can|may)\s+(?:post|send)|"
+    r"(?:are\s+not|aren't)\s+(?:allowed|authori[sz]ed|permitted)\s+to\s+(?:post|send)|"
+    r"(?:do|does)\s+not\s+have\s+permission\s+to\s+post|you\s+must\s+be\s+(?:a\s+)?(?:member|"
+    r"subscribed)|posting\s+(?:is\s+)?restricted|rejected\s+by\s+(?:the\s+)?(?:list\s+)?moderator"
+)
+# Loop alerts (Exim "Too many \"Received\" headers", Sendmail "Too many hops", qmail loops).
+_LOOP_RE = re.compile(
+    r"(?i)mail\s+loop|loop\s+(?:detected|alert)|too\s+many\s+hops|too\s+many\s+\"?received|"
+    r"routing\s+loop|message\s+looping|loops\s+back\s+to\s+myself|hop\s+count\s+exceeded"
+)
 
 
 def _from_text(msg: ParsedMessage) -> BounceReport | None:
@@ -337,11 +688,12 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
         msg.content_type == "multipart/report" and msg.report_type in (None, "")
     )
     daemon = _is_daemon(msg) or msg.return_path == ""
+    list_manager = bool(_LIST_MANAGER_RE.search(msg.from_addr or ""))
     subject_hit = bool(_BOUNCE_SUBJECT_RE.search(subject)) and not re.match(
         r"(?i)\s*(?:re|aw|sv|antw|r)\s*:", subject
     )
     threaded = bool(msg.in_reply_to or msg.references)
-    if not (is_report or daemon or subject_hit or not threaded):
+    if not (is_report or daemon or list_manager or subject_hit or not threaded):
         # Only the body could still say "bounce", and for threaded mail it may not
         # decide alone (the test below): skip scanning the body of every reply.
         return None
@@ -350,16 +702,29 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
     delay_hit = bool(_DELAY_RE.search(subject)) or bool(_DELAY_RE.search(human[:3000]))
     strong_delay = _STRONG_DELAY_RE.search(human[:3000])
     qmail_list = re.search(r"(?m)^\s*<[^<>\s]+@[^<>\s]+>\s*:\s*$", human)
+    # A postmaster "Re: ..." with an SMTP error in its words is a bounce dressed as a reply.
+    smtp_error = bool(_SMTP_CODE_RE.search(human[:5000])) and bool(
+        _STATUS_RE.search(human[:5000]) or re.search(r"(?i)smtp|said:|error", human[:5000])
+    )
+    list_reject = (daemon or list_manager) and bool(_LIST_REJECT_RE.search(human[:5000]))
+    loop = daemon and bool(_LOOP_RE.search(f"{subject}\n{human[:5000]}"))
+    if list_reject or loop:
+        body_hit = True
     if not (
         is_report
-        or (daemon and (subject_hit or body_hit or qmail_list))
+        or (daemon and (subject_hit or body_hit or qmail_list or smtp_error))
+        or list_reject
         or (subject_hit and strong_delay)
         or (subject_hit and body_hit)
         or (body_hit and not msg.in_reply_to and not msg.references)
     ):
         return None
     excluded = _excluded(msg)
-    recipients = _failed_recipients(human, excluded) or _addresses_in(subject, excluded)
+    recipients = (
+        _failed_recipients(human, excluded)
+        or _addresses_in(subject, excluded)
+        or _bare_recipients(msg, human)
+    )
     found = _STATUS_RE.search(human)
     status = found.group(0) if found else None
     permanent_words = re.search(
@@ -379,13 +744,16 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
         outcome = "delayed"
     else:
         outcome = "failed"
-    kind = hard_or_soft(status, human[:4000])
     diag = None
     for line in human.split("\n"):
         if _HARD_TEXT_RE.search(line) or _SOFT_TEXT_RE.search(line) or _SMTP_CODE_RE.search(line):
             diag = line.strip()[:300] or None
             if diag:
                 break
+    cause, kind = bounce_reason(status, diag, None, human[:4000])
+    if list_reject and cause in ("other", "spam_policy"):
+        # The list refuses our sender (not a member): a problem of ours, never a dead lead.
+        cause, kind = "sender_rejected", "soft"
     why = (
         "multipart/report" if is_report else "mailer-daemon sender" if daemon else "bounce subject"
     )
@@ -397,6 +765,103 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
         diagnostic=diag,
         original_message_ids=_returned_ids(msg),
         reason=f"non-standard bounce ({why}){', status ' + status if status else ''}",
+        cause=cause,
+    )
+
+
+# ----------------------------------------------------------------------------- SES / SNS
+
+_SES_MARK_RE = re.compile(r'"(?:notificationType|eventType)"\s*:\s*"(\w+)"')
+
+
+def provider_notification(msg: ParsedMessage) -> dict[str, Any] | None:
+    """An Amazon SES notification in JSON (as mailed by SNS), or None.
+
+    SES documents `notificationType` (or `eventType`) Bounce, Complaint, Delivery and
+    DeliveryDelay; SNS wraps the object as a JSON string in `Message`. Read only when the
+    body names one of those types; bounded to the first 200 kB.
+    """
+    text = msg.text[:200_000]
+    found = _SES_MARK_RE.search(text) or _SES_MARK_RE.search(text.replace('\\"', '"'))
+    if not found or found.group(1) not in ("Bounce", "Complaint", "Delivery", "DeliveryDelay"):
+        return None
+    try:
+        start, end = text.index("{"), text.rindex("}") + 1
+        data: Any = json.loads(text[start:end])
+        if isinstance(data, dict) and isinstance(data.get("Message"), str):
+            data = json.loads(data["Message"])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("notificationType") or data.get("eventType")
+    return data if kind in ("Bounce", "Complaint", "Delivery", "DeliveryDelay") else None
+
+
+# SES bounce sub-types (docs: "Amazon SES notification contents", bounce types).
+_SES_SUBTYPES: dict[str, Reason] = {
+    "NoEmail": "user_unknown",
+    "Suppressed": "user_unknown",
+    "OnAccountSuppressionList": "user_unknown",
+    "MailboxFull": "mailbox_full",
+    "MessageTooLarge": "message_too_big",
+    "ContentRejected": "spam_policy",
+    "AttachmentRejected": "spam_policy",
+}
+
+
+def _from_ses(msg: ParsedMessage) -> BounceReport | None:
+    data = provider_notification(msg)
+    if data is None:
+        return None
+    kind = data.get("notificationType") or data.get("eventType")
+    mail: dict[str, Any] = data["mail"] if isinstance(data.get("mail"), dict) else {}
+    ids = []
+    for header in mail.get("headers") or []:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == "message-id":
+            ids += re.findall(r"<([^<>\s]+)>", str(header.get("value", "")))
+    if kind == "Complaint":
+        return None  # a complaint, not a delivery report: classify reads it
+    if kind in ("Delivery", "DeliveryDelay"):
+        found = data.get("delivery") or data.get("deliveryDelay")
+        block: dict[str, Any] = found if isinstance(found, dict) else {}
+        recips = block.get("recipients") or [
+            r.get("emailAddress")
+            for r in block.get("delayedRecipients") or []
+            if isinstance(r, dict)
+        ]
+        return BounceReport(
+            outcome="delivered" if kind == "Delivery" else "delayed",
+            kind="soft",
+            recipients=tuple(str(r).lower() for r in recips if r),
+            status=None,
+            diagnostic=None,
+            original_message_ids=tuple(ids),
+            reason=f"SES {kind} notification",
+        )
+    bounce: dict[str, Any] = data["bounce"] if isinstance(data.get("bounce"), dict) else {}
+    rows = [r for r in bounce.get("bouncedRecipients") or [] if isinstance(r, dict)]
+    status = next((str(r["status"]) for r in rows if r.get("status")), None)
+    diag = next((str(r["diagnosticCode"]) for r in rows if r.get("diagnosticCode")), None)
+    cause = bounce_reason(status, diag)[0]
+    permanent = bounce.get("bounceType") == "Permanent"
+    sub = _SES_SUBTYPES.get(str(bounce.get("bounceSubType")))
+    if cause == "other" and sub is not None:
+        cause = sub
+    elif cause == "other" and permanent:
+        cause = "user_unknown"  # SES: a general hard bounce; remove the address
+    hard = cause in HARD_REASONS and permanent
+    return BounceReport(
+        outcome="failed",
+        kind="hard" if hard else "soft",
+        recipients=tuple(
+            str(r.get("emailAddress", "")).lower() for r in rows if r.get("emailAddress")
+        ),
+        status=status if status and _STATUS_RE.fullmatch(status) else None,
+        diagnostic=diag,
+        original_message_ids=tuple(ids),
+        reason=f"SES bounce notification ({bounce.get('bounceType')}/{bounce.get('bounceSubType')})",
+        cause=cause,
     )
 
 
@@ -408,6 +873,6 @@ def analyse_bounce(msg: ParsedMessage) -> BounceReport | None:
     if msg.report_type in ("feedback-report", "disposition-notification"):
         return None
     try:
-        return _from_dsn(msg) or _from_text(msg)
+        return _from_ses(msg) or _from_dsn(msg) or _from_text(msg)
     except Exception:  # a detector bug must not stop classification
         return None

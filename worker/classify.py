@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
 
-from worker.bounces import analyse_bounce
+from worker.bounces import Reason, analyse_bounce, provider_notification
 from worker.parsing import ParsedMessage
 from worker.replytext import Intent, detect_intent, extract_reply_text, new_words, wants_unsubscribe
 
@@ -27,6 +27,7 @@ __all__ = [
     "ClassifyContext",
     "Intent",
     "Kind",
+    "Reason",
     "classify",
     "extract_reply_text",
     "find_return_date",
@@ -46,11 +47,13 @@ class Bounce:
     status: str | None
     diagnostic: str | None
     original_message_ids: tuple[str, ...]
+    reason: Reason = "other"
 
     def as_json(self) -> dict[str, object]:
-        """The stable JSON shape: type, recipients, status, diagnostic, original_message_ids."""
+        """The stable JSON shape: type, reason, recipients, status, diagnostic, message ids."""
         return {
             "type": self.type,
+            "reason": self.reason,
             "recipients": list(self.recipients),
             "status": self.status,
             "diagnostic": self.diagnostic,
@@ -89,37 +92,114 @@ class Classification:
 
 # ----------------------------------------------------------------------------- auto-reply
 
+# The Exchange/Outlook "Automatic reply:" prefix in the Office languages, the older
+# "Out of Office AutoReply:" forms, and the words other responders put in the subject
+# (Lotus/HCL Notes "AUTO:", "is out of the office"; Zimbra/Gmail/Yahoo vacation
+# subjects). Subjects are a backstop: alone they decide only for unthreaded mail.
 _AUTO_SUBJECT_RE = re.compile(
-    r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:auto(?:matic|matische|matisk|matisch|maattinen|"
-    r"matyczna|matická)?[\s-]*(?:reply|response|antwort|svar|antwoord|vastaus|odpowiedź|"
-    r"odpověď|respuesta|risposta|resposta)|auto:|autoreply|autoresponder|réponse\s+automatique|"
-    r"respuesta\s+automática|risposta\s+automatica|resposta\s+automática|"
-    r"automatisch\s+antwoord|risposta\s+non\s+al\s+computer|out\s+of\s+(?:the\s+)?office|"
-    r"ooo\b|abwesenheit(?:snotiz)?|abwesend|fuori\s+sede|fuori\s+ufficio|frånvaro|"
+    r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:"
+    # en, de, fr, es, it, pt, ca, nl
+    r"auto(?:matic|mated)?[\s-]*(?:reply|response|respond(?:er)?)|auto:|autoreply|autoresponder|"
+    r"automatische\s+antwort|réponse\s+automatique|respuesta\s+automática|risposta\s+automatica|"
+    r"resposta\s+automática|resposta\s+automàtica|automatisch\s+antwoord|"
+    # sv, da, nb, fi, is, et, lv, lt
+    r"automatiskt\s+svar|automatisk\s+svar|automatisk\s+melding|automaattinen\s+vastaus|"
+    r"sjálfvirkt\s+svar|automaatvastus|automaatne\s+vastus|automātiskā\s+atbilde|"
+    r"automatinis\s+atsakymas|"
+    # pl, cs, sk, hu, ro, hr/sr/bs, sl, bg, ru, uk, el, tr
+    r"odpowiedź\s+automatyczna|automatyczna\s+odpowiedź|automatická\s+odpověď|"
+    r"automatická\s+odpoveď|automatikus\s+válasz|răspuns\s+automat|automatski\s+odgovor|"
+    r"samodejni\s+odgovor|автоматичен\s+отговор|автоматический\s+ответ|автоответ|"
+    r"автоматична\s+відповідь|αυτόματη\s+απάντηση|otomatik\s+(?:yanıt|cevap)|"
+    # ar, he, fa, hi, th, vi, id/ms, ja, zh, ko
+    r"رد\s+تلقائي|الرد\s+التلقائي|תשובה\s+אוטומטית|پاسخ\s+خودکار|स्वचालित\s+उत्तर|"
+    r"ตอบกลับอัตโนมัติ|trả\s+lời\s+tự\s+động|balasan\s+(?:otomatis|automatik)|"
+    r"自動応答|自動返信|自动回复|自動回覆|自動回复|자동\s*회신|자동\s*응답|"
+    # out-of-office words
+    r"out\s+of\s+(?:the\s+)?office|ooo\b|abwesenheit(?:snotiz)?|abwesend|absence\s+du\s+bureau|"
+    r"fuori\s+sede|fuori\s+ufficio|frånvaro|fravær|poissa|nieobecno|nepřítom|"
     r"absence|absent|ausente|assente|afwezig|niet\s+aanwezig|ausência|fora\s+do\s+escritório|"
     r"away\s+(?:from|until)|on\s+(?:vacation|holiday|leave)|vacation|urlaub|congés|vacaciones|"
-    r"ferie|vakantie|férias|im\s+urlaub|en\s+vacances|automatyczna|"
-    r"автоматический\s+ответ|自动回复|自動回覆|自動応答|자동\s*회신)"
+    r"ferie|vakantie|férias|semester|loma|urlop|dovolen|szabadság|concediu|отпуск|відпустк|"
+    r"im\s+urlaub|en\s+vacances|is\s+out\s+of\s+the\s+office|ist\s+nicht\s+im\s+büro|"
+    r"est\s+absent|不在|休假|부재"
+    r")"
 )
-_AUTO_BODY_RE = re.compile(
-    r"(?i)\b(?:i\s+am|i'm|i\s+will\s+be|we\s+are)\s+(?:currently\s+)?(?:out\s+of\s+(?:the\s+)?office|"
-    r"away|on\s+(?:vacation|holiday|annual\s+leave|leave|parental\s+leave|a\s+business\s+trip))|"
-    r"out\s+of\s+(?:the\s+)?office\s+(?:until|from|through|till|and)|limited\s+access\s+to\s+(?:my\s+)?e-?mail|"
+# First-person out-of-office wording, per language. Read only in a message's new text.
+_OOO_BODY_RE = re.compile(
+    r"(?i)"
+    # en
+    r"\b(?:i\s+am|i'm|i\s+will\s+be|i'll\s+be|we\s+are)\s+(?:currently\s+|now\s+)?(?:out\s+of\s+(?:the\s+)?"
+    r"office|away|on\s+(?:vacation|holiday|annual\s+leave|leave|parental\s+leave|maternity\s+leave|"
+    r"sick\s+leave|a\s+business\s+trip|pto)|travell?ing|off\s+(?:work|until))|"
+    r"out\s+of\s+(?:the\s+)?office\s+(?:until|from|through|till|and|on)|"
+    r"limited\s+(?:access\s+to\s+(?:my\s+)?e-?mail|e-?mail\s+access)|"
+    r"(?:respond|reply|get\s+back)\s+to\s+(?:your\s+)?(?:e-?mail|message)s?\s+(?:when|upon|after)\s+(?:i|my)\s+return|"
     r"this\s+is\s+an\s+automat(?:ic|ed)\s+(?:reply|response|message)|auto-?generated\s+(?:reply|response)|"
-    r"(?:ich\s+bin|bin\s+ich)\s+(?:bis|vom|derzeit|zurzeit|momentan|nicht\s+im\s+büro|im\s+urlaub|abwesend)|"
-    r"nicht\s+im\s+büro|außer\s+haus|abwesenheitsnotiz|"
+    # de
+    r"(?:ich\s+bin|bin\s+ich)\s+(?:bis|vom|ab|derzeit|zurzeit|momentan|aktuell|nicht\s+im\s+büro|"
+    r"im\s+urlaub|abwesend|außer\s+haus|auf\s+dienstreise)|nicht\s+im\s+büro|außer\s+haus|"
+    r"abwesenheitsnotiz|in\s+dringenden\s+fällen|"
+    # fr
     r"je\s+suis\s+(?:actuellement\s+)?(?:absente?|en\s+(?:congés?|vacances|déplacement))|"
-    r"(?:estoy|estaré)\s+(?:fuera\s+de\s+la\s+oficina|de\s+vacaciones|ausente)|"
-    r"sono\s+(?:fuori\s+(?:ufficio|sede)|in\s+ferie|assente)|"
-    r"(?:estou|estarei)\s+(?:fora\s+do\s+escritório|de\s+férias|ausente)|"
-    r"ik\s+ben\s+(?:afwezig|met\s+vakantie|niet\s+aanwezig|niet\s+op\s+kantoor)|"
-    r"we\s+have\s+received\s+your\s+(?:request|message|e-?mail)|"
+    r"je\s+serai\s+absente?|absente?\s+du\s+bureau|en\s+cas\s+d'urgence|"
+    # es, ca
+    r"(?:estoy|estaré|me\s+encuentro)\s+(?:fuera\s+de\s+la\s+oficina|de\s+vacaciones|ausente|fuera)|"
+    r"en\s+caso\s+de\s+urgencia|estic\s+(?:fora\s+de\s+l'oficina|de\s+vacances)|"
+    # it
+    r"(?:sono|sarò)\s+(?:fuori\s+(?:ufficio|sede)|in\s+ferie|assente)|in\s+caso\s+di\s+urgenza|"
+    # pt
+    r"(?:estou|estarei)\s+(?:fora\s+do\s+escritório|de\s+férias|ausente)|em\s+caso\s+de\s+urgência|"
+    # nl
+    r"(?:ik\s+ben|ben\s+ik)\s+(?:afwezig|met\s+vakantie|niet\s+aanwezig|niet\s+op\s+kantoor|"
+    r"op\s+vakantie)|in\s+dringende\s+gevallen|"
+    # sv, da, nb
+    r"jag\s+är\s+(?:ledig|på\s+semester|borta|frånvarande|tjänstledig)|"
+    r"jeg\s+er\s+(?:på\s+ferie|fraværende|borte|ikke\s+på\s+kontoret|ude\s+af\s+kontoret)|"
+    r"(?:ikke|inte)\s+på\s+kontoret|"
+    # fi, et, lv, lt
+    r"olen\s+(?:lomalla|poissa|matkoilla)|poissa\s+toimistolta|olen\s+puhkusel|"
+    r"esmu\s+atvaļinājumā|esu\s+atostogose|"
+    # pl, cs, sk, hu, ro, sl, hr/sr
+    r"(?:jestem|przebywam)\s+(?:na\s+urlopie|poza\s+biurem)|nieobecn[ya]\s+w\s+biurze|"
+    r"jsem\s+(?:na\s+dovolené|mimo\s+kancelář|nepřítomn[ýá])|som\s+(?:na\s+dovolenke|mimo\s+kancelárie)|"
+    r"szabadságon\s+vagyok|házon\s+kívül|irodán\s+kívül|"
+    r"sunt\s+(?:în\s+concediu|plecat[ăa]?|în\s+afara\s+biroului)|"
+    r"sem\s+na\s+dopustu|(?:sam\s+)?na\s+godišnjem\s+odmoru|izvan\s+ureda|"
+    # ru, uk, bg, el, tr
+    r"(?:я\s+)?(?:нахожусь\s+)?в\s+отпуске|вне\s+офиса|(?:я\s+)?(?:перебуваю\s+)?у\s+відпустці|"
+    r"поза\s+офісом|в\s+отпуск\s+съм|извън\s+офиса|"
+    r"(?:είμαι|βρίσκομαι)\s+(?:εκτός\s+γραφείου|σε\s+άδεια)|"
+    r"ofis\s+dışındayım|izindeyim|tatildeyim|"
+    # ar, he, ja, zh, ko, vi, id/ms, th, hi
+    r"خارج\s+المكتب|في\s+إجازة|מחוץ\s+למשרד|בחופשה|"
+    r"不在にして|休暇中|不在办公室|不在辦公室|休假中|正在休假|부재\s*중|휴가\s*중|"
+    r"đang\s+nghỉ\s+phép|không\s+có\s+mặt\s+tại\s+văn\s+phòng|sedang\s+cuti|"
+    r"di\s+luar\s+kantor|ไม่อยู่ที่สำนักงาน|ลาพักร้อน|कार्यालय\s+से\s+बाहर"
+)
+# Challenge-response systems (Bluebottle, SpamArrest, Boxbe, ChoiceMail, EarthLink's
+# spamBlocker, Mailinator-style): the sender is asked to prove it is a person.
+_CHALLENGE_RE = re.compile(
+    r"(?i)please\s+(?:verify|confirm)\s+(?:that\s+)?you\s+are\s+(?:a\s+)?(?:human|real\s+person|person)|"
+    r"(?:verify|confirm)\s+your\s+(?:e-?mail\s+)?address\s+(?:to|so)\s+(?:deliver|complete)|"
+    r"(?:add|added)\s+(?:yourself|you)\s+to\s+(?:my|the|our)\s+(?:allow|white|approved|guest|safe|"
+    r"trusted)[\s-]*(?:list|senders?)|"
+    r"(?:approved|verified)\s+senders?\s+list|challenge[- ]response|spam\s*arrest|boxbe|"
+    r"bluebottle|choicemail|spamblocker|i\s+(?:now\s+)?(?:only\s+)?(?:allow|accept)\s+(?:incoming\s+)?"
+    r"(?:messages|e-?mails?)\s+only\s+from|only\s+from\s+senders\s+i\s+have\s+approved|"
+    r"(?:is|are)\s+(?:being\s+)?held\s+(?:pending|until)\s+(?:you\s+)?(?:verif|confirm)|"
+    r"click\s+(?:on\s+)?(?:the|this)\s+link\s+(?:below\s+)?to\s+(?:verify|confirm|prove)"
+)
+# Ticket systems' acknowledgements.
+_ACK_BODY_RE = re.compile(
+    r"(?i)we\s+have\s+received\s+your\s+(?:request|message|e-?mail)|"
     r"(?:your|a)\s+(?:support\s+)?(?:ticket|request)\s+(?:has\s+been\s+(?:created|received|opened)|number)|"
     r"wir\s+haben\s+ihre\s+(?:anfrage|nachricht)\s+erhalten|nous\s+avons\s+(?:bien\s+)?reçu\s+votre|"
     r"hemos\s+recibido\s+su|abbiamo\s+ricevuto\s+la\s+(?:tua|sua)|recebemos\s+(?:a\s+)?sua|"
-    r"wij\s+hebben\s+uw\s+(?:aanvraag|bericht)\s+ontvangen|"
-    r"please\s+(?:verify|confirm)\s+(?:that\s+)?you\s+are\s+(?:a\s+)?human|"
-    r"(?:verify|confirm)\s+your\s+(?:email\s+)?address\s+(?:to|so)\s+(?:deliver|complete)"
+    r"wij\s+hebben\s+uw\s+(?:aanvraag|bericht)\s+ontvangen"
+)
+_AUTO_BODY_RE = re.compile(
+    "|".join(f"(?:{r.pattern[4:]})" for r in (_OOO_BODY_RE, _CHALLENGE_RE, _ACK_BODY_RE)), re.I
 )
 _REPLY_PREFIX_RE = re.compile(r"(?i)\s*(?:re|aw|sv|antw|r|rif|réf|ref)\s*:")
 
@@ -189,6 +269,54 @@ def _auto_reply_signal(msg: ParsedMessage) -> str | None:
     return None
 
 
+def _body_auto_reply(msg: ParsedMessage, reply_text: str) -> str | None:
+    """Out-of-office or challenge-response wording in what the sender wrote now.
+
+    A first-class signal (not only a subject backstop): an out-of-office typed into the
+    body of a "Re:" with no auto headers, or under `Auto-Submitted: no`, is still one.
+    It decides only for a short new text that does not also ask for something (a person
+    who mentions a holiday and asks for pricing is a person), and reads at most 3000
+    characters of it.
+    """
+    if any(name.startswith(("x-boxbe", "x-spamarrest", "x-bluebottle")) for name, _ in msg.headers):
+        return "challenge-response headers"
+    new = new_words(reply_text)[:3000]
+    if _CHALLENGE_RE.search(new):
+        return "challenge-response wording"
+    ooo = len(new) < 3000 and _OOO_BODY_RE.search(new[:1500])
+    if ooo and detect_intent(new)[0] != "positive":
+        return "out-of-office wording in the new text"
+    return None
+
+
+_JMRP_SUBJECT_RE = re.compile(r"(?i)^\s*complaint\s+about\s+message\s+from\b")
+_MICROSOFT_DOMAINS = ("hotmail.com", "outlook.com", "live.com", "msn.com", "microsoft.com")
+
+
+def _complaint_signal(msg: ParsedMessage) -> str | None:
+    """A spam complaint: ARF (RFC 5965), Microsoft JMRP, or an SES JSON notification."""
+    if msg.report_type == "feedback-report" or any(
+        name == "feedback-type" for name, _ in msg.report_fields
+    ):
+        ftype = next((v for n, v in msg.report_fields if n == "feedback-type"), "abuse")
+        return f"ARF feedback report ({ftype})"
+    # JMRP (Outlook.com's junk mail reporting): subject "complaint about message from
+    # <ip>", the reported message attached with X-HmXmrOriginalRecipient.
+    jmrp_header = any(n == "x-hmxmroriginalrecipient" for n, _ in msg.returned_headers)
+    sender_domain = (msg.from_addr or "").rpartition("@")[2]
+    if jmrp_header or (
+        (_JMRP_SUBJECT_RE.match(msg.subject) or sender_domain.endswith(_MICROSOFT_DOMAINS))
+        and "x-hmxmroriginalrecipient" in msg.text[:100_000].lower()
+    ):
+        return "Microsoft JMRP complaint (X-HmXmrOriginalRecipient)"
+    if _JMRP_SUBJECT_RE.match(msg.subject) and sender_domain.endswith(_MICROSOFT_DOMAINS):
+        return "Microsoft JMRP complaint (subject)"
+    data = provider_notification(msg)
+    if data is not None and (data.get("notificationType") or data.get("eventType")) == "Complaint":
+        return "SES complaint notification"
+    return None
+
+
 def _subject_auto_reply(msg: ParsedMessage, body: str) -> str | None:
     """Subject patterns are a backstop: alone they decide only for mail not threaded to us."""
     subject = msg.subject
@@ -241,11 +369,48 @@ for _number, _names in enumerate(
 ):
     for _name in _names.split():
         _MONTHS.setdefault(_name, _number)
+# Month names of the Nordic, Slavic, Baltic, Finnic, Hungarian, Romanian, Turkish and
+# Greek calendars, with the genitive forms dates use ("14 декабря", "14. prosince").
+for _number, _names in enumerate(
+    [
+        "januar januari tammikuuta tammikuu stycznia styczeń ledna leden января январь "
+        "січня січень януари január ianuarie ocak ιανουαρίου ιανουάριος sausio janvāris jaanuar",
+        "februar februari helmikuuta helmikuu lutego luty února únor февраля февраль лютого "
+        "лютий февруари február februarie şubat şubat φεβρουαρίου vasario februāris veebruar",
+        "marts mars maaliskuuta maaliskuu marca marzec března březen марта март березня "
+        "березень март március martie mart μαρτίου kovo marts märts",
+        "april huhtikuuta huhtikuu kwietnia kwiecień dubna duben апреля апрель квітня "
+        "квітень април április aprilie nisan απριλίου balandžio aprīlis aprill",
+        "maj toukokuuta toukokuu maja května květen мая май травня травень május mai mayıs "
+        "μαΐου μαΐου gegužės maijs",
+        "juni juni kesäkuuta kesäkuu czerwca czerwiec června červen июня июнь червня "
+        "червень юни június iunie haziran ιουνίου birželio jūnijs juuni",
+        "juli heinäkuuta heinäkuu lipca lipiec července červenec июля июль липня липень "
+        "юли július iulie temmuz ιουλίου liepos jūlijs juuli",
+        "augusti august elokuuta elokuu sierpnia sierpień srpna srpen августа август "
+        "серпня серпень август augusztus ağustos αυγούστου rugpjūčio augusts",
+        "september syyskuuta syyskuu września wrzesień září сентября сентябрь вересня "
+        "вересень септември szeptember septembrie eylül σεπτεμβρίου rugsėjo septembris",
+        "oktober lokakuuta lokakuu października październik října říjen октября октябрь "
+        "жовтня жовтень октомври október octombrie ekim οκτωβρίου spalio oktobris",
+        "november marraskuuta marraskuu listopada listopad listopadu ноября ноябрь "
+        "листопада листопад ноември noiembrie kasım νοεμβρίου lapkričio novembris",
+        "december desember joulukuuta joulukuu grudnia grudzień prosince prosinec декабря "
+        "декабрь грудня грудень декември decembrie aralık δεκεμβρίου gruodžio decembris detsember",
+    ],
+    start=1,
+):
+    for _name in _names.split():
+        _MONTHS.setdefault(_name, _number)
 
 _MONTH_ALT = "|".join(sorted((re.escape(m) for m in _MONTHS), key=len, reverse=True))
 _DATE_RES = [
     # 2026-12-14
     ("ymd", re.compile(r"(?<!\d)(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")),
+    # 2026年12月14日, 2026년 12월 14일, 12月14日 (Japanese, Chinese, Korean)
+    ("cjk", re.compile(r"(?:(\d{4})\s*[年년]\s*)?(\d{1,2})\s*[月월]\s*(\d{1,2})\s*[日일号號]?")),
+    # 2026. december 14. (Hungarian: year, month, day)
+    ("yMd", re.compile(rf"(?i)(?<!\d)(\d{{4}})\.\s*({_MONTH_ALT})\s+(\d{{1,2}})(?!\d)")),
     # 14.12.2026, 14/12/2026, 14.12.
     ("dmy", re.compile(r"(?<![\d.])(\d{1,2})[./](\d{1,2})(?:[./](\d{2,4}))?(?![\d/])\.?")),
     # 12 December 2026, 14. Dezember, 3 janvier, 14 de diciembre de 2026, 12th of December
@@ -282,11 +447,34 @@ _RETURN_KW_RE = re.compile(
     r"wieder\s+(?:im\s+büro|erreichbar|da|verfügbar)|wieder|ab|de\s+retour|retour|à\s+partir\s+du|"
     r"dès\s+le|de\s+vuelta|regres(?:o|aré|ar)|vuelvo|a\s+partir\s+del?|rientr(?:o|erò)|"
     r"di\s+ritorno|tornerò|de\s+volta|retorno|regresso|volto|terug|"
-    r"weer\s+(?:aanwezig|op\s+kantoor|bereikbaar)|vanaf)" + _TAIL
+    r"weer\s+(?:aanwezig|op\s+kantoor|bereikbaar)|vanaf|"
+    # sv, da, nb, fi, et, lv, lt
+    r"tillbaka|åter|tilbage|tilbake|retur|palaan|takaisin|tagasi|atgriezīšos|grįšiu|"
+    # pl, cs, sk, hu, ro, hr, sl, ca
+    r"wracam|wrócę|powrót|powrocie|vrátím|zpět|vrátim|späť|vissza(?:érkezem)?|"
+    r"mă\s+întorc|revin|înapoi|vraćam\s+se|vratit\s+ću|vrnem|nazaj|tornaré|de\s+tornada|"
+    # ru, uk, bg, el, tr, vi, id
+    r"вернусь|выйду|буду\s+на\s+месте|повернуся|повернусь|ще\s+се\s+върна|връщам\s+се|"
+    r"επιστρέφω|θα\s+επιστρέψω|επιστροφή|döneceğim|dönüş|trở\s+lại|kembali)" + _TAIL
 )
 _UNTIL_KW_RE = re.compile(
     r"(?i)\b(?:until|till|through|thru|to|bis|jusqu'?au|jusqu'?à|au|hasta|al|fino\s+al|fino\s+a|"
-    r"até|tot(?:\s+en\s+met)?|t/m)" + _TAIL
+    r"até|tot(?:\s+en\s+met)?|t/m|"
+    r"till(?:\s+och\s+med)?|t\.o\.m|til(?:\s+og\s+med)?|indtil|frem\s+til|do|по|до|"
+    r"până\s+(?:la|pe|în)|pana\s+la|έως|μέχρι|fins\s+al?|kuni|līdz|iki|đến|sampai|hingga)" + _TAIL
+)
+
+
+# Languages whose keyword follows the date: Japanese, Chinese, Korean, Finnish,
+# Hungarian, Turkish, Estonian ("14.12. alkaen", "december 14-től", "14 Aralık'ta dönüyorum").
+_AFTER_RETURN_RE = re.compile(
+    r"(?i)^[\s.,'’]*(?:(?:に|から|より)\s*)?(?:戻り|戻る|出社|復帰|回来|回到|返回|복귀|돌아|부터|"
+    r"alkaen|lähtien|-?t[óő]l|-?t[aeó]n|'?(?:da|de|ta|te|dan|den|tan|ten)\s+(?:itibaren|dönüyorum|"
+    r"döneceğim|ofisteyim)|alates)"
+)
+_AFTER_UNTIL_RE = re.compile(
+    r"(?i)^[\s.,'’]*(?:まで|까지|为止|為止|止|asti|saakka|-?ig\b|'?[ae]?\s*kadar|-?ni\b|"
+    r"(?:[\s(]*(?:inclusive|inklusive|einschließlich|inclus|incluso|inclusief|included)))"
 )
 
 
@@ -323,7 +511,14 @@ def find_return_date(text: str, today: date) -> date | None:
         for match in regex.finditer(text):
             groups = match.groups()
             try:
-                if style == "ymd":
+                if style == "cjk":
+                    year = int(groups[0]) if groups[0] else None
+                    value = _resolve(int(groups[2]), int(groups[1]), year, today)
+                elif style == "yMd":
+                    value = _resolve(
+                        int(groups[2]), _MONTHS[groups[1].lower()], int(groups[0]), today
+                    )
+                elif style == "ymd":
                     value = _resolve(int(groups[2]), int(groups[1]), int(groups[0]), today)
                 elif style == "dmy":
                     year = int(groups[2]) if groups[2] else None
@@ -353,6 +548,13 @@ def find_return_date(text: str, today: date) -> date | None:
                 start <= match.start() < start + 12 and v == value for start, v, _ in found
             ):
                 continue
+            after = text[match.end() : match.end() + 30]
+            if _AFTER_RETURN_RE.match(after):
+                found.append((match.start(), value, "return"))
+                continue
+            if _AFTER_UNTIL_RE.match(after):
+                found.append((match.start(), value, "until"))
+                continue
             before = text[max(0, match.start() - 60) : match.start()]
             sentence = re.split(r"[.!?\n]\s", before)[-1]
             kind = (
@@ -366,7 +568,7 @@ def find_return_date(text: str, today: date) -> date | None:
     found.sort()
     # "Out until Friday 11 December, back on Monday 14 December": the return date wins.
     for _pos, value, kind in found:
-        if kind == "return":
+        if kind == "return" and value > today:  # "ab 01.12. nicht im Büro" starts the absence
             return value
     for _pos, value, kind in found:
         if kind == "until":
@@ -422,6 +624,15 @@ def _unsubscribe_regex(pattern: str | None) -> re.Pattern[str]:
     return re.compile(r"^[^@]*(?:^|[+._-])unsubscribe(?:[+._-]([a-z0-9_-]+))?@")
 
 
+def _is_ours(addr: str, ctx: ClassifyContext) -> bool:
+    """Our own address or its plus/VERP forms (sales+token@example.com)."""
+    local, _, domain = addr.lower().partition("@")
+    if addr in ctx.our_addresses:
+        return True
+    base = local.split("+", 1)[0]
+    return any(o == f"{base}@{domain}" for o in ctx.our_addresses)
+
+
 def _threads_to_us(msg: ParsedMessage, ctx: ClassifyContext) -> bool:
     domains = {a.rsplit("@", 1)[-1] for a in ctx.our_addresses} | set(ctx.internal_domains)
     return any(i.rsplit("@", 1)[-1].lower() in domains for i in (*msg.in_reply_to, *msg.references))
@@ -466,22 +677,20 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
         if report.outcome == "failed":
             bounce = Bounce(
                 type=report.kind,
-                recipients=report.recipients,
+                recipients=tuple(r for r in report.recipients if not _is_ours(r, ctx)),
                 status=report.status,
                 diagnostic=report.diagnostic,
                 original_message_ids=report.original_message_ids,
+                reason=report.cause,
             )
             return Classification(kind="bounce", reason=report.reason, bounce=bounce)
         label = "delay warning" if report.outcome == "delayed" else "delivery success notice"
         return Classification(kind="notification", reason=f"{label} ({report.reason})")
 
     # 2. complaint
-    feedback = msg.report_type == "feedback-report" or any(
-        name == "feedback-type" for name, _ in msg.report_fields
-    )
-    if feedback:
-        ftype = next((v for n, v in msg.report_fields if n == "feedback-type"), "abuse")
-        return Classification(kind="complaint", reason=f"ARF feedback report ({ftype})")
+    complaint = _complaint_signal(msg)
+    if complaint is not None:
+        return Classification(kind="complaint", reason=complaint)
 
     # Read receipts are reports too; RFC 8098 makes them Auto-Submitted, so check first.
     if msg.report_type == "disposition-notification" or any(
@@ -492,8 +701,30 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
     reply_text = extract_reply_text("" if msg.text_from_html else msg.text, msg.html)
     body = msg.text
 
+    # Mail to our unsubscribe address (or Apple Mail's unsubscribe message, which is
+    # Auto-Submitted too) is an unsubscribe whatever its auto headers say.
+    pattern = _unsubscribe_regex(ctx.unsubscribe_mailto)
+    for addr in msg.all_recipients():
+        match = pattern.match(addr)
+        if match:
+            token = match.group(1) if match.groups() else None
+            return Classification(
+                kind="unsubscribe",
+                reason=f"sent to the unsubscribe address {addr}",
+                reply_text=reply_text,
+                unsubscribe_token=token,
+            )
+    if (msg.header("x-apple-unsubscribe") or "").strip().lower() == "true":
+        return Classification(
+            kind="unsubscribe", reason="X-Apple-Unsubscribe: true", reply_text=reply_text
+        )
+
     # 3. auto-reply
-    signal = _auto_reply_signal(msg) or _subject_auto_reply(msg, body)
+    signal = (
+        _auto_reply_signal(msg)
+        or _subject_auto_reply(msg, body)
+        or _body_auto_reply(msg, reply_text)
+    )
     if signal is not None:
         return Classification(
             kind="auto_reply",
@@ -514,18 +745,7 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
     if noreply and not _threads_to_us(msg, ctx):
         return Classification(kind="notification", reason=f"no-reply sender {msg.from_addr}")
 
-    # 5. unsubscribe
-    pattern = _unsubscribe_regex(ctx.unsubscribe_mailto)
-    for addr in msg.all_recipients():
-        match = pattern.match(addr)
-        if match:
-            token = match.group(1) if match.groups() else None
-            return Classification(
-                kind="unsubscribe",
-                reason=f"sent to the unsubscribe address {addr}",
-                reply_text=reply_text,
-                unsubscribe_token=token,
-            )
+    # 5. unsubscribe (the unsubscribe address was read above)
     words = new_words(reply_text)
     subject_words = re.sub(r"(?i)^\s*(?:(?:re|aw|sv|antw|fwd?|wg)\s*:\s*)+", "", msg.subject)
     bulk = _bulk_signal(msg)

@@ -153,7 +153,7 @@ def config_check(state: _State, connect: bool) -> None:
             from worker.rendering import Renderer, sample_context
 
             renderer = Renderer(config.templates_path)
-            names = {s.template for c in config.campaigns for s in c.steps}
+            names = {t for c in config.campaigns for s in c.steps for t in s.templates}
             names.add(config.handoff.template)
             if config.handoff.follow_up:
                 names.add(config.handoff.follow_up.template)
@@ -260,6 +260,8 @@ def leads_import(
                     f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True
                 )
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
+            if result.suppressed:
+                summary += f", {result.suppressed} skipped (do-not-contact list)"
             if camp is not None:
                 summary += f", {result.enrolled} enrolled in {camp.name}"
             if result.strict_failed:
@@ -338,12 +340,16 @@ def _format_lead(d: dict[str, Any]) -> str:
             extra = f" next due {en['next_due']}" if en["next_due"] else ""
             if en["paused_until"]:
                 extra += f" paused until {en['paused_until']}"
+            if en.get("waiting"):
+                extra += f" (waits: {en['waiting']})"
             lines.append(f"  {en['campaign']}: {en['state']}, {en['step']} step(s) sent{extra}")
     if d["messages"]:
         lines.append("mail:")
         for m in d["messages"]:
             arrow = "->" if m["direction"] == "out" else "<-"
             what = m["kind"] or "?"
+            if m.get("bounce"):
+                what += f" ({m['bounce'].get('type')}, {m['bounce'].get('reason') or 'other'})"
             extra = (
                 f" [{m['status']}]"
                 if m["direction"] == "out"
@@ -378,13 +384,29 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
 
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check only: exit 1 unless a worker is alive and no mailbox is failing.",
+)
 @pass_state
-def status_cmd(state: _State, as_json: bool) -> None:
+def status_cmd(state: _State, as_json: bool, check: bool) -> None:
     """Funnel, outbox, mailbox health, quarantine and alarms."""
     from worker.status import collect_status, format_status
 
     with _errors():
         app = state.app()
+        if check:
+            from worker.health import check_health
+
+            health = check_health(app)
+            if as_json:
+                _print_json(health.as_json())
+            else:
+                for reason in health.reasons:
+                    click.echo(f"twoway: {reason}", err=True)
+                click.echo("healthy" if health.ok else "not healthy")
+            sys.exit(0 if health.ok else 1)
         data = collect_status(app)
         if as_json:
             _print_json(data)
@@ -463,7 +485,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         worker = Worker(app)
         if once:
             try:
-                result = worker.run_once()
+                result = worker.run_once_retrying()
             finally:
                 worker.close()
             summary = {
@@ -473,6 +495,7 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 "kinds": result.inbound.kinds,
                 "queued": result.queued,
                 "sent": result.sent,
+                "delivered": result.delivered,
                 "errors": result.errors,
             }
             if as_json:
@@ -703,7 +726,7 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                     )
                     for i, step in enumerate(camp.steps):
                         ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
-                        for e in renderer.lint(ctx, [step.template]):
+                        for e in renderer.lint(ctx, list(step.templates)):
                             problems.append(f"{e} (lead {lead.email})")
                         checked += 1
         for p in dict.fromkeys(problems):
@@ -810,6 +833,111 @@ def demo_cmd(workspace: Path | None) -> None:
         sys.exit(code)
 
 
+@main.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init_cmd(directory: Path) -> None:
+    """Write a starting point into DIRECTORY: config/twoway.yaml, sample leads, templates/."""
+    from worker.samples import SamplesMissing, init_project
+
+    try:
+        written = init_project(directory)
+    except FileExistsError as e:
+        _die(str(e), 2)
+    except SamplesMissing as e:
+        _die(str(e), 1)
+    click.echo(f"wrote {len(written)} file(s) into {directory}")
+    cfg = directory / "config" / "twoway.yaml"
+    click.echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
+    click.echo(f"  twoway --config {cfg} config check --connect")
+    click.echo(
+        f"  twoway --config {cfg} leads import {directory / 'config' / 'sample-leads.csv'}"
+        " --campaign welcome"
+    )
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option("--host", help="Address to bind (default: serve.host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: serve.port).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default=None,
+    help="Default: human on a terminal, json otherwise.",
+)
+@click.pass_context
+def serve_cmd(
+    ctx: click.Context, host: str | None, port: int | None, log_format: str | None
+) -> None:
+    """The web side: /u/TOKEN unsubscribe, /healthz, /metrics and the console (login)."""
+    from worker.web import serve
+
+    state: _State = ctx.obj
+    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
+    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    with _errors():
+        app = state.app()
+        cfg = app.config.serve
+        try:
+            serve(app, host or cfg.host, cfg.port if port is None else port)
+        finally:
+            app.close()
+
+
+@main.command("hash-password")
+def hash_password_cmd() -> None:
+    """Print the hash of a console password (read from the terminal, or standard input)."""
+    from worker.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = click.prompt("Console password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        _die("a console password needs at least 10 characters", 2)
+    click.echo(hash_password(password))
+
+
+# --- outbox ------------------------------------------------------------------------------
+
+
+@main.group("outbox")
+def outbox_group() -> None:
+    """Settle sends left in state unknown by a crash."""
+
+
+@outbox_group.command("mark-sent")
+@click.argument("message_id")
+@pass_state
+def outbox_mark_sent(state: _State, message_id: str) -> None:
+    """An unknown send did arrive (seen in the recipient's thread): record it as sent."""
+    _settle(state, message_id, "sent")
+
+
+@outbox_group.command("resend")
+@click.argument("message_id")
+@pass_state
+def outbox_resend(state: _State, message_id: str) -> None:
+    """An unknown send did not arrive: queue it again (same Message-ID)."""
+    _settle(state, message_id, "resend")
+
+
+def _settle(state: _State, message_id: str, action: str) -> None:
+    from worker.outbox import resolve_unknown
+
+    with _errors():
+        app = state.app()
+        try:
+            with app.transaction() as s:
+                row = resolve_unknown(s, message_id, action, app.now())
+                to, template = row.to_addr, row.template
+        except LookupError as e:
+            _die(str(e), 2)
+        click.echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -847,3 +975,16 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
             partial.unlink(missing_ok=True)
             raise Failure(f"cannot write {html_file}: {e.strerror or e}") from None
         click.echo(str(target))
+
+
+# --- the marketer's commands (worker/cli_marketing.py) -------------------------------------
+
+
+def _register_marketing() -> None:
+    from worker import cli_marketing as m
+
+    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group):
+        main.add_command(group)
+
+
+_register_marketing()

@@ -210,6 +210,25 @@ class SmtpConfig(Credentials):
         return {"ssl": 465, "starttls": 587, "none": 25}[self.security]
 
 
+def _delay_value(v: Any) -> Delay:
+    if isinstance(v, Delay):
+        return v
+    if isinstance(v, str | int):
+        return Delay.parse(v)
+    if isinstance(v, dict) and set(v) == {"amount", "unit"}:  # a dumped config
+        return Delay.parse(f"{v['amount']}{v['unit']}")
+    raise ValueError("a delay is a string such as 0d, 3bd or 4h")
+
+
+class TouchCap(_Model):
+    """At most `count` nurture emails to one person within any `per` (all campaigns)."""
+
+    count: int = Field(gt=0)
+    per: Delay
+
+    _per = field_validator("per", mode="before")(classmethod(lambda cls, v: _delay_value(v)))
+
+
 class SenderConfig(_Model):
     from_: str = Field(alias="from")
     reply_token: bool = True
@@ -218,8 +237,17 @@ class SenderConfig(_Model):
     postal_address: str = ""
     auto_submitted: bool = True
     message_id_domain: str | None = None
+    max_touches: TouchCap | None = None
+    """A per-person cap on nurture emails across every campaign."""
+    min_gap: Delay | None = None
+    """The least time between any two nurture emails to the same person."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("min_gap", mode="before")
+    @classmethod
+    def _gap(cls, v: Any) -> Delay | None:
+        return None if v is None else _delay_value(v)
 
     @field_validator("from_")
     @classmethod
@@ -264,19 +292,34 @@ class SendWindow(_Model):
 
 
 class Step(_Model):
+    """One email of a sequence; `template` may list several (variants, split evenly)."""
+
     template: str
+    variants: tuple[str, ...] = ()
+    """Every template of the step when it has variants (the first is also `template`)."""
     delay: Delay = Delay(0, "d")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variants(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("template"), list | tuple):
+            names = list(data["template"])
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError("template: list one or more template names")
+            if len(set(names)) != len(names):
+                raise ValueError("template: the same template is listed twice")
+            data = {**data, "template": names[0], "variants": names if len(names) > 1 else []}
+        return data
 
     @field_validator("delay", mode="before")
     @classmethod
     def _delay(cls, v: Any) -> Delay:
-        if isinstance(v, Delay):
-            return v
-        if isinstance(v, str | int):
-            return Delay.parse(v)
-        if isinstance(v, dict) and set(v) == {"amount", "unit"}:  # a dumped config
-            return Delay.parse(f"{v['amount']}{v['unit']}")
-        raise ValueError("a delay is a string such as 0d, 3bd or 4h")
+        return _delay_value(v)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The step's templates: its variants, or its one template."""
+        return self.variants or (self.template,)
 
 
 def _zone(v: str) -> str:
@@ -423,11 +466,124 @@ class Referrals(_Model):
 class Workers(_Model):
     lease_seconds: float = Field(default=60, ge=5)
     """A mailbox's lease lasts this long unless renewed; a dead worker's is taken over after it."""
+    busy_timeout: float = Field(default=30, gt=0, le=3600)
+    """SQLite: seconds a statement waits for another process's lock; past it the pass
+    fails temporarily and is retried with backoff (nothing is quarantined)."""
+
+
+class Webhook(_Model):
+    """A CRM endpoint that receives conversion events as signed JSON POSTs."""
+
+    name: str
+    url: str
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    events: tuple[str, ...] = ()
+    """Event types to send (empty: all of them)."""
+    timeout: float = Field(default=10, gt=0, le=120)
+    max_attempts: int = Field(default=10, gt=0, le=100)
+    backoff_seconds: float = Field(default=30, gt=0)
+    """The first retry's wait; each later one doubles, up to an hour, with jitter."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("needs an http(s) URL such as https://crm.example.com/hooks/twoway")
+        if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+            raise ValueError("plain http is only allowed for 127.0.0.1/localhost; use https")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [e for e in v if e not in CRM_EVENT_TYPES]
+        if bad:
+            raise ValueError(f"unknown event(s) {bad}; use {', '.join(CRM_EVENT_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Webhook:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret (e.g. ${WEBHOOK_SECRET}) or secret_file")
+        return self
+
+    def secret_value(self) -> bytes:
+        """The signing secret, read from the file now when it lives in one."""
+        if self.secret is not None:
+            return self.secret.get_secret_value().encode()
+        assert self.secret_file is not None
+        return self.secret_file.read_text().strip().encode()
+
+
+CRM_EVENT_TYPES = (
+    "lead.promoted",
+    "lead.rep_answered",
+    "lead.customer",
+    "lead.disqualified",
+    "lead.unsubscribed",
+    "lead.bounced",
+)
 
 
 class Alarms(_Model):
     silent_hours: int = Field(default=48, gt=0)
     bounce_rate: float = Field(default=0.05, gt=0, le=1)
+    mailbox_failing_seconds: float = Field(default=900, ge=0)
+    """/healthz and `status --check` fail once a mailbox has failed for longer than this."""
+
+
+class Console(_Model):
+    """Who may log in to the console: a password (checked against its scrypt hash, from
+    `twoway hash-password`) or a token; the session cookie is signed with `session_secret`
+    (default: a random one per process, so a restart logs everyone out)."""
+
+    password_hash: SecretStr | None = None
+    password_hash_file: Path | None = None
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    session_secret: SecretStr | None = None
+    session_secret_file: Path | None = None
+    session_hours: float = Field(default=12, gt=0)
+    max_login_failures: int = Field(default=5, gt=0)
+    """Failed logins per client address per 5 minutes before it is refused (HTTP 429)."""
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret given inline (`${ENV}`) or in a file, read now; None when neither is set."""
+    text = None
+    if value is not None:
+        text = value.get_secret_value()
+    elif file is not None:
+        text = file.read_text(encoding="utf-8").strip()
+    return text or None
+
+
+class Serve(_Model):
+    """`twoway serve`: one-click unsubscribe, /healthz, /metrics and the console."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+    """Where people reach it (https, behind your proxy); nurture mail links /u/TOKEN there."""
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+    """Proxies whose X-Forwarded-For/-Proto are believed (the client address of rate limits)."""
+    undo_minutes: float = Field(default=10, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_token_file: Path | None = None
+    console: Console = Console()
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.fullmatch(r"https?://[^\s/?#<>\"']+(/[^\s?#<>\"']*)?", v):
+            raise ValueError("an http(s) URL such as https://twoway.example.com")
+        return v.rstrip("/")
 
 
 class Config(_Model):
@@ -449,8 +605,23 @@ class Config(_Model):
     alarms: Alarms = Alarms()
     referrals: Referrals = Referrals()
     workers: Workers = Workers()
+    serve: Serve = Serve()
     unknown_senders: Literal["record", "create_lead"] = "record"
+    webhooks: tuple[Webhook, ...] = ()
     path: Path = Field(default=Path("<memory>"), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsubscribe_default(cls, data: Any) -> Any:
+        """With `serve.public_url`, nurture mail links to our own /u/TOKEN page unless
+        `sender.unsubscribe_url` says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        serve, sender = data.get("serve"), data.get("sender")
+        url = serve.get("public_url") if isinstance(serve, dict) else None
+        if isinstance(url, str) and isinstance(sender, dict) and not sender.get("unsubscribe_url"):
+            data = {**data, "sender": {**sender, "unsubscribe_url": url.rstrip("/") + "/u/{token}"}}
+        return data
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -467,6 +638,9 @@ class Config(_Model):
         for i, r in enumerate(self.reps):
             if r.mailbox is not None and r.mailbox not in names:
                 raise ValueError(f"reps[{i}].mailbox: no mailbox named {r.mailbox!r}")
+        hooks = [w.name for w in self.webhooks]
+        if len(set(hooks)) != len(hooks):
+            raise ValueError("webhooks: names must be unique")
         return self
 
     @property

@@ -20,13 +20,82 @@ class DatabaseError(Exception):
     """The database cannot be used as it is (unreachable, or behind on migrations)."""
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout."""
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached or written just now: locked by another process past
+    the busy timeout, disk full, connection lost, server shutting down.
+
+    A temporary failure of the pass, never a property of the message in flight: the
+    caller rolls back, leaves the mailbox progress where it is and retries with backoff.
+    """
+
+
+# SQLite result texts of conditions outside any one statement (sqlite3 has no codes
+# before Python 3.11's sqlite_errorcode, and wrapped errors lose them).
+_SQLITE_TEMPORARY = (
+    "database is locked",
+    "database table is locked",
+    "database schema is locked",
+    "database or disk is full",
+    "disk i/o error",
+    "unable to open database file",
+    "attempt to write a readonly database",
+)
+# PostgreSQL SQLSTATE classes and codes that describe the server, not the statement:
+# 08 connection, 53 insufficient resources (disk full, out of memory, too many
+# connections), 57P operator intervention (shutdown, crash recovery), 40 serialization
+# failure and deadlock (retry the transaction), 55P03 lock not available.
+_PG_TEMPORARY_PREFIXES = ("08", "53", "57P", "40", "55P03")
+
+
+def as_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """`exc` (for which `is_unavailable` holds) as a DatabaseUnavailable for people."""
+    if isinstance(exc, DatabaseUnavailable):
+        return exc
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    detail = lines[0][:300] if lines else orig.__class__.__name__
+    err = DatabaseUnavailable(f"the database is unavailable: {detail}")
+    err.__cause__ = exc
+    return err
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database is unavailable now rather than that the statement
+    is wrong (see DatabaseUnavailable). Walks the cause chain."""
+    from sqlalchemy.exc import DBAPIError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DatabaseUnavailable):
+            return True
+        if isinstance(e, DBAPIError):
+            if e.connection_invalidated:
+                return True
+            orig = e.orig
+            code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+            if isinstance(code, str) and code.startswith(_PG_TEMPORARY_PREFIXES):
+                return True
+            text = str(orig).lower()
+            lost = "connection" in text and any(w in text for w in ("refused", "lost", "closed"))
+            if e.__class__.__name__ in ("OperationalError", "InterfaceError") and (
+                lost or any(t in text for t in _SQLITE_TEMPORARY)
+            ):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout (seconds a
+    statement waits for another process's lock before failing)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        busy_ms = max(1, int(busy_timeout * 1000))
+        engine = create_engine(url, connect_args={"timeout": busy_timeout})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -36,7 +105,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import mailbox
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,10 +27,9 @@ from worker.app import App
 from worker.config import Clock, load_config
 from worker.leads import import_leads, read_csv
 from worker.runner import Worker
+from worker.samples import SamplesMissing, copy_tree, sample_dir
 from worker.status import collect_status
 
-# The checkout's templates/ (an editable install), else ./templates (the container's /app).
-TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "templates", Path("templates").resolve())
 SENDER = "sales@acme.example"
 
 LEADS = [
@@ -109,14 +107,10 @@ class DemoError(Exception):
 def make_workspace(ws: Path) -> Path:
     """Write config, templates, sample leads and empty mailboxes; returns the config path."""
     ws.mkdir(parents=True, exist_ok=True)
-    source = next((d for d in TEMPLATE_DIRS if (d / "nurture").is_dir()), None)
-    if source is None:
-        raise DemoError(
-            "cannot find the sample templates (looked in "
-            + ", ".join(str(d) for d in TEMPLATE_DIRS)
-            + "): run the demo from a checkout of twoway"
-        )
-    shutil.copytree(source, ws / "templates", dirs_exist_ok=True)
+    try:
+        copy_tree(sample_dir("templates"), ws / "templates")
+    except SamplesMissing as e:
+        raise DemoError(str(e)) from None
     for box in ("inbox", "outbox"):
         (ws / "mail").mkdir(exist_ok=True)
         mailbox.Maildir(ws / "mail" / box, create=True)
@@ -327,10 +321,9 @@ def run_demo(
     echo(
         f"  {prog} --config {cfg_path} leads show maria.garcia@nube.example   # one lead's whole story"
     )
-    echo(
-        "To point twoway at a real mailbox: copy config/twoway.example.yaml to config/twoway.yaml,"
-    )
-    echo("fill in mailboxes (IMAP host, user, ${IMAP_PASSWORD} or an OAuth2 token) and smtp, then:")
+    echo(f"To point twoway at a real mailbox: `{prog} init DIR` writes DIR/config/twoway.yaml and")
+    echo("DIR/templates; fill in mailboxes (IMAP host, user, ${IMAP_PASSWORD} or an OAuth2 token)")
+    echo("and smtp, then:")
     echo(
         "  twoway config check --connect && twoway leads import leads.csv --campaign welcome && twoway run"
     )

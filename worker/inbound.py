@@ -1,15 +1,20 @@
 """The inbound pipeline: mailbox sync -> parse -> classify -> match -> record -> lifecycle.
 
-Each message is one unit of work: its row, its effects on the lead and the folder's new
-`last_uid` commit in one transaction, so a crash loses nothing and repeats nothing.
-A message that cannot be parsed or processed is quarantined (raw bytes and reason), the
-sync moves past it and never loops on it.
+The messages of a fetched batch are one unit of work: their rows, their effects on the
+leads and the folder's new `last_uid` commit in one transaction (bounded by the batch size
+and `BATCH_SECONDS`), so a crash loses nothing and repeats nothing. When anything in it
+fails, the batch is replayed one message per transaction: a message that cannot be
+parsed or processed is quarantined (raw bytes and reason), the sync moves past it and
+never loops on it. A database that cannot be reached or written (locked, disk full,
+connection lost) is no fault of a message: DatabaseUnavailable ends the pass with
+nothing quarantined and the progress where it was, and the caller retries with backoff.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +26,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
+from worker.db import as_unavailable, is_unavailable
 from worker.lifecycle import apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
@@ -82,71 +88,208 @@ def sync_mailbox(
     """Read every new message of every configured folder and process it once.
 
     Returns when the folders are drained, after `limit` messages (the daemon interleaves
-    reading and sending), or when `should_stop` says so between messages.
+    reading and sending), or when `should_stop` says so between batches.
     A UIDVALIDITY change restarts the folder from UID 0, deduplicating by Message-ID.
+    Raises DatabaseUnavailable when the database cannot be reached or written: nothing
+    of the batch in flight is kept or quarantined and the folder's progress stays put.
     """
     result = SyncResult()
-    for folder in mb.folders:
-        info = source.select(folder)
-        with app.transaction() as s:
-            st = _state(s, mb.name, folder)
-            if st.uidvalidity != info.uidvalidity:
-                if st.uidvalidity is not None:
-                    logger.warning(
-                        "%s/%s: UIDVALIDITY changed (%s -> %s): resyncing, duplicates skipped",
-                        mb.name, folder, st.uidvalidity, info.uidvalidity,
-                    )  # fmt: skip
-                st.uidvalidity, st.last_uid = info.uidvalidity, 0
-            after = st.last_uid
-        for batch in source.fetch_new(folder, after, mb.batch_size):
-            for fetched in batch:
-                process_message(app, mb, fetched, ctx, result)
+    try:
+        for folder in mb.folders:
+            info = source.select(folder)
+            with app.transaction() as s:
+                st = _state(s, mb.name, folder)
+                if st.uidvalidity != info.uidvalidity:
+                    if st.uidvalidity is not None:
+                        logger.warning(
+                            "%s/%s: UIDVALIDITY changed (%s -> %s): resyncing, duplicates skipped",
+                            mb.name, folder, st.uidvalidity, info.uidvalidity,
+                        )  # fmt: skip
+                    st.uidvalidity, st.last_uid = info.uidvalidity, 0
+                after = st.last_uid
+            for batch in source.fetch_new(folder, after, mb.batch_size):
+                seen = result.processed + result.duplicates + result.quarantined
+                if limit is not None:
+                    batch = batch[: max(0, limit - seen)]
+                process_batch(app, mb, batch, ctx, result)
                 seen = result.processed + result.duplicates + result.quarantined
                 if should_stop() or (limit is not None and seen >= limit):
                     result.more = True
                     return result
-        with app.transaction() as s:
-            st = _state(s, mb.name, folder)
-            st.last_sync, st.last_error = app.now(), None
-    if result.to_move:
-        _move_processed(source, result.to_move)
+            with app.transaction() as s:
+                st = _state(s, mb.name, folder)
+                st.last_sync, st.last_error = app.now(), None
+    except Exception as e:
+        if is_unavailable(e):
+            raise as_unavailable(e) from e
+        raise
+    finally:
+        if result.to_move:
+            _move_processed(source, result.to_move)
+            result.to_move = []
     return result
+
+
+@dataclass
+class _Outcome:
+    fetched: FetchedMessage
+    kind: str | None
+    """The message's kind; None for a duplicate, "" when it was quarantined."""
+
+
+def process_batch(
+    app: App,
+    mb: MailboxConfig,
+    batch: list[FetchedMessage],
+    ctx: ClassifyContext,
+    result: SyncResult,
+) -> None:
+    """Process a fetched batch in as few transactions as possible.
+
+    The messages' rows, their effects and the folder's progress commit together, one
+    transaction per `BATCH_SECONDS` at most. When anything in a transaction fails, it is
+    rolled back and its messages are replayed one per transaction (`process_message`),
+    so only the bad message is quarantined. Raises DatabaseUnavailable (nothing kept).
+    """
+    i = 0
+    while i < len(batch):
+        started = time.monotonic()
+        done: list[_Outcome] = []
+        try:
+            with app.transaction() as s:
+                keep: list[object] = []  # loaded leads stay in the session's identity map
+                seen = _seen_keys(s, mb.name, batch[i:])
+                for fetched in batch[i:]:
+                    done.append(
+                        _Outcome(fetched, _process_in_batch(s, app, mb, fetched, ctx, seen, keep))
+                    )
+                    if time.monotonic() - started >= BATCH_SECONDS:
+                        break
+                _advance(s, mb.name, done[-1].fetched)
+        except Exception as e:
+            if is_unavailable(e):
+                raise as_unavailable(e) from e
+            replay = batch[i : i + len(done) + 1]
+            logger.info(
+                "%s: a batch of %d failed (%s): replaying one message per transaction",
+                mb.name, len(replay), e.__class__.__name__,
+            )  # fmt: skip
+            for fetched in replay:
+                process_message(app, mb, fetched, ctx, result)
+            i += len(replay)
+            continue
+        for o in done:
+            _count(mb, o.fetched, o.kind, result)
+        i += len(done)
+
+
+BATCH_SECONDS = 1.0
+"""A batch transaction commits after this long at most (other commands wait on it)."""
+
+
+def _seen_keys(s: Session, mailbox: str, batch: list[FetchedMessage]) -> set[str]:
+    """The dedupe keys among the batch's Message-IDs already recorded (one query)."""
+    keys = {k for f in batch if (k := _header_key(f.raw))}
+    if not keys:
+        return set()
+    return set(
+        s.scalars(
+            select(InboundMessage.message_id).where(
+                InboundMessage.mailbox == mailbox, InboundMessage.message_id.in_(keys)
+            )
+        )
+    )
+
+
+def _header_key(raw: bytes) -> str | None:
+    """A cheap guess of the Message-ID from the raw header (for the batch lookup only)."""
+    head = raw[:65536].split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    for line in head.splitlines():
+        if line[:11].lower() == b"message-id:":
+            value = line[11:].strip()
+            if value.startswith(b"<") and b">" in value:
+                value = value[1 : value.index(b">")].strip()
+            return value.decode("ascii", "replace")[:990] or None
+    return None
+
+
+def _process_in_batch(
+    s: Session,
+    app: App,
+    mb: MailboxConfig,
+    fetched: FetchedMessage,
+    ctx: ClassifyContext,
+    seen: set[str],
+    keep: list[object],
+) -> str | None:
+    now = app.now()
+    try:
+        kind = _process(s, app, mb, fetched, ctx, now, seen=seen, keep=keep)
+    except _Quarantine as q:
+        logger.warning(
+            "quarantined %s/%s uid %s: %s", mb.name, fetched.folder, fetched.uid, q.reason
+        )
+        s.add(_quarantine_row(mb, fetched, q.reason, now))
+        return ""
+    return kind
+
+
+def _count(
+    mb: MailboxConfig, fetched: FetchedMessage, kind: str | None, result: SyncResult
+) -> None:
+    if kind is None:
+        result.duplicates += 1
+        return
+    if kind == "":
+        result.quarantined += 1
+        return
+    result.processed += 1
+    result.kinds[kind] = result.kinds.get(kind, 0) + 1
+    dest = mb.move_processed.get(kind)
+    if dest:
+        result.to_move.append((fetched.folder, fetched.uidvalidity, fetched.uid, dest))
 
 
 def process_message(
     app: App, mb: MailboxConfig, fetched: FetchedMessage, ctx: ClassifyContext, result: SyncResult
 ) -> None:
-    """One message, one transaction; on any failure, quarantine it and move on."""
+    """One message, one transaction; on a failure of the message, quarantine it and move on.
+
+    Raises DatabaseUnavailable when the database cannot be reached or written: that is
+    no property of the message, so it is neither quarantined nor passed over.
+    """
     now = app.now()
     try:
-        with app.transaction() as s:
-            kind = _process(s, app, mb, fetched, ctx, now)
-            _advance(s, mb.name, fetched)
-        if kind is None:
-            result.duplicates += 1
-            return
-        result.processed += 1
-        result.kinds[kind] = result.kinds.get(kind, 0) + 1
-        dest = mb.move_processed.get(kind)
-        if dest:
-            result.to_move.append((fetched.folder, fetched.uidvalidity, fetched.uid, dest))
-    except _Quarantine as q:
-        _quarantine(app, mb, fetched, q.reason, now)
-        result.quarantined += 1
-    except IntegrityError as e:
-        if not _is_duplicate(e):
-            logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
-            _quarantine(app, mb, fetched, f"processing failed: {e.orig or e}", now)
+        try:
+            with app.transaction() as s:
+                kind = _process(s, app, mb, fetched, ctx, now)
+                _advance(s, mb.name, fetched)
+            _count(mb, fetched, kind, result)
+        except _Quarantine as q:
+            _quarantine(app, mb, fetched, q.reason, now)
             result.quarantined += 1
-            return
-        # Another worker recorded the same message at the same moment: it is done.
-        with app.transaction() as s:
-            _advance(s, mb.name, fetched)
-        result.duplicates += 1
-    except Exception as e:  # a poisoned message must never stop the worker
-        logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
-        _quarantine(app, mb, fetched, f"processing failed: {e.__class__.__name__}: {e}", now)
-        result.quarantined += 1
+        except IntegrityError as e:
+            if not _is_duplicate(e):
+                logger.exception(
+                    "could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid
+                )
+                _quarantine(app, mb, fetched, f"processing failed: {e.orig or e}", now)
+                result.quarantined += 1
+                return
+            # Another worker recorded the same message at the same moment: it is done.
+            with app.transaction() as s:
+                _advance(s, mb.name, fetched)
+            result.duplicates += 1
+        except Exception as e:  # a poisoned message must never stop the worker
+            if is_unavailable(e):
+                raise
+            logger.exception("could not process %s/%s uid %s", mb.name, fetched.folder, fetched.uid)
+            _quarantine(app, mb, fetched, f"processing failed: {e.__class__.__name__}: {e}", now)
+            result.quarantined += 1
+    except Exception as e:
+        if is_unavailable(e):
+            raise as_unavailable(e) from e
+        raise
 
 
 def _is_duplicate(e: IntegrityError) -> bool:
@@ -170,22 +313,37 @@ def _process(
     fetched: FetchedMessage,
     ctx: ClassifyContext,
     now: datetime,
+    *,
+    seen: set[str] | None = None,
+    keep: list[object] | None = None,
 ) -> str | None:
-    """Record and apply one message; None when it was already recorded (a duplicate)."""
+    """Record and apply one message; None when it was already recorded (a duplicate).
+
+    `seen`: keys already looked up for a whole batch (the batch's header Message-IDs
+    found recorded); a key it does not cover is looked up here. Keys recorded by this
+    call are added to it. `keep` holds the loaded lead for the rest of the transaction.
+    """
     try:
         msg = parse(fetched.raw)
     except ParseError as e:
         raise _Quarantine(f"cannot parse: {e}") from None
     key = message_key(msg, fetched.raw)
-    seen = s.scalar(
-        select(InboundMessage.id)
-        .where(InboundMessage.mailbox == mb.name, InboundMessage.message_id == key)
-        .limit(1)
-    )
-    if seen is not None:
+    if seen is not None and key in seen:
         return None
+    if seen is None or _header_key(fetched.raw) != key:
+        found = s.scalar(
+            select(InboundMessage.id)
+            .where(InboundMessage.mailbox == mb.name, InboundMessage.message_id == key)
+            .limit(1)
+        )
+        if found is not None:
+            return None
+    if seen is not None:
+        seen.add(key)
     cls: Classification = classify(msg, ctx, today=now.date())
     match = match_message(s, msg, cls, app.config)
+    if keep is not None and match.lead is not None:
+        keep.append(match.lead)
     row = InboundMessage(
         mailbox=mb.name,
         folder=fetched.folder,
@@ -227,22 +385,26 @@ def _advance(s: Session, mailbox: str, fetched: FetchedMessage) -> None:
     )
 
 
+def _quarantine_row(
+    mb: MailboxConfig, fetched: FetchedMessage, reason: str, now: datetime
+) -> Quarantine:
+    return Quarantine(
+        mailbox=mb.name,
+        folder=fetched.folder,
+        uidvalidity=fetched.uidvalidity,
+        uid=fetched.uid,
+        raw=fetched.raw,
+        reason=reason[:4000],
+        created_at=now,
+    )
+
+
 def _quarantine(
     app: App, mb: MailboxConfig, fetched: FetchedMessage, reason: str, now: datetime
 ) -> None:
     logger.warning("quarantined %s/%s uid %s: %s", mb.name, fetched.folder, fetched.uid, reason)
     with app.transaction() as s:
-        s.add(
-            Quarantine(
-                mailbox=mb.name,
-                folder=fetched.folder,
-                uidvalidity=fetched.uidvalidity,
-                uid=fetched.uid,
-                raw=fetched.raw,
-                reason=reason[:4000],
-                created_at=now,
-            )
-        )
+        s.add(_quarantine_row(mb, fetched, reason, now))
         _advance(s, mb.name, fetched)
 
 

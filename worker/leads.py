@@ -7,7 +7,7 @@ import csv
 import io
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -92,7 +92,11 @@ def record_event(
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
 ) -> None:
-    """Append an event to a lead's timeline; with `to_status`, also change the status."""
+    """Append an event to a lead's timeline; with `to_status`, also change the status.
+
+    A change the CRM hears of (customer, disqualified, unsubscribed, bounced) also
+    records its conversion event for the webhooks, in the same unit of work.
+    """
     from_status = lead.status
     if to_status is not None:
         lead.status = to_status
@@ -111,6 +115,10 @@ def record_event(
             "inbound_id": inbound_id,
         },
     )
+    if to_status is not None and to_status != from_status:
+        from worker.webhooks import on_status
+
+        on_status(session, lead, to_status, at, cause, inbound_id)
 
 
 # --- import ----------------------------------------------------------------------------
@@ -130,12 +138,15 @@ class ImportResult:
     rejected: list[Rejected] = field(default_factory=list)
     enrolled: int = 0
     strict_failed: bool = False
+    suppressed: int = 0
+    """Rows skipped because the address or its domain is on the do-not-contact list."""
 
     def as_json(self) -> dict[str, Any]:
         return {
             "imported": self.imported,
             "updated": self.updated,
             "enrolled": self.enrolled,
+            "suppressed": self.suppressed,
             "rejected": [
                 {"line": r.line, "email": r.email, "reason": r.reason} for r in self.rejected
             ],
@@ -143,7 +154,7 @@ class ImportResult:
         }
 
 
-def _clean_row(raw: dict[str, str | None], source: str | None) -> dict[str, Any]:
+def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, Any]:
     """Validate one CSV row into lead fields; ValueError says what is wrong."""
     row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
     if None in raw:
@@ -207,7 +218,7 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
 
 def import_leads(
     session: Session,
-    rows: Iterable[tuple[int, dict[str, str | None]]],
+    rows: Iterable[tuple[int, Mapping[str, str | None]]],
     now: datetime,
     *,
     campaign: Campaign | None = None,
@@ -245,6 +256,11 @@ def import_leads(
     if strict and result.rejected:
         result.strict_failed = True
         return result
+    from worker.suppression import suppressed
+
+    for email in suppressed(session, clean):
+        del clean[email]
+        result.suppressed += 1
 
     cause = f"import ({source})" if source else "import"
     emails = list(clean)
@@ -460,11 +476,15 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
             "intent": m.intent,
             "reason": m.reason,
             "reply_text": m.reply_text,
+            "bounce": m.bounce,
         }
         for m in inbound
     ]
     messages.sort(key=lambda m: m["at"] or "")
     referred_by = session.get(Lead, lead.referred_by_id) if lead.referred_by_id else None
+    from worker.campaigns import paused_campaigns
+
+    paused = paused_campaigns(session)
     return {
         "email": lead.email,
         "first_name": lead.first_name,
@@ -502,6 +522,11 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
                 "step": en.step,
                 "next_due": iso(en.next_due),
                 "paused_until": iso(en.paused_until),
+                "waiting": (
+                    f"campaign {en.campaign} is paused"
+                    if en.campaign in paused and en.state in ("active", "paused")
+                    else en.waiting
+                ),
             }
             for en in enrollments
         ],

@@ -26,6 +26,7 @@ from worker.match import Match, is_internal
 from worker.models import Enrollment, Handoff, InboundMessage, Lead, LeadEvent, OutboundMessage
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +103,21 @@ def _bounce(
 ) -> None:
     assert cls.bounce is not None
     b = cls.bounce
-    detail = {"type": b.type, "status": b.status, "recipients": list(b.recipients)}
+    detail = {
+        "type": b.type,
+        "reason": b.reason,
+        "status": b.status,
+        "recipients": list(b.recipients),
+    }
+    code = f"{b.status} " if b.status else ""
     if b.type == "hard":
-        bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {b.status or ''}".strip(), row.id)
+        bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {code}({b.reason})", row.id)
         return
     record_event(
         s,
         lead,
         "soft_bounce",
-        f"{_cause(row)}: soft bounce {b.status or ''}".strip(),
+        f"{_cause(row)}: soft bounce {code}({b.reason})",
         now,
         detail=detail,
         inbound_id=row.id,
@@ -280,6 +287,7 @@ def promote(
         )
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
+    emit(s, lead, "lead.promoted", now, f"{cause}: genuine reply", row.id)
     colleagues = _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
     if rep is not None:
@@ -645,6 +653,10 @@ def _rep_answered(
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
+        if lead.status in ("prospect", "customer"):
+            emit(
+                s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
+            )
         handoffs.rep_answered(s, lead, who, at, now, row.id)
         row.lead_id, row.match_method = lead.id, "rep_answer"
 

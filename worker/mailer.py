@@ -346,8 +346,18 @@ class Mailer:
         except (OSError, smtplib.SMTPException):
             _abandon(conn)
 
-    def send(self, msg: EmailMessage, envelope_from: str, recipients: Sequence[str]) -> SendResult:
-        """Hand `msg` to the server for `recipients` with MAIL FROM `envelope_from`.
+    def connect(self) -> None:
+        """Open the connection now if none is open (nothing to do for a Maildir). A failure
+        is not raised: the next send() retries it and reports it in its SendResult."""
+        if self.cfg.kind != "maildir":
+            with contextlib.suppress(_Outcome):
+                self._connection()
+
+    def send(
+        self, msg: EmailMessage | bytes, envelope_from: str, recipients: Sequence[str]
+    ) -> SendResult:
+        """Hand `msg` (a message, or its bytes as written once by the caller) to the server
+        for `recipients` with MAIL FROM `envelope_from`.
 
         Never raises for a delivery problem: the SendResult says what happened. A partial
         refusal (some recipients accepted) is "sent", with the permanently refused ones in
@@ -410,7 +420,9 @@ class Mailer:
         if conn is not None:
             _abandon(conn)
 
-    def _attempt(self, msg: EmailMessage, envelope_from: str, recipients: list[str]) -> SendResult:
+    def _attempt(
+        self, msg: EmailMessage | bytes, envelope_from: str, recipients: list[str]
+    ) -> SendResult:
         reused = self._conn is not None
         try:
             return self._transmit(msg, envelope_from, recipients)
@@ -424,13 +436,18 @@ class Mailer:
         except _Disconnected as e:
             raise _Temporary(e.result) from None
 
-    def _transmit(self, msg: EmailMessage, envelope_from: str, recipients: list[str]) -> SendResult:
+    def _transmit(
+        self, msg: EmailMessage | bytes, envelope_from: str, recipients: list[str]
+    ) -> SendResult:
         try:
             conn = self._connection()
         except _Final as e:
             return e.result
         try:
-            refused = conn.send_message(msg, envelope_from, recipients)
+            if isinstance(msg, bytes):
+                refused = conn.sendmail(envelope_from, recipients, msg)
+            else:
+                refused = conn.send_message(msg, envelope_from, recipients)
         except smtplib.SMTPRecipientsRefused as e:
             return self._all_refused(e.recipients)
         except smtplib.SMTPResponseException as e:
@@ -496,7 +513,7 @@ class Mailer:
         )
 
     def _to_maildir(
-        self, msg: EmailMessage, envelope_from: str, recipients: Sequence[str]
+        self, msg: EmailMessage | bytes, envelope_from: str, recipients: Sequence[str]
     ) -> SendResult:
         """Deliver into the Maildir at cfg.path like a local MDA: Return-Path and
         X-Original-To headers record the envelope; mailbox writes tmp/ then moves to new/."""
@@ -507,7 +524,8 @@ class Mailer:
             envelope = f"Return-Path: <{_one_line(envelope_from)}>\n" + "".join(
                 f"X-Original-To: {_one_line(r)}\n" for r in recipients
             )
-            key = self._maildir.add(envelope.encode("ascii", "replace") + msg.as_bytes())
+            raw = msg if isinstance(msg, bytes) else msg.as_bytes()
+            key = self._maildir.add(envelope.encode("ascii", "replace") + raw)
         except OSError as e:
             return SendResult("temporary", None, f"cannot write to maildir {self.cfg.path}: {e}")
         return SendResult("sent", None, f"delivered to maildir {self.cfg.path} as {key}")

@@ -12,7 +12,7 @@ Mail from our own addresses and internal domains is never taken as a lead's repl
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -33,6 +33,8 @@ class Match:
     method: str | None
     explanation: str
     outbound_id: int | None = None
+    lead: Lead | None = field(default=None, compare=False, repr=False)
+    """The loaded lead, kept so the caller's session does not load it again."""
 
     @property
     def matched(self) -> bool:
@@ -85,7 +87,9 @@ def match_message(
         lead = session.scalar(select(Lead).where(Lead.reply_token == token))
         if lead is not None:
             return _checked(
-                Match(lead.id, "reply_token", f"reply token {token} in a recipient address"),
+                Match(
+                    lead.id, "reply_token", f"reply token {token} in a recipient address", lead=lead
+                ),
                 lead,
                 msg,
                 bounce is not None,
@@ -111,6 +115,7 @@ def match_message(
                         "message_id",
                         f"our Message-ID <{row.message_id}> in {where}",
                         row.id,
+                        lead=lead,
                     ),
                     lead,
                     msg,
@@ -124,7 +129,7 @@ def match_message(
         lead = session.scalar(select(Lead).where(Lead.email == addr.lower()))
         if lead is not None:
             what = "the failed recipient" if bounce else "the sender's address"
-            return Match(lead.id, "sender", f"{what} {addr} is this lead's")
+            return Match(lead.id, "sender", f"{what} {addr} is this lead's", lead=lead)
     return NO_MATCH
 
 
@@ -139,4 +144,5 @@ def _checked(m: Match, lead: Lead, msg: ParsedMessage, is_bounce: bool) -> Match
         m.method,
         f"{m.explanation}; written by {who} ({msg.from_addr})",
         m.outbound_id,
+        lead=m.lead,
     )

@@ -107,6 +107,8 @@ class Enrollment(Base):
     state: Mapped[str] = mapped_column(String(20), default="active")
     next_due: Mapped[datetime | None]
     paused_until: Mapped[datetime | None]
+    waiting: Mapped[str | None] = mapped_column(Text)
+    """Why the next step waits beyond its delay (touch cap, minimum gap, paused campaign)."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -125,6 +127,8 @@ class OutboundMessage(Base):
     campaign: Mapped[str | None] = mapped_column(String(200))
     step: Mapped[int | None] = mapped_column(Integer)
     template: Mapped[str] = mapped_column(String(200))
+    variant: Mapped[int | None] = mapped_column(Integer)
+    """Which of a step's templates this lead got (0-based), when the step has variants."""
     mailbox: Mapped[str | None] = mapped_column(String(200))
     message_id: Mapped[str] = mapped_column(String(255), unique=True)
     reply_token: Mapped[str | None] = mapped_column(String(32))
@@ -275,3 +279,71 @@ class WorkerHeartbeat(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+
+
+class CampaignState(Base):
+    """A campaign's pause switch, set by `twoway campaigns pause/resume` (no row: running)."""
+
+    __tablename__ = "campaign_states"
+
+    campaign: Mapped[str] = mapped_column(String(200), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_at: Mapped[datetime]
+    changed_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class Suppression(Base):
+    """A do-not-contact entry: one address, or a whole domain written `@domain`."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pattern: Mapped[str] = mapped_column(String(320), unique=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class CrmEvent(Base):
+    """A conversion record for the CRM, written with the change that caused it.
+
+    `body` is the exact JSON sent to every webhook: fixed once, so one idempotency key
+    (`key`) never carries two different bodies, whatever crashes and retries happen.
+    """
+
+    __tablename__ = "crm_events"
+    __table_args__ = (Index("ix_crm_events_fanout", "fanned_out", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    type: Mapped[str] = mapped_column(String(40))
+    lead_id: Mapped[int | None] = mapped_column(
+        ForeignKey("leads.id", ondelete="SET NULL"), index=True
+    )
+    at: Mapped[datetime]
+    body: Mapped[str] = mapped_column(Text)
+    fanned_out: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class WebhookDelivery(Base):
+    """One event to one webhook endpoint: pending -> sending -> delivered | dead.
+
+    Claimed like outbox rows (conditional UPDATE, a lease in `next_attempt_at`); a row
+    found `sending` past its lease is retried: delivery is at least once, deduplicated by
+    the receiver with the event's idempotency key.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint"),
+        Index("ix_webhook_queue", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("crm_events.id", ondelete="CASCADE"))
+    endpoint: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]

@@ -2,9 +2,12 @@
 
 States: queued -> sending -> sent | failed | cancelled, and `unknown` for a row found in
 `sending` after a crash that the Sent folder cannot settle (never silently resent).
-A row is claimed with a conditional UPDATE (and `FOR UPDATE SKIP LOCKED` on PostgreSQL)
-in a short transaction; the SMTP call happens outside any transaction; its outcome is
-recorded in another. Temporary failures wait in the row (`attempts`, `next_attempt_at`).
+Eligibility is decided first (caps, pause, per-domain cap, the lead's status); then one
+row at a time is claimed with a conditional UPDATE (after `FOR UPDATE SKIP LOCKED` on
+PostgreSQL) in its own short transaction, right before its SMTP call, so a crash strands
+only the message whose SMTP transaction had begun. The SMTP call happens outside any
+transaction; its outcome is recorded in another. Temporary failures wait in the row
+(`attempts`, `next_attempt_at`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from worker import handoffs
 from worker.app import App
+from worker.bounces import address_is_dead
 from worker.compose import (
     Attachment,
     clean_text,
@@ -34,10 +38,13 @@ from worker.compose import (
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
-from worker.rendering import Renderer, TemplateError
+from worker.rendering import Renderer
 
 logger = logging.getLogger(__name__)
 CLAIM_BATCH = 20
+
+MailerFor = Callable[[str], Mailer | None]
+"""The Mailer of one SMTP account ("default" or a mailbox's name); None: there is none."""
 
 SentCopy = Callable[[str | None, bytes], None]
 """Append a sent message to the mailbox's Sent folder: (mailbox name, raw bytes)."""
@@ -51,6 +58,8 @@ class Prepared:
     to_addr: str
     mailbox: str | None
     message: EmailMessage
+    raw: bytes
+    """The message as it goes to SMTP, written once before the claim."""
     envelope_from: str
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
@@ -66,11 +75,7 @@ def _sent_since(
     if domain is not None:
         q = q.where(OutboundMessage.to_addr.like(f"%@{domain}"), OutboundMessage.kind == "nurture")
     if mailboxes is not None:
-        named = [m for m in mailboxes if m is not None]
-        cond: ColumnElement[bool] = OutboundMessage.mailbox.in_(named)
-        if None in mailboxes:
-            cond = cond | OutboundMessage.mailbox.is_(None)
-        q = q.where(cond)
+        q = q.where(_mailbox_filter(mailboxes))
     return int(s.scalar(q) or 0)
 
 
@@ -90,106 +95,140 @@ def _budget(s: Session, app: App, transport: str, now: datetime) -> int:
     return max(budget, 0)
 
 
-def claim(app: App, renderer: Renderer, limit: int = CLAIM_BATCH) -> list[Prepared]:
-    """Claim due rows, re-check them and build their messages, in one transaction.
+def _mailbox_filter(mailboxes: tuple[str | None, ...]) -> ColumnElement[bool]:
+    named = [m for m in mailboxes if m is not None]
+    cond: ColumnElement[bool] = OutboundMessage.mailbox.in_(named)
+    if None in mailboxes:
+        cond = cond | OutboundMessage.mailbox.is_(None)
+    return cond
 
-    Rows that must not go out any more are cancelled here; rows that cannot be rendered
-    fail with the template error. The returned messages are `sending` in the database.
+
+def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[tuple[int, str | None]]:
+    """(id, mailbox) of up to `limit` due rows whose SMTP account still has budget.
+
+    Fills `budgets` (transport -> how many more its caps allow). Rows of an account whose
+    cap is reached are moved to the next minute in one UPDATE, without being claimed.
     """
     now = app.now()
-    out: list[Prepared] = []
     with app.transaction() as s:
-        rows = s.scalars(
-            select(OutboundMessage)
-            .where(OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
-            .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if not rows:
-            return []
-        lease = now + timedelta(seconds=app.config.workers.lease_seconds)
-        # One conditional UPDATE claims the batch: a row another worker took in between
-        # is no longer `queued`, so it is not returned here and not sent twice.
-        claimed = set(
-            s.scalars(
+        transports = {"default", *(m.name for m in app.config.mailboxes if m.smtp is not None)}
+        waiting: list[ColumnElement[bool]] = []
+        for transport in sorted(transports):
+            budgets[transport] = _budget(s, app, transport, now)
+            if budgets[transport] <= 0:
+                waiting.append(_mailbox_filter(app.config.transport_mailboxes(transport)))
+        due = (OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
+        for cond in waiting:
+            s.execute(
                 update(OutboundMessage)
-                .where(
-                    OutboundMessage.id.in_([r.id for r in rows]),
-                    OutboundMessage.status == "queued",
-                )
-                .values(
-                    status="sending",
-                    attempts=OutboundMessage.attempts + 1,
-                    # A claim is a lease: past it, another worker settles the row (never resends).
-                    next_attempt_at=lease,
-                )
-                .returning(OutboundMessage.id)
+                .where(*due, cond)
+                .values(next_attempt_at=now + timedelta(minutes=1))
                 .execution_options(synchronize_session=False)
             )
+        rows = s.execute(
+            select(OutboundMessage.id, OutboundMessage.mailbox)
+            .where(*due)
+            .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
+            .limit(limit)
         )
-        budgets: dict[str, int] = {}
-        for row in rows:
-            if row.id not in claimed:
-                continue
-            # What the UPDATE wrote, without reading the row again.
-            set_committed_value(row, "status", "sending")
-            set_committed_value(row, "attempts", row.attempts + 1)
-            set_committed_value(row, "next_attempt_at", lease)
-            transport = app.config.identity(row.mailbox).transport
-            if transport not in budgets:
-                budgets[transport] = _budget(s, app, transport, now)
-            if budgets[transport] <= 0:
-                # This account's cap is reached: the row waits for the next minute.
-                row.status, row.attempts = "queued", row.attempts - 1
-                row.next_attempt_at = now + timedelta(minutes=1)
-                continue
-            budgets[transport] -= 1
-            prepared = _prepare(s, app, renderer, row, now)
-            if prepared is not None:
-                out.append(prepared)
-    return out
+        return [(i, mb) for i, mb in rows]
 
 
-def _prepare(
-    s: Session, app: App, renderer: Renderer, row: OutboundMessage, now: datetime
-) -> Prepared | None:
-    lead = s.get(Lead, row.lead_id)
-    if lead is None:
-        row.status, row.last_error = "cancelled", "the lead was deleted"
-        return None
+def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) -> Prepared | None:
+    """Decide whether row `row_id` goes out now and, if so, claim it; its own transaction.
+
+    Called right before the SMTP call, for one row at a time: a row is `sending` only
+    while its SMTP transaction is about to begin or under way, so a crash strands at
+    most that one. A row that must not go out any more is cancelled; one that must wait
+    (paused enrollment, domain cap, account cap) gets a later `next_attempt_at`; one whose
+    message cannot be built fails with the reason — none of them is claimed. The claim
+    is one conditional UPDATE: None when another worker took the row first.
+    """
+    now = app.now()
+    with app.transaction() as s:
+        row = s.scalars(
+            select(OutboundMessage)
+            .where(
+                OutboundMessage.id == row_id,
+                OutboundMessage.status == "queued",
+                OutboundMessage.next_attempt_at <= now,
+            )
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return None  # taken, settled or rescheduled meanwhile
+        lead = s.get(Lead, row.lead_id)
+        if lead is None:
+            row.status, row.last_error = "cancelled", "the lead was deleted"
+            return None
+        transport = app.config.identity(row.mailbox).transport
+        wait_until = _must_wait(s, app, row, lead, now)
+        if wait_until is None and budgets.get(transport, 0) <= 0:
+            wait_until = now + timedelta(minutes=1)  # this account's cap is reached
+        if isinstance(wait_until, str):
+            row.status, row.last_error = "cancelled", wait_until
+            logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
+            return None
+        if wait_until is not None:
+            row.next_attempt_at = wait_until
+            return None
+        try:
+            message = _build(s, app, renderer, row, lead)
+            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
+            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+        except SQLAlchemyError:
+            raise  # the database, not this message: the pass fails and is retried
+        except Exception as e:  # one bad message (RecursionError too) must not stop others
+            row.status, row.last_error = "failed", f"cannot build the message: {_why(e)}"
+            logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
+            return None
+        me = app.config.identity(row.mailbox)
+        envelope = me.address
+        if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
+            envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
+        claimed = s.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id == row.id, OutboundMessage.status == "queued")
+            .values(
+                status="sending",
+                attempts=OutboundMessage.attempts + 1,
+                subject=str(message["Subject"]),
+                # A claim is a lease: past it, another worker settles the row (never resends).
+                next_attempt_at=now + timedelta(seconds=app.config.workers.lease_seconds),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(claimed, "rowcount", 0) != 1:
+            return None
+        budgets[transport] -= 1
+        return Prepared(
+            row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, raw, envelope, transport
+        )
+
+
+def _why(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, RecursionError):
+        text = "the message nests too deeply to be built"
+    return text[:500]
+
+
+def _must_wait(
+    s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
+) -> datetime | str | None:
+    """None: the row may go out now. A datetime: not before then. A str: never (why)."""
     why_not = _must_not_send(s, app, row, lead)
     if why_not == "paused":
         en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-        row.status = "queued"
-        row.attempts -= 1
-        row.next_attempt_at = en.paused_until if en and en.paused_until else now + timedelta(days=1)
-        return None
+        return en.paused_until if en and en.paused_until else now + timedelta(days=1)
     if why_not:
-        row.status, row.last_error = "cancelled", why_not
-        logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, why_not)
-        return None
+        return why_not
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
     if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
-            row.status, row.attempts = "queued", row.attempts - 1
-            row.next_attempt_at = day + timedelta(days=1)
-            return None
-    try:
-        message = _build(s, app, renderer, row, lead)
-    except (TemplateError, ValueError) as e:
-        row.status, row.last_error = "failed", f"cannot build the message: {e}"
-        logger.error("cannot build %s for %s: %s", row.template, row.to_addr, e)
-        return None
-    row.subject = str(message["Subject"])
-    me = app.config.identity(row.mailbox)
-    envelope = me.address
-    if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
-        envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
-    return Prepared(
-        row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, envelope, me.transport
-    )
+            return day + timedelta(days=1)
+    return None
 
 
 def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> str | None:
@@ -306,7 +345,7 @@ def _followup_preview(
         return None
     try:
         message = _build(s, app, renderer, row, lead)
-    except (TemplateError, ValueError):
+    except Exception:  # a broken follow-up fails on its own row; the briefing goes out
         return None
     body = message.get_body(("plain",))
     text = body.get_content() if isinstance(body, EmailMessage) else ""
@@ -351,7 +390,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
             result.status == "permanent"
             and row.kind == "nurture"
             and refused_lead
-            and (status.startswith("5.1.") or (result.code == 550 and not status.startswith("5.7")))
+            and address_is_dead(result.code, status or None, result.message)
         ):
             lead = s.get(Lead, row.lead_id)
             if lead is not None:
@@ -361,60 +400,50 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
 def send_due(
     app: App,
     renderer: Renderer,
-    mailer: Mailer | None,
+    mailer_for: MailerFor,
     sent_copy: SentCopy | None = None,
     limit: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    mailer_for: Callable[[str], Mailer] | None = None,
 ) -> int:
     """Send everything due now (respecting the caps); returns how many were sent.
 
-    `should_stop` is asked between messages: the message in flight finishes, the rest of
-    the claimed batch goes back to the queue untouched.
+    `mailer_for(transport)` gives the Mailer of one SMTP account ("default" or a
+    mailbox's name). Each row is claimed right before its SMTP call, so `should_stop`
+    (asked between messages) leaves the rest queued and untouched.
     """
     sent = 0
+    seen: set[int] = set()  # a row another worker holds right now comes back: skip it
     while (limit is None or sent < limit) and not should_stop():
-        batch = claim(
-            app, renderer, CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
-        )
+        budgets: dict[str, int] = {}
+        size = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
+        batch = [(i, mb) for i, mb in _due_batch(app, size, budgets) if i not in seen]
         if not batch:
             break
-        for n, item in enumerate(batch):
-            if should_stop():
-                unclaim(app, batch[n:])
+        for row_id, mailbox in batch:
+            if should_stop() or (limit is not None and sent >= limit):
                 break
-            via = (
-                mailer
-                if item.transport == "default" or mailer_for is None
-                else mailer_for(item.transport)
-            )
-            if via is None:  # no SMTP account for it (claim gives such rows no budget)
-                unclaim(app, [item])
+            seen.add(row_id)
+            mailer = mailer_for(app.config.identity(mailbox).transport)
+            if mailer is not None:
+                # Connect before the claim, so a claimed row's SMTP transaction starts at
+                # once; a failure to connect is left for send() to retry and report.
+                mailer.connect()
+            item = claim(app, renderer, row_id, budgets)
+            if item is None:
                 continue
-            result = via.send(item.message, item.envelope_from, [item.to_addr])
+            assert mailer is not None  # rows of an account that does not exist get no budget
+            result = mailer.send(item.raw, item.envelope_from, [item.to_addr])
             record(app, item, result)
             if result.status == "sent":
                 sent += 1
                 if sent_copy is not None:
                     try:
-                        sent_copy(item.mailbox, item.message.as_bytes())
+                        sent_copy(item.mailbox, item.raw)
                     except Exception as e:  # a missing Sent copy must not fail the send
                         logger.warning("could not save a copy in the Sent folder: %s", e)
     if sent:
         logger.info("sent %d message(s)", sent)
     return sent
-
-
-def unclaim(app: App, items: list[Prepared]) -> None:
-    """Give claimed rows that were never handed to SMTP back to the queue."""
-    now = app.now()
-    with app.transaction() as s:
-        for item in items:
-            s.execute(
-                update(OutboundMessage)
-                .where(OutboundMessage.id == item.row_id, OutboundMessage.status == "sending")
-                .values(status="queued", attempts=OutboundMessage.attempts - 1, next_attempt_at=now)
-            )
 
 
 def recover_sending(
@@ -450,3 +479,39 @@ def recover_sending(
     if found or unknown:
         logger.warning("after a restart: %d send(s) confirmed sent, %d unknown", found, unknown)
     return found, unknown
+
+
+def resolve_unknown(s: Session, message_id: str, action: str, now: datetime) -> OutboundMessage:
+    """A person settles a send left `unknown` by a crash: `sent` (it did arrive) or `resend`
+    (queue it again, same Message-ID, so a copy that did arrive threads with it).
+
+    Recorded on the lead's timeline. Raises LookupError when no unknown send has that
+    Message-ID and ValueError for another action.
+    """
+    from worker.leads import record_event
+
+    if action not in ("sent", "resend"):
+        raise ValueError(f"unknown action {action!r}: use sent or resend")
+    row = s.scalar(
+        select(OutboundMessage)
+        .where(
+            OutboundMessage.message_id == message_id.strip().strip("<>"),
+            OutboundMessage.status == "unknown",
+        )
+        .with_for_update()
+    )
+    if row is None:
+        raise LookupError(f"no send in state unknown has the Message-ID {message_id}")
+    if action == "sent":
+        row.status, row.sent_at = "sent", row.sent_at or now
+        row.last_error = "marked as sent by a user"
+    else:
+        row.status, row.next_attempt_at, row.attempts = "queued", now, 0
+        row.last_error = "sent again by a user"
+    lead = s.get(Lead, row.lead_id)
+    if lead is not None:
+        what = "marked as sent" if action == "sent" else "queued to be sent again"
+        cause = f"user: {row.template} ({row.kind}) {what}"
+        detail = {"message_id": row.message_id, "action": action}
+        record_event(s, lead, "send_resolved", cause, now, detail=detail)
+    return row

@@ -145,6 +145,10 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     UTF-8 is tried first; a charset that fails strictly falls through to the next guess.
     """
     candidates = [c for c in ("utf-8", charset, "cp1252") if c]
+    declared = (charset or "").strip().strip('"').lower().replace("_", "-")
+    if declared in ("utf-8", "utf8"):
+        # A part declared UTF-8 with one bad byte is UTF-8 with a typo, not Latin-1.
+        return data.decode("utf-8", errors="replace")
     for candidate in candidates:
         try:
             text = data.decode(candidate.strip().strip('"').lower())
@@ -590,6 +594,11 @@ def _walk(part: Message, acc: _Walk, depth: int, inside_message: bool) -> None:
                 acc.attachments.append(name)
             _walk(children[0], acc, depth + 1, True)
         return
+    if ctype.startswith("multipart/") and isinstance(part.get_payload(), str):
+        # A boundary that matches no line (cut off, mistyped): the parts are one text.
+        if not inside_message:
+            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]))
+        return
     if ctype.startswith("multipart/") or isinstance(part.get_payload(), list):
         for child in _iter_children(part):
             _walk(child, acc, depth + 1, inside_message)
@@ -630,6 +639,7 @@ def _message_from_bytes(raw: bytes) -> tuple[Message, tuple[str, ...]]:
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+_LEADING_JUNK = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:[ \t]*\r?\n)*")
 
 
 def parse(raw: bytes) -> ParsedMessage:
@@ -644,6 +654,9 @@ def parse(raw: bytes) -> ParsedMessage:
     raw = bytes(raw)
     if not raw.strip():
         raise ParseError("empty message")
+    # A byte-order mark or blank lines before the header block (saved by some tools and
+    # web forms) would make the whole message a body: drop them.
+    raw = _LEADING_JUNK.sub(b"", raw[:4096], count=1) + raw[4096:]
     head = raw[:4096].lstrip(b"\r\n")
     if head.startswith(b"From ") and b"\n" in head:  # mbox "From " envelope line
         head = head.split(b"\n", 1)[1]

@@ -369,3 +369,33 @@ def sample_context(
         "sla": "2bh",
         "new_rep": {"name": "Chloe Martin", "email": "chloe.martin@acme.example"},
     }
+
+
+# --- the pages of `twoway serve` -------------------------------------------------------------
+
+
+class Pages:
+    """The HTML pages of `twoway serve`: our own templates (worker/pages), autoescaped.
+
+    Not sandboxed like email templates: these ship with twoway and admins do not edit them.
+    """
+
+    def __init__(self) -> None:
+        self._env = jinja2.Environment(
+            loader=jinja2.PackageLoader("worker", "pages"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    def render(self, name: str, **context: Any) -> str:
+        context.setdefault("nav", False)
+        context.setdefault("flash", None)
+        context.setdefault("csrf", "")
+        return self._env.get_template(name).render(**context)
+
+    def static(self, name: str) -> str:
+        """A static file beside the pages (the style sheet)."""
+        source = self._env.loader.get_source(self._env, name)[0] if self._env.loader else ""
+        return source

@@ -27,7 +27,9 @@ Intent = Literal["positive", "neutral", "negative", "referral"]
 _QUOTE_RE = re.compile(r"^\s*(?:>|[A-Za-z]{1,3}>|\|(?!.*\|\s*$))")
 _UNQUOTE_RE = re.compile(r"^(?:\s*(?:>|\|))+ ?")
 # Rules that end the written text when more text follows them (a signature or a quote).
-_CUT_DELIM_RE = re.compile(r"^\s*\*?(?:--|-- |[-_—–=~+*]{3,}|[_]{2,})\*?\s*$")
+_CUT_DELIM_RE = re.compile(
+    r"^\s*\*{0,2}(?:--|-- |[-_—–=~+*]{3,}|[_]{2,}|(?:[.·•*]\s?){5,})\*{0,2}\s*$"
+)
 # Lines of decoration only: dropped when they trail the text. "ᐧ" is the alt text that
 # mail-tracking extensions (Streak, Mixmax) leave in plain-text bodies.
 _JUNK_RE = re.compile(r"^(?:[\W_]+|ᐧ)$")
@@ -35,12 +37,13 @@ _JUNK_RE = re.compile(r"^(?:[\W_]+|ᐧ)$")
 _VERBS = (
     r"wrote|writes|schrieb|geschrieben|a\s+écrit|écrit|escribió|escribio|escreveu|"
     r"ha\s+scritto|scrisse|schreef|geschreven|skrev|skriver|napisał\(a\)|napisała|napisał|"
-    r"napsal|kirjoitti|írta|пишет|пише|написал[аи]?|написав|写道|寫道|書きました|작성"
+    r"napsal|kirjoitti|írta|пишет|пише|написал[аи]?|написав|写道|寫道|書きました|작성|"
+    r"a\s+scris|έγραψε|كتب|napisana|kirjoitti|skrev|писал[аи]?|yazdı|napísal|je\s+napisal"
 )
 _VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)")
 _STRONG_START_RE = re.compile(
     r"(?i)^(?:on|le|am|el|em|il|op|den|dnia|w\s+dniu|at|quoting|citando|zitat\s+von|"
-    r"в|у|在|于|el\s+\w+,)(?:\s|,)|^\d"
+    r"в|у|在|于|el\s+\w+,|στις|في|wiadomość|pe|den|dne|dňa)(?:\s|,)|^\d"
 )
 _SENTENCE_END_RE = re.compile(r"[^\W\d_]{2,}[.!?]$")
 _ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
@@ -50,20 +53,25 @@ _DATE_FIRST_RE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b.*(?:GMT|@)")
 _FIELD_NAMES = (
     r"from|sent|to|cc|bcc|subject|date|reply-to|von|gesendet|an|betreff|datum|kopie|de|"
     r"envoyé|à|a|objet|da|inviato|oggetto|data|risposta|enviado|enviada|para|asunto|fecha|"
-    r"assunto|van|verzonden|aan|onderwerp|från|skickat|till|ämne|fra|sendt|til|emne|od|"
+    r"assunto|van|verzonden|aan|onderwerp|från|skickat|till|ämne|fra|sendt|til|emne|od|envoye|"
+    r"nadawca|adresat|من|تم\s+الإرسال|إلى|الموضوع|от\s+кого|"
     r"wysłano|do|temat|от|отправлено|кому|тема|дата|lähettäjä|lähetetty|vastaanottaja|"
     r"aihe|发件人|发送时间|收件人|主题|寄件者|傳送時間|收件者|主旨|差出人|送信日時|宛先|件名"
 )
-_FIELD_RE = re.compile(rf"(?i)^\s*[*_]{{0,2}}(?:{_FIELD_NAMES})\s*[*_]{{0,2}}\s*[:：]")
+_FIELD_RE = re.compile(rf"(?i)^\s*[*_]{{0,2}}\s*(?:{_FIELD_NAMES})\s*[*_]{{0,2}}\s*[:：]")
 _FROM_FIELD_RE = re.compile(
-    r"(?i)^\s*[*_]{0,2}(?:from|von|de|da|van|från|fra|od|от|lähettäjä|发件人|寄件者|差出人)"
+    r"(?i)^\s*[*_]{0,2}\s*(?:from|von|de|da|van|från|fra|od|от|от\s+кого|nadawca|من|lähettäjä|"
+    r"发件人|寄件者|差出人)"
     r"\s*[*_]{0,2}\s*[:：]"
 )
 _ONE_LINE_OUTLOOK_RE = re.compile(r"(?i)^\s*\*?from:.{3,}\b(?:sent|date):")
 _SEPARATOR_RE = re.compile(
     r"(?i)^[\s>*]*(?:-{2,}|_{2,})\s*(?:[^-_]*?(?:original|message|forward|nachricht|mensaje|"
     r"messaggio|bericht|mensagem|wrote|schrieb|origine|weitergeleitet|réexpédié|transféré|"
-    r"reenviado|inoltrato|doorgestuurd|videresendt|vidarebefordrat|wiadomość|сообщение)"
+    r"reenviado|inoltrato|doorgestuurd|videresendt|vidarebefordrat|wiadomość|сообщение|"
+    r"oprindelig|meddelelse|besked|opprinnelig|melding|ursprüngliche|alkuperäinen|viesti|"
+    r"oryginalna|původní|zpráva|eredeti|üzenet|originală|mesaj|αρχικό|μήνυμα|исходное|"
+    r"пересылаемое|повідомлення|原始邮件|原始郵件|元のメッセージ|orijinal|ileti)"
     r"[^-_]*?)\s*(?:-{2,}|_{2,})[\s*]*$"
 )
 _FORWARD_INTRO_RE = re.compile(
@@ -77,13 +85,38 @@ _MOBILE_SIG_RE = re.compile(
     r"verstuurd\s+(?:vanaf|met)\b|sendt\s+fra\b|skickat\s+från\b|lähetetty\b|wysłane\s+z\b|"
     r"von\s+meinem\b|gesendet\s+(?:von|mit)\b|diese\s+nachricht\s+wurde\s+von\b|"
     r"get\s+outlook\s+for\b|отправлено\s+с\b|寄自|從我的|发自我的|来自我的|"
+    r"envoyé\s+à\s+partir\s+de\b|verzonden\s+vanuit\b|trimis\s+de\s+pe\b|أُرسلت\s+من|أرسلت\s+من|"
+    r"az\s+iphone-omról|(?:obter\s+o|obtener|télécharger|scarica|hämta|pobierz|holen\s+sie\s+sich)"
+    r"\s+(?:aplikację\s+)?outlook|outlook\s+(?:für|voor|pour|para|per|för|dla)\s+(?:ios|android)|"
     r"from\s+my\s+(?:iphone|ipad|android|mobile|phone|samsung|galaxy|blackberry|smartphone)"
     r")|(?i:iphone|ipad|android|mobile|handy|smartphone).{0,30}(?:gesendet|傳送|发送)\W*$"
 )
 
 
+_BIDI = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200b"
+
+
+def _is_mobile_signature(line: str) -> bool:
+    """A "Sent from my iPhone" line in one of its languages, not a sentence that starts so."""
+    text = line.strip().strip(_BIDI).strip()
+    if len(text) >= 120 or not _MOBILE_SIG_RE.search(text):
+        return False
+    # "Sent from my desk, is much easier than my phone." is a person writing.
+    return "," not in text or bool(_DEVICE_RE.search(text))
+
+
+_DEVICE_RE = re.compile(r"(?i)iphone|ipad|android|outlook|mobile|samsung|galaxy|blackberry|phone")
+# Leading banners that mail gateways put above the text ("CAUTION: This email originated
+# from outside the organization", "[EXTERNAL]").
+_BANNER_RE = re.compile(
+    r"(?i)^\s*(?:\[?(?:caution|warning|external|attention|notice)\]?\s*[:!-]?.{0,300}"
+    r"(?:external|outside\s+(?:of\s+)?(?:the|your|our)\s+organi[sz]ation|originated\s+outside)|"
+    r"\[external\].{0,300})$"
+)
+
+
 def _unquote(line: str) -> str:
-    return _UNQUOTE_RE.sub("", line).strip()
+    return _UNQUOTE_RE.sub("", line.strip(_BIDI)).strip().strip(_BIDI).strip()
 
 
 def _is_attribution(window: list[str]) -> bool:
@@ -180,7 +213,67 @@ def _next_filled(lines: list[str], i: int) -> int:
     return i
 
 
-def _trim_lines(lines: list[str], strip_signature: bool) -> list[str]:
+# Closings on a line of their own, per language (what precedes the writer's name).
+_SIGNOFF_RE = re.compile(
+    r"(?i)^[\s*_]*(?:(?:best|kind|warm|warmest|many|with\s+best)\s+(?:regards|wishes)|regards|best|"
+    r"all\s+the\s+best|cheers|thanks(?:\s+again|\s+a\s+lot)?|thank\s+you|many\s+thanks|"
+    r"(?:yours\s+)?(?:sincerely|truly|faithfully)(?:\s+yours)?|respectfully|take\s+care|"
+    r"mit\s+freundlichen\s+gr[üu](?:ß|ss)en|freundliche\s+gr[üu](?:ß|ss)e|(?:viele|beste|liebe|"
+    r"herzliche|schöne)\s+gr[üu](?:ß|ss)e|gru(?:ß|ss)|gr[üu](?:ß|ss)e|lg|vg|mfg|danke|vielen\s+dank|"
+    r"(?:bien\s+)?cordialement|bien\s+à\s+vous|(?:meilleures\s+)?salutations|merci|au\s+revoir|"
+    r"amicalement|(?:un\s+)?saludos?(?:\s+cordiales)?|atentamente|cordialmente|(?:muchas\s+)?gracias|"
+    r"(?:cordiali|distinti)\s+saluti|saluti|grazie|(?:melhores\s+)?cumprimentos|atenciosamente|"
+    r"obrigad[oa]|abraços?|met\s+vriendelijke\s+groet(?:en)?|vriendelijke\s+groet(?:en)?|groeten|"
+    r"mvg|bedankt|med\s+venlig\s+hilsen|venlig\s+hilsen|(?:med\s+)?vennlig\s+hilsen|"
+    r"(?:med\s+)?vänliga\s+hälsningar|hälsningar|hilsen|mvh|kh|ystävällisin\s+terveisin|terveisin|"
+    r"(?:serdecznie\s+)?pozdrawiam|z\s+powa[żz]aniem|s\s+pozdravem|üdvözlettel|tisztelettel|"
+    r"cu\s+(?:stimă|respect)|с\s+уважением|з\s+повагою|με\s+εκτίμηση|saygılarımla|مع\s+التحية)"
+    r"[\s,.!]*$"
+)
+# The writer's name under a closing: a few capitalised words, no sentence.
+_NAME_RE = re.compile(r"^[\s*_]*[^\W\d_][\w.'’-]*(?:\s+[\w.'’-]+){0,3}[\s*_]*$")
+_DASH_NAME_RE = re.compile(r"^\s*(?:-{1,2}|/)\s?[^\W\d_][\w.'’-]*(?:\s+[^\W\d_][\w.'’-]*){0,2}\s*$")
+
+
+def _is_title(line: str) -> bool:
+    text = line.strip()
+    return 0 < len(text) <= 60 and not _SENTENCE_END_RE.search(text) and "@" not in text
+
+
+def _cut_at_signoff(lines: list[str], strip_signoff: bool) -> list[str]:
+    """End the text at the closing and the name under it; without them if `strip_signoff`.
+
+    What follows "Kind regards,\nEva" is a signature, a disclaimer or a footer. A closing
+    counts only after some text, and only when a short name (or nothing) follows it.
+    """
+    seen = False
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if not text or _QUOTE_RE.match(line):
+            continue
+        if seen and _SIGNOFF_RE.match(text):
+            k = _next_filled(lines, i + 1)
+            if k >= len(lines):
+                return lines[:i] if strip_signoff else lines
+            name = lines[k].strip()
+            if _NAME_RE.match(name) and len(name) <= 40 and not _SIGNOFF_RE.match(name):
+                if strip_signoff:
+                    return lines[:i]
+                end = k + 1  # the lines right under the name: a title, a company
+                while end < len(lines) and end - k <= 3 and _is_title(lines[end]):
+                    end += 1
+                return lines[:end]
+        seen = True
+    if strip_signoff:
+        last = len(lines) - 1
+        while last >= 0 and not lines[last].strip():
+            last -= 1
+        if last > 0 and _DASH_NAME_RE.match(lines[last]):
+            return lines[:last]
+    return lines
+
+
+def _trim_lines(lines: list[str], strip_signature: bool, strip_signoff: bool = False) -> list[str]:
     n = len(lines)
     spans = _header_spans(lines)
     is_quote = [bool(_QUOTE_RE.match(line)) for line in lines]
@@ -195,6 +288,14 @@ def _trim_lines(lines: list[str], strip_signature: bool) -> list[str]:
         return i < n and i not in spans and not is_quote[i] and not _CUT_DELIM_RE.match(lines[i])
 
     i = _next_filled(lines, 0)
+    # A gateway's banner or a "Sent from my iPhone" above the text is not the text.
+    while i < n and (
+        _BANNER_RE.match(lines[i]) or (strip_signature and _is_mobile_signature(lines[i]))
+    ):
+        if _next_filled(lines, i + 1) >= n:
+            break
+        drop[i] = True
+        i = _next_filled(lines, i + 1)
     # A message that opens with a header is a bottom-posted reply (or a forward): drop the
     # header, and the quote right under it when the new text follows that quote.
     if i in spans:
@@ -240,10 +341,9 @@ def _trim_lines(lines: list[str], strip_signature: bool) -> list[str]:
                 if signature or k in spans:
                     cut = j
                     break
-            elif strip_signature and seen_text and _MOBILE_SIG_RE.search(line.strip()):
-                if len(line.strip()) < 120:
-                    cut = j
-                    break
+            elif strip_signature and seen_text and _is_mobile_signature(line):
+                cut = j
+                break
             else:
                 seen_text = True
         j += 1
@@ -260,6 +360,10 @@ def _trim_lines(lines: list[str], strip_signature: bool) -> list[str]:
     if not any(line.strip() for line in trimmed) and not any(drop):
         # Nothing but a quote (someone forwarding our text back): that quote is the message.
         trimmed = kept
+        while trimmed and not trimmed[-1].strip():
+            trimmed.pop()
+    elif strip_signature:
+        trimmed = _cut_at_signoff(trimmed, strip_signoff)
         while trimmed and not trimmed[-1].strip():
             trimmed.pop()
     return trimmed
@@ -306,14 +410,18 @@ def _html_quote_hook(tag: str, attrs: dict[str, str]) -> SkipDecision:
 # ----------------------------------------------------------------------------- public
 
 
-def extract_reply_text(text: str, html: str = "", *, strip_signature: bool = True) -> str:
+def extract_reply_text(
+    text: str, html: str = "", *, strip_signature: bool = True, strip_signoff: bool = False
+) -> str:
     """The new text of a reply: without quoted history and (by default) signature.
 
     `text` is the plain-text body; when it is empty, `html` is used with the quote
     containers of Gmail, Apple Mail, Thunderbird and Outlook removed first. Inline
     answers between quotes are kept together with the quotes they answer. With
     `strip_signature=False` only quoted history is removed (mobile "Sent from" lines and
-    `-- ` signatures stay). Returns "" when nothing new was written. Never raises.
+    `-- ` signatures stay). By default the text ends with the closing and the name under
+    it ("Kind regards,\nEva"); `strip_signoff=True` removes those too. Returns "" when
+    nothing new was written. Never raises.
     """
     try:
         if not text.strip() and html.strip():
@@ -321,7 +429,7 @@ def extract_reply_text(text: str, html: str = "", *, strip_signature: bool = Tru
         lines = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").split("\n")
         if len(lines) > 20_000:  # nobody writes that much new text; bound the work
             lines = lines[:20_000]
-        trimmed = _trim_lines(lines, strip_signature)
+        trimmed = _trim_lines(lines, strip_signature, strip_signoff)
         return "\n".join(trimmed).strip("\n").rstrip()
     except Exception:  # a reply's text is best effort; never lose the message
         return text.strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from worker import handoffs
 from worker.app import App
+from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig, Rep
+from worker.db import as_unavailable, is_unavailable
 from worker.inbound import SyncResult, classify_context, sync_mailbox
 from worker.leases import (
     SqliteLock,
@@ -39,9 +42,16 @@ from worker.models import Enrollment, Handoff, Lead, MailboxState, OutboundMessa
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
+from worker.webhooks import deliver_due
+from worker.webhooks import next_due as webhooks_due
+from worker.webhooks import recover as recover_webhooks
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
+DB_BACKOFF = 60.0
+"""The longest wait between two passes while the database is unavailable."""
+ONCE_DB_ATTEMPTS = 6
+"""`run --once` tries a pass this many times while the database is unavailable."""
 PASS_LIMIT = 200
 """Messages read per mailbox and sent per daemon pass, so reading and sending interleave."""
 
@@ -64,6 +74,8 @@ class PassResult:
     inbound: SyncResult = field(default_factory=SyncResult)
     queued: int = 0
     sent: int = 0
+    delivered: int = 0
+    """Webhook events delivered to the CRM."""
     errors: list[str] = field(default_factory=list)
     more: bool = False
     """True when a limit stopped the pass before everything was done."""
@@ -76,6 +88,7 @@ class PassResult:
             or self.inbound.quarantined
             or self.queued
             or self.sent
+            or self.delivered
         )
 
 
@@ -100,6 +113,7 @@ class Worker:
         self._limit: int | None = None
         self._mailers: dict[str, Mailer] = {}
         self._closing = threading.Event()
+        self._db_failures = 0
         self._renewer: threading.Thread | None = None
         if self._lock is None and self.mailboxes:
             self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
@@ -128,10 +142,15 @@ class Worker:
             self._sync(mb, result)
         if not self.stop.is_set():
             self._send(result)
+        if not self.stop.is_set():
+            result.delivered = deliver_due(
+                self.app, should_stop=self.stop.is_set, limit=self._limit
+            )
         return result
 
     def _recover(self) -> None:
         recover_sending(self.app, self._in_sent_folder, all_rows=self._lock is not None)
+        recover_webhooks(self.app, all_rows=self._lock is not None)
         self._recovered = True
 
     def _in_sent_folder(self, mailbox: str | None, message_id: str) -> bool | None:
@@ -258,11 +277,10 @@ class Worker:
         result.sent = send_due(
             self.app,
             self.renderer,
-            self._mailer_for("default") if config.smtp is not None else None,
+            self._mailer_for,
             self._sent_copy,
             limit=self._limit,
             should_stop=self.stop.is_set,
-            mailer_for=self._mailer_for,
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
@@ -272,12 +290,12 @@ class Worker:
     ) -> None:
         handoff_to_new_rep(s, self.app, lead, rep, now, h)
 
-    def _mailer_for(self, transport: str) -> Mailer:
-        """One SMTP connection per account, reused across passes."""
+    def _mailer_for(self, transport: str) -> Mailer | None:
+        """One SMTP connection per account, reused across passes; None: no such account."""
         if transport not in self._mailers:
             smtp = self.app.config.identity(None if transport == "default" else transport).smtp
-            if smtp is None:  # rows are claimed only for accounts that exist
-                raise RuntimeError(f"no SMTP account for {transport!r}")
+            if smtp is None:
+                return None
             self._mailers[transport] = Mailer(smtp)
         return self._mailers[transport]
 
@@ -292,7 +310,11 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            a = s.scalar(select(func.min(Enrollment.next_due)).where(Enrollment.state == "active"))
+            active = [Enrollment.state == "active"]
+            paused = paused_campaigns(s)
+            if paused:  # their steps stay due until resumed: not a reason to wake up
+                active.append(Enrollment.campaign.not_in(sorted(paused)))
+            a = s.scalar(select(func.min(Enrollment.next_due)).where(*active))
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
                     OutboundMessage.status == "queued"
@@ -310,7 +332,8 @@ class Worker:
                     *waiting, Handoff.escalated_at.is_(None)
                 )
             )
-        times = [t for t in (a, b, c, d, e) if t is not None]
+            f = webhooks_due(s, self.app.config)
+        times = [t for t in (a, b, c, d, e, f) if t is not None]
         return min(times) if times else None
 
     def wait(self) -> None:
@@ -340,17 +363,53 @@ class Worker:
         except MailboxError as e:
             self._mailbox_failed(watcher, str(e), temporary=e.temporary)
 
+    def run_once_retrying(self) -> PassResult:
+        """`run --once`: a whole pass, retried with backoff while the database cannot be
+        reached or written (up to ONCE_DB_ATTEMPTS passes); then DatabaseUnavailable.
+
+        A retried pass starts where the last commit left off, so nothing is read twice
+        and nothing is quarantined for the database's sake.
+        """
+        for attempt in range(1, ONCE_DB_ATTEMPTS + 1):
+            try:
+                return self.run_once()
+            except Exception as e:
+                if not is_unavailable(e):
+                    raise
+                if attempt == ONCE_DB_ATTEMPTS or self.stop.is_set():
+                    raise as_unavailable(e) from e
+                self._database_failed(e)
+        raise AssertionError("unreachable")
+
+    def _database_failed(self, e: BaseException) -> None:
+        """Log once per outage and wait (exponential backoff with jitter, or until stop)."""
+        self._db_failures += 1
+        delay = min(DB_BACKOFF, 2.0 ** min(self._db_failures, 6)) * random.uniform(0.5, 1.0)
+        if self._db_failures == 1:
+            logger.error(
+                "%s: the pass is retried with backoff; no message is quarantined and "
+                "mailbox progress stays where it is",
+                as_unavailable(e),
+            )
+        self.stop.wait(delay)
+
     def run_forever(self) -> None:
         """The daemon loop: a pass, then wait while idle; ends soon after stop is set."""
         logger.info("twoway worker started (%d mailbox(es))", len(self.mailboxes))
         while not self.stop.is_set():
             try:
                 result = self.run_once(limit=PASS_LIMIT)
-            except Exception:
-                # A failing pass (database down, say) is logged and retried, not fatal.
+            except Exception as e:
+                if is_unavailable(e):
+                    self._database_failed(e)
+                    continue
+                # Any other failing pass is logged and retried, not fatal.
                 logger.exception("the pass failed; retrying in 5 s")
                 self.stop.wait(5)
                 continue
+            if self._db_failures:
+                logger.warning("the database is back after %d failed pass(es)", self._db_failures)
+                self._db_failures = 0
             if not result.found_work:
                 self.wait()
         logger.info("twoway worker stopped")

@@ -17,10 +17,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from worker.app import App
+from worker.campaigns import paused_campaigns, pick_variant
 from worker.compose import new_message_id
 from worker.config import Campaign, Config
+from worker.leads import record_event
 from worker.models import Enrollment, Lead, OutboundMessage
+from worker.pacing import touch_wait
 from worker.schedule import add_delay, next_open_slot
+from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
 BATCH = 500
@@ -66,21 +70,37 @@ def queue_due(app: App, batch: int = BATCH) -> int:
     while True:
         with app.transaction() as s:
             resume_paused(s, now)
-            due = s.execute(
+            q = (
                 select(Enrollment, Lead)
                 .join(Lead, Lead.id == Enrollment.lead_id)
                 .where(Enrollment.state == "active", Enrollment.next_due <= now)
-                .order_by(Enrollment.next_due, Enrollment.id)
+            )
+            paused = paused_campaigns(s)
+            if paused:  # a paused campaign's steps stay due; resume spreads them out
+                q = q.where(Enrollment.campaign.not_in(sorted(paused)))
+            due = s.execute(
+                q.order_by(Enrollment.next_due, Enrollment.id)
                 .limit(batch)
                 .with_for_update(skip_locked=True, of=Enrollment)
             ).all()
+            blocked = suppressed(s, [lead.email for _, lead in due])
             for enrollment, lead in due:
+                if lead.email in blocked:
+                    _suppress(s, enrollment, lead, blocked[lead.email], now)
+                    continue
                 queued += _queue_one(s, config, enrollment, lead, now)
         if len(due) < batch:
             break
     if queued:
         logger.info("queued %d nurture step(s)", queued)
     return queued
+
+
+def _suppress(s: Session, en: Enrollment, lead: Lead, why: str, now: datetime) -> None:
+    """A suppressed lead's enrollment stops (with an event) instead of queueing a step."""
+    en.state, en.next_due, en.waiting, en.updated_at = "stopped", None, None, now
+    record_event(s, lead, "suppressed", f"{en.campaign}: not sent, {why}", now,
+                 detail={"campaign": en.campaign})  # fmt: skip
 
 
 def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: datetime) -> int:
@@ -102,7 +122,23 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     if slot > now:
         en.next_due, en.updated_at = slot, now
         return 0
+    pacing = config.sender.max_touches or config.sender.min_gap
+    if pacing and s.get_bind().dialect.name != "sqlite":
+        # Lock the person: two workers queueing two campaigns for one lead must not both
+        # see room under the cap. Locked elsewhere: try again on the next pass.
+        mine = select(Lead.id).where(Lead.id == lead.id).with_for_update(skip_locked=True)
+        if s.scalar(mine) is None:
+            return 0
+    wait = touch_wait(s, config.sender, lead.id, now) if pacing else None
+    if wait is not None:
+        # Too soon for this person: wait for the first allowed instant in the window.
+        until, why = wait
+        en.next_due = next_open_slot(until, campaign.send_window, tz, days_off)
+        en.waiting, en.updated_at = f"{why}: waits until {en.next_due.isoformat()}", now
+        return 0
     step = campaign.steps[en.step]
+    variant = pick_variant(campaign.name, en.step, lead.id, len(step.templates))
+    en.waiting = None
     s.add(
         OutboundMessage(
             idempotency_key=f"nurture:{en.id}:{en.step}",
@@ -111,7 +147,8 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
             enrollment_id=en.id,
             campaign=campaign.name,
             step=en.step,
-            template=step.template,
+            template=step.templates[variant],
+            variant=variant if step.variants else None,
             mailbox=campaign.mailbox,
             message_id=new_message_id(config.sender.domain),
             reply_token=lead.reply_token,

@@ -90,8 +90,28 @@ def collect_status(app: App) -> dict[str, Any]:
                 select(InboundMessage.kind, func.count()).group_by(InboundMessage.kind)
             )
         }
+        why = InboundMessage.bounce["reason"].as_string()
+        soft_bounces: dict[str, int] = {}
+        for reason, n in s.execute(
+            select(why, func.count())
+            .where(
+                InboundMessage.kind == "bounce",
+                InboundMessage.bounce["type"].as_string() == "soft",
+            )
+            .group_by(why)
+        ):
+            key = str(reason or "other")  # bounces stored before reasons existed: "other"
+            soft_bounces[key] = soft_bounces.get(key, 0) + n
         funnel = _funnel(s, app)
         alarms = _alarms(s, app, now)
+        from worker.webhooks import webhook_status
+
+        webhooks = webhook_status(s)
+        if webhooks["dead"]:
+            alarms.append(
+                f"{webhooks['dead']} webhook deliver(ies) dead after every retry: fix the "
+                "endpoint, then `twoway webhooks retry --all`"
+            )
     from worker.leases import workers_and_leases
 
     workers, leases = workers_and_leases(app)
@@ -106,9 +126,11 @@ def collect_status(app: App) -> dict[str, Any]:
         "unknown_sends": unknown,
         "recent_failures": failed,
         "inbound": {str(k): v for k, v in inbound.items()},
+        "soft_bounces": dict(sorted(soft_bounces.items())),
         "mailboxes": mailboxes,
         "quarantine": quarantine or 0,
         "alarms": alarms,
+        "webhooks": webhooks,
     }
 
 
@@ -242,7 +264,21 @@ def format_status(d: dict[str, Any]) -> str:
             f"worker {w['worker']}: heartbeat {w['heartbeat_age_seconds']} s ago"
             + (f", reads {', '.join(held)}" if held else "")
         )
+    if d.get("soft_bounces"):
+        counts = ", ".join(f"{why} {n}" for why, n in d["soft_bounces"].items())
+        lines.append(f"soft bounces by reason: {counts}")
     lines.append(f"quarantine: {d['quarantine']} message(s)")
+    w = d["webhooks"]
+    if any(w[k] for k in ("pending", "sending", "delivered", "dead")):
+        lines.append(
+            f"webhooks: pending {w['pending']}, sending {w['sending']}, "
+            f"delivered {w['delivered']}, dead {w['dead']}"
+        )
+        for x in w["dead_letters"]:
+            lines.append(
+                f"  dead #{x['id']} {x['event']} to {x['endpoint']} after {x['attempts']} "
+                f"attempt(s): {x['last_error']}"
+            )
     for a in d["alarms"]:
         lines.append(f"ALARM: {a}")
     return "\n".join(lines)

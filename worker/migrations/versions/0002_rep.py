@@ -1,7 +1,7 @@
 """speed to lead: one row per prospect handed to a rep
 
 Revision ID: 0002_rep
-Revises: 0001
+Revises: 0002_mkt
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002_rep"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002_mkt"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,194 @@
+"""What the console shows, read from the database (no web framework here).
+
+Each function takes the caller's session and returns plain data for a page; the actions
+the console offers are the CLI's own functions (leads, inbound, outbox).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from worker.config import Config
+from worker.leads import iso
+from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
+
+RAW_SHOWN = 256 * 1024
+"""At most this much of a quarantined message is shown in a page."""
+
+
+def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, Any]]:
+    """Per step of a campaign: sent, and what came back (replies, auto-replies, bounces
+    matched to that step's messages), and leads unsubscribed after it was their last."""
+    camp = next((c for c in config.campaigns if c.name == campaign), None)
+    templates = {i: st.template for i, st in enumerate(camp.steps)} if camp else {}
+    sent: dict[int | None, int] = _pairs(
+        s.execute(
+            select(OutboundMessage.step, func.count())
+            .where(
+                OutboundMessage.kind == "nurture",
+                OutboundMessage.campaign == campaign,
+                OutboundMessage.status == "sent",
+            )
+            .group_by(OutboundMessage.step)
+        ).tuples()
+    )
+    came_back: dict[tuple[int, str], int] = {}
+    for step, kind, n in s.execute(
+        select(
+            OutboundMessage.step,
+            InboundMessage.kind,
+            func.count(func.distinct(InboundMessage.lead_id)),
+        )
+        .join(OutboundMessage, OutboundMessage.id == InboundMessage.outbound_id)
+        .where(OutboundMessage.kind == "nurture", OutboundMessage.campaign == campaign)
+        .group_by(OutboundMessage.step, InboundMessage.kind)
+    ).tuples():
+        if step is not None and kind is not None:
+            came_back[(step, kind)] = n
+    last_step = (
+        select(OutboundMessage.lead_id, func.max(OutboundMessage.step).label("step"))
+        .where(
+            OutboundMessage.kind == "nurture",
+            OutboundMessage.campaign == campaign,
+            OutboundMessage.status == "sent",
+        )
+        .group_by(OutboundMessage.lead_id)
+        .subquery()
+    )
+    unsubscribed: dict[int | None, int] = _pairs(
+        s.execute(
+            select(last_step.c.step, func.count())
+            .join(Lead, Lead.id == last_step.c.lead_id)
+            .where(Lead.status == "unsubscribed")
+            .group_by(last_step.c.step)
+        ).tuples()
+    )
+    steps = sorted(set(templates) | {k for k in sent if k is not None})
+    return [
+        {
+            "step": i + 1,
+            "template": templates.get(i, "?"),
+            "sent": sent.get(i, 0),
+            "replied": came_back.get((i, "reply"), 0),
+            "auto_replied": came_back.get((i, "auto_reply"), 0),
+            "bounced": came_back.get((i, "bounce"), 0),
+            "unsubscribed": unsubscribed.get(i, 0),
+        }
+        for i in steps
+    ]
+
+
+def _pairs(result: Any) -> dict[Any, int]:
+    """{first column: second column} of a two-column result."""
+    return {k: int(v) for k, v in result}
+
+
+def search_leads(
+    s: Session, query: str, status: str | None, limit: int = 200
+) -> tuple[list[dict[str, Any]], bool]:
+    """Leads whose address, name or company contains `query` (case-insensitive), newest
+    first; and whether there were more than `limit`."""
+    q = select(Lead).order_by(Lead.id.desc())
+    text = query.strip()[:200]
+    if text:
+        pattern = (
+            "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
+        q = q.where(
+            or_(
+                *(
+                    func.lower(col).like(pattern, escape="\\")
+                    for col in (Lead.email, Lead.first_name, Lead.last_name, Lead.company)
+                )
+            )
+        )
+    if status:
+        q = q.where(Lead.status == status)
+    leads = list(s.scalars(q.limit(limit + 1)))
+    rows = [
+        {
+            "email": lead.email,
+            "first_name": lead.first_name,
+            "last_name": lead.last_name,
+            "company": lead.company,
+            "status": lead.status,
+            "score": lead.score,
+            "owner": lead.owner,
+        }
+        for lead in leads[:limit]
+    ]
+    return rows, len(leads) > limit
+
+
+def quarantine_rows(s: Session) -> list[dict[str, Any]]:
+    """Messages waiting in the quarantine, oldest first (as `twoway quarantine list`)."""
+    return [
+        _quarantine(q)
+        for q in s.scalars(
+            select(Quarantine).where(Quarantine.resolved_at.is_(None)).order_by(Quarantine.id)
+        )
+    ]
+
+
+def quarantine_item(s: Session, qid: int) -> tuple[dict[str, Any], str, bool] | None:
+    """One quarantined message, its raw text (at most RAW_SHOWN bytes, decoded leniently)
+    and whether it was cut; None when there is no such message."""
+    q = s.get(Quarantine, qid)
+    if q is None:
+        return None
+    raw = q.raw[:RAW_SHOWN].decode("utf-8", errors="replace")
+    return _quarantine(q), raw, len(q.raw) > RAW_SHOWN
+
+
+def _quarantine(q: Quarantine) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "mailbox": q.mailbox,
+        "folder": q.folder,
+        "uid": q.uid,
+        "size": len(q.raw),
+        "reason": q.reason,
+        "at": iso(q.created_at),
+        "resolved": q.resolved_at is not None,
+    }
+
+
+def waiting_prospects(s: Session, now: datetime, limit: int = 200) -> list[dict[str, Any]]:
+    """Prospects handed to a rep, oldest handoff first."""
+    rows = s.execute(
+        select(Lead, func.min(OutboundMessage.sent_at))
+        .join(OutboundMessage, OutboundMessage.lead_id == Lead.id)
+        .where(
+            Lead.status == "prospect",
+            OutboundMessage.kind == "handoff",
+            OutboundMessage.status == "sent",
+        )
+        .group_by(Lead.id)
+        .order_by(func.min(OutboundMessage.sent_at))
+        .limit(limit)
+    ).tuples()
+    return [
+        {
+            "email": lead.email,
+            "company": lead.company,
+            "owner": lead.owner,
+            "handed_at": iso(at),
+            "waiting": _ago(now, at),
+        }
+        for lead, at in rows
+    ]
+
+
+def _ago(now: datetime, at: datetime | None) -> str:
+    if at is None:
+        return ""
+    seconds = max(0, int((now - at).total_seconds()))
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"

@@ -1,0 +1,126 @@
+"""One-click unsubscribe by link (RFC 8058) and its undo, behind `/u/<token>`.
+
+The functions answer whether anything changed, for tests and logs only: the pages never
+tell, so a visitor cannot learn which tokens exist. Only a lead's reply token (16 base32
+characters) is looked up; an address or anything else is ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from worker.leads import cancel_queued, record_event, stop_nurture
+from worker.models import Enrollment, Lead, LeadEvent, OutboundMessage
+
+TOKEN = re.compile(r"[a-z2-7]{16}")
+LINK_CAUSE = "one-click unsubscribe link"
+UNDO_CAUSE = "undo of the one-click unsubscribe"
+
+
+def _lead(s: Session, token: str) -> Lead | None:
+    if not TOKEN.fullmatch(token):
+        return None
+    return s.scalar(select(Lead).where(Lead.reply_token == token).with_for_update())
+
+
+def unsubscribe_by_link(s: Session, token: str, now: datetime, how: str) -> bool:
+    """Unsubscribe the lead holding `token` (idempotent); True when its status changed.
+
+    Nurture stops and queued nurture and follow-up sends are cancelled; the event keeps
+    what was stopped (`detail`), so `undo_unsubscribe` can put it back exactly.
+    """
+    lead = _lead(s, token)
+    if lead is None or lead.status == "unsubscribed":
+        return False
+    enrollments = [
+        {
+            "id": e.id,
+            "state": e.state,
+            "next_due": _iso(e.next_due),
+            "paused_until": _iso(e.paused_until),
+        }
+        for e in s.scalars(
+            select(Enrollment).where(
+                Enrollment.lead_id == lead.id, Enrollment.state.in_(("active", "paused"))
+            )
+        )
+    ]
+    queued = list(
+        s.scalars(
+            select(OutboundMessage.id).where(
+                OutboundMessage.lead_id == lead.id,
+                OutboundMessage.kind.in_(("nurture", "followup")),
+                OutboundMessage.status == "queued",
+            )
+        )
+    )
+    detail: dict[str, Any] = {
+        "via": "link",
+        "how": how,
+        "enrollments": enrollments,
+        "cancelled_sends": queued,
+    }
+    record_event(
+        s, lead, "status", f"{LINK_CAUSE} ({how})", now, to_status="unsubscribed", detail=detail
+    )
+    stop_nurture(s, lead.id, now, "the lead unsubscribed by link")
+    cancel_queued(s, lead.id, "followup", "the lead unsubscribed by link")
+    return True
+
+
+def undo_unsubscribe(s: Session, token: str, now: datetime, window: timedelta) -> bool:
+    """Take back a link unsubscribe made less than `window` ago; True when it was undone.
+
+    The lead gets its previous status, and its enrollments and cancelled sends come back
+    as they were; anything that changed since (a reply, a later event) is left alone.
+    """
+    lead = _lead(s, token)
+    if lead is None or lead.status != "unsubscribed":
+        return False
+    last = s.scalar(
+        select(LeadEvent)
+        .where(LeadEvent.lead_id == lead.id)
+        .order_by(LeadEvent.at.desc(), LeadEvent.id.desc())
+        .limit(1)
+    )
+    if (
+        last is None
+        or last.to_status != "unsubscribed"
+        or (last.detail or {}).get("via") != "link"
+        or last.at < now - window
+    ):
+        return False
+    detail = last.detail or {}
+    record_event(s, lead, "status", UNDO_CAUSE, now, to_status=last.from_status or "lead")
+    for e in detail.get("enrollments", []):
+        s.execute(
+            update(Enrollment)
+            .where(Enrollment.id == e["id"], Enrollment.state == "stopped")
+            .values(
+                state=e["state"],
+                next_due=_at(e["next_due"]),
+                paused_until=_at(e["paused_until"]),
+                updated_at=now,
+            )
+        )
+    ids = [int(i) for i in detail.get("cancelled_sends", [])]
+    if ids:
+        s.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id.in_(ids), OutboundMessage.status == "cancelled")
+            .values(status="queued", last_error=None)
+        )
+    return True
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at else None
+
+
+def _at(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
