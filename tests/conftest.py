@@ -11,8 +11,9 @@ from __future__ import annotations
 import mailbox
 import os
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def twoway_cmd(cfg: Path, *args: str) -> list[str]:
     """The command line of `twoway --config CFG ARGS…`, as a user runs it (a subprocess)."""
     return [sys.executable, "-m", "worker", "--config", str(cfg), *args]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `check` until it holds; seconds it took. Fails the test after `timeout` seconds.
+
+    For what a test cannot be told directly (another process got somewhere): never a
+    fixed sleep that guesses.
+    """
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def _pg_schema_url(base: str) -> Iterator[str]:

@@ -27,13 +27,13 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import ROOT, twoway_cmd
+from tests.conftest import ROOT, twoway_cmd, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import load_config
 from worker.leads import import_leads
-from worker.models import InboundMessage, Lead, OutboundMessage
+from worker.models import InboundMessage, Lead, MailboxState, OutboundMessage, OutboxState
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -154,16 +154,18 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
     # A row is `unknown` only if its SMTP transaction had begun (the server saw its RCPT),
     # and a kill strands at most the one message in flight.
     assert smtp_server.began_for(list(by_rcpt.elements()))
-    assert statuses["unknown"] <= kills
+    assert statuses[OutboxState.UNKNOWN] <= kills
     # Every lead still in the funnel got both steps (sent, or unknown mid-SMTP).
-    assert steps["sent"] + steps["unknown"] == 2 * (still_leads or 0), steps
+    assert steps[OutboxState.SENT] + steps[OutboxState.UNKNOWN] == 2 * (still_leads or 0), steps
     status = subprocess.run(
         twoway_cmd(cfg, "status", "--json"),
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     reported = json.loads(status.stdout)
-    assert reported["outbox"]["unknown"] == statuses["unknown"]  # every unknown is reported
-    assert len(reported["unknown_sends"]) == statuses["unknown"]
+    assert (
+        reported["outbox"]["unknown"] == statuses[OutboxState.UNKNOWN]
+    )  # every unknown is reported
+    assert len(reported["unknown_sends"]) == statuses[OutboxState.UNKNOWN]
     app.close()
 
 
@@ -206,7 +208,12 @@ def test_it_reconnects_when_dovecot_restarts_under_idle(
         env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        time.sleep(2.5)  # connected and idling
+
+        def synced() -> bool:  # connected: the restart cuts a live connection
+            with app.transaction() as s:
+                return s.scalar(select(MailboxState.last_sync)) is not None
+
+        wait_for(synced, 60, "the worker's first sync")
         dovecot.restart()
         dovecot.append(imap_user, "INBOX", mails.newsletter("sales@example.com", NOW))
 
@@ -312,7 +319,7 @@ def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
     with app.transaction() as s:
         rows = list(s.scalars(select(OutboundMessage).order_by(OutboundMessage.id)))
         for row in rows:
-            row.status = "sending"  # as if the worker died during the SMTP call
+            row.status = OutboxState.SENDING  # as if the worker died during the SMTP call
         in_sent = rows[0].message_id
     copy = EmailMessage()
     copy["From"], copy["To"], copy["Subject"] = "sales@example.com", "a@a.example.org", "Welcome"

@@ -84,3 +84,11 @@ def test_it_runs_the_demo_from_a_wheel_installed_outside_the_checkout(tmp_path: 
     )
     assert init.returncode == 0, init.stderr
     assert files_under(elsewhere / "acme" / "templates") == files_under(ROOT / "templates")
+    pages = subprocess.run(  # the pages of `twoway serve` ship too
+        [str(venv / "bin" / "python"), "-c",
+         "from worker.rendering import Pages; p = Pages();"
+         "print(p.render('login.html', next='/console', error=None), p.static('console.css'))"],
+        cwd=elsewhere, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert pages.returncode == 0, pages.stderr
+    assert "twoway console" in pages.stdout and "--accent" in pages.stdout

@@ -222,6 +222,18 @@ def demo_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
         "console": {"token": TOKEN, "session_secret": SESSION, "max_login_failures": 3},
     }
     cfg.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    hostile = ws / "hostile.csv"
+    hostile.write_text(
+        "email,first_name,company\n"
+        'evil@attack.example,<script>alert(1)</script>,"<img src=x onerror=alert(2)>"\n',
+        encoding="utf-8",
+    )
+    app = App.open(load_config(cfg, env={}), lambda: T0)
+    try:
+        with app.transaction() as s:
+            import_leads(s, read_csv(hostile), T0)
+    finally:
+        app.close()
     served = Served(cfg, env=at(T0 + timedelta(minutes=30)))
     yield cfg, served
     served.stop()
@@ -247,6 +259,8 @@ def console_routes() -> list[tuple[str, str]]:
             route.path.replace("{email}", "maria.garcia@nube.example")
             .replace("{qid:int}", "1")
             .replace("{choice}", "sent")
+            .replace("{name}", "welcome")
+            .replace("{choice:str}", "pause")
         )
         for method in sorted(route.methods or {"GET"}):
             if method != "HEAD":
@@ -350,3 +364,39 @@ def test_it_sends_security_headers(demo_served: tuple[Path, Served]) -> None:
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "httponly" in page.headers["set-cookie"].lower()
     assert "samesite=strict" in page.headers["set-cookie"].lower()
+
+
+def test_it_escapes_what_leads_wrote(demo_served: tuple[Path, Served]) -> None:
+    _, served = demo_served
+    web = served.client()
+    web.login(TOKEN)
+    for path in ("/console/leads?q=attack", "/console/leads/evil%40attack.example"):
+        page = web.get(path)
+        assert page.status == 200
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.body
+        assert "<script>" not in page.body and "<img src=x" not in page.body
+
+
+def test_it_bounds_what_it_reads(demo_served: tuple[Path, Served]) -> None:
+    _, served = demo_served
+    web = served.client()
+    big = web.request(
+        "POST",
+        "/u/" + "a" * 16,
+        body=b"List-Unsubscribe=One-Click&" + b"x" * (20 * 1024 * 1024),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert big.status == 413
+    long_path = web.get("/u/" + "a" * 5000)
+    assert long_path.status == 200 and "a" * 100 not in long_path.body
+    multipart = web.request(
+        "POST",
+        "/u/" + "b" * 16,
+        body=(
+            b'--xyz\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+            b"One-Click\r\n--xyz--\r\n"
+        ),
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert multipart.status == 200 and "You are unsubscribed" in multipart.body
+    assert web.get("/healthz").status in (200, 503)  # still serving

@@ -17,11 +17,12 @@ from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Campaign, Config
-from worker.leads import LeadError, normalise_email
+from worker.leads import LeadError, normalise_email, parse_status
 from worker.models import (
-    LEAD_STATUSES,
+    LIVE_ENROLLMENT,
     CampaignState,
     Enrollment,
+    EnrollmentState,
     InboundMessage,
     Lead,
     LeadEvent,
@@ -82,7 +83,7 @@ def pause_campaign(s: Session, config: Config, name: str, now: datetime, by: str
         s.add(CampaignState(campaign=name, paused=True, changed_at=now, changed_by=by))
     else:
         state.paused, state.changed_at, state.changed_by = True, now, by
-    leads = _enrolled_leads(s, name, ("active", "paused"))
+    leads = _enrolled_leads(s, name, LIVE_ENROLLMENT)
     _events(s, leads, "campaign_paused", f"{by}: campaigns pause {name}", now, {"campaign": name})
     return len(leads)
 
@@ -172,7 +173,7 @@ def resume_campaign(
         spread = len(queued) + len(due)
         if spread:
             last = now + timedelta(minutes=(spread - 1) // rate)
-    leads = _enrolled_leads(s, name, ("active", "paused"))
+    leads = _enrolled_leads(s, name, LIVE_ENROLLMENT)
     _events(
         s, leads, "campaign_resumed", f"{by}: campaigns resume {name}", now,
         {"campaign": name, "spread": spread, "last_due": last.isoformat() if last else None},
@@ -206,12 +207,10 @@ class Segment:
         )
 
     def query(self) -> Select[Any]:
-        bad = [st for st in self.statuses if st not in LEAD_STATUSES]
-        if bad:
-            raise LeadError(f"unknown status {bad[0]!r}; use one of {', '.join(LEAD_STATUSES)}")
+        statuses = [parse_status(st) for st in self.statuses]
         q = select(Lead.id).order_by(Lead.id)
-        if self.statuses:
-            q = q.where(Lead.status.in_(self.statuses))
+        if statuses:
+            q = q.where(Lead.status.in_(statuses))
         if self.countries:
             q = q.where(Lead.country.in_([c.upper() for c in self.countries]))
         if self.industries:
@@ -299,8 +298,13 @@ def enroll_segment(
     fresh = [lid for lid in sorted(eligible_set) if lid not in existing]
     revived: list[int] = []
     for lid, en in existing.items():
-        if en.state == "stopped" and en.step < len(camp.steps):
-            en.state, en.next_due, en.waiting, en.updated_at = "active", now, None, now
+        if en.state == EnrollmentState.STOPPED and en.step < len(camp.steps):
+            en.state, en.next_due, en.waiting, en.updated_at = (
+                EnrollmentState.ACTIVE,
+                now,
+                None,
+                now,
+            )
             revived.append(lid)
         else:
             result.already += 1
@@ -324,14 +328,14 @@ def unenroll_segment(
         en
         for en in s.scalars(
             select(Enrollment).where(
-                Enrollment.campaign == name, Enrollment.state.in_(("active", "paused"))
+                Enrollment.campaign == name, Enrollment.state.in_(LIVE_ENROLLMENT)
             )
         )
         if en.lead_id in ids
     ]
     lead_ids = [en.lead_id for en in stopped]
     for en in stopped:
-        en.state, en.next_due, en.waiting, en.updated_at = "stopped", None, None, now
+        en.state, en.next_due, en.waiting, en.updated_at = EnrollmentState.STOPPED, None, None, now
     for i in range(0, len(lead_ids), _CHUNK):
         s.execute(
             update(OutboundMessage)

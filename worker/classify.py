@@ -19,7 +19,14 @@ from typing import Literal
 
 from worker.bounces import Reason, analyse_bounce, provider_notification
 from worker.parsing import ParsedMessage
-from worker.replytext import Intent, detect_intent, extract_reply_text, new_words, wants_unsubscribe
+from worker.replytext import (
+    Intent,
+    detect_intent,
+    extract_reply_text,
+    new_words,
+    quotes_history,
+    wants_unsubscribe,
+)
 
 __all__ = [
     "Bounce",
@@ -610,10 +617,10 @@ def _bulk_signal(msg: ParsedMessage) -> str | None:
     if re.search(r"(?i)[\w.-]+-bounces?(?:\+[^@]*)?@|owner-[\w.-]+@", sender):
         return "list bounce address"
     answers = bool(msg.in_reply_to or msg.references) or bool(_REPLY_PREFIX_RE.match(msg.subject))
-    if not answers:
-        for name in _ESP_HEADERS:
-            if msg.header(name) is not None:
-                return f"{name} header"
+    esp = next((name for name in _ESP_HEADERS if msg.header(name) is not None), None)
+    # A person answering through their company's ESP relay quotes what they answer.
+    if esp and not answers and not quotes_history(msg.text[:100_000]):
+        return f"{esp} header"
     return None
 
 

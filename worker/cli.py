@@ -983,7 +983,7 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
 def _register_marketing() -> None:
     from worker import cli_marketing as m
 
-    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group):
+    for group in (m.campaigns_group, m.suppress_group, m.webhooks_group, m.export_cmd):
         main.add_command(group)
 
 

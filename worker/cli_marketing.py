@@ -288,3 +288,25 @@ def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None
         with app.transaction() as s:
             n = retry_dead(s, app.now(), None if retry_all else list(ids))
         click.echo(f"{n} deliver{'y' if n == 1 else 'ies'} queued again")
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+@click.command("export")
+@click.argument("kind", type=click.Choice(["prospects", "leads", "events"]))
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+)
+@click.option("--since", help="Only records changed (events: that happened) at or after this.")
+@pass_state
+def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
+    """Write prospects, leads or timeline events to standard output for a CRM import."""
+    from worker.export import rows, write
+
+    with _errors():
+        at = _since(since, "--since")
+        app = state.app()
+        with app.transaction() as s:
+            n = write(sys.stdout, rows(s, kind, at), kind, fmt)
+        click.echo(f"{n} {kind} exported", err=True)

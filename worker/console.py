@@ -36,19 +36,7 @@ def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, An
             .group_by(OutboundMessage.step)
         ).tuples()
     )
-    came_back: dict[tuple[int, str], int] = {}
-    for step, kind, n in s.execute(
-        select(
-            OutboundMessage.step,
-            InboundMessage.kind,
-            func.count(func.distinct(InboundMessage.lead_id)),
-        )
-        .join(OutboundMessage, OutboundMessage.id == InboundMessage.outbound_id)
-        .where(OutboundMessage.kind == "nurture", OutboundMessage.campaign == campaign)
-        .group_by(OutboundMessage.step, InboundMessage.kind)
-    ).tuples():
-        if step is not None and kind is not None:
-            came_back[(step, kind)] = n
+    came_back = _came_back(s, campaign)
     last_step = (
         select(OutboundMessage.lead_id, func.max(OutboundMessage.step).label("step"))
         .where(
@@ -80,6 +68,38 @@ def funnel_steps(s: Session, config: Config, campaign: str) -> list[dict[str, An
         }
         for i in steps
     ]
+
+
+def _came_back(s: Session, campaign: str) -> dict[tuple[int, str], int]:
+    """{(step, kind): leads} for replies, auto-replies and bounces: the step of our message
+    they answer (by Message-ID), else the lead's last step sent before they arrived (a
+    reply-token match names the lead, not the message)."""
+    sent: dict[int, list[tuple[datetime, int]]] = {}
+    by_id: dict[int, int] = {}
+    for oid, lead_id, number, at in s.execute(
+        select(OutboundMessage.id, OutboundMessage.lead_id, OutboundMessage.step,
+               OutboundMessage.sent_at)
+        .where(OutboundMessage.kind == "nurture", OutboundMessage.campaign == campaign,
+               OutboundMessage.status == "sent")
+    ).tuples():  # fmt: skip
+        if number is None or at is None:
+            continue
+        sent.setdefault(lead_id, []).append((at, number))
+        by_id[oid] = number
+    leads: dict[tuple[int, str], set[int]] = {}
+    for who, kind, answered, at in s.execute(
+        select(InboundMessage.lead_id, InboundMessage.kind, InboundMessage.outbound_id,
+               InboundMessage.received_at)
+        .where(InboundMessage.lead_id.in_(list(sent)),
+               InboundMessage.kind.in_(("reply", "auto_reply", "bounce")))
+    ).tuples():  # fmt: skip
+        step: int | None = by_id.get(answered) if answered is not None else None
+        if step is None:
+            before = [st for when, st in sent.get(who or 0, []) if when <= at]
+            step = max(before) if before else None
+        if step is not None and who is not None and kind is not None:
+            leads.setdefault((step, kind), set()).add(who)
+    return {key: len(ids) for key, ids in leads.items()}
 
 
 def _pairs(result: Any) -> dict[Any, int]:

@@ -333,7 +333,7 @@ def run_demo(
 def _report(app: App, ws: Path, echo: Callable[[str], None]) -> None:
     from sqlalchemy import select
 
-    from worker.models import Enrollment, Lead, LeadEvent
+    from worker.models import Enrollment, EnrollmentState, Lead, LeadEvent, LeadStatus
 
     data = collect_status(app)
     echo("Funnel (leads -> engaged -> prospects -> handed off):")
@@ -343,7 +343,9 @@ def _report(app: App, ws: Path, echo: Callable[[str], None]) -> None:
         )
     echo("Leads by status: " + ", ".join(f"{k} {v}" for k, v in data["leads"].items() if v))
     with app.transaction() as s:
-        prospects = s.scalars(select(Lead).where(Lead.status == "prospect").order_by(Lead.id)).all()
+        prospects = s.scalars(
+            select(Lead).where(Lead.status == LeadStatus.PROSPECT).order_by(Lead.id)
+        ).all()
         echo(f"\nProspects ({len(prospects)}):")
         for p in prospects:
             promoted = s.scalar(
@@ -360,12 +362,14 @@ def _report(app: App, ws: Path, echo: Callable[[str], None]) -> None:
             if assigned:
                 echo(f"    rep: {assigned.cause}")
         others = s.scalars(
-            select(Lead).where(Lead.status.not_in(("lead", "prospect"))).order_by(Lead.id)
+            select(Lead)
+            .where(Lead.status.not_in((LeadStatus.LEAD, LeadStatus.PROSPECT)))
+            .order_by(Lead.id)
         ).all()
         paused = s.scalars(
             select(Lead)
             .join(Enrollment, Enrollment.lead_id == Lead.id)
-            .where(Enrollment.state == "paused")
+            .where(Enrollment.state == EnrollmentState.PAUSED)
         ).all()
         if others or paused:
             echo("\nOthers:")

@@ -26,7 +26,7 @@ from worker.compose import new_message_id
 from worker.config import Config, Delay, Rep
 from worker.leads import cancel_queued, iso, lead_fields, record_event
 from worker.models import Handoff as HandoffRow
-from worker.models import Lead, OutboundMessage
+from worker.models import Lead, LeadStatus, OutboundMessage, OutboxState
 from worker.schedule import add_delay, next_open_slot
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _internal_row(
         template=template,
         message_id=new_message_id(config.sender.domain),
         to_addr=to,
-        status="queued",
+        status=OutboxState.QUEUED,
         attempts=0,
         next_attempt_at=at,
         context=context,
@@ -306,7 +306,7 @@ def waiting(s: Session, now: datetime, limit: int = 200) -> list[dict[str, Any]]
         select(HandoffRow, Lead)
         .join(Lead, Lead.id == HandoffRow.lead_id)
         .where(HandoffRow.answered_at.is_(None), HandoffRow.closed_at.is_(None))
-        .where(Lead.status == "prospect")
+        .where(Lead.status == LeadStatus.PROSPECT)
         .order_by(HandoffRow.handed_at, HandoffRow.id)
         .limit(limit)
     ).all()

@@ -19,13 +19,17 @@ from sqlalchemy.orm import Session
 
 from worker.config import Campaign, Config
 from worker.models import (
-    LEAD_STATUSES,
+    LIVE_ENROLLMENT,
     Enrollment,
+    EnrollmentState,
     InboundMessage,
     Lead,
     LeadEvent,
+    LeadStatus,
     OutboundMessage,
+    OutboxState,
 )
+from worker.webhooks import on_status
 
 KNOWN_COLUMNS = (
     "email",
@@ -88,37 +92,107 @@ def record_event(
     cause: str,
     at: datetime,
     *,
-    to_status: str | None = None,
     detail: dict[str, Any] | None = None,
     inbound_id: int | None = None,
 ) -> None:
-    """Append an event to a lead's timeline; with `to_status`, also change the status.
+    """Append a fact to a lead's timeline that does not change its status."""
+    _write_event(session, lead.id, type_, cause, at, None, None, detail, inbound_id)
 
-    A change the CRM hears of (customer, disqualified, unsubscribed, bounced) also
-    records its conversion event for the webhooks, in the same unit of work.
-    """
-    from_status = lead.status
-    if to_status is not None:
-        lead.status = to_status
-        lead.updated_at = at
+
+def _write_event(
+    session: Session,
+    lead_id: int,
+    type_: str,
+    cause: str,
+    at: datetime,
+    from_status: LeadStatus | None,
+    to_status: LeadStatus | None,
+    detail: dict[str, Any] | None,
+    inbound_id: int | None,
+) -> None:
     # A plain INSERT: events are written on every message and never read back here.
     session.execute(
         insert(LeadEvent),  # parameters apart: the compiled statement is cached
         {
-            "lead_id": lead.id,
+            "lead_id": lead_id,
             "at": at,
             "type": type_,
-            "from_status": from_status if to_status is not None else None,
+            "from_status": from_status,
             "to_status": to_status,
             "cause": cause,
             "detail": detail or {},
             "inbound_id": inbound_id,
         },
     )
-    if to_status is not None and to_status != from_status:
-        from worker.webhooks import on_status
 
-        on_status(session, lead, to_status, at, cause, inbound_id)
+
+@dataclass(frozen=True)
+class Move:
+    """A kind of status change: the statuses it may start from and those it may lead to."""
+
+    sources: frozenset[LeadStatus]
+    targets: frozenset[LeadStatus]
+
+
+_S = LeadStatus
+_EVERY = frozenset(LeadStatus)
+
+MOVES: dict[str, Move] = {
+    # The worker, on an inbound message or an SMTP refusal:
+    "promoted": Move(frozenset({_S.LEAD, _S.HELD, _S.BOUNCED}), frozenset({_S.PROSPECT})),
+    "held": Move(frozenset({_S.LEAD, _S.BOUNCED}), frozenset({_S.HELD})),
+    "disqualified": Move(frozenset({_S.LEAD, _S.HELD, _S.PROSPECT}), frozenset({_S.DISQUALIFIED})),
+    "unsubscribed": Move(_EVERY - {_S.UNSUBSCRIBED}, frozenset({_S.UNSUBSCRIBED})),
+    "bounced": Move(_EVERY - {_S.BOUNCED, _S.UNSUBSCRIBED}, frozenset({_S.BOUNCED})),
+    # The lead takes back its own one-click unsubscribe (within the undo window):
+    "unsubscribe_undone": Move(frozenset({_S.UNSUBSCRIBED}), _EVERY - {_S.UNSUBSCRIBED}),
+    # A person (`twoway leads mark`): anything but undoing a lead's request to stop, or
+    # giving the worker's own verdict `held`.
+    "status": Move(_EVERY - {_S.UNSUBSCRIBED}, _EVERY - {_S.HELD}),
+}
+"""Every status change there is, by the event type that records it."""
+
+
+def can_move(event: str, source: LeadStatus, to: LeadStatus) -> bool:
+    move = MOVES[event]
+    return source in move.sources and to in move.targets
+
+
+def transition(
+    session: Session,
+    lead: Lead,
+    event: str,
+    cause: str,
+    at: datetime,
+    *,
+    to: LeadStatus | None = None,
+    detail: dict[str, Any] | None = None,
+    inbound_id: int | None = None,
+) -> bool:
+    """Make the status change `event` (a key of MOVES) and write its event, if MOVES allows it.
+
+    `to` may be left out when the move has one target. Returns whether the status changed:
+    False, writing nothing, when the lead already has it or cannot come from where it is.
+    A change the CRM hears of (customer, disqualified, unsubscribed, bounced) also records
+    its conversion event for the webhooks, in the same unit of work.
+    """
+    if to is None:
+        (to,) = MOVES[event].targets
+    source = lead.status
+    if source == to or not can_move(event, source, to):
+        return False
+    lead.status = to
+    lead.updated_at = at
+    _write_event(session, lead.id, event, cause, at, source, to, detail, inbound_id)
+    on_status(session, lead, to, at, cause, inbound_id)
+    return True
+
+
+def record_created(
+    session: Session, lead: Lead, cause: str, at: datetime, inbound_id: int | None = None
+) -> None:
+    """The first event of a lead made one by one (referral, unprompted mail)."""
+    _write_event(session, lead.id, "created", cause, at, None, lead.status, None, inbound_id)
 
 
 # --- import ----------------------------------------------------------------------------
@@ -288,7 +362,7 @@ def import_leads(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
-                    "status": "lead",
+                    "status": LeadStatus.LEAD,
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],
                     "created_at": now,
@@ -307,7 +381,7 @@ def import_leads(
                 insert(LeadEvent),
                 [
                     {"lead_id": lid, "at": now, "type": "created", "from_status": None,
-                     "to_status": "lead", "cause": cause, "detail": {}, "inbound_id": None}
+                     "to_status": LeadStatus.LEAD, "cause": cause, "detail": {}, "inbound_id": None}
                     for lid in new_ids
                 ],
             )  # fmt: skip
@@ -340,7 +414,7 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
             "lead_id": lid,
             "campaign": campaign.name,
             "step": 0,
-            "state": "active",
+            "state": EnrollmentState.ACTIVE,
             "next_due": due,
             "paused_until": None,
             "created_at": now,
@@ -401,11 +475,9 @@ def list_leads(
     session: Session, status: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """The rows of `twoway leads list --json`."""
-    if status is not None and status not in LEAD_STATUSES:
-        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
     q = select(Lead).order_by(Lead.id)
-    if status:
-        q = q.where(Lead.status == status)
+    if status is not None:
+        q = q.where(Lead.status == parse_status(status))
     if limit:
         q = q.limit(limit)
     leads = list(session.scalars(q))
@@ -534,17 +606,36 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
     }
 
 
+def parse_status(text: str) -> LeadStatus:
+    """The lead status a user typed, or LeadError naming the valid ones."""
+    try:
+        return LeadStatus(text.strip().lower())
+    except ValueError:
+        pass
+    hint = " (renamed `held`: waits for a person after a reply below the minimum fit)"
+    raise LeadError(
+        f"unknown status {text!r}; use one of {', '.join(LeadStatus)}"
+        + (hint if text.strip().lower() == "engaged" else "")
+    )
+
+
 def mark_lead(session: Session, email: str, status: str, now: datetime, reason: str | None) -> Lead:
-    """A manual lifecycle change by a user; stops nurture unless the lead goes back to `lead`."""
-    if status not in LEAD_STATUSES:
-        raise LeadError(f"unknown status {status!r}; use one of {', '.join(LEAD_STATUSES)}")
+    """A manual lifecycle change by a user; stops nurture unless the lead goes back to `lead`.
+
+    LeadError if the status is unknown or the move is one nobody may make by hand.
+    """
+    to = parse_status(status)
     lead = get_lead(session, email)
-    if lead.status == status:
-        return lead
+    if lead.status != to and not can_move("status", lead.status, to):
+        why = (
+            "the lead asked to stop; only the lead can take that back"
+            if lead.status == LeadStatus.UNSUBSCRIBED
+            else f"{to} is the worker's verdict on a reply, not set by hand"
+        )
+        raise LeadError(f"cannot move {lead.email} from {lead.status} to {to}: {why}")
     cause = f"user: {reason}" if reason else "user"
-    record_event(session, lead, "status", cause, now, to_status=status)
-    if status != "lead":
-        stop_nurture(session, lead.id, now, f"lead marked {status}")
+    if transition(session, lead, "status", cause, now, to=to) and to != LeadStatus.LEAD:
+        stop_nurture(session, lead.id, now, f"lead marked {to}")
     return lead
 
 
@@ -552,8 +643,8 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
     session.execute(
         update(Enrollment)
-        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(("active", "paused")))
-        .values(state="stopped", next_due=None, updated_at=now)
+        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(LIVE_ENROLLMENT))
+        .values(state=EnrollmentState.STOPPED, next_due=None, updated_at=now)
     )
     return cancel_queued(session, lead_id, "nurture", why)
 
@@ -565,15 +656,15 @@ def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
         .where(
             OutboundMessage.lead_id == lead_id,
             OutboundMessage.kind == kind,
-            OutboundMessage.status == "queued",
+            OutboundMessage.status == OutboxState.QUEUED,
         )
-        .values(status="cancelled", last_error=why)
+        .values(status=OutboxState.CANCELLED, last_error=why)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
 
 def status_counts(session: Session) -> dict[str, int]:
-    counts = {s: 0 for s in LEAD_STATUSES}
+    counts = {str(s): 0 for s in LeadStatus}
     for status, n in session.execute(select(Lead.status, func.count()).group_by(Lead.status)):
         counts[status] = n
     return counts

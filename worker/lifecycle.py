@@ -21,17 +21,39 @@ from worker.assign import CONSUMER_DOMAINS, assign
 from worker.classify import Classification, strip_reply_prefixes
 from worker.compose import LOOP_HEADER, new_message_id
 from worker.config import Rep
-from worker.leads import cancel_queued, enroll, lead_fields, new_token, record_event, stop_nurture
+from worker.leads import (
+    MOVES,
+    cancel_queued,
+    enroll,
+    lead_fields,
+    new_token,
+    normalise_email,
+    record_created,
+    record_event,
+    stop_nurture,
+    transition,
+)
 from worker.match import Match, is_internal
-from worker.models import Enrollment, Handoff, InboundMessage, Lead, LeadEvent, OutboundMessage
+from worker.models import (
+    LIVE_ENROLLMENT,
+    Enrollment,
+    EnrollmentState,
+    Handoff,
+    InboundMessage,
+    Lead,
+    LeadEvent,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
 from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
 
-PROMOTABLE = ("lead", "engaged", "bounced")
-SUPPRESSED = ("unsubscribed", "bounced", "disqualified")
+NURTURED = (LeadStatus.LEAD, LeadStatus.HELD)
+"""Statuses whose soft bounces still count towards suppressing the address."""
 
 
 def _cause(row: InboundMessage) -> str:
@@ -62,17 +84,8 @@ def apply_inbound(
     cause = _cause(row)
     kind = cls.kind
     if kind in ("unsubscribe", "complaint"):
-        if lead.status != "unsubscribed":
-            why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
-            record_event(
-                s,
-                lead,
-                "unsubscribed",
-                f"{cause}: {why}",
-                now,
-                to_status="unsubscribed",
-                inbound_id=row.id,
-            )
+        why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
+        transition(s, lead, "unsubscribed", f"{cause}: {why}", now, inbound_id=row.id)
         stop_nurture(s, lead.id, now, "the lead unsubscribed")
         _cancel_followups(s, lead.id, "the lead unsubscribed")
     elif kind == "bounce" and cls.bounce is not None:
@@ -92,9 +105,8 @@ def bounce_lead(
     s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
 ) -> None:
     """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
-    if lead.status in ("bounced", "unsubscribed"):
+    if not transition(s, lead, "bounced", cause, now, inbound_id=inbound_id):
         return
-    record_event(s, lead, "bounced", cause, now, to_status="bounced", inbound_id=inbound_id)
     stop_nurture(s, lead.id, now, "the lead's address bounced")
 
 
@@ -148,7 +160,7 @@ def _bounce(
 
 def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
-    if lead.status not in ("lead", "engaged"):
+    if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
     has_soft = s.scalar(
         select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
@@ -192,8 +204,8 @@ def _auto_reply(
         return
     res = s.execute(
         update(Enrollment)
-        .where(Enrollment.lead_id == lead.id, Enrollment.state.in_(("active", "paused")))
-        .values(state="paused", paused_until=until, updated_at=now)
+        .where(Enrollment.lead_id == lead.id, Enrollment.state.in_(LIVE_ENROLLMENT))
+        .values(state=EnrollmentState.PAUSED, paused_until=until, updated_at=now)
     )
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
     record_event(
@@ -220,16 +232,7 @@ def _reply(
             detail={"match": match.method, "intent": cls.intent}, inbound_id=row.id,
         )  # fmt: skip
     if cls.intent == "negative":
-        if lead.status not in SUPPRESSED and lead.status != "customer":
-            record_event(
-                s,
-                lead,
-                "disqualified",
-                f"{cause}: not interested",
-                now,
-                to_status="disqualified",
-                inbound_id=row.id,
-            )
+        transition(s, lead, "disqualified", f"{cause}: not interested", now, inbound_id=row.id)
         stop_nurture(s, lead.id, now, "the lead is not interested")
         return
     if cls.intent == "referral" and cls.referral_email:
@@ -237,8 +240,8 @@ def _reply(
         if app.config.referrals.referrer == "stop":
             stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
             return
-    if lead.status not in PROMOTABLE:
-        if lead.status in ("prospect", "customer"):
+    if lead.status not in MOVES["promoted"].sources:
+        if lead.status in (LeadStatus.PROSPECT, LeadStatus.CUSTOMER):
             record_event(s, lead, "replied", f"{cause}: another reply", now, inbound_id=row.id)
             # The rep hears of every reply that lands in our mailbox, not only the first.
             owner = app.config.rep(lead.owner) if lead.owner else None
@@ -252,11 +255,10 @@ def _reply(
     lead.qualification = result.as_json()
     stop_nurture(s, lead.id, now, "the lead replied")
     if app.config.qualification.require_fit and not result.fit:
-        if lead.status != "engaged":
-            record_event(
-                s, lead, "held", f"{cause}: replied, but below the minimum fit (score {result.score}): review by hand",
-                now, to_status="engaged", inbound_id=row.id,
-            )  # fmt: skip
+        transition(
+            s, lead, "held", f"{cause}: replied, but below the minimum fit (score {result.score}): review by hand",
+            now, inbound_id=row.id,
+        )  # fmt: skip
         return
     promote(s, app, lead, msg, cls, match, row, now)
 
@@ -268,9 +270,9 @@ def promote(
     """lead -> prospect: assign a rep, queue the handoff and the in-thread follow-up."""
     config = app.config
     cause = _cause(row)
-    record_event(
+    transition(
         s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
-        now, to_status="prospect", detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
+        now, detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
     )  # fmt: skip
     a = assign(s, lead, config, now)
     rep = a.rep
@@ -312,7 +314,7 @@ def promote(
                 mailbox=rep.mailbox if from_rep and rep else None,
                 in_reply_to=msg.message_id,
                 inbound_id=row.id,
-                status="queued",
+                status=OutboxState.QUEUED,
                 attempts=0,
                 next_attempt_at=due,
                 context={
@@ -400,7 +402,7 @@ def _queue_handoff(
             message_id=new_message_id(app.config.sender.domain),
             to_addr=rep_block["email"],
             inbound_id=row.id,
-            status="queued",
+            status=OutboxState.QUEUED,
             attempts=0,
             next_attempt_at=now,
             context=context,
@@ -431,7 +433,7 @@ def _queue_handoff(
                 reply_token=lead.reply_token,
                 to_addr=rep_block["email"],
                 inbound_id=row.id,
-                status="queued",
+                status=OutboxState.QUEUED,
                 attempts=0,
                 next_attempt_at=now,
                 context=copy,
@@ -468,7 +470,7 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
     for o in s.scalars(
         select(OutboundMessage).where(
             OutboundMessage.lead_id == lead.id,
-            OutboundMessage.status == "sent",
+            OutboundMessage.status == OutboxState.SENT,
             OutboundMessage.kind.in_(("nurture", "followup")),
         )
     ):
@@ -519,14 +521,16 @@ def _account_awareness(
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return []
     colleagues = s.scalars(
-        select(Lead).where(Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == "lead")
+        select(Lead).where(
+            Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == LeadStatus.LEAD
+        )
     ).all()
     shown: list[dict[str, str]] = []
     for other in colleagues:
         res = s.execute(
             update(Enrollment)
-            .where(Enrollment.lead_id == other.id, Enrollment.state == "active")
-            .values(state="paused", paused_until=None, updated_at=now)
+            .where(Enrollment.lead_id == other.id, Enrollment.state == EnrollmentState.ACTIVE)
+            .values(state=EnrollmentState.PAUSED, paused_until=None, updated_at=now)
         )
         if rep_email and not other.owner:
             other.owner = rep_email
@@ -545,8 +549,6 @@ def _account_awareness(
 def _referral(
     s: Session, app: App, referrer: Lead, email: str, row: InboundMessage, now: datetime
 ) -> None:
-    from worker.leads import normalise_email
-
     try:
         address = normalise_email(email)
     except ValueError:
@@ -573,7 +575,7 @@ def _referral(
         timezone=referrer.timezone,
         source="referral",
         custom={},
-        status="lead",
+        status=LeadStatus.LEAD,
         reply_token=new_token(),
         domain=address.rsplit("@", 1)[1],
         referred_by_id=referrer.id,
@@ -582,16 +584,7 @@ def _referral(
     )
     s.add(new)
     s.flush()
-    record_event(
-        s,
-        new,
-        "created",
-        f"referred by {referrer.email} in {_cause(row)}",
-        now,
-        to_status="lead",
-        inbound_id=row.id,
-    )
-    new.status = "lead"
+    record_created(s, new, f"referred by {referrer.email} in {_cause(row)}", now, row.id)
     for name in s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == referrer.id)):
         try:
             enroll(s, [new.id], app.config.campaign(name), now)
@@ -612,7 +605,7 @@ def _inbound_lead(
         last_name=" ".join(name[1:]) or None,
         source="inbound",
         custom={},
-        status="lead",
+        status=LeadStatus.LEAD,
         reply_token=new_token(),
         domain=msg.from_addr.rsplit("@", 1)[1],
         created_at=now,
@@ -621,15 +614,7 @@ def _inbound_lead(
     s.add(lead)
     s.flush()
     row.lead_id, row.match_method = lead.id, "new_lead"
-    record_event(
-        s,
-        lead,
-        "created",
-        f"{_cause(row)}: wrote to us unprompted",
-        now,
-        to_status="lead",
-        inbound_id=row.id,
-    )
+    record_created(s, lead, f"{_cause(row)}: wrote to us unprompted", now, row.id)
 
 
 # --- reps answering ----------------------------------------------------------------------

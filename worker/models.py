@@ -7,6 +7,7 @@ PostgreSQL behave the same.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -27,17 +29,61 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-LEAD_STATUSES = (
-    "lead",
-    "engaged",
-    "prospect",
-    "unsubscribed",
-    "bounced",
-    "disqualified",
-    "customer",
-)
-ENROLLMENT_STATES = ("active", "paused", "completed", "stopped")
-OUTBOX_STATES = ("queued", "sending", "sent", "failed", "cancelled", "unknown")
+
+class LeadStatus(StrEnum):
+    """Where a lead stands (`leads.status`). Only `leads.transition` moves it."""
+
+    LEAD = "lead"
+    """Receiving nurture emails."""
+    HELD = "held"
+    """Replied, but below the minimum fit (`qualification.require_fit`): a person decides."""
+    PROSPECT = "prospect"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    DISQUALIFIED = "disqualified"
+    CUSTOMER = "customer"
+
+
+SUPPRESSED = frozenset({LeadStatus.UNSUBSCRIBED, LeadStatus.BOUNCED, LeadStatus.DISQUALIFIED})
+"""Statuses that receive nothing from us any more but what a rep writes by hand."""
+
+
+class EnrollmentState(StrEnum):
+    """Where a lead stands in one campaign (`enrollments.state`)."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    """Until `paused_until` (an out-of-office), or with none until a person acts (account)."""
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+
+
+LIVE_ENROLLMENT = (EnrollmentState.ACTIVE, EnrollmentState.PAUSED)
+"""Enrollments that may still send: what stopping nurture stops."""
+
+
+class OutboxState(StrEnum):
+    """Where an outbound email stands (`outbound_messages.status`); see worker.outbox."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+    """Found `sending` after a crash and not settled by the Sent folder: a person decides."""
+
+
+def _states(enum: type[StrEnum]) -> Enum:
+    """A VARCHAR(20) column holding an enum's values; an unknown value is an error both ways."""
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=20,
+        validate_strings=True,
+        values_callable=lambda e: [m.value for m in e],
+    )
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -81,7 +127,9 @@ class Lead(Base):
     timezone: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str | None] = mapped_column(String(100))
     custom: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(20), default="lead", index=True)
+    status: Mapped[LeadStatus] = mapped_column(
+        _states(LeadStatus), default=LeadStatus.LEAD, index=True
+    )
     owner: Mapped[str | None] = mapped_column(String(320), index=True)
     score: Mapped[int | None] = mapped_column(Integer)
     qualification: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -104,7 +152,9 @@ class Enrollment(Base):
     campaign: Mapped[str] = mapped_column(String(200))
     step: Mapped[int] = mapped_column(Integer, default=0)
     """Index of the next step to send (== number of steps queued so far)."""
-    state: Mapped[str] = mapped_column(String(20), default="active")
+    state: Mapped[EnrollmentState] = mapped_column(
+        _states(EnrollmentState), default=EnrollmentState.ACTIVE
+    )
     next_due: Mapped[datetime | None]
     paused_until: Mapped[datetime | None]
     waiting: Mapped[str | None] = mapped_column(Text)
@@ -137,7 +187,7 @@ class OutboundMessage(Base):
     in_reply_to: Mapped[str | None] = mapped_column(String(998))
     inbound_id: Mapped[int | None] = mapped_column(Integer)
     """The inbound message that caused this send (handoff, follow-up); no FK: avoids a cycle."""
-    status: Mapped[str] = mapped_column(String(20), default="queued")
+    status: Mapped[OutboxState] = mapped_column(_states(OutboxState), default=OutboxState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -248,8 +298,8 @@ class LeadEvent(Base):
     lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime]
     type: Mapped[str] = mapped_column(String(40))
-    from_status: Mapped[str | None] = mapped_column(String(20))
-    to_status: Mapped[str | None] = mapped_column(String(20))
+    from_status: Mapped[LeadStatus | None] = mapped_column(_states(LeadStatus))
+    to_status: Mapped[LeadStatus | None] = mapped_column(_states(LeadStatus))
     cause: Mapped[str] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     inbound_id: Mapped[int | None] = mapped_column(

@@ -37,7 +37,16 @@ from worker.compose import (
 )
 from worker.leads import lead_fields
 from worker.mailer import Mailer, SendResult
-from worker.models import Enrollment, InboundMessage, Lead, OutboundMessage
+from worker.models import (
+    SUPPRESSED,
+    Enrollment,
+    EnrollmentState,
+    InboundMessage,
+    Lead,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.rendering import Renderer
 
 logger = logging.getLogger(__name__)
@@ -117,7 +126,7 @@ def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[tuple[int,
             budgets[transport] = _budget(s, app, transport, now)
             if budgets[transport] <= 0:
                 waiting.append(_mailbox_filter(app.config.transport_mailboxes(transport)))
-        due = (OutboundMessage.status == "queued", OutboundMessage.next_attempt_at <= now)
+        due = (OutboundMessage.status == OutboxState.QUEUED, OutboundMessage.next_attempt_at <= now)
         for cond in waiting:
             s.execute(
                 update(OutboundMessage)
@@ -150,7 +159,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             select(OutboundMessage)
             .where(
                 OutboundMessage.id == row_id,
-                OutboundMessage.status == "queued",
+                OutboundMessage.status == OutboxState.QUEUED,
                 OutboundMessage.next_attempt_at <= now,
             )
             .with_for_update(skip_locked=True)
@@ -159,14 +168,14 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None  # taken, settled or rescheduled meanwhile
         lead = s.get(Lead, row.lead_id)
         if lead is None:
-            row.status, row.last_error = "cancelled", "the lead was deleted"
+            row.status, row.last_error = OutboxState.CANCELLED, "the lead was deleted"
             return None
         transport = app.config.identity(row.mailbox).transport
         wait_until = _must_wait(s, app, row, lead, now)
         if wait_until is None and budgets.get(transport, 0) <= 0:
             wait_until = now + timedelta(minutes=1)  # this account's cap is reached
         if isinstance(wait_until, str):
-            row.status, row.last_error = "cancelled", wait_until
+            row.status, row.last_error = OutboxState.CANCELLED, wait_until
             logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
             return None
         if wait_until is not None:
@@ -179,7 +188,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
-            row.status, row.last_error = "failed", f"cannot build the message: {_why(e)}"
+            row.status, row.last_error = OutboxState.FAILED, f"cannot build the message: {_why(e)}"
             logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
             return None
         me = app.config.identity(row.mailbox)
@@ -188,9 +197,9 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
         claimed = s.execute(
             update(OutboundMessage)
-            .where(OutboundMessage.id == row.id, OutboundMessage.status == "queued")
+            .where(OutboundMessage.id == row.id, OutboundMessage.status == OutboxState.QUEUED)
             .values(
-                status="sending",
+                status=OutboxState.SENDING,
                 attempts=OutboundMessage.attempts + 1,
                 subject=str(message["Subject"]),
                 # A claim is a lease: past it, another worker settles the row (never resends).
@@ -217,12 +226,12 @@ def _must_wait(
     s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
 ) -> datetime | str | None:
     """None: the row may go out now. A datetime: not before then. A str: never (why)."""
-    why_not = _must_not_send(s, app, row, lead)
-    if why_not == "paused":
-        en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-        return en.paused_until if en and en.paused_until else now + timedelta(days=1)
+    why_not = _must_not_send(s, row, lead)
     if why_not:
         return why_not
+    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+    if row.kind == "nurture" and en is not None and en.state == EnrollmentState.PAUSED:
+        return en.paused_until or now + timedelta(days=1)
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
     if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -231,17 +240,15 @@ def _must_wait(
     return None
 
 
-def _must_not_send(s: Session, app: App, row: OutboundMessage, lead: Lead) -> str | None:
-    """Why this row must not go out now (None: send it). Checked right before SMTP."""
+def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:
+    """Why this row must never go out (None: it may). Checked right before SMTP."""
     if row.kind == "nurture":
-        if lead.status != "lead":
+        if lead.status != LeadStatus.LEAD:
             return f"the lead is now {lead.status}"
         en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-        if en is None or en.state == "stopped":
+        if en is None or en.state == EnrollmentState.STOPPED:
             return "the enrollment was stopped"
-        if en.state == "paused":
-            return "paused"
-    elif row.kind == "followup" and lead.status in ("unsubscribed", "bounced", "disqualified"):
+    elif row.kind == "followup" and lead.status in SUPPRESSED:
         return f"the lead is now {lead.status}"
     if row.kind in ("followup", "reminder", "escalation") and handoffs.answered(s, lead.id):
         return "the rep answered the prospect"
@@ -364,13 +371,13 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
         if row is None:
             return
         if result.status == "sent":
-            row.status, row.sent_at, row.last_error = "sent", now, None
+            row.status, row.sent_at, row.last_error = OutboxState.SENT, now, None
             return
         detail = f"{result.code or ''} {result.message}".strip()
         if result.status == "temporary" and row.attempts < max_attempts:
             # Exponential backoff with jitter, kept in the row (not in a sleeping frame).
             wait = min(60 * 2 ** (row.attempts - 1), 3600) * random.uniform(0.8, 1.2)
-            row.status, row.last_error = "queued", f"temporary: {detail}"
+            row.status, row.last_error = OutboxState.QUEUED, f"temporary: {detail}"
             row.next_attempt_at = now + timedelta(seconds=wait)
             logger.warning(
                 "temporary failure sending to %s (attempt %d): %s",
@@ -379,7 +386,7 @@ def record(app: App, item: Prepared, result: SendResult) -> None:
                 detail,
             )
             return
-        row.status = "failed"
+        row.status = OutboxState.FAILED
         row.last_error = ("permanent: " if result.status == "permanent" else "gave up: ") + detail
         logger.error("failed to send %s to %s: %s", row.kind, row.to_addr, detail)
         status = result.enhanced_status or ""
@@ -458,18 +465,18 @@ def recover_sending(
     now = app.now()
     found = unknown = 0
     with app.transaction() as s:
-        q = select(OutboundMessage).where(OutboundMessage.status == "sending")
+        q = select(OutboundMessage).where(OutboundMessage.status == OutboxState.SENDING)
         if not all_rows:
             q = q.where(OutboundMessage.next_attempt_at < now)
         rows = s.scalars(q).all()
         for row in rows:
             answer = in_sent_folder(row.mailbox, row.message_id) if in_sent_folder else None
             if answer:
-                row.status, row.sent_at = "sent", now
+                row.status, row.sent_at = OutboxState.SENT, now
                 row.last_error = "confirmed in the Sent folder after a restart"
                 found += 1
             else:
-                row.status = "unknown"
+                row.status = OutboxState.UNKNOWN
                 row.last_error = (
                     "the worker stopped during the SMTP call; not in the Sent folder"
                     if answer is False
@@ -496,17 +503,17 @@ def resolve_unknown(s: Session, message_id: str, action: str, now: datetime) -> 
         select(OutboundMessage)
         .where(
             OutboundMessage.message_id == message_id.strip().strip("<>"),
-            OutboundMessage.status == "unknown",
+            OutboundMessage.status == OutboxState.UNKNOWN,
         )
         .with_for_update()
     )
     if row is None:
         raise LookupError(f"no send in state unknown has the Message-ID {message_id}")
     if action == "sent":
-        row.status, row.sent_at = "sent", row.sent_at or now
+        row.status, row.sent_at = OutboxState.SENT, row.sent_at or now
         row.last_error = "marked as sent by a user"
     else:
-        row.status, row.next_attempt_at, row.attempts = "queued", now, 0
+        row.status, row.next_attempt_at, row.attempts = OutboxState.QUEUED, now, 0
         row.last_error = "sent again by a user"
     lead = s.get(Lead, row.lead_id)
     if lead is not None:

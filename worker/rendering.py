@@ -389,11 +389,11 @@ class Pages:
             lstrip_blocks=True,
         )
 
-    def render(self, name: str, **context: Any) -> str:
+    def render(self, template: str, /, **context: Any) -> str:
         context.setdefault("nav", False)
         context.setdefault("flash", None)
         context.setdefault("csrf", "")
-        return self._env.get_template(name).render(**context)
+        return self._env.get_template(template).render(**context)
 
     def static(self, name: str) -> str:
         """A static file beside the pages (the style sheet)."""

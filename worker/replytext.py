@@ -18,7 +18,14 @@ from typing import Literal
 
 from worker.parsing import SkipDecision, html_to_text
 
-__all__ = ["Intent", "detect_intent", "extract_reply_text", "new_words", "wants_unsubscribe"]
+__all__ = [
+    "Intent",
+    "detect_intent",
+    "extract_reply_text",
+    "new_words",
+    "quotes_history",
+    "wants_unsubscribe",
+]
 
 Intent = Literal["positive", "neutral", "negative", "referral"]
 
@@ -433,6 +440,14 @@ def extract_reply_text(
         return "\n".join(trimmed).strip("\n").rstrip()
     except Exception:  # a reply's text is best effort; never lose the message
         return text.strip()
+
+
+def quotes_history(text: str) -> bool:
+    """Whether `text` holds a quoted earlier message (an attribution or a header block)."""
+    try:
+        return bool(_header_spans(text.replace("\r\n", "\n").split("\n")[:2000]))
+    except Exception:
+        return False
 
 
 def new_words(reply_text: str) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy.sql import ColumnElement
 
 from worker import __version__
 from worker.app import App
-from worker.models import LEAD_STATUSES, InboundMessage, LeadEvent, OutboundMessage
+from worker.models import InboundMessage, LeadEvent, LeadStatus, OutboundMessage, OutboxState
 from worker.status import collect_status
 
 SEND_KINDS = ("nurture", "handoff", "followup")
@@ -51,7 +51,7 @@ SERIES_LABELS = {
 FUNNEL_COLOURS = ("#08306B", "#08519C", "#2171B5", "#4292C6")
 STATUS_NOTES = {
     "lead": "receiving nurture emails",
-    "engaged": "replied; waits for a person (below the minimum fit)",
+    "held": "replied; waits for a person (below the minimum fit)",
     "prospect": "replied; handed to a rep",
     "unsubscribed": "asked to stop",
     "bounced": "address undeliverable",
@@ -116,7 +116,7 @@ def collect_activity(app: App, days: int) -> Activity:
             OutboundMessage.sent_at,
             since,
             until,
-            OutboundMessage.status == "sent",
+            OutboundMessage.status == OutboxState.SENT,
             group=OutboundMessage.kind,
         )
         replies = _per_day(
@@ -594,7 +594,7 @@ def _lead_table(leads: dict[str, int]) -> str:
             "<code>twoway leads import leads.csv</code> adds them from a CSV file.",
         )
     peak = max(leads.values())
-    order = [s for s in LEAD_STATUSES if s in leads] + [s for s in leads if s not in LEAD_STATUSES]
+    order = [s for s in LeadStatus if s in leads] + [s for s in leads if s not in set(LeadStatus)]
     rows = []
     for s in order:
         n = leads[s]

@@ -38,7 +38,15 @@ from worker.leases import (
 from worker.lifecycle import handoff_to_new_rep
 from worker.mailbox import MailboxError, MailSource, open_source
 from worker.mailer import Mailer
-from worker.models import Enrollment, Handoff, Lead, MailboxState, OutboundMessage
+from worker.models import (
+    Enrollment,
+    EnrollmentState,
+    Handoff,
+    Lead,
+    MailboxState,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
@@ -310,18 +318,20 @@ class Worker:
 
     def next_due(self) -> datetime | None:
         with self.app.transaction() as s:
-            active = [Enrollment.state == "active"]
+            active = [Enrollment.state == EnrollmentState.ACTIVE]
             paused = paused_campaigns(s)
             if paused:  # their steps stay due until resumed: not a reason to wake up
                 active.append(Enrollment.campaign.not_in(sorted(paused)))
             a = s.scalar(select(func.min(Enrollment.next_due)).where(*active))
             b = s.scalar(
                 select(func.min(OutboundMessage.next_attempt_at)).where(
-                    OutboundMessage.status == "queued"
+                    OutboundMessage.status == OutboxState.QUEUED
                 )
             )
             c = s.scalar(
-                select(func.min(Enrollment.paused_until)).where(Enrollment.state == "paused")
+                select(func.min(Enrollment.paused_until)).where(
+                    Enrollment.state == EnrollmentState.PAUSED
+                )
             )
             waiting = (Handoff.answered_at.is_(None), Handoff.closed_at.is_(None))
             d = s.scalar(

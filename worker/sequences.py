@@ -21,7 +21,14 @@ from worker.campaigns import paused_campaigns, pick_variant
 from worker.compose import new_message_id
 from worker.config import Campaign, Config
 from worker.leads import record_event
-from worker.models import Enrollment, Lead, OutboundMessage
+from worker.models import (
+    Enrollment,
+    EnrollmentState,
+    Lead,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.pacing import touch_wait
 from worker.schedule import add_delay, next_open_slot
 from worker.suppression import suppressed
@@ -35,11 +42,11 @@ def resume_paused(session: Session, now: datetime) -> int:
     res = session.execute(
         update(Enrollment)
         .where(
-            Enrollment.state == "paused",
+            Enrollment.state == EnrollmentState.PAUSED,
             Enrollment.paused_until.is_not(None),
             Enrollment.paused_until <= now,
         )
-        .values(state="active", paused_until=None, updated_at=now)
+        .values(state=EnrollmentState.ACTIVE, paused_until=None, updated_at=now)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
@@ -73,7 +80,7 @@ def queue_due(app: App, batch: int = BATCH) -> int:
             q = (
                 select(Enrollment, Lead)
                 .join(Lead, Lead.id == Enrollment.lead_id)
-                .where(Enrollment.state == "active", Enrollment.next_due <= now)
+                .where(Enrollment.state == EnrollmentState.ACTIVE, Enrollment.next_due <= now)
             )
             paused = paused_campaigns(s)
             if paused:  # a paused campaign's steps stay due; resume spreads them out
@@ -98,7 +105,7 @@ def queue_due(app: App, batch: int = BATCH) -> int:
 
 def _suppress(s: Session, en: Enrollment, lead: Lead, why: str, now: datetime) -> None:
     """A suppressed lead's enrollment stops (with an event) instead of queueing a step."""
-    en.state, en.next_due, en.waiting, en.updated_at = "stopped", None, None, now
+    en.state, en.next_due, en.waiting, en.updated_at = EnrollmentState.STOPPED, None, None, now
     record_event(s, lead, "suppressed", f"{en.campaign}: not sent, {why}", now,
                  detail={"campaign": en.campaign})  # fmt: skip
 
@@ -108,13 +115,13 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
         campaign = config.campaign(en.campaign)
     except KeyError:
         # The campaign left the config: keep the enrollment, but stop looking at it.
-        en.state, en.next_due, en.updated_at = "stopped", None, now
+        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
         return 0
-    if lead.status != "lead":
-        en.state, en.next_due, en.updated_at = "stopped", None, now
+    if lead.status != LeadStatus.LEAD:
+        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
         return 0
     if en.step >= len(campaign.steps):
-        en.state, en.next_due, en.updated_at = "completed", None, now
+        en.state, en.next_due, en.updated_at = EnrollmentState.COMPLETED, None, now
         return 0
     tz = lead_zone(lead, campaign)
     days_off = public_holidays(lead.country, now.year) if campaign.skip_holidays else frozenset()
@@ -153,7 +160,7 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
             message_id=new_message_id(config.sender.domain),
             reply_token=lead.reply_token,
             to_addr=lead.email,
-            status="queued",
+            status=OutboxState.QUEUED,
             attempts=0,
             next_attempt_at=now,
             context={},
@@ -165,5 +172,5 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     if en.step < len(campaign.steps):
         en.next_due = add_delay(now, campaign.steps[en.step].delay, tz)
     else:
-        en.state, en.next_due = "completed", None
+        en.state, en.next_due = EnrollmentState.COMPLETED, None
     return 1

@@ -10,13 +10,15 @@ from sqlalchemy import func, select
 from worker.app import App
 from worker.leads import iso, status_counts
 from worker.models import (
-    OUTBOX_STATES,
     Enrollment,
+    EnrollmentState,
     InboundMessage,
     Lead,
     LeadEvent,
+    LeadStatus,
     MailboxState,
     OutboundMessage,
+    OutboxState,
     Quarantine,
 )
 
@@ -31,25 +33,25 @@ def collect_status(app: App) -> dict[str, Any]:
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with app.transaction() as s:
         leads = status_counts(s)
-        outbox = {state: 0 for state in OUTBOX_STATES}
+        outbox = {str(state): 0 for state in OutboxState}
         for st, n in s.execute(
             select(OutboundMessage.status, func.count()).group_by(OutboundMessage.status)
         ):
             outbox[st] = n
         sent_today = s.scalar(
             select(func.count()).where(
-                OutboundMessage.status == "sent", OutboundMessage.sent_at >= day_start
+                OutboundMessage.status == OutboxState.SENT, OutboundMessage.sent_at >= day_start
             )
         )
         next_due = s.scalar(
-            select(func.min(Enrollment.next_due)).where(Enrollment.state == "active")
+            select(func.min(Enrollment.next_due)).where(Enrollment.state == EnrollmentState.ACTIVE)
         )
         unknown = [
             {"message_id": m, "to": t, "template": tpl}
             for m, t, tpl in s.execute(
                 select(
                     OutboundMessage.message_id, OutboundMessage.to_addr, OutboundMessage.template
-                ).where(OutboundMessage.status == "unknown")
+                ).where(OutboundMessage.status == OutboxState.UNKNOWN)
             )
         ]
         failed = [
@@ -58,7 +60,7 @@ def collect_status(app: App) -> dict[str, Any]:
                 select(
                     OutboundMessage.to_addr, OutboundMessage.template, OutboundMessage.last_error
                 )
-                .where(OutboundMessage.status == "failed")
+                .where(OutboundMessage.status == OutboxState.FAILED)
                 .order_by(OutboundMessage.id.desc())
                 .limit(5)
             )
@@ -153,7 +155,8 @@ def _funnel(s: Any, app: App) -> list[dict[str, Any]]:
         prospects = (
             s.scalar(
                 select(func.count()).where(
-                    Lead.id.in_(lead_ids), Lead.status.in_(("prospect", "customer"))
+                    Lead.id.in_(lead_ids),
+                    Lead.status.in_((LeadStatus.PROSPECT, LeadStatus.CUSTOMER)),
                 )
             )
             or 0
@@ -162,7 +165,7 @@ def _funnel(s: Any, app: App) -> list[dict[str, Any]]:
             s.scalar(
                 select(func.count(func.distinct(OutboundMessage.lead_id))).where(
                     OutboundMessage.kind == "handoff",
-                    OutboundMessage.status == "sent",
+                    OutboundMessage.status == OutboxState.SENT,
                     OutboundMessage.lead_id.in_(lead_ids),
                 )
             )
@@ -187,7 +190,7 @@ def _alarms(s: Any, app: App, now: datetime) -> list[str]:
     window = now - timedelta(hours=app.config.alarms.silent_hours)
     sent_recent = s.scalar(
         select(func.count()).where(
-            OutboundMessage.status == "sent", OutboundMessage.sent_at >= window
+            OutboundMessage.status == OutboxState.SENT, OutboundMessage.sent_at >= window
         )
     )
     heard = s.scalar(
@@ -204,7 +207,7 @@ def _alarms(s: Any, app: App, now: datetime) -> list[str]:
     week = now - timedelta(days=7)
     sent_week = s.scalar(
         select(func.count()).where(
-            OutboundMessage.status == "sent", OutboundMessage.sent_at >= week
+            OutboundMessage.status == OutboxState.SENT, OutboundMessage.sent_at >= week
         )
     )
     bounces = s.scalar(
@@ -217,7 +220,7 @@ def _alarms(s: Any, app: App, now: datetime) -> list[str]:
             f"bounce rate {bounces / sent_week:.1%} over the last 7 days is above "
             f"{app.config.alarms.bounce_rate:.0%}: check the list quality and sender reputation"
         )
-    unknown = s.scalar(select(func.count()).where(OutboundMessage.status == "unknown"))
+    unknown = s.scalar(select(func.count()).where(OutboundMessage.status == OutboxState.UNKNOWN))
     if unknown:
         alarms.append(
             f"{unknown} send(s) in state unknown (the worker stopped during the SMTP call): "

@@ -14,8 +14,17 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from worker.leads import cancel_queued, record_event, stop_nurture
-from worker.models import Enrollment, Lead, LeadEvent, OutboundMessage
+from worker.leads import cancel_queued, stop_nurture, transition
+from worker.models import (
+    LIVE_ENROLLMENT,
+    Enrollment,
+    EnrollmentState,
+    Lead,
+    LeadEvent,
+    LeadStatus,
+    OutboundMessage,
+    OutboxState,
+)
 
 TOKEN = re.compile(r"[a-z2-7]{16}")
 LINK_CAUSE = "one-click unsubscribe link"
@@ -35,7 +44,7 @@ def unsubscribe_by_link(s: Session, token: str, now: datetime, how: str) -> bool
     what was stopped (`detail`), so `undo_unsubscribe` can put it back exactly.
     """
     lead = _lead(s, token)
-    if lead is None or lead.status == "unsubscribed":
+    if lead is None or lead.status == LeadStatus.UNSUBSCRIBED:
         return False
     enrollments = [
         {
@@ -46,7 +55,7 @@ def unsubscribe_by_link(s: Session, token: str, now: datetime, how: str) -> bool
         }
         for e in s.scalars(
             select(Enrollment).where(
-                Enrollment.lead_id == lead.id, Enrollment.state.in_(("active", "paused"))
+                Enrollment.lead_id == lead.id, Enrollment.state.in_(LIVE_ENROLLMENT)
             )
         )
     ]
@@ -55,7 +64,7 @@ def unsubscribe_by_link(s: Session, token: str, now: datetime, how: str) -> bool
             select(OutboundMessage.id).where(
                 OutboundMessage.lead_id == lead.id,
                 OutboundMessage.kind.in_(("nurture", "followup")),
-                OutboundMessage.status == "queued",
+                OutboundMessage.status == OutboxState.QUEUED,
             )
         )
     )
@@ -65,9 +74,7 @@ def unsubscribe_by_link(s: Session, token: str, now: datetime, how: str) -> bool
         "enrollments": enrollments,
         "cancelled_sends": queued,
     }
-    record_event(
-        s, lead, "status", f"{LINK_CAUSE} ({how})", now, to_status="unsubscribed", detail=detail
-    )
+    transition(s, lead, "unsubscribed", f"{LINK_CAUSE} ({how})", now, detail=detail)
     stop_nurture(s, lead.id, now, "the lead unsubscribed by link")
     cancel_queued(s, lead.id, "followup", "the lead unsubscribed by link")
     return True
@@ -80,7 +87,7 @@ def undo_unsubscribe(s: Session, token: str, now: datetime, window: timedelta) -
     as they were; anything that changed since (a reply, a later event) is left alone.
     """
     lead = _lead(s, token)
-    if lead is None or lead.status != "unsubscribed":
+    if lead is None or lead.status != LeadStatus.UNSUBSCRIBED:
         return False
     last = s.scalar(
         select(LeadEvent)
@@ -90,17 +97,18 @@ def undo_unsubscribe(s: Session, token: str, now: datetime, window: timedelta) -
     )
     if (
         last is None
-        or last.to_status != "unsubscribed"
+        or last.to_status != LeadStatus.UNSUBSCRIBED
         or (last.detail or {}).get("via") != "link"
         or last.at < now - window
     ):
         return False
     detail = last.detail or {}
-    record_event(s, lead, "status", UNDO_CAUSE, now, to_status=last.from_status or "lead")
+    back = last.from_status or LeadStatus.LEAD
+    transition(s, lead, "unsubscribe_undone", UNDO_CAUSE, now, to=back)
     for e in detail.get("enrollments", []):
         s.execute(
             update(Enrollment)
-            .where(Enrollment.id == e["id"], Enrollment.state == "stopped")
+            .where(Enrollment.id == e["id"], Enrollment.state == EnrollmentState.STOPPED)
             .values(
                 state=e["state"],
                 next_due=_at(e["next_due"]),
@@ -112,8 +120,8 @@ def undo_unsubscribe(s: Session, token: str, now: datetime, window: timedelta) -
     if ids:
         s.execute(
             update(OutboundMessage)
-            .where(OutboundMessage.id.in_(ids), OutboundMessage.status == "cancelled")
-            .values(status="queued", last_error=None)
+            .where(OutboundMessage.id.in_(ids), OutboundMessage.status == OutboxState.CANCELLED)
+            .values(status=OutboxState.QUEUED, last_error=None)
         )
     return True
 

@@ -42,7 +42,7 @@ from worker.console import (
 from worker.health import check_health
 from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
-from worker.models import LEAD_STATUSES
+from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
 from worker.rendering import Pages, Renderer, TemplateError, sample_context
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
@@ -325,10 +325,15 @@ def build_app(app: App) -> Starlette:
         from worker.status import collect_status
 
         def data() -> dict[str, Any]:
+            from worker.campaigns import paused_campaigns
+
             status = collect_status(app)
             with app.transaction() as s:
+                paused = paused_campaigns(s)
                 for f in status["funnel"]:
                     f["steps"] = funnel_steps(s, config, f["campaign"])
+                    f["paused"] = f["campaign"] in paused
+                    f["configured"] = any(c.name == f["campaign"] for c in config.campaigns)
             return status
 
         status = await run_in_threadpool(data)
@@ -346,7 +351,7 @@ def build_app(app: App) -> Starlette:
     async def leads(request: Request) -> Response:
         q = request.query_params.get("q", "")[:200]
         status = request.query_params.get("status") or None
-        if status not in (None, *LEAD_STATUSES):
+        if status not in (None, *LeadStatus):
             status = None
 
         def data() -> tuple[list[dict[str, Any]], bool]:
@@ -361,7 +366,7 @@ def build_app(app: App) -> Starlette:
             more=more,
             q=q,
             status=status or "",
-            statuses=LEAD_STATUSES,
+            statuses=tuple(LeadStatus),
         )
 
     async def lead(request: Request) -> Response:
@@ -384,7 +389,7 @@ def build_app(app: App) -> Starlette:
                 more=False,
                 q=key,
                 status="",
-                statuses=LEAD_STATUSES,
+                statuses=tuple(LeadStatus),
                 flash=f"No lead {key}.",
             )
         return page(request, "lead.html", lead=found)
@@ -444,6 +449,20 @@ def build_app(app: App) -> Starlette:
                 what = "marked as sent" if choice == "sent" else "queued to be sent again"
                 return f"{row.template} to {row.to_addr} {what}."
         except LookupError as e:
+            return str(e)
+
+    def pause_or_resume(request: Request, form: dict[str, str]) -> str:
+        from worker.campaigns import pause_campaign, resume_campaign
+
+        name = str(request.path_params["name"])[:200]
+        try:
+            with app.transaction() as s:
+                if request.path_params["choice"] == "pause":
+                    n = pause_campaign(s, config, name, app.now(), by="console")
+                    return f"Campaign {name} paused ({n} lead(s) waiting)."
+                r = resume_campaign(s, config, name, app.now(), by="console")
+                return f"Campaign {name} resumed ({r.leads} lead(s))."
+        except LeadError as e:
             return str(e)
 
     def preview(name: str, lead_key: str) -> tuple[Any, str, str | None]:
@@ -516,6 +535,11 @@ def build_app(app: App) -> Starlette:
         Route("/logout", logout, methods=["POST"]),
         Route("/", root),
         Route("/console", login_required(home)),
+        Route(
+            "/console/campaigns/{name}/{choice:str}",
+            action(pause_or_resume, "/console"),
+            methods=["POST"],
+        ),
         Route("/console/leads", login_required(leads)),
         Route("/console/leads/{email}", login_required(lead)),
         Route("/console/waiting", login_required(waiting)),
