@@ -97,7 +97,7 @@ def _kind(verdict: Classification | None) -> str:
     return verdict.kind if verdict else "unparseable"
 
 
-_HEADER_LINE_RE = re.compile(rb"^[A-Za-z][\w-]*:[ \t]")
+_HEADER_LINE_RE = re.compile(rb"^[A-Za-z][\w-]*:(?:[ \t]|$)")
 
 
 def _looks_like_message(raw: bytes) -> bool:

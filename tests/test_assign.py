@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import base_config
 from worker.app import App
-from worker.assign import Assignment, assign
+from worker.assign import Assignment, assign, note_assignment
 from worker.config import Config
 from worker.models import Lead, LeadEvent
 
@@ -54,6 +54,7 @@ def record(session: Session, lead: Lead, assignment: Assignment, at: datetime = 
             detail={"rep": assignment.rep.email, "reason": assignment.reason},
         )
     )
+    note_assignment(session, assignment.rep.email, at)
     session.flush()
 
 

@@ -129,6 +129,9 @@ def test_it_sends_nothing_more_to_an_unenrolled_lead(make_world: Any) -> None:
     w.import_(leads, "welcome")
     assert w.run() == 3
     with w.app.transaction() as s:
+        steps = campaign_stats(s, w.config)[0]["steps"]
+    assert [(st["sent"], st["waiting"]) for st in steps] == [(3, 0), (0, 3), (0, 0)]
+    with w.app.transaction() as s:
         out = unenroll_segment(
             s, w.config, "welcome", Segment(emails=("u1@example.org",)), w.clock[0]
         )
@@ -290,3 +293,62 @@ def test_it_says_too_few_sends_for_a_small_test() -> None:
         ]
     )
     assert "A replies more, significant" in big
+
+
+def test_it_holds_a_step_queued_before_the_pause(make_world: Any) -> None:
+    w: World = make_world(campaigns=[campaign_data("welcome")])
+    w.import_(["q@example.org"], "welcome")
+    from worker.sequences import queue_due
+
+    assert queue_due(w.app) == 1  # queued, not yet sent
+    with w.app.transaction() as s:
+        pause_campaign(s, w.config, "welcome", w.clock[0])
+    w.run(MONDAY + timedelta(minutes=5))
+    w.run(MONDAY + timedelta(days=2))
+    assert w.smtp.messages == []
+    with w.app.transaction() as s:
+        resume_campaign(s, w.config, "welcome", MONDAY + timedelta(days=2))
+    w.run(MONDAY + timedelta(days=2, seconds=1))
+    assert w.sent_to() == Counter({"q@example.org": 1})
+
+
+def test_it_checks_suppression_and_the_cap_again_right_before_smtp(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    campaigns = [campaign_data(n) for n in ("a", "b", "c")]
+    w = World(database_url, tmp_path, smtp_server, smtp=smtp_server.section(), campaigns=campaigns)
+    for name in ("a", "b", "c"):
+        w.import_(["capped@example.org", "late@suppressed.example"], name)
+    from worker.sequences import queue_due
+
+    assert queue_due(w.app) == 6  # queued while there was no cap and no suppression
+    with w.app.transaction() as s:
+        import_suppressions(s, [(2, {"email": "@suppressed.example"})], w.clock[0])
+    w.close()
+    sender = {
+        "from": "Acme Sales <sales@example.com>",
+        "postal_address": "Acme Inc., 1 Main St, Springfield",
+        "unsubscribe_mailto": "sales+unsubscribe-{token}@example.com",
+        "max_touches": {"count": 2, "per": "7d"},
+    }
+    capped = World(
+        database_url, tmp_path, smtp_server,
+        smtp=smtp_server.section(), campaigns=campaigns, sender=sender,
+    )  # fmt: skip
+    try:
+        capped.run(MONDAY + timedelta(minutes=1))
+        assert capped.sent_to() == Counter({"capped@example.org": 2})
+        with capped.app.transaction() as s:
+            rows = s.execute(
+                select(OutboundMessage.to_addr, OutboundMessage.status, OutboundMessage.last_error)
+            ).all()
+            shown = show_lead(s, "capped@example.org")
+        cancelled = {(to, err) for to, st, err in rows if st == "cancelled"}
+        assert cancelled == {
+            ("late@suppressed.example", "on the do-not-contact list (@suppressed.example)")
+        }
+        assert any((e["waiting"] or "").startswith("touch cap: 2") for e in shown["enrollments"])
+        capped.run(MONDAY + timedelta(days=7, minutes=2))
+        assert capped.sent_to()["capped@example.org"] >= 3  # the third went out a week later
+    finally:
+        capped.close()

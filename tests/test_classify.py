@@ -183,6 +183,10 @@ def test_it_has_labelled_mail_for_every_class_the_issue_names() -> None:
         str(x["language"]) for x in LABELS.values() if x["kind"] == "auto_reply" and "language" in x
     }
     assert len(languages) >= 25
+    replies = {
+        str(x["language"]) for x in LABELS.values() if x["kind"] == "reply" and "language" in x
+    }
+    assert len(replies) >= 25  # quote headers and mobile signatures, each with its reply text
     reasons = {str(x["bounce_reason"]) for x in LABELS.values() if "bounce_reason" in x}
     assert reasons >= {
         "user_unknown", "host_unknown", "mailbox_full", "message_too_big", "rate_limited",
@@ -232,3 +236,21 @@ def test_it_reads_mail_with_leading_blank_lines_a_bad_utf8_byte_and_bare_cr_fold
 def test_it_never_reports_our_own_verp_address_as_failed() -> None:
     bounce = _verdict("bounce_verp_not_reported.eml").bounce
     assert bounce is not None and "sales+bx7k2q9@example.com" not in bounce.recipients
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["a" * 400_000, "-a" * 200_000, "-" * 400_000, "x@y.com " * 50_000, "On 1: wrote:\n" * 30_000],
+    ids=["letters", "dash-letters", "dashes", "addresses", "attributions"],
+)
+def test_it_classifies_hostile_bodies_in_bounded_work(body: str) -> None:
+    # Each regex is linear and each detector reads a bounded slice: these finish well
+    # inside the suite's per-test timeout (a quadratic rule took minutes on them).
+    for sender in ("MAILER-DAEMON@mx.example.org", "ann@example.org"):
+        raw = (
+            f"From: {sender}\nSubject: Re: Offer\nIn-Reply-To: <twoway.x@example.com>\n"
+            "Content-Type: text/plain\n\n"
+        ).encode() + body.encode()
+        verdict = classify(parse(raw), CTX)
+        assert verdict.kind in ("bounce", "reply", "auto_reply")
+        assert not verdict.reason.startswith("classifier error")

@@ -39,7 +39,7 @@ FLOORS = {
     "notification recall": 1.0,
     "bounce hard/soft agreement": 1.0,
     "failed-recipient accuracy": 0.989,
-    "reply-text checks": 0.95,
+    "reply-text checks": 0.983,
 }
 
 

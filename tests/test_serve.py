@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import base_config_data, twoway_cmd
+from tests.conftest import base_config_data
 from tests.imap_server import free_port
 from tests.served import Served
 from tests.smtp_server import SmtpServer
@@ -63,21 +61,28 @@ def import_two(cfg: Path, tmp_path: Path) -> None:
 
 
 def run_once(cfg: Path, when: datetime) -> None:
-    subprocess.run(
-        twoway_cmd(cfg, "run", "--once"), env=_env(at(when)), check=True, capture_output=True
-    )
+    """One pass of the worker at `when` (as `twoway run --once` with TWOWAY_NOW)."""
+    from worker.runner import Worker
+
+    app = App.open(load_config(cfg, env={}), lambda: when)
+    worker = Worker(app)
+    try:
+        assert not worker.run_once().errors
+    finally:
+        worker.close()
+        app.close()
 
 
 def lead_json(cfg: Path, email: str) -> dict[str, Any]:
-    out = subprocess.run(
-        twoway_cmd(cfg, "leads", "show", email, "--json"),
-        env=_env(at(T0)),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    data: dict[str, Any] = json.loads(out.stdout)
-    return data
+    """What `twoway leads show EMAIL --json` prints."""
+    from worker.leads import show_lead
+
+    app = App.open(load_config(cfg, env={}), lambda: T0)
+    try:
+        with app.transaction() as s:
+            return show_lead(s, email)
+    finally:
+        app.close()
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:

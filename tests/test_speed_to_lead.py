@@ -1,4 +1,4 @@
-"""Speed to lead: business hours, reassignment, the commands, and the 0004_rep migration.
+"""Speed to lead: business hours, reassignment, the commands, and the 0005_rep migration.
 
 The mail goes through the Maildir transport of the base test config (a real outbox on
 disk); the end-to-end story on Dovecot and aiosmtpd is in test_rep_reply_e2e.py.
@@ -194,7 +194,7 @@ def test_it_upgrades_a_database_made_by_the_previous_revision(database_url: str)
     from alembic import command
 
     engine = db.make_engine(database_url)
-    command.upgrade(db._alembic_config(engine), "0003_shape")
+    command.upgrade(db._alembic_config(engine), "0004_scale")
     assert "handoffs" not in set(inspect(engine).get_table_names())
     now = datetime(2026, 12, 1, 10, 0)
     with engine.begin() as conn:

@@ -79,3 +79,14 @@ def test_it_upgrades_a_database_made_by_the_previous_revision(database_url: str)
         row = conn.execute(text("SELECT step, waiting FROM enrollments")).one()
     assert tuple(row) == (1, None)
     engine.dispose()
+
+
+def test_it_refuses_a_20_mb_field_with_the_file_and_line(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(base_config_data(sqlite_url, tmp_path)))
+    big = tmp_path / "big.csv"
+    big.write_text("email,reason\n@ok.example,fine\nx@y.org," + "z" * 20_000_000 + "\n")
+    out = run(cfg, "suppress", "import", str(big))
+    assert out.returncode == 2
+    assert f"{big}:3: not a readable CSV row" in out.stderr and "Traceback" not in out.stderr
+    assert json.loads(run(cfg, "suppress", "list", "--json").stdout) == []  # all or nothing

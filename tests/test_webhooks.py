@@ -205,6 +205,10 @@ def test_every_event_arrives_across_sigkills_and_bursts_of_failures(
     assert all(len(bodies) == 1 for bodies in flaky.bodies.values())
     assert flaky.bad_signatures == 0 and broken.bad_signatures == 0
     assert flaky.requests > n  # failures and kills made it send some more than once
+    print(
+        f"{n} events: {flaky.requests} requests to the flaky endpoint, "
+        f"{broken.requests} to the broken one, {kills} SIGKILLs"
+    )
     out = subprocess.run(
         twoway_cmd(cfg, "status", "--json"), env=env, capture_output=True, text=True, check=True
     )
@@ -217,3 +221,30 @@ def test_every_event_arrives_across_sigkills_and_bursts_of_failures(
     assert f"dead {n // 2}" in text and "to broken after 2 attempt(s): HTTP 500" in text
     flaky.stop()
     broken.stop()
+
+
+def test_two_workers_delivering_at_once_send_each_event_once(
+    database_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    import threading
+
+    from worker.webhooks import deliver_due
+
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(SECRET)
+    config = base_config(database_url, tmp_path, webhooks=[hook(receiver.url, secret)])
+    apps = [App.open(config, lambda: datetime.now(UTC)) for _ in range(2)]
+    with apps[0].transaction() as s:
+        import_leads(s, [(i + 2, {"email": f"w{i}@example.org"}) for i in range(40)], MONDAY)
+        for i in range(40):
+            mark_lead(s, f"w{i}@example.org", "customer", MONDAY, None)
+    delivered: list[int] = []
+    threads = [threading.Thread(target=lambda a=a: delivered.append(deliver_due(a))) for a in apps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sum(delivered) == 40
+    assert receiver.requests == 40 and len(receiver.keys()) == 40  # none sent twice
+    for a in apps:
+        a.close()

@@ -1,15 +1,16 @@
 """Assignment: which sales rep gets a new prospect, and a sentence saying why.
 
 `assign` only reads the database; the caller (the lifecycle) records the choice by setting
-`Lead.owner` and appending an "assigned" `LeadEvent` with detail `{"rep": email,
-"reason": reason}` in the same transaction. Everything here is derived from those rows,
-never from in-process counters, so any number of workers sharing the database agree.
+`Lead.owner`, appending an "assigned" `LeadEvent` with detail `{"rep": email, "reason":
+reason}` and calling `note_assignment`, in the same transaction. Everything here is
+derived from those rows, never from in-process counters, so any number of workers
+sharing the database agree; every read is a bounded indexed lookup.
 
 The rules, first that gives a rep wins:
 
 0. The lead already has an owner who is a configured rep: it stays with them.
 1. Account ownership: another lead of the same company — same email domain, or the same
-   company name compared case-insensitively — already has an owner who is still a
+   company name compared case-insensitively with inner spaces collapsed (`company_key`) — already has an owner who is still a
    configured rep (the most recently updated such lead decides): that rep, so an account
    has one voice. This ignores `daily_cap` and `weight` (they balance new business, and
    splitting an account would confuse the customer) but not absence: an away owner is
@@ -29,27 +30,29 @@ The rules, first that gives a rep wins:
    it. Weight-0 reps never take round-robin leads.
 
 Available means not away and under the daily cap. A rep is away while today (the UTC date
-of `now`) is before `away_until`, and back ON `away_until`. The daily cap counts the leads
-owned by the rep that got an "assigned" event today (UTC).
+of `now`) is before `away_until`, and back ON `away_until`. The daily cap counts the
+prospects assigned to the rep today (UTC), from the `rep_assignments` counters that
+`note_assignment` keeps beside each "assigned" event.
 
-Weighted round robin picks the available rep with the fewest "assigned" events naming
-them (`detail.rep`, all time) per unit of weight; ties go to the earlier rep in the
+Weighted round robin picks the available rep with the fewest assignments (all time, from
+the same counters) per unit of weight; ties go to the earlier rep in the
 config. Over time each rep's share is proportional to their weight. A rep who was away or
 newly added catches up by taking the next leads (bounded by their daily cap, if any).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime
 from fractions import Fraction
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from worker.config import Config, Rep, RepMatch
-from worker.models import Lead, LeadEvent
+from worker.models import Lead, RepAssignments, company_key
 
 # Addresses at these domains belong to people, not companies: sharing one says nothing.
 CONSUMER_DOMAINS = frozenset(
@@ -157,30 +160,80 @@ def _rep_by_email(reps: Sequence[Rep], email: str | None) -> Rep | None:
 
 def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[Rep, str] | None:
     """The configured rep who owns the lead's company, and how the company was recognised
-    (its domain, or its name in quotes); None when no owned lead shares either."""
+    (its domain, or its name in quotes); None when no owned lead shares either.
+
+    Two indexed lookups (domain, owner) and (company_key, owner), each reading only the
+    company's leads owned by a configured rep, however many leads the company has.
+    """
     domain = (lead.domain or lead.email.rsplit("@", 1)[-1]).strip().lower()
     company = (lead.company or "").strip()
-    same: list[ColumnElement[bool]] = []
-    by_domain = bool(domain) and domain not in CONSUMER_DOMAINS
-    if by_domain:
-        same.append(Lead.domain == domain)
-    if company.casefold() not in PLACEHOLDER_COMPANIES:
-        # lower() on both sides: the database's own notion of case (SQLite folds ASCII only).
-        same.append(func.lower(func.trim(Lead.company)) == func.lower(company))
-    if not same:
+    key = company_key(company)
+    emails = [rep.email for rep in reps]
+    found: list[tuple[datetime, int, str, str]] = []
+    wheres: list[tuple[ColumnElement[bool], str]] = []
+    if domain and domain not in CONSUMER_DOMAINS:
+        wheres.append((Lead.domain == domain, domain))
+    if key is not None and company.casefold() not in PLACEHOLDER_COMPANIES:
+        wheres.append((Lead.company_key == key, repr(company)))
+    for where, what in wheres:
+        query = (
+            select(Lead.updated_at, Lead.id, Lead.owner)
+            .where(where, Lead.owner.in_(emails))
+            .order_by(Lead.updated_at.desc(), Lead.id.desc())
+            .limit(1)
+        )
+        if lead.id is not None:
+            query = query.where(Lead.id != lead.id)
+        row = session.execute(query).first()
+        if row is not None and row.owner is not None:
+            found.append((row.updated_at, row.id, row.owner, what))
+    if not found:
         return None
-    query = (
-        select(Lead.owner, Lead.domain)
-        .where(Lead.owner.is_not(None), or_(*same))
-        .order_by(Lead.updated_at.desc(), Lead.id.desc())
-    )
-    if lead.id is not None:
-        query = query.where(Lead.id != lead.id)
-    for owner, other_domain in session.execute(query):
-        rep = _rep_by_email(reps, owner)
-        if rep is not None:
-            return rep, domain if by_domain and other_domain == domain else repr(company)
-    return None
+    # The most recently updated owned lead decides; the domain wins a tie.
+    _at, _id, owner, what = max(found, key=lambda f: (f[0], f[1]))
+    rep = _rep_by_email(reps, owner)
+    return (rep, what) if rep is not None else None
+
+
+_PENDING = "twoway.rep_assignments"
+
+
+def note_assignment(session: Session, rep_email: str, now: datetime) -> None:
+    """Count one prospect assigned to `rep_email` today (UTC), in the caller's transaction.
+
+    The caller records the "assigned" event too; round robin and daily caps read these
+    counters. The increment is kept in the session and written just before its commit
+    (`write_assignments`), so a long transaction (a batch of inbound mail) holds the
+    counter rows, which every worker shares, only for that instant, and always in the
+    same order (no deadlock between two workers' batches). Reads in the same
+    transaction see it at once.
+    """
+    pending: Counter[tuple[str, date]] = session.info.setdefault(_PENDING, Counter())
+    pending[(rep_email, now.astimezone(UTC).date())] += 1
+
+
+def write_assignments(session: Session) -> None:
+    """Write the increments `note_assignment` kept (upserts in (rep, day) order)."""
+    pending: Counter[tuple[str, date]] | None = session.info.pop(_PENDING, None)
+    if not pending:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    for (rep, day), n in sorted(pending.items()):
+        stmt = upsert(RepAssignments).values(rep=rep, day=day, assigned=n)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["rep", "day"], set_={"assigned": RepAssignments.assigned + n}
+            )
+        )
+
+
+def _pending(session: Session) -> Counter[tuple[str, date]]:
+    found: Counter[tuple[str, date]] = session.info.get(_PENDING) or Counter()
+    return found
 
 
 # --- rules ------------------------------------------------------------------------------
@@ -258,30 +311,30 @@ class _State:
 
     def today_counts(self) -> dict[str, int]:
         if self._today_counts is None:
-            start = datetime.combine(self.today, time(0), tzinfo=UTC)
             rows = self.session.execute(
-                select(Lead.owner, func.count(func.distinct(Lead.id)))
-                .join(LeadEvent, LeadEvent.lead_id == Lead.id)
-                .where(
-                    LeadEvent.type == "assigned",
-                    LeadEvent.at >= start,
-                    LeadEvent.at < start + timedelta(days=1),
-                    Lead.owner.in_([r.email for r in self.reps]),
+                select(RepAssignments.rep, RepAssignments.assigned).where(
+                    RepAssignments.day == self.today,
+                    RepAssignments.rep.in_([r.email for r in self.reps]),
                 )
-                .group_by(Lead.owner)
             )
-            self._today_counts = {owner: n for owner, n in rows if owner is not None}
+            counts = {rep: n for rep, n in rows}
+            for (rep, day), n in _pending(self.session).items():
+                if day == self.today:
+                    counts[rep] = counts.get(rep, 0) + n
+            self._today_counts = counts
         return self._today_counts
 
     def totals(self) -> dict[str, int]:
         if self._totals is None:
-            rep_of = LeadEvent.detail["rep"].as_string()
             rows = self.session.execute(
-                select(rep_of, func.count())
-                .where(LeadEvent.type == "assigned", rep_of.in_([r.email for r in self.reps]))
-                .group_by(rep_of)
+                select(RepAssignments.rep, func.sum(RepAssignments.assigned))
+                .where(RepAssignments.rep.in_([r.email for r in self.reps]))
+                .group_by(RepAssignments.rep)
             )
-            self._totals = {rep: n for rep, n in rows if rep is not None}
+            totals = {rep: int(n or 0) for rep, n in rows}
+            for (rep, _day), n in _pending(self.session).items():
+                totals[rep] = totals.get(rep, 0) + n
+            self._totals = totals
         return self._totals
 
     def round_robin(self, candidates: Sequence[Rep]) -> tuple[Rep, str]:

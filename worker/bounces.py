@@ -32,7 +32,12 @@ __all__ = [
 
 Outcome = Literal["failed", "delayed", "delivered"]
 
-_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|[\w.+-]+@\[[\d.]+\]")
+# Each starts only where a local part can start (the lookbehinds), so a long run of
+# address characters without an "@" costs one pass, not one per position.
+_ADDR_RE = re.compile(
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[A-Za-z]{2,}|"
+    r"(?<![\w.+-])[\w.+-]+@\[[\d.]+\]"
+)
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
 _SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*:|\]:)\s*([45]\d\d)(?:[ -]|$)")
@@ -81,13 +86,14 @@ _STRONG_DELAY_RE = re.compile(
 )
 # Where the copy of the returned message starts in a plain-text bounce.
 _RETURNED_MARKER_RE = re.compile(
-    r"(?im)^[\s>-]*(?:-{2,}\s*)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
+    # Possessive prefixes: a long run of dashes is read once (no cubic backtracking).
+    r"(?im)^[\s>]*+(?:-++\s*+)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
     r"the\s+message|original\s+message\s+follows|the\s+original\s+message\s+follows|"
-    r"-+\s*original\s+message|-+\s*returned\s+message|\s*unsent\s+message\s+below|"
-    r"-+\s*the\s+header\s+of\s+the\s+original|returned\s+mail\s+follows|"
-    r"-+\s*transcript\s+of\s+session\s+follows|message\s+text\s+follows|"
-    r"-+\s*message\s+header\s+follows|-+\s*original\s+text\s+follows|"
-    r"-+\s*undelivered\s+message|-+\s*this\s+is\s+a\s+copy)"
+    r"original\s+message|returned\s+message|unsent\s+message\s+below|"
+    r"the\s+header\s+of\s+the\s+original|returned\s+mail\s+follows|"
+    r"transcript\s+of\s+session\s+follows|message\s+text\s+follows|"
+    r"message\s+header\s+follows|original\s+text\s+follows|"
+    r"undelivered\s+message|this\s+is\s+a\s+copy)"
 )
 _RETURNED_HEADERS_RE = re.compile(
     r"(?im)^(?:received|return-path|message-id|x-[\w-]+|mime-version):[^\n]*\n(?:[ \t][^\n]*\n)*"
@@ -159,8 +165,9 @@ Reason = Literal[
     "system_error",
     "other",
 ]
-# The two reasons that say the address is dead. Everything else is soft: a problem of
-# our own sender or reputation, of size or load, or a temporary one.
+# The two reasons that say the address is dead. Every other named reason is soft: a
+# problem of our own sender or reputation, of size or load, or a temporary one. An
+# unnamed ("other") permanent failure is hard (see bounce_reason).
 HARD_REASONS: frozenset[str] = frozenset({"user_unknown", "host_unknown"})
 
 # Diagnostic wording, most specific first. Each names the signal and where it is used:
@@ -363,8 +370,9 @@ def bounce_reason(
     diagnostic's before the context's (a "mailbox full" under a wrong 5.1.1, "no such
     user here" under 5.0.0 or 550); then the status code (one in the text is read too,
     it is often finer than the Status field); then weaker wording (policy, system).
-    Hard only for `user_unknown` and `host_unknown`, and never for a temporary failure
-    (class 4, or an SMTP 4xx without a class 5 code): a dead address gets a 5xx.
+    Hard for `user_unknown` and `host_unknown`, and for a permanent failure whose words
+    name no reason (`other` under a 5.x.x, a 5xx, "failed permanently"); never for a
+    temporary failure (class 4, or an SMTP 4xx without a class 5 code).
     """
     diag = (diagnostic or "")[:4000]
     around = context[:4000]
@@ -390,7 +398,21 @@ def bounce_reason(
     if reason is None:
         reason = "spam_policy" if any(c.split(".")[1] == "7" for c in codes) else "other"
     hard = reason in HARD_REASONS and not temporary
+    if reason == "other" and not temporary:
+        # A permanent failure that names no reason: the class decides, as Sisimai does
+        # for its "undefined" reason (5.x.x or a 5xx reply, or "failed permanently").
+        hard = (
+            permanent
+            or (smtp_code is not None and smtp_code >= 500)
+            or bool(_PERMANENT_RE.search(both))
+        )
     return reason, "hard" if hard else "soft"
+
+
+_PERMANENT_RE = re.compile(
+    r"(?i)failed\s+permanently|permanent\s+(?:fatal\s+)?(?:error|failure)|permanently\s+failed|"
+    r"had\s+permanent\s+fatal\s+errors"
+)
 
 
 def _specific(text: str) -> Reason | None:
@@ -419,8 +441,14 @@ def _is_daemon(msg: ParsedMessage) -> bool:
     )
 
 
+# A report's own words and the returned headers sit in its first part: no detector reads
+# further than this, whatever the size of the message.
+_SCAN = 100_000
+
+
 def _human_part(text: str) -> str:
     """The bounce's own words: the text before the copy of the returned message."""
+    text = text[:_SCAN]
     cut = len(text)
     marker = _RETURNED_MARKER_RE.search(text)
     if marker:
@@ -438,7 +466,7 @@ def _returned_ids(msg: ParsedMessage) -> tuple[str, ...]:
         ids += re.findall(r"<([^<>\s]+)>", value) or [value.strip().strip("<>")]
     if not ids:
         # Plain-text bounces quote the returned headers inline.
-        for match in re.finditer(r"(?im)^\s*message-id:\s*<([^<>\s]+)>", msg.text):
+        for match in re.finditer(r"(?im)^\s*message-id:\s*<([^<>\s]+)>", msg.text[:_SCAN]):
             ids.append(match.group(1))
     return tuple(dict.fromkeys(i for i in ids if i))
 
@@ -605,7 +633,7 @@ def _from_dsn(msg: ParsedMessage) -> BounceReport | None:
     if not blocks and (
         msg.content_type == "multipart/report" or _is_daemon(msg) or msg.return_path == ""
     ):
-        blocks = tuple(_fields_in_text(msg.text))
+        blocks = tuple(_fields_in_text(msg.text[:_SCAN]))
     if not blocks:
         return None
     failed: list[DeliveryStatus] = []

@@ -136,8 +136,8 @@ def resume_campaign(
             .where(
                 OutboundMessage.campaign == name,
                 OutboundMessage.kind == "nurture",
+                # Held while paused (an hour at a time): all of them get a slot now.
                 OutboundMessage.status == "queued",
-                OutboundMessage.next_attempt_at <= now,
             )
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
         ).all()
@@ -448,6 +448,14 @@ def campaign_stats(s: Session, config: Config) -> list[dict[str, Any]]:
             .group_by(Enrollment.campaign)
         ).all()
     )
+    at_step = {
+        (name, step): n
+        for name, step, n in s.execute(
+            select(Enrollment.campaign, Enrollment.step, func.count())
+            .where(Enrollment.state.in_(("active", "paused")))
+            .group_by(Enrollment.campaign, Enrollment.step)
+        )
+    }
     sent_rows = s.execute(
         select(
             OutboundMessage.id,
@@ -526,6 +534,7 @@ def campaign_stats(s: Session, config: Config) -> list[dict[str, Any]]:
             step = {
                 "step": i + 1,
                 "template": templates[0] if templates else (rows[0].template if rows else ""),
+                "waiting": at_step.get((name, i), 0),
                 **step_counts,
                 "reply_rate": _rate(step_counts["replied"], step_counts["sent"]),
                 "variants": variants if count > 1 else [],

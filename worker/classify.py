@@ -293,7 +293,21 @@ def _body_auto_reply(msg: ParsedMessage, reply_text: str) -> str | None:
     ooo = len(new) < 3000 and _OOO_BODY_RE.search(new[:1500])
     if ooo and detect_intent(new)[0] != "positive":
         return "out-of-office wording in the new text"
+    # "We have received your request" is a ticket system when something else says so: a
+    # ticket number, a no-reply sender, or the message calling itself automated.
+    if _ACK_BODY_RE.search(new[:1500]) and (
+        _TICKET_SUBJECT_RE.search(msg.subject)
+        or (msg.from_addr and _NOREPLY_RE.match(msg.from_addr))
+        or _ACK_SECOND_RE.search(new[:3000])
+    ):
+        return "ticket acknowledgement wording"
     return None
+
+
+_ACK_SECOND_RE = re.compile(
+    r"(?i)automat(?:ic|ed|ically)|do\s+not\s+reply|don't\s+reply|ticket\s*(?:#|number|id)|"
+    r"case\s+(?:#|number)|reference\s+number|within\s+\d+\s+(?:business\s+)?(?:hours|days)"
+)
 
 
 _JMRP_SUBJECT_RE = re.compile(r"(?i)^\s*complaint\s+about\s+message\s+from\b")
@@ -753,7 +767,8 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
         return Classification(kind="notification", reason=f"no-reply sender {msg.from_addr}")
 
     # 5. unsubscribe (the unsubscribe address was read above)
-    words = new_words(reply_text)
+    # What someone asks for is in the first pages they wrote: bound the intent scans.
+    words = new_words(reply_text)[:20_000]
     subject_words = re.sub(r"(?i)^\s*(?:(?:re|aw|sv|antw|fwd?|wg)\s*:\s*)+", "", msg.subject)
     bulk = _bulk_signal(msg)
     list_reply = bulk is not None and _threads_to_us(msg, ctx) and bool(msg.in_reply_to)

@@ -15,7 +15,7 @@ import click
 from worker import __version__
 from worker.app import App
 from worker.config import ConfigError, clock_from_env, load_config
-from worker.db import DatabaseError
+from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -252,6 +252,8 @@ def leads_import(
                 )
             if result.strict_failed:
                 session.rollback()
+        if result.imported or result.updated:
+            refresh_statistics(app.engine)  # thousands of new rows change the plans
         if as_json:
             _print_json({"file": str(file), **result.as_json()})
         else:

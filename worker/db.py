@@ -59,6 +59,17 @@ def as_unavailable(exc: BaseException) -> DatabaseUnavailable:
     return err
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is a deadlock or serialization failure (SQLSTATE 40P01, 40001): the
+    transaction collided with another worker's and may simply be tried again."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return code in ("40P01", "40001")
+    return False
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database is unavailable now rather than that the statement
     is wrong (see DatabaseUnavailable). Walks the cause chain."""
@@ -119,8 +130,44 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     return create_engine(u, pool_pre_ping=True)
 
 
+# The tables whose plans depend on their size; small ones (mailbox_state, leases) are not.
+_GROWING = ("leads", "enrollments", "outbound_messages", "inbound_messages", "lead_events")
+
+
+def refresh_statistics(engine: Engine) -> None:
+    """Give the query planner fresh table statistics (after an import, and periodically).
+
+    SQLite has none unless ANALYZE runs; `analysis_limit` bounds the work to a sample of
+    each index (well under a second at a million leads). PostgreSQL's autovacuum keeps
+    them up to date in steady state; right after a bulk import it may lag, so ANALYZE
+    the growing tables then. Failures are logged and ignored: statistics are an
+    optimisation, never a reason to fail a command.
+    """
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
+                conn.exec_driver_sql("PRAGMA optimize")
+            else:
+                conn.exec_driver_sql("ANALYZE " + ", ".join(_GROWING))
+            conn.commit()
+    except Exception as e:  # optimisation only; the next refresh tries again
+        logger.warning("could not refresh the database statistics: %s", e)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions for `engine`; whatever a unit of work kept for its commit (the reps'
+    assignment counters) is written just before it commits."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+
+    @event.listens_for(factory, "before_commit")
+    def _deferred(session: Session) -> None:
+        from worker.assign import write_assignments
+
+        write_assignments(session)
+
+    return factory
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
-from worker.db import as_unavailable, is_unavailable
+from worker.db import as_unavailable, is_conflict, is_unavailable
 from worker.lifecycle import apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
@@ -167,7 +167,9 @@ def process_batch(
                         break
                 _advance(s, mb.name, done[-1].fetched)
         except Exception as e:
-            if is_unavailable(e):
+            # A deadlock with another worker's batch (both hold leads and rep counters
+            # for up to BATCH_SECONDS) is settled by replaying in short transactions.
+            if is_unavailable(e) and not is_conflict(e):
                 raise as_unavailable(e) from e
             replay = batch[i : i + len(done) + 1]
             logger.info(

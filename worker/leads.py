@@ -28,6 +28,7 @@ from worker.models import (
     LeadStatus,
     OutboundMessage,
     OutboxState,
+    company_key,
 )
 from worker.webhooks import on_status
 
@@ -282,7 +283,13 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
         raise LeadError(f"{path}:1: the header row needs an 'email' column")
     prev_line = 1
-    for raw in reader:
+    while True:
+        try:
+            raw = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over the csv module's limit, or a NUL byte
+            raise LeadError(f"{path}:{prev_line + 1}: not a readable CSV row ({e})") from None
         start = prev_line + 1
         prev_line = reader.line_num
         if not any((v or "").strip() for v in raw.values() if isinstance(v, str)):
@@ -356,12 +363,15 @@ def import_leads(
             if email in existing:
                 lead_id, custom = existing[email]
                 fields.update(id=lead_id, custom={**custom, **fields["custom"]}, updated_at=now)
+                if "company" in fields:
+                    fields["company_key"] = company_key(fields["company"])
                 updates.append(fields)
                 continue
             inserts.append(
                 {
                     **dict.fromkeys(KNOWN_COLUMNS[1:]),
                     **fields,
+                    "company_key": company_key(fields.get("company")),
                     "status": LeadStatus.LEAD,
                     "reply_token": new_token(),
                     "domain": email.rsplit("@", 1)[1],

@@ -12,12 +12,12 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker import handoffs
 from worker.app import App
-from worker.assign import CONSUMER_DOMAINS, assign
+from worker.assign import CONSUMER_DOMAINS, assign, note_assignment
 from worker.classify import Classification, strip_reply_prefixes
 from worker.compose import LOOP_HEADER, new_message_id
 from worker.config import Rep
@@ -163,7 +163,9 @@ def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessa
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
     has_soft = s.scalar(
-        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
+        select(LeadEvent.id)
+        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
+        .limit(1)
     )
     if has_soft:
         record_event(
@@ -224,7 +226,9 @@ def _reply(
 ) -> None:  # fmt: skip
     cause = _cause(row)
     first = not s.scalar(
-        select(func.count()).where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+        select(LeadEvent.id)
+        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+        .limit(1)
     )
     if first:
         record_event(
@@ -278,6 +282,7 @@ def promote(
     rep = a.rep
     if rep is not None:
         lead.owner = rep.email
+        note_assignment(s, rep.email, now)
         record_event(
             s,
             lead,
@@ -460,6 +465,7 @@ def _why_two_way(match: Match, cls: Classification) -> str:
     )
 
 
+THREAD_ITEMS = 20
 _THREAD_TEXT = 2000
 
 
@@ -467,12 +473,16 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, dict[str, Any]]] = []
+    # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
     for o in s.scalars(
-        select(OutboundMessage).where(
+        select(OutboundMessage)
+        .where(
             OutboundMessage.lead_id == lead.id,
             OutboundMessage.status == OutboxState.SENT,
             OutboundMessage.kind.in_(("nurture", "followup")),
         )
+        .order_by(OutboundMessage.id.desc())
+        .limit(THREAD_ITEMS)
     ):
         at = o.sent_at or o.created_at
         summary = (
@@ -482,7 +492,12 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    for m in s.scalars(select(InboundMessage).where(InboundMessage.lead_id == lead.id)):
+    for m in s.scalars(
+        select(InboundMessage)
+        .where(InboundMessage.lead_id == lead.id)
+        .order_by(InboundMessage.id.desc())
+        .limit(THREAD_ITEMS)
+    ):
         at = m.sent_date or m.received_at
         is_current = m.id == current.id
         seen_current = seen_current or is_current
@@ -510,40 +525,85 @@ def _thread_item(
     }
 
 
+ACCOUNT_MAX_LEADS = 50
+"""A company with more leads than this is a large employer, not a prospect's team:
+one person's reply there neither pauses nor reassigns their colleagues."""
+
+
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
 ) -> list[dict[str, str]]:
     """Colleagues at the same company pause their nurture and go to the same rep.
 
-    Returns who was paused (name, email, title), for the handoff to show."""
+    Set-based and bounded: a count that stops at ACCOUNT_MAX_LEADS + 1, one UPDATE of the
+    colleagues' active enrollments, one of their missing owners, and one event per
+    colleague something actually changed for. Returns those colleagues (name, email,
+    title), for the handoff to show.
+    """
     campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return []
-    colleagues = s.scalars(
-        select(Lead).where(
-            Lead.domain == lead.domain, Lead.id != lead.id, Lead.status == LeadStatus.LEAD
-        )
-    ).all()
-    shown: list[dict[str, str]] = []
-    for other in colleagues:
-        res = s.execute(
+    same = select(Lead.id).where(Lead.domain == lead.domain, Lead.id != lead.id)
+    size = s.scalar(select(func.count()).select_from(same.limit(ACCOUNT_MAX_LEADS + 1).subquery()))
+    if not size:
+        return []
+    if size > ACCOUNT_MAX_LEADS:
+        record_event(
+            s, lead, "account_skipped",
+            f"{lead.domain} has more than {ACCOUNT_MAX_LEADS} other leads: a large employer, "
+            "so colleagues' nurture goes on and they keep their own reps",
+            now,
+        )  # fmt: skip
+        return []
+    colleagues = same.where(Lead.status == LeadStatus.LEAD).scalar_subquery()
+    paused = set(
+        s.scalars(
             update(Enrollment)
-            .where(Enrollment.lead_id == other.id, Enrollment.state == EnrollmentState.ACTIVE)
+            .where(Enrollment.lead_id.in_(colleagues), Enrollment.state == EnrollmentState.ACTIVE)
             .values(state=EnrollmentState.PAUSED, paused_until=None, updated_at=now)
+            .returning(Enrollment.lead_id)
+            .execution_options(synchronize_session=False)
         )
-        if rep_email and not other.owner:
-            other.owner = rep_email
-        if getattr(res, "rowcount", 0) or rep_email:
-            record_event(
-                s, other, "account_paused",
-                f"colleague {lead.email} became a prospect: nurture paused, shown to {rep_email or 'the team'}",
-                now,
-            )  # fmt: skip
-            name = " ".join(x for x in (other.first_name, other.last_name) if x)
-            shown.append({"name": name or other.email, "email": other.email,
-                          "title": other.title or ""})  # fmt: skip
-    return shown
+    )
+    owned: set[int] = set()
+    if rep_email:
+        owned = set(
+            s.scalars(
+                update(Lead)
+                .where(Lead.id.in_(colleagues), Lead.owner.is_(None))
+                .values(owner=rep_email, updated_at=now)
+                .returning(Lead.id)
+                .execution_options(synchronize_session="fetch")
+            )
+        )
+    if not (paused or owned):
+        return []
+    shown = rep_email or "the team"
+    s.execute(
+        insert(LeadEvent),
+        [
+            {
+                "lead_id": other,
+                "at": now,
+                "type": "account_paused",
+                "from_status": None,
+                "to_status": None,
+                "cause": f"colleague {lead.email} became a prospect: "
+                + ("nurture paused, " if other in paused else "")
+                + (f"now owned by {shown}" if other in owned else f"shown to {shown}"),
+                "detail": {},
+                "inbound_id": None,
+            }
+            for other in sorted(paused | owned)
+        ],
+    )
+    shown_to: list[dict[str, str]] = []
+    for other in s.scalars(select(Lead).where(Lead.id.in_(sorted(paused | owned)))):
+        name = " ".join(x for x in (other.first_name, other.last_name) if x)
+        shown_to.append({"name": name or other.email, "email": other.email,
+                         "title": other.title or ""})  # fmt: skip
+    return shown_to
 
 
 def _referral(

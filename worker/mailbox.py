@@ -481,6 +481,36 @@ class ImapSource:
                 return True
         return False
 
+    def watch(self, folder: str, seconds: float, stop: threading.Event) -> bool:
+        """IDLE on `folder` for at most `seconds` (renewed every IDLE_RENEW_SECONDS).
+
+        For a watcher that holds its own connection to one folder: True as soon as the
+        server announces new mail (also when it came since this source last looked:
+        UIDNEXT moved, or an EXISTS arrived between two IDLE commands), False on timeout
+        or stop. Raises MailboxError; needs IDLE (`supports_idle`).
+        """
+        if not self.supports_idle:
+            raise MailboxError("the server does not offer IDLE", temporary=False)
+        deadline = time.monotonic() + seconds
+        if self._selected != (folder, True):
+            info = self.select(folder)
+            seen = self._fetched_uidnext.get(folder)
+            if info.uidnext is not None:
+                self._fetched_uidnext[folder] = info.uidnext
+            if seen is None or (info.uidnext is not None and info.uidnext > seen):
+                return True  # first look, or mail came while we were not idling
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._call("IMAP", "NOOP") as c:
+                _, pending = c.noop()
+            if _new_mail_signalled(pending):
+                return True
+            if self._idle_once(min(remaining, IDLE_RENEW_SECONDS), stop):
+                return True
+        return False
+
     def _idle_once(self, seconds: float, stop: threading.Event) -> bool:
         """One IDLE command of at most `seconds`; True when new mail was announced."""
         with self._call("IMAP", "IDLE") as c:
@@ -514,7 +544,9 @@ class ImapSource:
             if self._client is not None:
                 # Never send another command during IDLE: end it first, even on errors.
                 with self._call("IMAP", "IDLE") as c:
-                    c.idle_done()
+                    _text, late = c.idle_done()
+                # An EXISTS that came just before DONE must not be lost.
+                new_mail = new_mail or _new_mail_signalled(late)
         return new_mail
 
     # -- writing (only after the caller's commit) -------------------------------------

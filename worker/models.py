@@ -27,7 +27,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 
 class LeadStatus(StrEnum):
@@ -111,14 +111,28 @@ class Base(DeclarativeBase):
     }
 
 
+def company_key(name: str | None) -> str | None:
+    """A company name as accounts compare it: trimmed, inner spaces collapsed, casefolded
+    (Python's notion of case, so "ÉCOLE" and "école" meet on SQLite too)."""
+    key = " ".join((name or "").split()).casefold()[:300]
+    return key or None
+
+
 class Lead(Base):
     __tablename__ = "leads"
+    __table_args__ = (
+        # Colleagues (same domain) and account owners (same domain or company, with owner).
+        Index("ix_leads_domain_owner", "domain", "owner"),
+        Index("ix_leads_company_key_owner", "company_key", "owner"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
     first_name: Mapped[str | None] = mapped_column(String(200))
     last_name: Mapped[str | None] = mapped_column(String(200))
     company: Mapped[str | None] = mapped_column(String(300))
+    company_key: Mapped[str | None] = mapped_column(String(300))
+    """`company_key(company)`, kept in step by the ORM (Core writers set it themselves)."""
     title: Mapped[str | None] = mapped_column(String(300))
     industry: Mapped[str | None] = mapped_column(String(200))
     company_size: Mapped[int | None] = mapped_column(Integer)
@@ -134,10 +148,15 @@ class Lead(Base):
     score: Mapped[int | None] = mapped_column(Integer)
     qualification: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     reply_token: Mapped[str] = mapped_column(String(32), unique=True)
-    domain: Mapped[str] = mapped_column(String(255), index=True)
+    domain: Mapped[str] = mapped_column(String(255))
     referred_by_id: Mapped[int | None] = mapped_column(ForeignKey("leads.id", ondelete="SET NULL"))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+    @validates("company")
+    def _keep_company_key(self, _key: str, value: str | None) -> str | None:
+        self.company_key = company_key(value)
+        return value
 
 
 class Enrollment(Base):
@@ -145,6 +164,7 @@ class Enrollment(Base):
     __table_args__ = (
         UniqueConstraint("lead_id", "campaign"),
         Index("ix_enrollments_due", "state", "next_due"),
+        Index("ix_enrollments_lead_state", "lead_id", "state"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -165,12 +185,15 @@ class Enrollment(Base):
 
 class OutboundMessage(Base):
     __tablename__ = "outbound_messages"
-    __table_args__ = (Index("ix_outbound_queue", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbound_queue", "status", "next_attempt_at"),
+        Index("ix_outbound_lead_status", "lead_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(20))  # nurture | handoff | followup
-    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"))
     enrollment_id: Mapped[int | None] = mapped_column(
         ForeignKey("enrollments.id", ondelete="SET NULL")
     )
@@ -293,9 +316,10 @@ class LeadEvent(Base):
     """The append-only timeline of a lead: every status change and notable fact."""
 
     __tablename__ = "lead_events"
+    __table_args__ = (Index("ix_lead_events_lead_type", "lead_id", "type", "at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"))
     at: Mapped[datetime]
     type: Mapped[str] = mapped_column(String(40))
     from_status: Mapped[LeadStatus | None] = mapped_column(_states(LeadStatus))
@@ -329,6 +353,17 @@ class WorkerHeartbeat(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+
+
+class RepAssignments(Base):
+    """How many prospects each rep was assigned per UTC day: round robin and daily caps
+    read these counters instead of counting events."""
+
+    __tablename__ = "rep_assignments"
+
+    rep: Mapped[str] = mapped_column(String(320), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    assigned: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class CampaignState(Base):

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from worker import handoffs
 from worker.app import App
 from worker.bounces import address_is_dead
+from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
     clean_text,
@@ -47,7 +48,9 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.pacing import touch_wait
 from worker.rendering import Renderer
+from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
 CLAIM_BATCH = 20
@@ -229,15 +232,46 @@ def _must_wait(
     why_not = _must_not_send(s, row, lead)
     if why_not:
         return why_not
+    if row.kind in ("nurture", "followup"):
+        blocked = suppressed(s, [row.to_addr]).get(row.to_addr)
+        if blocked:
+            return blocked
     en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
     if row.kind == "nurture" and en is not None and en.state == EnrollmentState.PAUSED:
         return en.paused_until or now + timedelta(days=1)
+    if row.kind == "nurture":
+        later = _campaign_wait(s, app, row, lead, now)
+        if later is not None:
+            return later
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
     if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
             return day + timedelta(days=1)
     return None
+
+
+def _campaign_wait(
+    s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
+) -> datetime | None:
+    """A nurture row of a paused campaign, or one that would break the touch cap or gap."""
+    if row.campaign in paused_campaigns(s):
+        return now + timedelta(hours=1)  # `campaigns resume` gives it its slot
+    sender = app.config.sender
+    if sender.max_touches is None and sender.min_gap is None:
+        return None
+    if s.get_bind().dialect.name != "sqlite":
+        # One claim at a time per person, so two workers cannot both see room under the cap.
+        mine = select(Lead.id).where(Lead.id == lead.id).with_for_update(skip_locked=True)
+        if s.scalar(mine) is None:
+            return now + timedelta(seconds=5)
+    wait = touch_wait(s, sender, lead.id, now, exclude_row=row.id, sent_only=True)
+    if wait is None:
+        return None
+    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+    if en is not None:
+        en.waiting = f"{wait[1]}: waits until {wait[0].isoformat()}"
+    return wait[0]
 
 
 def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:

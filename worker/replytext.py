@@ -45,14 +45,17 @@ _VERBS = (
     r"wrote|writes|schrieb|geschrieben|a\s+écrit|écrit|escribió|escribio|escreveu|"
     r"ha\s+scritto|scrisse|schreef|geschreven|skrev|skriver|napisał\(a\)|napisała|napisał|"
     r"napsal|kirjoitti|írta|пишет|пише|написал[аи]?|написав|写道|寫道|書きました|작성|"
-    r"a\s+scris|έγραψε|كتب|napisana|kirjoitti|skrev|писал[аи]?|yazdı|napísal|je\s+napisal"
+    r"a\s+scris|έγραψε|كتب|napisana|kirjoitti|skrev|писал[аи]?|yazdı|napísal|je\s+napisal|"
+    r"napisao(?:\s+je)?|napisala(?:\s+je)?|đã\s+viết|menulis|rašė|va\s+escriure|escriure|"
+    r"написа|kirjutas|rakstīja|ezt\s+írta|odesílatel|wrote\s+on"
 )
-_VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)")
+# Chinese, Japanese and Korean verbs follow a name or a time with no space between.
+_VERB_RE = re.compile(rf"(?i)(?<!\w)(?:{_VERBS})(?!\w)|写道|寫道|書きました|님이\s*작성|작성")
 _STRONG_START_RE = re.compile(
     r"(?i)^(?:on|le|am|el|em|il|op|den|dnia|w\s+dniu|at|quoting|citando|zitat\s+von|"
     r"в|у|在|于|el\s+\w+,|στις|في|wiadomość|pe|den|dne|dňa)(?:\s|,)|^\d"
 )
-_SENTENCE_END_RE = re.compile(r"[^\W\d_]{2,}[.!?]$")
+_SENTENCE_END_RE = re.compile(r"(?<![^\W\d_])[^\W\d_]{2,}[.!?]$")
 _ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
 # Gmail's date-first attributions: "2016-10-24 15:36 GMT+02:00 Name <a@b>:" and kin.
 _DATE_FIRST_RE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b.*(?:GMT|@)")
@@ -73,13 +76,13 @@ _FROM_FIELD_RE = re.compile(
 )
 _ONE_LINE_OUTLOOK_RE = re.compile(r"(?i)^\s*\*?from:.{3,}\b(?:sent|date):")
 _SEPARATOR_RE = re.compile(
-    r"(?i)^[\s>*]*(?:-{2,}|_{2,})\s*(?:[^-_]*?(?:original|message|forward|nachricht|mensaje|"
+    r"(?i)^[\s>*]*(?:-{2,}|_{2,})\s*(?:(?:[^-_]|-(?=\w))*?(?:original|message|forward|nachricht|mensaje|"
     r"messaggio|bericht|mensagem|wrote|schrieb|origine|weitergeleitet|réexpédié|transféré|"
     r"reenviado|inoltrato|doorgestuurd|videresendt|vidarebefordrat|wiadomość|сообщение|"
     r"oprindelig|meddelelse|besked|opprinnelig|melding|ursprüngliche|alkuperäinen|viesti|"
     r"oryginalna|původní|zpráva|eredeti|üzenet|originală|mesaj|αρχικό|μήνυμα|исходное|"
     r"пересылаемое|повідомлення|原始邮件|原始郵件|元のメッセージ|orijinal|ileti)"
-    r"[^-_]*?)\s*(?:-{2,}|_{2,})[\s*]*$"
+    r"(?:[^-_]|-(?=\w))*?)\s*(?:-{2,}|_{2,})(?:[\s*]*$|\s*(?=[^\W\d_]{2,20}\s*:))"
 )
 _FORWARD_INTRO_RE = re.compile(
     r"(?i)^[\s>]*(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht|"
@@ -109,16 +112,16 @@ def _is_mobile_signature(line: str) -> bool:
     if len(text) >= 120 or not _MOBILE_SIG_RE.search(text):
         return False
     # "Sent from my desk, is much easier than my phone." is a person writing.
-    return "," not in text or bool(_DEVICE_RE.search(text))
+    return "," not in text or bool(_DEVICE_RE.search(text.split(",", 1)[0]))
 
 
 _DEVICE_RE = re.compile(r"(?i)iphone|ipad|android|outlook|mobile|samsung|galaxy|blackberry|phone")
 # Leading banners that mail gateways put above the text ("CAUTION: This email originated
 # from outside the organization", "[EXTERNAL]").
 _BANNER_RE = re.compile(
-    r"(?i)^\s*(?:\[?(?:caution|warning|external|attention|notice)\]?\s*[:!-]?.{0,300}"
+    r"(?i)^\s*(?:\[?(?:caution|warning|external|attention|notice)\]?\s*[:!-]?.{0,300}?"
     r"(?:external|outside\s+(?:of\s+)?(?:the|your|our)\s+organi[sz]ation|originated\s+outside)|"
-    r"\[external\].{0,300})$"
+    r"\[external\]).{0,400}$"
 )
 
 
@@ -172,13 +175,22 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
             text = _unquote(lines[probe])
             if text and _SENTENCE_END_RE.search(text):
                 break
-            if text and _STRONG_START_RE.match(text) and _is_attribution(lines[probe : end + 1]):
+            if (
+                text
+                and _STRONG_START_RE.match(text)
+                and re.search(r"\d|@", text)  # "Le 4 janv.," - not "Il est signalé ..."
+                and _is_attribution(lines[probe : end + 1])
+            ):
                 found_start = probe
             probe -= 1
         spans[found_start] = end + 1
         covered = end
+    inside = [False] * n  # lines within an attribution found above: one pass, not per line
+    for start, stop in spans.items():
+        for k in range(start, stop):
+            inside[k] = True
     for i, line in enumerate(lines):
-        if i <= covered and any(s <= i < e for s, e in spans.items()):
+        if inside[i]:
             continue
         text = line.strip()
         if not text:
@@ -203,6 +215,21 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
             fields = [b for b in block if _FIELD_RE.match(b)]
             if len(fields) >= 2 and any(_FROM_FIELD_RE.match(b) for b in block):
                 spans.setdefault(i, end)
+    # "Am 20.06.24 um 16:20 schrieb X" without its colon, right above a header block.
+    for start in list(spans):
+        prev = start - 1
+        while prev >= 0 and not lines[prev].strip():
+            prev -= 1
+        if prev < 0 or prev in spans or start - prev > 2:
+            continue
+        text = _unquote(lines[prev])
+        if (
+            len(text) < 300
+            and _STRONG_START_RE.match(text)
+            and _VERB_RE.search(text)
+            and re.search(r"\d", text)
+        ):
+            spans[prev] = spans.pop(start)
     return dict(sorted(spans.items()))
 
 
@@ -239,12 +266,26 @@ _SIGNOFF_RE = re.compile(
 )
 # The writer's name under a closing: a few capitalised words, no sentence.
 _NAME_RE = re.compile(r"^[\s*_]*[^\W\d_][\w.'’-]*(?:\s+[\w.'’-]+){0,3}[\s*_]*$")
-_DASH_NAME_RE = re.compile(r"^\s*(?:-{1,2}|/)\s?[^\W\d_][\w.'’-]*(?:\s+[^\W\d_][\w.'’-]*){0,2}\s*$")
+_DASH_NAME_RE = re.compile(r"^(?:-{1,2}|/)\s?[A-ZÀ-ÞĀ-Ž][\w.'’-]*(?:\s+[^\W\d_][\w.'’-]*){0,2}\s*$")
 
 
 def _is_title(line: str) -> bool:
     text = line.strip()
     return 0 < len(text) <= 60 and not _SENTENCE_END_RE.search(text) and "@" not in text
+
+
+# A device line the sender's client adds under the text ("Wysłane z iPhone'a",
+# "iPhoneから送信", "Saadetud minu iPhone'ist"): a short line naming a device, read only
+# as the last line of the text, so a sentence about a phone elsewhere is never cut.
+_DEVICE_LINE_RE = re.compile(
+    r"(?i)^\W*(?:[^\s]+\s+){0,5}?[^\s]*(?:iphon|ipad|android|blackberry|galaxy|samsung|huawei|"
+    r"xiaomi|pixel|outlook\s+(?:for|pour|für|para|voor|per|för|dla)\s+\w+)[^\s]*(?:\s+[^\s]+){0,4}?\W*$"
+)
+
+
+def _is_device_line(line: str) -> bool:
+    text = line.strip().strip(_BIDI).strip()
+    return 0 < len(text) <= 60 and len(text.split()) <= 7 and bool(_DEVICE_LINE_RE.match(text))
 
 
 def _cut_at_signoff(lines: list[str], strip_signoff: bool) -> list[str]:
@@ -275,7 +316,11 @@ def _cut_at_signoff(lines: list[str], strip_signoff: bool) -> list[str]:
         last = len(lines) - 1
         while last >= 0 and not lines[last].strip():
             last -= 1
-        if last > 0 and _DASH_NAME_RE.match(lines[last]):
+        prev = last - 1
+        while prev >= 0 and not lines[prev].strip():
+            prev -= 1
+        bullet = prev >= 0 and lines[prev].lstrip().startswith(("-", "/"))
+        if last > 0 and _DASH_NAME_RE.match(lines[last]) and not bullet:
             return lines[:last]
     return lines
 
@@ -370,6 +415,9 @@ def _trim_lines(lines: list[str], strip_signature: bool, strip_signoff: bool = F
         while trimmed and not trimmed[-1].strip():
             trimmed.pop()
     elif strip_signature:
+        filled = [k for k, line in enumerate(trimmed) if line.strip()]
+        if len(filled) > 1 and _is_device_line(trimmed[filled[-1]]):
+            trimmed = trimmed[: filled[-1]]
         trimmed = _cut_at_signoff(trimmed, strip_signoff)
         while trimmed and not trimmed[-1].strip():
             trimmed.pop()
@@ -387,6 +435,7 @@ _HTML_SKIP_CLASSES = (
     "moz-cite-prefix",
     "gmail_signature",
     "x_gmail_quote",
+    "moz-forward-container",
 )
 _HTML_STOP_IDS = (
     "divrplyfwdmsg",
@@ -521,7 +570,7 @@ _POSITIVE_RE = re.compile(
     r"\bgeïnteresseerd\b|\bprijs\b|\bofferte\b|\bafspraak\b|\bgesprek\b"
 )
 
-_EMAIL_RE = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL_RE = re.compile(r"(?<![\w.+'-])[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
 
 
 def wants_unsubscribe(words: str) -> bool:

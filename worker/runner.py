@@ -23,7 +23,7 @@ from worker.app import App
 from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
 from worker.config import MailboxConfig, Rep
-from worker.db import as_unavailable, is_unavailable
+from worker.db import as_unavailable, is_unavailable, refresh_statistics
 from worker.inbound import SyncResult, classify_context, sync_mailbox
 from worker.leases import (
     SqliteLock,
@@ -36,7 +36,7 @@ from worker.leases import (
     wall_clock,
 )
 from worker.lifecycle import handoff_to_new_rep
-from worker.mailbox import MailboxError, MailSource, open_source
+from worker.mailbox import IDLE_RENEW_SECONDS, ImapSource, MailboxError, MailSource, open_source
 from worker.mailer import Mailer
 from worker.models import (
     Enrollment,
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 DB_BACKOFF = 60.0
 """The longest wait between two passes while the database is unavailable."""
+STATS_SECONDS = 3600.0
+"""How often the daemon refreshes the planner's statistics (and once at start)."""
 ONCE_DB_ATTEMPTS = 6
 """`run --once` tries a pass this many times while the database is unavailable."""
 PASS_LIMIT = 200
@@ -73,6 +75,61 @@ class _Mailbox:
     retry_at: float = 0.0
     reported: bool = False
     leased: bool = False
+
+
+class _Watcher:
+    """A thread holding its own IMAP connection IDLE on one folder of one mailbox.
+
+    It sets `wake` whenever the server announces new mail there (and once after each
+    (re)connection, for mail that came meanwhile); IDLE is re-issued every
+    IDLE_RENEW_SECONDS, well within RFC 2177's 29 minutes; a broken connection is
+    reopened with exponential backoff. `idling` says whether it is in IDLE now.
+    """
+
+    def __init__(self, cfg: MailboxConfig, folder: str, wake: threading.Event) -> None:
+        self.cfg, self.folder, self.wake = cfg, folder, wake
+        self.idling = False
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"idle:{cfg.name}/{folder}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        source = ImapSource(self.cfg)
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if source.supports_idle is False or failures:
+                        source.connect()
+                    if not source.supports_idle:
+                        self.error = "the server does not offer IDLE"
+                        return
+                    self.idling, self.error, failures = True, None, 0
+                    if source.watch(self.folder, IDLE_RENEW_SECONDS, self._stop):
+                        self.wake.set()
+                except MailboxError as e:
+                    self.idling, self.error = False, str(e)
+                    failures += 1
+                    source.close()
+                    delay = min(MAX_BACKOFF, 2.0 ** min(failures, 8)) * random.uniform(0.5, 1)
+                    self._stop.wait(delay if e.temporary else MAX_BACKOFF)
+                    self.wake.set()  # the next pass reconnects the main source as well
+        finally:
+            self.idling = False
+            source.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
 
 @dataclass
@@ -122,6 +179,9 @@ class Worker:
         self._mailers: dict[str, Mailer] = {}
         self._closing = threading.Event()
         self._db_failures = 0
+        self._stats_at = float("-inf")
+        self._wake = threading.Event()
+        self._watchers: dict[tuple[str, str], _Watcher] = {}
         self._renewer: threading.Thread | None = None
         if self._lock is None and self.mailboxes:
             self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
@@ -137,6 +197,7 @@ class Worker:
         other: a reply is read within a pass even while thousands of steps go out.
         """
         self._limit = limit
+        self._wake.clear()  # mail announced from now on wakes the next wait
         result = PassResult()
         heartbeat(self.app, self.id, self.started)
         if not self._recovered or self._lock is None:
@@ -144,6 +205,10 @@ class Worker:
             # pass, for rows whose claim expired (their worker died mid-send).
             self._recover()
         self._balance()
+        if self._lock is not None and time.monotonic() - self._stats_at >= STATS_SECONDS:
+            # SQLite only: PostgreSQL's autovacuum keeps its statistics fresh.
+            refresh_statistics(self.app.engine)
+            self._stats_at = time.monotonic()
         for mb in self.mailboxes:
             if self.stop.is_set():
                 break
@@ -206,6 +271,7 @@ class Worker:
             self._let_go(mb)
 
     def _let_go(self, mb: _Mailbox) -> None:
+        self._stop_watchers(mb.cfg.name)
         if mb.connected:
             with contextlib.suppress(Exception):
                 mb.source.close()
@@ -271,10 +337,35 @@ class Worker:
                     s.add(st)
                 st.last_error, st.last_error_at = error[:2000], now
 
+    def _watch(self, mb: _Mailbox) -> None:
+        """One IDLE watcher per folder of a held IMAP mailbox that offers IDLE."""
+        if mb.cfg.kind != "imap" or not (mb.cfg.idle and mb.source.supports_idle):
+            return
+        for folder in mb.cfg.folders:
+            w = self._watchers.get((mb.cfg.name, folder))
+            if w is None or not w.alive:
+                self._watchers[(mb.cfg.name, folder)] = _Watcher(mb.cfg, folder, self._wake)
+
+    def _stop_watchers(self, mailbox: str | None = None) -> None:
+        gone = [k for k in self._watchers if mailbox is None or k[0] == mailbox]
+        for key in gone:
+            self._watchers[key].stop()
+        for key in gone:
+            self._watchers.pop(key).join(5)
+
+    def idling_folders(self, mailbox: str) -> list[str]:
+        """The folders of `mailbox` a watcher is IDLE on now."""
+        return [f for (m, f), w in self._watchers.items() if m == mailbox and w.idling]
+
     def _record_idle(self, mb: _Mailbox) -> None:
+        self._watch(mb)
+        if mb.cfg.kind == "imap":
+            idle = set(self.idling_folders(mb.cfg.name))
+        else:  # a Maildir's wait watches every folder's directories
+            idle = set(mb.cfg.folders) if mb.source.supports_idle and mb.cfg.idle else set()
         with self.app.transaction() as s:
             for st in s.scalars(select(MailboxState).where(MailboxState.mailbox == mb.cfg.name)):
-                st.idle = bool(mb.source.supports_idle and mb.cfg.idle)
+                st.idle = st.folder in idle
 
     def _send(self, result: PassResult) -> None:
         result.queued = queue_due(self.app)
@@ -357,6 +448,18 @@ class Worker:
         retry = [m.retry_at - time.monotonic() for m in self.mailboxes if m.failures]
         if retry:
             timeout = max(0.0, min([timeout, *retry]))
+        if any(w.alive for w in self._watchers.values()):
+            # IMAP folders are watched by their IDLE threads; Maildirs are polled here.
+            deadline = time.monotonic() + timeout
+            maildirs = [m for m in self.mailboxes if m.cfg.kind == "maildir" and m.connected]
+            while not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._wake.wait(min(left, 0.5)):
+                    return
+                for m in maildirs:
+                    if m.source.wait(0, self.stop):
+                        return
+            return
         watcher = next(
             (
                 m
@@ -427,6 +530,7 @@ class Worker:
     def close(self) -> None:
         """Close connections, hand the mailboxes back and drop the SQLite lock."""
         self._closing.set()
+        self._stop_watchers()
         if self._renewer is not None:
             self._renewer.join(5)
         for mailer in self._mailers.values():

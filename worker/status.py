@@ -80,6 +80,7 @@ def collect_status(app: App) -> dict[str, Any]:
                     "last_sync": iso(last_sync),
                     "lag_seconds": round((now - last_sync).total_seconds()) if last_sync else None,
                     "idle": any(f.idle for f in folders if f),
+                    "idle_folders": [f.folder for f in folders if f and f.idle],
                     "last_error": max(errors, key=lambda e: e[0] or now)[1] if errors else None,
                 }
             )
@@ -257,7 +258,11 @@ def format_status(d: dict[str, Any]) -> str:
         health = f"last sync {m['last_sync'] or 'never'}"
         if m["lag_seconds"] is not None:
             health += f" ({m['lag_seconds']} s ago)"
-        health += ", IDLE on" if m["idle"] else ", polling"
+        idle, polled = m["idle_folders"], [f for f in m["folders"] if f not in m["idle_folders"]]
+        if idle:
+            health += ", IDLE on " + ", ".join(idle)
+        if polled:
+            health += (", polling " + ", ".join(polled)) if idle else ", polling"
         if m["last_error"]:
             health += f", last error: {m['last_error']}"
         lines.append(f"mailbox {m['name']} ({m['kind']}): {health}")

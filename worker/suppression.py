@@ -26,7 +26,10 @@ def parse_pattern(text: str) -> str:
     """`@domain` (a whole domain) or an address, normalised; ValueError says why not."""
     value = text.strip()
     if value.startswith("@"):
-        domain = normalise_email(f"x{value}").split("@", 1)[1]
+        try:
+            domain = normalise_email(f"x{value}").split("@", 1)[1]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a domain such as @example.org") from None
         return f"@{domain}"
     return normalise_email(value)
 

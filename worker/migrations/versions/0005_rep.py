@@ -1,7 +1,7 @@
 """speed to lead: one row per prospect handed to a rep
 
-Revision ID: 0004_rep
-Revises: 0003_shape
+Revision ID: 0005_rep
+Revises: 0004_scale
 """
 
 from collections.abc import Sequence
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_rep"
-down_revision: str | None = "0003_shape"
+revision: str = "0005_rep"
+down_revision: str | None = "0004_scale"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

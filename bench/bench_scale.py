@@ -1,0 +1,409 @@
+"""Scale: the same inbound mail against 1,000, 200,000 and 1,000,000 leads.
+
+Setup (not timed): a throwaway Dovecot on 127.0.0.1 holding N generated messages (the
+benches' usual mix: human replies matched by token, Message-ID or sender, strangers,
+out-of-office replies, DSN bounces, newsletters, 4-8 KB each), and for every size a
+database of that many leads, all enrolled in a campaign with 5 nurture emails sent each,
+with realistic company domains: 2 % of the leads work at 5 large employers, the others
+at small companies of about four. Lead i has the same address, reply token and
+Message-IDs in every database, and the messages concern leads among the first 1,000,
+so every size reads exactly the same mail.
+
+Timed, each in its own subprocess (its peak RSS is its own):
+
+- full, per size and database: `Worker(app).run_once()` over the mailbox (a fresh copy
+  of the SQLite database; the PostgreSQL schema as built), with every SQL statement
+  counted;
+- ceiling: twoway's own fetch (`ImapSource.fetch_new`) + `parse` + `classify`, no
+  database: the most any database work could leave;
+- plain-parse: imapclient SEARCH ALL + FETCH BODY.PEEK[] by 500 + mail-parser on each
+  (the yardstick of bench_inbound.py).
+
+Prints per case messages/s, ms and SQL statements per message and peak RSS; the cost per
+message of each size against 1,000 leads on the same database (target <= 1.5); and the
+1,000-lead SQLite and PostgreSQL throughputs against the ceiling (target >= 0.8) and the
+plain loop (targets >= 0.25 SQLite, >= 0.15 PostgreSQL).
+
+    .venv/bin/python bench/bench_scale.py [-n 5000] [--sizes 1000,200000,1000000]
+        [--pg-url URL | --no-pg] [--json]
+
+`--pg-url` defaults to $TWOWAY_TEST_PG_URL; each size gets its own schema, dropped after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    SENDER,
+    SENDER_DOMAIN,
+    BenchLead,
+    append_all,
+    base_config,
+    check_child,
+    dovecot,
+    emit,
+    inbound_mix,
+    peak_rss_mb,
+    run_child,
+)
+
+STEPS = 5
+TOUCHED = 1000  # the messages concern leads 0..999, present at every size
+TARGET_FLAT = 1.5
+TARGET_CEILING = 0.8
+TARGET_PLAIN_SQLITE, TARGET_PLAIN_PG = 0.25, 0.15
+TARGET_RSS_MB = 250.0
+CHUNK = 10_000
+
+
+def domain(i: int) -> str:
+    """A few large employers (2 % of all leads), the rest small companies of about 4."""
+    if i % 50 == 0:
+        return f"bigcorp{(i // 50) % 5}.example.com"
+    return f"co{i // 4}.example.net"
+
+
+def company(i: int) -> str:
+    d = domain(i)
+    return ("Big Corp " + d[6]) if d.startswith("bigcorp") else f"Company {i // 4}"
+
+
+def token(i: int) -> str:
+    digest = hashlib.sha256(f"lead-{i}".encode()).digest()[:10]
+    return base64.b32encode(digest).decode().lower()
+
+
+def message_id(i: int, step: int) -> str:
+    return f"step{step}.lead{i}@{SENDER_DOMAIN}"
+
+
+def bench_lead(i: int) -> BenchLead:
+    return BenchLead(
+        f"p{i}@{domain(i)}", f"Person{i}", token(i), tuple(message_id(i, s) for s in range(STEPS))
+    )
+
+
+def build(url: str, n: int) -> float:
+    """Create the schema and `n` leads with enrollments, 5 sent emails and a created event
+    each; then refresh the planner's statistics as `leads import` does. Returns seconds."""
+    from sqlalchemy import insert
+
+    from worker.app import App
+    from worker.config import config_from_dict
+    from worker.db import refresh_statistics
+    from worker.models import Enrollment, Lead, LeadEvent, OutboundMessage, company_key
+
+    t0 = time.perf_counter()
+    now = datetime.now(UTC)
+    app = App.open(config_from_dict(base_config(url)), lambda: now)
+    later, sent = now + timedelta(days=3), now - timedelta(days=2)
+    for start in range(0, n, CHUNK):
+        ids = range(start, min(n, start + CHUNK))
+        with app.transaction() as s:
+            s.execute(
+                insert(Lead),
+                [{"id": i + 1, "email": f"p{i}@{domain(i)}", "first_name": f"Person{i}",
+                  "company": company(i), "company_key": company_key(company(i)), "custom": {},
+                  "status": "lead", "reply_token": token(i), "domain": domain(i),
+                  "created_at": now, "updated_at": now} for i in ids],
+            )  # fmt: skip
+            s.execute(
+                insert(Enrollment),
+                [{"id": i + 1, "lead_id": i + 1, "campaign": "welcome", "step": STEPS,
+                  "state": "active", "next_due": later, "created_at": now, "updated_at": now}
+                 for i in ids],
+            )  # fmt: skip
+            s.execute(
+                insert(OutboundMessage),
+                [{"idempotency_key": f"nurture:{i + 1}:{st}", "kind": "nurture",
+                  "lead_id": i + 1, "enrollment_id": i + 1, "campaign": "welcome", "step": st,
+                  "template": "nurture/welcome", "message_id": message_id(i, st),
+                  "reply_token": token(i), "to_addr": f"p{i}@{domain(i)}",
+                  "subject": f"Welcome, step {st + 1}", "status": "sent", "attempts": 1,
+                  "next_attempt_at": sent, "context": {}, "created_at": sent, "sent_at": sent}
+                 for i in ids for st in range(STEPS)],
+            )  # fmt: skip
+            s.execute(
+                insert(LeadEvent),
+                [{"lead_id": i + 1, "at": now, "type": "created", "cause": "import",
+                  "detail": {}} for i in ids],
+            )  # fmt: skip
+    if app.engine.dialect.name == "postgresql":
+        with app.engine.connect() as conn:  # the sequences, as import's RETURNING leaves them
+            for table in ("leads", "enrollments"):
+                conn.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {n + 1})"
+                )
+            conn.commit()
+    refresh_statistics(app.engine)
+    app.close()
+    return time.perf_counter() - t0
+
+
+# --- the timed sides (children) ------------------------------------------------------------
+
+
+def _quiet() -> None:
+    import logging
+
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+
+
+def _mailbox(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "sales", "kind": "imap", "host": "127.0.0.1", "port": spec["port"],
+        "security": "none", "username": spec["user"], "password": spec["password"],
+        "address": SENDER, "timeout": 300, "batch_size": spec["batch_size"],
+    }  # fmt: skip
+
+
+def vm_hwm_mb() -> float:
+    """This process's own peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which keeps
+    the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return peak_rss_mb()
+
+
+def child_build(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"seconds": build(spec["database"], spec["leads"]), "peak_rss_mb": vm_hwm_mb()}
+
+
+def child_full(spec: dict[str, Any]) -> dict[str, Any]:
+    _quiet()
+    from sqlalchemy import event
+
+    from worker.app import App
+    from worker.config import clock_from_env, config_from_dict
+    from worker.runner import Worker
+
+    data = base_config(spec["database"], mailboxes=[_mailbox(spec)])
+    config = config_from_dict(data, Path(spec["workdir"]) / "twoway.yaml")
+    app = App.open(config, clock_from_env({}))
+    statements = [0]
+
+    def count(*_args: Any) -> None:
+        statements[0] += 1
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    worker = Worker(app)
+    started = time.perf_counter()
+    result = worker.run_once()
+    seconds = time.perf_counter() - started
+    worker.close()
+    app.close()
+    r = result.inbound
+    return {
+        "messages": r.processed + r.duplicates + r.quarantined,
+        "quarantined": r.quarantined,
+        "kinds": r.kinds,
+        "errors": result.errors,
+        "seconds": seconds,
+        "statements": statements[0],
+        "peak_rss_mb": vm_hwm_mb(),
+    }
+
+
+def child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
+    """twoway's fetch, parse and classify with no database at all."""
+    _quiet()
+    from worker.classify import ClassifyContext, classify
+    from worker.config import MailboxConfig
+    from worker.mailbox import ImapSource
+    from worker.parsing import parse
+
+    ctx = ClassifyContext(
+        our_addresses=frozenset({SENDER}), internal_domains=frozenset({SENDER_DOMAIN})
+    )
+    source = ImapSource(MailboxConfig.model_validate(_mailbox(spec)))
+    started = time.perf_counter()
+    count = 0
+    source.connect()
+    for batch in source.fetch_new("INBOX", 0, spec["batch_size"]):
+        for fetched in batch:
+            classify(parse(fetched.raw), ctx)
+            count += 1
+    source.close()
+    return {
+        "messages": count,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": vm_hwm_mb(),
+    }
+
+
+def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
+    from bench_inbound import child_plain as plain
+
+    out = plain(spec, parse=True)
+    out["peak_rss_mb"] = vm_hwm_mb()
+    return out
+
+
+CHILDREN = {
+    "build": child_build,
+    "full": child_full,
+    "ceiling": child_ceiling,
+    "plain-parse": child_plain,
+}
+
+
+def _spawn(mode: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    path = work / "spec.json"
+    path.write_text(json.dumps(spec))
+    run = run_child([sys.executable, __file__, "--child", mode, "--spec", str(path)], timeout=7200)
+    check_child(run, f"the {mode} run")
+    out: dict[str, Any] = run.json()
+    return out
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pg_schema(base: str) -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+
+    schema = f"bench_scale_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _case(mode_out: dict[str, Any], n: int) -> dict[str, Any]:
+    secs = mode_out["seconds"]
+    out = {
+        "msgs_per_s": round(n / secs, 1),
+        "ms_per_msg": round(secs * 1000 / n, 3),
+        "peak_rss_mb": mode_out["peak_rss_mb"],
+    }
+    if "statements" in mode_out:
+        out["statements_per_msg"] = round(mode_out["statements"] / n, 2)
+        out["quarantined"] = mode_out["quarantined"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("-n", "--messages", type=int, default=5000)
+    ap.add_argument("--sizes", default="1000,200000,1000000")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--pg-url", default=os.environ.get("TWOWAY_TEST_PG_URL"))
+    ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--pg-sizes", help="sizes for PostgreSQL (default: --sizes)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](json.loads(Path(args.spec).read_text()))))
+        return 0
+
+    sizes = [int(x) for x in args.sizes.split(",")]
+    pg_sizes = [int(x) for x in (args.pg_sizes or args.sizes).split(",")]
+    leads = [bench_lead(i) for i in range(TOUCHED)]
+    result: dict[str, Any] = {"messages": args.messages, "batch_size": args.batch_size}
+    cases: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="twoway-bench-scale-"))
+    try:
+        with dovecot() as server:
+            user = server.fresh_user()
+            appended = append_all(server, user, inbound_mix(args.messages, leads, seed=14))
+            spec: dict[str, Any] = {
+                "port": server.port, "user": user, "password": "s3cret",
+                "workdir": str(work), "batch_size": args.batch_size,
+            }  # fmt: skip
+            _spawn("plain-parse", spec, work)  # warm Dovecot's index and the page cache
+            result["plain_parse"] = _case(_spawn("plain-parse", spec, work), appended)
+            result["ceiling"] = _case(_spawn("ceiling", spec, work), appended)
+            for n in sizes:
+                template = work / f"leads-{n}.db"
+                spec_build = {"database": f"sqlite:///{template}", "leads": n}
+                built = _spawn("build", spec_build, work)["seconds"]
+                run_db = work / "run.db"
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{run_db}{suffix}").unlink(missing_ok=True)
+                shutil.copyfile(template, run_db)
+                out = _spawn("full", {**spec, "database": f"sqlite:///{run_db}"}, work)
+                if out["messages"] != appended or out["errors"]:
+                    raise SystemExit(f"the full run did not read everything: {out}")
+                cases.append({"database": "sqlite", "leads": n, "build_s": round(built, 1),
+                              "db_mb": round(template.stat().st_size / 1e6),
+                              **_case(out, appended), "kinds": out["kinds"]})  # fmt: skip
+                template.unlink()
+                print(f"sqlite {n}: {cases[-1]}", file=sys.stderr, flush=True)
+            if args.pg_url and not args.no_pg:
+                for n in pg_sizes:
+                    with pg_schema(args.pg_url) as url:
+                        built = _spawn("build", {"database": url, "leads": n}, work)["seconds"]
+                        out = _spawn("full", {**spec, "database": url}, work)
+                    if out["messages"] != appended or out["errors"]:
+                        raise SystemExit(f"the full run did not read everything: {out}")
+                    cases.append({"database": "postgresql", "leads": n,
+                                  "build_s": round(built, 1), **_case(out, appended),
+                                  "kinds": out["kinds"]})  # fmt: skip
+                    print(f"postgresql {n}: {cases[-1]}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result["cases"] = cases
+    lines = [
+        f"{appended} messages, batch_size {args.batch_size}; messages concern leads 0..999",
+        f"  plain fetch + mail-parser: {result['plain_parse']['msgs_per_s']:>8} msg/s",
+        f"  ceiling (fetch+parse+classify, no DB): {result['ceiling']['msgs_per_s']:>8} msg/s"
+        f"  ({result['ceiling']['ms_per_msg']} ms/msg)",
+    ]
+    for db_name in ("sqlite", "postgresql"):
+        mine = [c for c in cases if c["database"] == db_name]
+        if not mine:
+            continue
+        small = min(mine, key=lambda c: c["leads"])
+        for c in mine:
+            c["cost_vs_smallest"] = round(c["ms_per_msg"] / small["ms_per_msg"], 3)
+            c["rss_ok"] = c["peak_rss_mb"] < TARGET_RSS_MB
+            lines.append(
+                f"  {db_name:10} {c['leads']:>9} leads: {c['msgs_per_s']:>7} msg/s "
+                f"{c['ms_per_msg']:>7} ms/msg {c['statements_per_msg']:>6} stmt/msg "
+                f"peak {c['peak_rss_mb']} MB; cost {c['cost_vs_smallest']}x of "
+                f"{small['leads']} leads (target <= {TARGET_FLAT})"
+            )
+        plain_target = TARGET_PLAIN_SQLITE if db_name == "sqlite" else TARGET_PLAIN_PG
+        small["ratio_vs_ceiling"] = round(small["msgs_per_s"] / result["ceiling"]["msgs_per_s"], 3)
+        small["ratio_vs_plain_parse"] = round(
+            small["msgs_per_s"] / result["plain_parse"]["msgs_per_s"], 3
+        )
+        lines.append(
+            f"  {db_name} at {small['leads']} leads: {small['ratio_vs_ceiling']}x the ceiling "
+            f"(target >= {TARGET_CEILING}), {small['ratio_vs_plain_parse']}x the plain loop "
+            f"(target >= {plain_target})"
+        )
+    emit(result, args.json, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
