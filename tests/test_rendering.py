@@ -110,7 +110,9 @@ def test_it_acknowledges_what_the_prospect_asked_without_a_marketing_footer(
 
 
 def test_it_gives_the_reply_ready_copy_only_the_prospects_own_words(renderer: Renderer) -> None:
-    email = renderer.render("handoff/reply", sample_context())
+    from worker.contexts import samples
+
+    email = renderer.render("handoff/reply", samples()["rep_copy"])
     assert email.subject == "Re: How Brightline cut dispatch time by 40%"
     assert email.text.startswith("Hi Ben,")
     for part in (email.text, email.html):

@@ -149,17 +149,14 @@ def config_check(state: _State, connect: bool) -> None:
     with _errors():
         config = load_config(state.config_path)
         problems: list[str] = []
-        try:
-            from worker.rendering import Renderer, sample_context
+        from worker.rendering import Renderer, lint_for
 
-            renderer = Renderer(config.templates_path)
-            names = {t for c in config.campaigns for s in c.steps for t in s.templates}
-            names.add(config.handoff.template)
-            if config.handoff.follow_up:
-                names.add(config.handoff.follow_up.template)
-            problems += [str(e) for e in renderer.lint(sample_context(), sorted(names))]
-        except ImportError:  # pragma: no cover - rendering ships with the package
-            pass
+        renderer = Renderer(config.templates_path)
+        names = {t for c in config.campaigns for s in c.steps for t in s.templates}
+        names.add(config.handoff.template)
+        if config.handoff.follow_up:
+            names.add(config.handoff.follow_up.template)
+        problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
         if connect:
             problems += _connect_checks(config)
         if problems:
@@ -752,14 +749,18 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.rendering import Renderer, sample_context
+    from worker.contexts import samples, unsubscribe_url
+    from worker.rendering import Renderer, lint_for
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
         names = renderer.names()
-        problems = [str(e) for e in renderer.lint(sample_context(sender=config.sender), names)]
+        problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
+        # A problem every lead shares (a syntax error) is said once; one of some leads'
+        # data (a custom field they lack) names them.
+        by_lead: dict[str, list[str]] = {}
         if with_leads:
             from sqlalchemy import select
 
@@ -776,18 +777,23 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                         camp = config.campaign(en.campaign)
                     except KeyError:
                         continue
-                    ctx = sample_context(
-                        sender=config.sender, lead=lead_fields(lead), campaign=camp
-                    )
+                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
                     for i, step in enumerate(camp.steps):
-                        ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
-                        for e in renderer.lint(ctx, list(step.templates)):
-                            problems.append(f"{e} (lead {lead.email})")
+                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
+                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
+                            if str(e) not in problems:
+                                by_lead.setdefault(str(e), []).append(lead.email)
                         checked += 1
         for p in dict.fromkeys(problems):
             click.echo(p, err=True)
-        if problems:
-            _die(f"{len(set(problems))} template problem(s)", 2)
+        for p, emails in by_lead.items():
+            who = ", ".join(dict.fromkeys(emails[:3])) + (
+                f" and {len(set(emails)) - 3} more" if len(set(emails)) > 3 else ""
+            )
+            click.echo(f"{p} (lead {who})", err=True)
+        count = len(set(problems)) + len(by_lead)
+        if count:
+            _die(f"{count} template problem(s)", 2)
         click.echo(f"{checked} template render(s) OK in {config.templates_path}")
 
 
@@ -805,20 +811,24 @@ def templates_preview(
     state: _State, name: str, lead_email: str | None, html_file: Path | None
 ) -> None:
     """Print a template's subject and text as a lead would get them."""
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.contexts import kinds_of, samples, unsubscribe_url
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
-        lead = None
+        lead, unsubscribe = None, None
         if lead_email:
             from worker.leads import get_lead, lead_fields
 
             app = state.app()
             with app.transaction() as s:
-                lead = lead_fields(get_lead(s, lead_email))
+                found = get_lead(s, lead_email)
+                lead = lead_fields(found)
+                unsubscribe = unsubscribe_url(config.sender, found.reply_token)
+        ctx = samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
         try:
-            out = renderer.render(name, sample_context(sender=config.sender, lead=lead))
+            out = renderer.render(name, ctx)
         except TemplateError as e:
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
@@ -834,8 +844,9 @@ def templates_preview(
 def templates_send_test(state: _State, name: str, to_addr: str) -> None:
     """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
     from worker.compose import compose, new_message_id
+    from worker.contexts import kinds_of, samples
     from worker.mailer import Mailer
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
@@ -843,7 +854,8 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
             _die("no smtp section in the config", 2)
         renderer = Renderer(config.templates_path)
         try:
-            out = renderer.render(name, sample_context(sender=config.sender))
+            ctx = samples(config.sender)[kinds_of(config, [name])[name]]
+            out = renderer.render(name, ctx)
             msg = compose(
                 from_addr=config.sender.address,
                 from_name=config.sender.display_name,

@@ -22,10 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.app import App
-from worker.compose import new_message_id
 from worker.config import Config, Delay, Rep
+from worker.contexts import Kind, NudgeFacts
 from worker.leads import cancel_queued, iso, lead_fields, record_event
-from worker.models import Enrollment, Lead, LeadStatus, OutboundMessage, OutboxState
+from worker.models import Enrollment, Lead, LeadStatus
 from worker.models import Handoff as HandoffRow
 from worker.schedule import add_delay, next_open_slot
 
@@ -170,26 +170,16 @@ def run_due(app: App, queue_handoff: NewRepHandoff | None = None) -> int:
     return done
 
 
-def _internal_row(
-    config: Config, lead: Lead, kind: str, key: str, template: str, to: str, at: datetime,
-    now: datetime, context: dict[str, Any],
-) -> OutboundMessage:  # fmt: skip
-    return OutboundMessage(
-        idempotency_key=key,
-        kind=kind,
-        lead_id=lead.id,
-        template=template,
-        message_id=new_message_id(config.sender.domain),
-        to_addr=to,
-        status=OutboxState.QUEUED,
-        attempts=0,
-        next_attempt_at=at,
-        context=context,
-        created_at=now,
-    )
+def _queue(
+    s: Session, config: Config, lead: Lead, kind: Kind, key: str, template: str, to: str,
+    due: datetime, now: datetime, facts: NudgeFacts,
+) -> None:  # fmt: skip
+    from worker.outbox import enqueue  # the outbox asks this module whether the rep answered
+
+    enqueue(s, config, kind, key, lead, template, now, to_addr=to, due=due, facts=facts)
 
 
-def _brief(config: Config, lead: Lead, h: HandoffRow, now: datetime) -> dict[str, Any]:
+def _brief(config: Config, lead: Lead, h: HandoffRow, now: datetime) -> NudgeFacts:
     rep = config.rep(h.rep)
     return {
         "prospect": lead_fields(lead),
@@ -202,11 +192,9 @@ def _brief(config: Config, lead: Lead, h: HandoffRow, now: datetime) -> dict[str
 
 def _remind(s: Session, config: Config, lead: Lead, h: HandoffRow, now: datetime) -> None:
     h.reminded_at = now
-    s.add(
-        _internal_row(
-            config, lead, "reminder", f"reminder:{h.id}", config.handoff.reminder_template,
-            h.rep, in_business_hours(config, h.rep, now), now, _brief(config, lead, h, now),
-        )
+    _queue(
+        s, config, lead, "reminder", f"reminder:{h.id}", config.handoff.reminder_template,
+        h.rep, in_business_hours(config, h.rep, now), now, _brief(config, lead, h, now),
     )  # fmt: skip
     record_event(
         s, lead, "reminder_queued",
@@ -248,11 +236,9 @@ def _escalate(
         assert target is not None
         to = target
         record_event(s, lead, "escalated", f"{h.rep} has not answered: {target} told", now)
-    s.add(
-        _internal_row(
-            config, lead, "escalation", f"escalation:{h.id}", config.handoff.escalation_template,
-            to, in_business_hours(config, h.rep, now), now, context,
-        )
+    _queue(
+        s, config, lead, "escalation", f"escalation:{h.id}", config.handoff.escalation_template,
+        to, in_business_hours(config, h.rep, now), now, context,
     )  # fmt: skip
 
 

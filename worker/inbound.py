@@ -27,7 +27,7 @@ from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import as_unavailable, is_conflict, is_unavailable
-from worker.lifecycle import apply_inbound
+from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
 from worker.models import InboundMessage, MailboxState, Quarantine
@@ -369,7 +369,7 @@ def _process(
     )
     s.add(row)
     s.flush()
-    apply_inbound(s, app, row, msg, cls, match)
+    apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     return cls.kind
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Campaign, Config
+from worker.contexts import LeadBlock
 from worker.models import (
     LIVE_ENROLLMENT,
     Enrollment,
@@ -187,6 +188,14 @@ def transition(
     _write_event(session, lead.id, event, cause, at, source, to, detail, inbound_id)
     on_status(session, lead, to, at, cause, inbound_id)
     return True
+
+
+def bounce_lead(
+    session: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
+) -> None:
+    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
+    if transition(session, lead, "bounced", cause, now, inbound_id=inbound_id):
+        stop_nurture(session, lead.id, now, "the lead's address bounced")
 
 
 def record_created(
@@ -438,7 +447,7 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
     return len(rows)
 
 
-def lead_fields(lead: Lead) -> dict[str, Any]:
+def lead_fields(lead: Lead) -> LeadBlock:
     """The `lead` mapping templates see."""
     return {
         "email": lead.email,

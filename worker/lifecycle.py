@@ -8,8 +8,9 @@ Every status change is a LeadEvent with its cause.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, insert, select, update
@@ -19,10 +20,21 @@ from worker import handoffs
 from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign, note_assignment
 from worker.classify import Classification, strip_reply_prefixes
-from worker.compose import LOOP_HEADER, new_message_id
+from worker.compose import LOOP_HEADER
 from worker.config import Rep
+from worker.contexts import (
+    Colleague,
+    FollowupFacts,
+    HandoffFacts,
+    RepBlock,
+    RepCopyFacts,
+    ReplyBlock,
+    ThreadItem,
+    rep_block,
+)
 from worker.leads import (
     MOVES,
+    bounce_lead,
     cancel_queued,
     enroll,
     lead_fields,
@@ -46,6 +58,7 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
 from worker.webhooks import emit
@@ -56,19 +69,34 @@ NURTURED = (LeadStatus.LEAD, LeadStatus.HELD)
 """Statuses whose soft bounces still count towards suppressing the address."""
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound message as its lead's lifecycle sees it: the row just recorded, the
+    parsed message, its classification and match, and the instant it is applied at."""
+
+    row: InboundMessage
+    msg: ParsedMessage
+    cls: Classification
+    match: Match
+    at: datetime
+
+    @property
+    def cause(self) -> str:
+        """How events caused by this message name it."""
+        return _cause(self.row)
+
+
 def _cause(row: InboundMessage) -> str:
     return f"inbound message <{row.message_id}> ({row.kind})"
 
 
-def apply_inbound(
-    s: Session, app: App, row: InboundMessage, msg: ParsedMessage, cls: Classification, match: Match
-) -> None:
+def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
-    now = app.now()
+    row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
     if cls.kind == "ours" or (
         match.lead_id is None and match.method is None and is_internal(msg.from_addr, app.config)
     ):
-        _rep_answered(s, app, msg, row, now)
+        _rep_answered(s, app, ev)
         return
     # Lock the lead: two workers reading two replies of one lead must not both promote it.
     lead = None
@@ -79,9 +107,9 @@ def apply_inbound(
         lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
-            _inbound_lead(s, app, msg, row, now)
+            _inbound_lead(s, ev)
         return
-    cause = _cause(row)
+    cause = ev.cause
     kind = cls.kind
     if kind in ("unsubscribe", "complaint"):
         why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
@@ -89,32 +117,22 @@ def apply_inbound(
         stop_nurture(s, lead.id, now, "the lead unsubscribed")
         _cancel_followups(s, lead.id, "the lead unsubscribed")
     elif kind == "bounce" and cls.bounce is not None:
-        _bounce(s, app, lead, cls, row, now)
+        _bounce(s, app, lead, ev)
     elif kind == "auto_reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _auto_reply(s, app, lead, cls, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _auto_reply(s, app, lead, ev)
     elif kind == "reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _reply(s, app, lead, msg, cls, match, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _reply(s, app, lead, ev)
 
 
 # --- bounces -----------------------------------------------------------------------------
 
 
-def bounce_lead(
-    s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
-) -> None:
-    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
-    if not transition(s, lead, "bounced", cause, now, inbound_id=inbound_id):
-        return
-    stop_nurture(s, lead.id, now, "the lead's address bounced")
-
-
-def _bounce(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
-    assert cls.bounce is not None
-    b = cls.bounce
+def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
+    assert ev.cls.bounce is not None
+    b = ev.cls.bounce
     detail = {
         "type": b.type,
         "reason": b.reason,
@@ -158,7 +176,7 @@ def _bounce(
         )  # fmt: skip
 
 
-def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
+def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
@@ -169,16 +187,20 @@ def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessa
     )
     if has_soft:
         record_event(
-            s, lead, "bounce_reset", f"{_cause(row)}: mail from the address", now, inbound_id=row.id
+            s,
+            lead,
+            "bounce_reset",
+            f"{ev.cause}: mail from the address",
+            ev.at,
+            inbound_id=ev.row.id,
         )
 
 
 # --- auto-replies ------------------------------------------------------------------------
 
 
-def _auto_reply(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
+def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    cls, row, now = ev.cls, ev.row, ev.at
     max_days = app.config.auto_reply.max_pause_days
     if cls.return_date is None or max_days <= 0:
         record_event(
@@ -220,11 +242,9 @@ def _auto_reply(
 # --- replies -----------------------------------------------------------------------------
 
 
-def _reply(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
-    cause = _cause(row)
+def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     first = not s.scalar(
         select(LeadEvent.id)
         .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
@@ -240,7 +260,7 @@ def _reply(
         stop_nurture(s, lead.id, now, "the lead is not interested")
         return
     if cls.intent == "referral" and cls.referral_email:
-        _referral(s, app, lead, cls.referral_email, row, now)
+        _referral(s, app, lead, cls.referral_email, ev)
         if app.config.referrals.referrer == "stop":
             stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
             return
@@ -250,9 +270,7 @@ def _reply(
             # The rep hears of every reply that lands in our mailbox, not only the first.
             owner = app.config.rep(lead.owner) if lead.owner else None
             why = f"{owner.name} owns this prospect" if owner else "no rep owns this prospect"
-            _queue_handoff(
-                s, app, lead, msg, cls, match, row, now, _rep_block(app, owner), why, again=True
-            )
+            _queue_handoff(s, app, lead, ev, _rep_block(app, owner), why, again=True)
         return
     result = qualify(LeadFacts.of(lead), cls.reply_text or msg.text, app.config.qualification)
     lead.score = result.score
@@ -264,16 +282,14 @@ def _reply(
             now, inbound_id=row.id,
         )  # fmt: skip
         return
-    promote(s, app, lead, msg, cls, match, row, now)
+    promote(s, app, lead, ev)
 
 
-def promote(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
+def promote(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     """lead -> prospect: assign a rep, queue the handoff and the in-thread follow-up."""
     config = app.config
-    cause = _cause(row)
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     transition(
         s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
         now, detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
@@ -299,74 +315,22 @@ def promote(
     rep_block = _rep_block(app, rep)
     if rep is not None:
         handoffs.open_handoff(s, config, lead, rep.email, now, row.id)
-    fu = config.handoff.follow_up
-    followup: dict[str, Any] | None = None
-    if fu is not None and msg.message_id:
-        from_rep = fu.from_ == "rep" and rep is not None
-        zone = config.rep_timezone(rep.email if rep else None)
-        due = handoffs.rep_due(config, rep.email if rep else "", now, fu.delay)
-        subject = strip_reply_prefixes(msg.subject)
-        text = cls.reply_text or msg.text.strip()
-        s.add(
-            OutboundMessage(
-                idempotency_key=f"followup:{row.id}",
-                kind="followup",
-                lead_id=lead.id,
-                template=fu.template,
-                message_id=new_message_id(config.sender.domain),
-                reply_token=lead.reply_token,
-                to_addr=lead.email,
-                mailbox=rep.mailbox if from_rep and rep else None,
-                in_reply_to=msg.message_id,
-                inbound_id=row.id,
-                status=OutboxState.QUEUED,
-                attempts=0,
-                next_attempt_at=due,
-                context={
-                    "rep": rep_block,
-                    "reply": {
-                        "subject": msg.subject,
-                        "text": text,
-                        "asks": handoffs.reply_asks(text, cls.intent),
-                        "referral": cls.referral_email or "",
-                    },
-                    "references": [*msg.references, msg.message_id][-20:],
-                    "subject_override": f"Re: {subject}" if subject else "Re: your reply",
-                    "from_addr": rep.email if from_rep and rep else config.sender.address,
-                    "from_name": rep.name if from_rep and rep else config.sender.display_name,
-                },
-                created_at=now,
-            )
-        )
-        local = due.astimezone(ZoneInfo(zone))
-        followup = {
-            "due": due.isoformat(),
-            "due_local": local.strftime("%H:%M on %a %d %b") + f" ({zone})",
-            "immediate": due <= now,
-            "key": f"followup:{row.id}",
-        }
-        record_event(
-            s, lead, "followup_queued",
-            f"in-thread answer to the prospect in {rep_block['name']}'s name, unless answered by {followup['due_local']}",
-            now, inbound_id=row.id,
-        )  # fmt: skip
-    _queue_handoff(
-        s, app, lead, msg, cls, match, row, now, rep_block, a.reason,
-        colleagues=colleagues, followup=followup,
-    )  # fmt: skip
+    followup = None
+    if config.handoff.follow_up is not None and msg.message_id:
+        followup = _queue_followup(s, app, lead, ev, rep, rep_block, cls.reply_text or msg.text)
+    _queue_handoff(s, app, lead, ev, rep_block, a.reason, colleagues=colleagues, followup=followup)
 
 
-def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
+def _rep_block(app: App, rep: Rep | None) -> RepBlock:
     """The `rep` templates see; the sales team's address when no rep could be assigned."""
     if rep is not None:
-        return {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
+        return rep_block(rep.name, rep.email)
     return {"name": "Sales team", "email": app.config.sender.address, "first_name": "team"}
 
 
 def _queue_handoff(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime, rep_block: dict[str, str], reason: str,
-    *, again: bool = False, colleagues: list[dict[str, str]] | None = None,
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: RepBlock, reason: str,
+    *, again: bool = False, colleagues: list[Colleague] | None = None,
     followup: dict[str, Any] | None = None, key: str = "",
 ) -> str:  # fmt: skip
     """Queue the two emails that hand this reply to the rep (once per inbound message).
@@ -379,77 +343,99 @@ def _queue_handoff(
     `again`: the lead already is the rep's prospect and wrote once more. `key` tells
     apart a second handoff of the same message (a reassignment). Returns the reply text.
     """
-    reply_block = {
-        "subject": msg.subject,
+    msg, cls = ev.msg, ev.cls
+    reply: ReplyBlock = {
+        "subject": msg.subject or "",
         "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
-        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
+        "date": (msg.date or ev.at).strftime("%a, %d %b %Y %H:%M %Z"),
         "text": cls.reply_text or msg.text.strip(),
     }
-    context: dict[str, Any] = {
-        "rep": rep_block,
+    facts: HandoffFacts = {
+        "rep": rep,
         "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
         "qualification": lead.qualification or {"score": lead.score, "checklist": []},
-        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
-        "reply": reply_block,
-        "reply_text": reply_block["text"],
-        "thread": _thread(s, lead, row),
+        "match": {"method": ev.match.method, "explanation": _why_two_way(ev.match, cls)},
+        "reply": reply,
+        "reply_text": reply["text"],
+        "thread": _thread(s, lead, ev.row),
         "assignment_reason": reason,
         "again": again,
         "colleagues": colleagues or [],
         "followup": followup,
     }
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"handoff:{key}{row.id}",
-            kind="handoff",
-            lead_id=lead.id,
-            template=app.config.handoff.template,
-            message_id=new_message_id(app.config.sender.domain),
-            to_addr=rep_block["email"],
-            inbound_id=row.id,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            context=context,
-            created_at=now,
-        )
-    )
+    enqueue(
+        s, app.config, "handoff", f"handoff:{key}{ev.row.id}", lead, app.config.handoff.template,
+        ev.at, to_addr=rep["email"], facts=facts, inbound_id=ev.row.id,
+    )  # fmt: skip
     if msg.message_id:
         # Only what the prospect wrote and who she is: this context is all the copy's
         # template can show, so nothing internal can end up in the rep's answer.
-        copy = {
+        copy: RepCopyFacts = {
             "reply": {
-                "subject": msg.subject,
-                "from_name": msg.from_name or lead_fields(lead)["first_name"] or lead.email,
-                "date": reply_block["date"],
+                "subject": msg.subject or "",
+                "from_name": msg.from_name or lead.first_name or lead.email,
+                "date": reply["date"],
                 "full_text": msg.text[:200_000],
             },
             "header_message_id": msg.message_id,
             "references": [*msg.references][-20:],
             "reply_in_reply_to": msg.in_reply_to[0] if msg.in_reply_to else None,
         }
-        s.add(
-            OutboundMessage(
-                idempotency_key=f"rep_copy:{key}{row.id}",
-                kind="rep_copy",
-                lead_id=lead.id,
-                template=app.config.handoff.reply_template,
-                message_id=new_message_id(app.config.sender.domain),
-                reply_token=lead.reply_token,
-                to_addr=rep_block["email"],
-                inbound_id=row.id,
-                status=OutboxState.QUEUED,
-                attempts=0,
-                next_attempt_at=now,
-                context=copy,
-                created_at=now,
-            )
-        )
+        enqueue(
+            s, app.config, "rep_copy", f"rep_copy:{key}{ev.row.id}", lead,
+            app.config.handoff.reply_template, ev.at, to_addr=rep["email"], facts=copy,
+            inbound_id=ev.row.id,
+        )  # fmt: skip
     what = "new reply" if again else "handoff"
     record_event(
-        s, lead, "handoff_queued", f"{what} to {rep_block['email']}", now, inbound_id=row.id
+        s, lead, "handoff_queued", f"{what} to {rep['email']}", ev.at, inbound_id=ev.row.id
     )
-    return str(reply_block["text"])
+    return reply["text"]
+
+
+def _queue_followup(
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: Rep | None, block: RepBlock, text: str
+) -> dict[str, Any]:
+    """Queue the in-thread answer to the prospect, from their rep (or the sender), after
+    `handoff.follow_up.delay` in the rep's zone and business hours. Returns what the
+    briefing announces of it (when, and the row's key for its text)."""
+    fu, sender, msg = app.config.handoff.follow_up, app.config.sender, ev.msg
+    assert fu is not None and msg.message_id
+    by_rep = rep if fu.from_ == "rep" else None
+    subject = strip_reply_prefixes(msg.subject)
+    facts: FollowupFacts = {
+        "rep": block,
+        "reply": {
+            "subject": msg.subject,
+            "text": text.strip(),
+            "asks": handoffs.reply_asks(text, ev.cls.intent),
+            "referral": ev.cls.referral_email or "",
+        },
+        "references": [*msg.references, msg.message_id][-20:],
+        "subject_override": f"Re: {subject}" if subject else "Re: your reply",
+        "from_addr": by_rep.email if by_rep else sender.address,
+        "from_name": by_rep.name if by_rep else sender.display_name,
+    }
+    config = app.config
+    zone = config.rep_timezone(rep.email if rep else None)
+    due = handoffs.rep_due(config, rep.email if rep else "", ev.at, fu.delay)
+    enqueue(
+        s, config, "followup", f"followup:{ev.row.id}", lead, fu.template, ev.at,
+        due=due, facts=facts, mailbox=by_rep.mailbox if by_rep else None,
+        in_reply_to=msg.message_id, inbound_id=ev.row.id,
+    )  # fmt: skip
+    local = due.astimezone(ZoneInfo(zone)).strftime("%H:%M on %a %d %b") + f" ({zone})"
+    record_event(
+        s, lead, "followup_queued",
+        f"in-thread answer to the prospect in {block['name']}'s name, unless answered by {local}",
+        ev.at, inbound_id=ev.row.id,
+    )  # fmt: skip
+    return {
+        "due": due.isoformat(),
+        "due_local": local,
+        "immediate": due <= ev.at,
+        "key": f"followup:{ev.row.id}",
+    }
 
 
 def _why_two_way(match: Match, cls: Classification) -> str:
@@ -469,10 +455,10 @@ THREAD_ITEMS = 20
 _THREAD_TEXT = 2000
 
 
-def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, Any]]:
+def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
-    items: list[tuple[datetime, dict[str, Any]]] = []
+    items: list[tuple[datetime, ThreadItem]] = []
     # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
     for o in s.scalars(
         select(OutboundMessage)
@@ -514,8 +500,8 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
 
 
 def _thread_item(
-    direction: str, at: datetime, subject: str | None, summary: str, text: str
-) -> dict[str, Any]:
+    direction: Literal["in", "out"], at: datetime, subject: str | None, summary: str, text: str
+) -> ThreadItem:
     return {
         "direction": direction,
         "at": at.strftime("%Y-%m-%d %H:%M UTC"),
@@ -532,7 +518,7 @@ one person's reply there neither pauses nor reassigns their colleagues."""
 
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
-) -> list[dict[str, str]]:
+) -> list[Colleague]:
     """Colleagues at the same company pause their nurture and go to the same rep.
 
     Set-based and bounded: a count that stops at ACCOUNT_MAX_LEADS + 1, one UPDATE of the
@@ -598,7 +584,7 @@ def _account_awareness(
             for other in sorted(paused | owned)
         ],
     )
-    shown_to: list[dict[str, str]] = []
+    shown_to: list[Colleague] = []
     for other in s.scalars(select(Lead).where(Lead.id.in_(sorted(paused | owned)))):
         name = " ".join(x for x in (other.first_name, other.last_name) if x)
         shown_to.append({"name": name or other.email, "email": other.email,
@@ -606,9 +592,8 @@ def _account_awareness(
     return shown_to
 
 
-def _referral(
-    s: Session, app: App, referrer: Lead, email: str, row: InboundMessage, now: datetime
-) -> None:
+def _referral(s: Session, app: App, referrer: Lead, email: str, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
     try:
         address = normalise_email(email)
     except ValueError:
@@ -652,9 +637,8 @@ def _referral(
             continue
 
 
-def _inbound_lead(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
+def _inbound_lead(s: Session, ev: Inbound) -> None:
+    msg, row, now = ev.msg, ev.row, ev.at
     assert msg.from_addr
     if s.scalar(select(Lead.id).where(Lead.email == msg.from_addr)):
         return
@@ -680,9 +664,7 @@ def _inbound_lead(
 # --- reps answering ----------------------------------------------------------------------
 
 
-def _rep_answered(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
+def _rep_answered(s: Session, app: App, ev: Inbound) -> None:
     """A rep (or a colleague) wrote to a prospect: their first response, never a lead's reply.
 
     Seen when the answer reaches a watched mailbox: the sales mailbox through the tokenised
@@ -690,6 +672,7 @@ def _rep_answered(
     be among its recipients (an answer to the internal briefing is not an answer to them),
     and twoway's own mail (its loop header: the follow-up in the rep's name) never counts.
     """
+    msg, row, now = ev.msg, ev.row, ev.at
     if msg.header(LOOP_HEADER) is not None or not is_internal(msg.from_addr, app.config):
         return
     who = msg.from_addr or ""
@@ -698,7 +681,7 @@ def _rep_answered(
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
-        if lead.status in ("prospect", "customer"):
+        if lead.status in (LeadStatus.PROSPECT, LeadStatus.CUSTOMER):
             emit(
                 s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
             )
@@ -723,12 +706,9 @@ def handoff_to_new_rep(
         msg = parse(row.raw)
     except ParseError:
         return
-    cls = Classification(
-        kind="reply", reason=row.reason or "", reply_text=row.reply_text, intent=None
-    )
-    match = Match(lead.id, row.match_method, "")
+    cls = Classification(kind="reply", reason=row.reason or "", reply_text=row.reply_text)
+    ev = Inbound(row, msg, cls, Match(lead.id, row.match_method, ""), now)
     _queue_handoff(
-        s, app, lead, msg, cls, match, row, now, _rep_block(app, rep),
-        f"reassigned to {rep.name}: the first rep did not answer in time",
-        key=f"r{handoff.id}:",
+        s, app, lead, ev, _rep_block(app, rep),
+        f"reassigned to {rep.name}: the first rep did not answer in time", key=f"r{handoff.id}:",
     )  # fmt: skip

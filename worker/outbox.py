@@ -33,10 +33,23 @@ from worker.compose import (
     clean_text,
     compose,
     is_message_id,
+    new_message_id,
     reply_address,
     unsubscribe_targets,
 )
-from worker.leads import lead_fields
+from worker.config import Config
+from worker.contexts import (
+    FollowupFacts,
+    HandoffFacts,
+    Kind,
+    NudgeFacts,
+    RepCopyFacts,
+    common,
+    context_for,
+    sender_block,
+    unsubscribe_url,
+)
+from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
     SUPPRESSED,
@@ -75,6 +88,61 @@ class Prepared:
     envelope_from: str
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
+
+
+def enqueue(
+    s: Session,
+    config: Config,
+    kind: Kind,
+    key: str,
+    lead: Lead,
+    template: str,
+    at: datetime,
+    *,
+    to_addr: str | None = None,
+    due: datetime | None = None,
+    mailbox: str | None = None,
+    facts: HandoffFacts | FollowupFacts | RepCopyFacts | NudgeFacts | None = None,
+    enrollment_id: int | None = None,
+    campaign: str | None = None,
+    step: int | None = None,
+    variant: int | None = None,
+    in_reply_to: str | None = None,
+    inbound_id: int | None = None,
+) -> OutboundMessage:
+    """Queue one email: the only way a row enters the outbox (the caller's transaction).
+
+    `key` is the row's idempotency key (unique: `nurture:<enrollment>:<step>`,
+    `handoff:<inbound>`, `followup:<inbound>`); the Message-ID is chosen now, before any
+    attempt. It goes to the lead unless `to_addr` says otherwise, from `mailbox`'s identity,
+    not before `due` (default: `at`). `facts` is the handoff's or follow-up's part of its
+    template context (worker.contexts); a nurture step's is built when it is sent.
+    """
+    row = OutboundMessage(
+        idempotency_key=key,
+        kind=kind,
+        lead_id=lead.id,
+        enrollment_id=enrollment_id,
+        campaign=campaign,
+        step=step,
+        template=template,
+        variant=variant,
+        mailbox=mailbox,
+        message_id=new_message_id(config.sender.domain),
+        # Mail to the team carries no reply token (a reply to it is the rep's own mail),
+        # except the reply-ready copy: its Reply-To brings the rep's answer back to us.
+        reply_token=lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
+        to_addr=to_addr or lead.email,
+        in_reply_to=in_reply_to,
+        inbound_id=inbound_id,
+        status=OutboxState.QUEUED,
+        attempts=0,
+        next_attempt_at=due or at,
+        context=dict(facts or {}),
+        created_at=at,
+    )
+    s.add(row)
+    return row
 
 
 def _sent_since(
@@ -294,27 +362,22 @@ def _build(
 ) -> EmailMessage:
     config = app.config
     sender = config.sender
-    ctx: dict[str, Any] = dict(row.context or {})
+    facts: dict[str, Any] = dict(row.context or {})
     me = config.identity(row.mailbox)
-    sender_block = {
-        "name": me.name or me.address,
-        "address": me.address,
-        "postal_address": sender.postal_address,
-    }
     token = row.reply_token or lead.reply_token
-    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
-    ctx.setdefault("lead", lead_fields(lead))
-    ctx.setdefault("sender", sender_block)
-    ctx.setdefault(
-        "unsubscribe_url", unsub_url or (f"mailto:{unsub_mailto}" if unsub_mailto else "")
+    base = common(
+        lead_fields(lead),
+        sender_block(me.name, me.address, sender.postal_address),
+        unsubscribe_url(sender, token),
     )
-    if row.kind == "nurture":
-        total = len(config.campaign(row.campaign).steps) if row.campaign else 1
-        ctx.setdefault("campaign", {"name": row.campaign})
-        ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
-    if row.kind == "handoff" and isinstance(ctx.get("followup"), dict):
-        ctx["followup"] = _followup_preview(s, app, renderer, lead, dict(ctx["followup"]))
+    total = len(config.campaign(row.campaign).steps) if row.campaign else 1
+    if row.kind == "handoff" and isinstance(facts.get("followup"), dict):
+        facts["followup"] = _followup_preview(s, app, renderer, lead, dict(facts["followup"]))
+    ctx = context_for(
+        row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
+    )
     rendered = renderer.render(row.template, ctx)
+    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
     from_addr, from_name = me.address, me.name
     reply_to: str | list[tuple[str, str]] | None = None
     attachments: list[Attachment] = []
@@ -325,42 +388,41 @@ def _build(
         # Mail to the team. The briefing, the reminder and the escalation carry no
         # Reply-To and nothing of the prospect in their headers: Reply and Reply All reach
         # the sales mailbox only. The reply-ready copy is the one route to the prospect.
-        rep = ctx.get("rep") or {}
+        rep = facts.get("rep") or {}
         to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
         if row.kind == "handoff" and row.inbound_id:
             inbound = s.get(InboundMessage, row.inbound_id)
             if inbound is not None and inbound.raw:
                 attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
     elif row.kind == "followup":
-        if ctx.get("from_addr"):
-            from_addr, from_name = str(ctx["from_addr"]), str(ctx.get("from_name", ""))
+        if facts.get("from_addr"):
+            from_addr, from_name = str(facts["from_addr"]), str(facts.get("from_name", ""))
         # The prospect's answer reaches the rep and, by the token, twoway.
         reply_to = [(from_name, from_addr), ("", reply_address(me.address, token))]
-    refs = [str(r) for r in ctx.get("references", [])]
+    refs = [str(r) for r in facts.get("references", [])]
     message_id, in_reply_to = row.message_id, row.in_reply_to
     if row.kind == "rep_copy":
         # The prospect's own message, re-sent from our address (her From would fail her
         # domain's DMARC at the rep's provider), keeping her Message-ID and thread headers:
         # the rep's client answers with In-Reply-To/References of her message, and
         # Reply-To sends that answer to her and, by the token, to twoway.
-        copy = ctx.get("reply") or {}
+        copy = facts.get("reply") or {}
         name = clean_text(str(copy.get("from_name") or lead.email))
         from_name = f"{name} via {me.name or me.address}"
         reply_to = [(name, lead.email), ("", reply_address(me.address, token))]
-        theirs = str(ctx.get("header_message_id") or "")
+        theirs = str(facts.get("header_message_id") or "")
         message_id = theirs if is_message_id(theirs) else row.message_id
-        irt = ctx.get("reply_in_reply_to")
+        irt = facts.get("reply_in_reply_to")
         in_reply_to = str(irt) if irt and is_message_id(str(irt)) else None
         refs = [r for r in refs if is_message_id(r)]
-    text, html = rendered.text, rendered.html
     return compose(
         from_addr=from_addr,
         from_name=from_name,
         to_addr=row.to_addr,
         to_name=to_name,
-        subject=str(ctx.get("subject_override") or rendered.subject),
-        text=text,
-        html=html,
+        subject=str(facts.get("subject_override") or rendered.subject),
+        text=rendered.text,
+        html=rendered.html,
         message_id=message_id,
         domain=sender.domain,
         reply_to=reply_to,
@@ -395,8 +457,6 @@ def _followup_preview(
 
 def record(app: App, item: Prepared, result: SendResult) -> None:
     """Write the outcome of one SMTP attempt (its own transaction)."""
-    from worker.lifecycle import bounce_lead
-
     now = app.now()
     smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5

@@ -44,7 +44,7 @@ from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
 from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
-from worker.rendering import Pages, Renderer, TemplateError, sample_context
+from worker.rendering import Pages, Renderer, TemplateError, lint_for, sample_context
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
 
 logger = logging.getLogger(__name__)
@@ -490,12 +490,7 @@ def build_app(app: App) -> Starlette:
         names = renderer.names()
         name = request.query_params.get("name") or (names[0] if names else "")
         lead_key = request.query_params.get("lead", "")[:320]
-        problems = [
-            str(e)
-            for e in await run_in_threadpool(
-                renderer.lint, sample_context(sender=config.sender), names
-            )
-        ]
+        problems = [str(e) for e in await run_in_threadpool(lint_for, renderer, config, names)]
         out, whom, error = (None, "", None)
         if name in names:
             out, whom, error = await run_in_threadpool(preview, name, lead_key)
