@@ -352,3 +352,21 @@ def test_it_checks_suppression_and_the_cap_again_right_before_smtp(
         assert capped.sent_to()["capped@example.org"] >= 3  # the third went out a week later
     finally:
         capped.close()
+
+
+def test_a_resume_at_night_waits_for_the_window_and_still_spreads(make_world: Any) -> None:
+    window = {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"}
+    camp = {**campaign_data("welcome"), "send_window": window}
+    w: World = make_world(campaigns=[camp], max_per_minute=5)
+    leads = [f"n{i}@example.org" for i in range(12)]
+    w.import_(leads, "welcome")
+    with w.app.transaction() as s:
+        pause_campaign(s, w.config, "welcome", w.clock[0])
+    saturday_night = datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
+    with w.app.transaction() as s:
+        r = resume_campaign(s, w.config, "welcome", saturday_night)
+    monday = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    assert r.last_due == monday + timedelta(minutes=2)
+    assert w.run(saturday_night) == 0
+    per_minute = [w.run(monday + timedelta(minutes=m, seconds=1 + m)) for m in range(4)]
+    assert per_minute == [5, 5, 2, 0]

@@ -88,7 +88,36 @@ class _State:
 pass_state = click.make_pass_decorator(_State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _config_first(args: list[str]) -> list[str]:
+    """Move `--config F` (or `--config=F`) given after the subcommand to the front, where
+    the group parses it: `twoway config check --config F` works like `twoway --config F
+    config check`. Nothing after `--` moves."""
+    head: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--config" and i + 1 < len(args):
+            head += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            head.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return head + rest
+
+
+class _Main(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _config_first(args))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -266,13 +295,13 @@ def leads_import(
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             click.echo(summary)
-        if result.strict_failed:
-            sys.exit(2)
+        if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
+            sys.exit(2)  # nothing usable in the file: bad input, not a success
 
 
 @leads_group.command("list")
 @click.option("--status", help="Only leads in this status.")
-@click.option("--limit", type=int, help="At most this many.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
 @click.option(
     "--waiting",
     is_flag=True,
@@ -629,11 +658,14 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         _add_matches(app, results, paths)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
-        if as_json:
+        if single and not as_json:
+            click.echo(format_human(r))
+        else:  # several files: one JSON object per line, with or without --json
             click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
-        else:
-            click.echo(format_human(r) + ("" if single else "\n"))
-    if single and results and results[0].get("kind") is None:
+    unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
+    for r in unreadable if not single else ():
+        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+    if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
 
 

@@ -9,15 +9,16 @@ call raises ValueError. Nothing in this module does I/O.
 from __future__ import annotations
 
 import email.policy
+import io
 import re
 import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.generator import BytesGenerator
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.parser import BytesParser
+from email.message import EmailMessage, Message
 from email.utils import format_datetime
 from types import MappingProxyType
 from urllib.parse import quote
@@ -162,6 +163,19 @@ def _bracketed(message_id: str) -> str:
     return f"<{bare}>"
 
 
+def _reference(message_id: str) -> str | None:
+    """Someone else's Message-ID, bracketed, to thread on; None when it cannot be written
+    in a header line (whitespace, controls, brackets, or too long for 998 octets). Any
+    number of "@" is kept: threading needs the id exactly as its author wrote it."""
+    bare = message_id.strip().removeprefix("<").removesuffix(">")
+    if not bare or len(bare) > 900 or not _FOREIGN_MSGID.match(bare):
+        return None
+    return f"<{bare}>"
+
+
+_FOREIGN_MSGID = re.compile(r"^[!-;=?-~]+$")  # printable ASCII but "<" and ">"
+
+
 def _mailbox(name: str, address: str) -> Address:
     addr = check_address(address)
     local, domain = addr.rsplit("@", 1)
@@ -246,9 +260,10 @@ def compose(
         msg["Reply-To"] = check_address(reply_to)
     elif reply_to:
         msg["Reply-To"] = [_mailbox(name, address) for name, address in reply_to]
-    if in_reply_to:
-        _set_folded(msg, "In-Reply-To", [_bracketed(in_reply_to)])
-    refs = [_bracketed(r) for r in references if r and r.strip()]
+    parent = _reference(in_reply_to) if in_reply_to else None
+    if parent:
+        _set_folded(msg, "In-Reply-To", [parent])
+    refs = [r for r in map(_reference, references) if r]
     if refs:
         _set_folded(msg, "References", refs)
     targets = []
@@ -282,8 +297,51 @@ def _attach(msg: EmailMessage, att: Attachment) -> None:
     maintype, _, subtype = mime_type.partition("/")
     if not maintype or not subtype or clean_text(mime_type) != mime_type or " " in mime_type:
         raise ValueError(f"not a MIME type: {att.mime_type!r}")
-    if mime_type == "message/rfc822":
-        inner = BytesParser(policy=_POLICY).parsebytes(att.content)
-        msg.add_attachment(inner, filename=filename)
+    if mime_type == "message/rfc822" and fits_lines(att.content):
+        # The original goes out byte for byte, never parsed: parsing and writing it again
+        # would cost what a hostile message makes it cost (deep nesting, header bombs).
+        # 8-bit bytes go as "8bit"; the mailer then asks for 8BITMIME where it is offered.
+        part = EmailMessage(policy=_POLICY)
+        part["Content-Type"] = "message/rfc822"
+        part["Content-Transfer-Encoding"] = "7bit" if att.content.isascii() else "8bit"
+        part.add_header("Content-Disposition", "attachment", filename=filename)
+        part.set_payload(att.content.decode("ascii", "surrogateescape"))
+        msg.make_mixed()
+        msg.attach(part)
+    elif mime_type == "message/rfc822":
+        # RFC 2046 5.2.1 allows only 7bit/8bit/binary for message/rfc822, and a line over
+        # 998 octets (or a NUL) needs BINARYMIME on every hop: send it as a file instead.
+        msg.add_attachment(att.content, maintype="application", subtype="octet-stream",
+                           filename=filename)  # fmt: skip
     else:
         msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=filename)
+
+
+def fits_lines(raw: bytes) -> bool:
+    """Whether `raw` can travel as 7bit or 8bit data: no NUL and every line at most 998
+    octets (RFC 5322 2.1.1, RFC 5321 4.5.3.1.6)."""
+    return b"\0" not in raw and not _LONG_LINE.search(raw)
+
+
+def as_wire_bytes(msg: EmailMessage) -> bytes:
+    """`msg` as SMTP carries it: every line ending CRLF (smtplib sends bytes as given),
+    an attached original byte for byte."""
+    out = io.BytesIO()
+    _WireGenerator(out, policy=msg.policy).flatten(msg)
+    data = out.getvalue()
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+class _WireGenerator(BytesGenerator):
+    """Writes a message/rfc822 part whose payload is the original's text (see _attach) as
+    those bytes; the stdlib would insist on ASCII there."""
+
+    def _handle_message(self, msg: Message) -> None:
+        payload = vars(msg)["_payload"]  # get_payload() would decode the escaped bytes
+        if isinstance(payload, str):
+            self.write(payload)  # BytesGenerator.write keeps surrogate-escaped bytes
+            return
+        super()._handle_message(msg)  # type: ignore[misc]
+
+
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")

@@ -356,7 +356,7 @@ def _process(
         subject=(msg.subject or "")[:2000],
         sent_date=msg.date,
         kind=cls.kind,
-        reason=cls.reason[:2000],
+        reason=(cls.reason + "".join(f"; bounded: {x}" for x in msg.limits))[:2000],
         intent=cls.intent,
         reply_text=cls.reply_text,
         bounce=cls.bounce.as_json() if cls.bounce else None,

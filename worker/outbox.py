@@ -30,6 +30,7 @@ from worker.bounces import address_is_dead
 from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
+    as_wire_bytes,
     clean_text,
     compose,
     is_message_id,
@@ -254,8 +255,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         try:
             message = _build(s, app, renderer, row, lead)
-            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
-            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+            raw = as_wire_bytes(message)  # a message that cannot be written fails here
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
