@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from html import escape
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -512,7 +513,7 @@ def build_app(app: App) -> Starlette:
         if name not in Renderer(config.templates_path).names():
             return refused(404)
         out, _, error = await run_in_threadpool(preview, name, lead_key)
-        html = out.html if out is not None else f"<p>{error}</p>".replace("<", "&lt;")
+        html = out.html if out is not None else f"<p>{escape(error or '')}</p>"
         return HTMLResponse(
             html, headers={"Content-Security-Policy": FRAME_CSP, "X-Frame-Options": "SAMEORIGIN"}
         )
