@@ -549,8 +549,16 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
 )
+@click.option(
+    "--serve",
+    "with_serve",
+    is_flag=True,
+    help="Also run `twoway serve` (serve.host, serve.port) in this process.",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
     import signal
     import threading
@@ -611,6 +619,11 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _reload)
+        stop_serving = None
+        if with_serve:
+            from worker.web import serve_in_thread
+
+            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
         while True:
             worker.run_forever()
             if not reload.is_set():
@@ -629,6 +642,8 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 log.info("SIGHUP: configuration and templates reloaded")
             stop.clear()
         worker.close()
+        if stop_serving is not None:
+            stop_serving()
 
 
 # --- inspect -----------------------------------------------------------------------------
