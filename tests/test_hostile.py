@@ -18,7 +18,7 @@ from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import load_config
 from worker.leads import import_leads
-from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
+from worker.models import InboundMessage, Lead, LeadEvent, OutboundMessage, Quarantine
 from worker.runner import Worker
 
 SCALES = {"big_attachment": 0.15}  # 10 MB: the size bound is the same, the test faster
@@ -135,4 +135,67 @@ def test_it_promotes_a_genuine_reply_with_a_nul_byte_on_every_database(
         assert s.scalar(select(Lead.status)) == "prospect"
         row = s.scalars(select(InboundMessage)).one()
         assert row.subject == "Re: Welcome" and "pricing please" in (row.reply_text or "")
+    app.close()
+
+
+def forged_dsn(victim: str, n: int, auth: str = "") -> bytes:
+    """A DSN from a stranger's MAILER-DAEMON to the plain sales address: no token, none of
+    our Message-IDs, the victim named in Final-Recipient with 5.1.1."""
+    return (
+        f"From: Mail Delivery System <MAILER-DAEMON@evil.example>\r\nTo: sales@example.com\r\n"
+        f"{auth}Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Message-ID: <dsn{n}@evil.example>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+        "--b\r\nContent-Type: text/plain\r\n\r\nThe mail system: user unknown.\r\n"
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; evil.example\r\n"
+        f"\r\nFinal-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n--b--\r\n"
+    ).encode()
+
+
+def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = base_config(database_url, tmp_path, campaigns=[])
+    app = App.open(config, lambda: hostile.NOW_HINT)
+    who = ["lead@a.example", "prospect@b.example", "customer@c.example", "mailed@d.example"]
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(who)], hostile.NOW_HINT)
+        for lead in s.scalars(select(Lead)):
+            lead.status = {"prospect@b.example": "prospect", "customer@c.example": "customer"}.get(
+                lead.email, "lead"
+            )
+        mailed = s.scalars(select(Lead).where(Lead.email == "mailed@d.example")).one()
+        s.add(
+            OutboundMessage(
+                idempotency_key="nurture:test", kind="nurture", lead_id=mailed.id,
+                template="nurture/welcome", message_id="twoway.1@example.com",
+                to_addr=mailed.email, status="sent", attempts=1,
+                next_attempt_at=hostile.NOW_HINT, created_at=hostile.NOW_HINT,
+                sent_at=hostile.NOW_HINT, context={},
+            )
+        )  # fmt: skip
+    inbox = mailbox.Maildir(tmp_path / "inbox")
+    for n, victim in enumerate(who):
+        inbox.add(forged_dsn(victim, n))
+    failing = (
+        "Authentication-Results: mx.example.com; dmarc=fail (p=none) header.from=a.example\r\n"
+    )
+    inbox.add(  # a reply "from" the lead that its domain's DMARC disowns, no token, no thread
+        f"From: lead@a.example\r\nTo: sales@example.com\r\n{failing}Subject: Hi\r\n"
+        "Message-ID: <spoof@evil.example>\r\n\r\nYes, send me pricing.\r\n".encode()
+    )
+    worker = Worker(app)
+    worker.run_once()
+    worker.close()
+    with app.transaction() as s:
+        status = dict(s.execute(select(Lead.email, Lead.status)).all())
+        events = Counter(s.scalars(select(LeadEvent.type)))
+    assert status == {
+        "lead@a.example": "lead",  # neither the forged bounce nor the spoofed reply moved it
+        "prospect@b.example": "prospect",
+        "customer@c.example": "customer",
+        "mailed@d.example": "bounced",  # we mailed it and nothing fails the DSN: weaker rule
+    }
+    assert events["unverified_bounce"] == 3 and events["unverified_reply"] == 1  # on record
     app.close()

@@ -8,6 +8,7 @@ Every status change is a LeadEvent with its cause.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -99,6 +100,14 @@ def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
         return
     cause = ev.cause
     kind = cls.kind
+    doubt = untrusted(s, lead, ev)
+    if doubt is not None:
+        # Anyone can write a DSN or a reply naming a lead: act only on what is tied to us.
+        record_event(
+            s, lead, f"unverified_{kind}", f"{cause}: not acted on: {doubt}", now,
+            detail={"match": match.method, "why": doubt}, inbound_id=row.id,
+        )  # fmt: skip
+        return
     if kind in ("unsubscribe", "complaint"):
         why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
         transition(s, lead, "unsubscribed", f"{cause}: {why}", now, inbound_id=row.id)
@@ -112,6 +121,58 @@ def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     elif kind == "reply":
         _reset_soft_bounces(s, lead, ev)
         _reply(s, app, lead, ev)
+
+
+# --- trust -------------------------------------------------------------------------------
+
+TRUST_DAYS = 30
+"""A bounce naming a lead we mailed in this many days may act on it without our token."""
+
+
+def untrusted(s: Session, lead: Lead, ev: Inbound) -> str | None:
+    """Why this message must not change the lead (None: it may).
+
+    A reply token (or VERP address) or one of our Message-IDs ties a message to mail we
+    sent, so it is trusted. A message matched only by an address is weaker: a bounce
+    then needs us to have mailed that address lately and the receiving server's
+    Authentication-Results not to fail it; a reply, unsubscribe or disqualifying answer
+    needs its Authentication-Results not to say that DMARC failed.
+    """
+    if ev.match.method != "sender" or ev.cls.kind not in ("bounce", "reply", "unsubscribe"):
+        return None
+    verdict = auth_failure(ev.msg)
+    if ev.cls.kind == "bounce":
+        mailed = s.scalar(
+            select(func.count()).where(
+                OutboundMessage.lead_id == lead.id,
+                OutboundMessage.status.in_(("sent", "unknown")),
+                OutboundMessage.sent_at >= ev.at - timedelta(days=TRUST_DAYS),
+            )
+        )
+        if not mailed:
+            return f"a bounce without our token or Message-ID, and we sent nothing to {lead.email} lately"
+        return f"a bounce whose Authentication-Results say {verdict}" if verdict else None
+    if verdict and verdict.startswith("dmarc"):
+        return f"no token or thread reference, and Authentication-Results say {verdict}"
+    return None
+
+
+def auth_failure(msg: ParsedMessage) -> str | None:
+    """ "dmarc=fail" (or spf/dkim) when the topmost Authentication-Results (RFC 8601), the
+    one the receiving server added, says a check failed; None otherwise."""
+    header = msg.header("authentication-results")
+    if not header:
+        return None
+    results = {
+        m.group(1).lower(): m.group(2).lower() for m in _AUTH_RESULT_RE.finditer(header[:4000])
+    }
+    for method in ("dmarc", "spf", "dkim"):
+        if results.get(method) in ("fail", "permerror"):
+            return f"{method}={results[method]}"
+    return None
+
+
+_AUTH_RESULT_RE = re.compile(r"(?i)(?<![\w.-])(dmarc|spf|dkim)\s*=\s*([a-z]+)")
 
 
 # --- bounces -----------------------------------------------------------------------------
