@@ -144,6 +144,15 @@ def _check_url(url: str) -> str:
     return url
 
 
+def is_message_id(value: str) -> bool:
+    """Whether `value` (with or without angle brackets) is one usable Message-ID."""
+    try:
+        _bracketed(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _bracketed(message_id: str) -> str:
     """`message_id` as "<id@domain>", checked to be a single id with no spaces or controls."""
     bare = message_id.strip()
@@ -209,7 +218,7 @@ def compose(
     html: str,
     message_id: str,
     domain: str,
-    reply_to: str | None = None,
+    reply_to: str | Sequence[tuple[str, str]] | None = None,
     in_reply_to: str | None = None,
     references: Sequence[str] = (),
     unsubscribe_url: str | None = None,
@@ -223,7 +232,9 @@ def compose(
     multipart/mixed when there are attachments.
 
     Headers: Date (`date`, default now), Message-ID `<message_id>`, From and To with
-    encoded display names, Subject, optional Reply-To, In-Reply-To and References, the
+    encoded display names, Subject, optional Reply-To (one bare address, or several
+    `(display name, address)` pairs: a reply then goes to all of them), In-Reply-To and
+    References, the
     RFC 8058 pair `List-Unsubscribe` / `List-Unsubscribe-Post: List-Unsubscribe=One-Click`
     (the Post header only when there is an https URL), `Auto-Submitted: auto-generated` when
     `auto_submitted`, and always `X-Twoway-Loop: <domain>` so we recognise our own mail.
@@ -245,8 +256,10 @@ def compose(
     msg["From"] = _mailbox(from_name, from_addr)
     msg["To"] = _mailbox(to_name, to_addr)
     msg["Subject"] = clean_text(subject)
-    if reply_to:
+    if isinstance(reply_to, str):
         msg["Reply-To"] = check_address(reply_to)
+    elif reply_to:
+        msg["Reply-To"] = [_mailbox(name, address) for name, address in reply_to]
     parent = _reference(in_reply_to) if in_reply_to else None
     if parent:
         _set_folded(msg, "In-Reply-To", [parent])
