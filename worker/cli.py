@@ -306,14 +306,24 @@ def leads_import(
 @leads_group.command("list")
 @click.option("--status", help="Only leads in this status.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
+@click.option(
+    "--waiting",
+    is_flag=True,
+    help="Only prospects still waiting for their rep's first answer, oldest first.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def leads_list(state: _State, status: str | None, limit: int | None, as_json: bool) -> None:
+def leads_list(
+    state: _State, status: str | None, limit: int | None, waiting: bool, as_json: bool
+) -> None:
     """List leads."""
     from worker.leads import list_leads
 
     with _errors():
         app = state.app()
+        if waiting:
+            _list_waiting(app, limit, as_json)
+            return
         with app.transaction() as session:
             rows = list_leads(session, status, limit)
         if as_json:
@@ -328,6 +338,49 @@ def leads_list(state: _State, status: str | None, limit: int | None, as_json: bo
             click.echo(
                 f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
             )
+
+
+def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
+    from worker.handoffs import waiting_leads
+
+    with app.transaction() as session:
+        rows = waiting_leads(session, app.now(), limit or 200)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no prospect is waiting for an answer")
+        return
+    click.echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
+    for r in rows:
+        late = "  over the SLA" if r["breached"] else ""
+        minutes = f"{r['waiting_seconds'] // 60} min"
+        click.echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
+
+
+@leads_group.group("followup")
+def followup_group() -> None:
+    """The follow-up twoway sends a prospect in the rep's name."""
+
+
+@followup_group.command("cancel")
+@click.argument("email")
+@pass_state
+def followup_cancel(state: _State, email: str) -> None:
+    """Do not send EMAIL's queued follow-up (the rep answers them personally)."""
+    from worker.handoffs import cancel_followup
+    from worker.leads import get_lead
+
+    with _errors():
+        app = state.app()
+        with app.transaction() as session:
+            lead = get_lead(session, email)
+            n = cancel_followup(session, lead, app.now(), "twoway leads followup cancel")
+            address = lead.email
+        if n:
+            click.echo(f"the follow-up to {address} is cancelled")
+        else:
+            click.echo(f"no follow-up is waiting to go to {address}")
 
 
 @leads_group.command("show")
@@ -500,8 +553,16 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
 )
+@click.option(
+    "--serve",
+    "with_serve",
+    is_flag=True,
+    help="Also run `twoway serve` (serve.host, serve.port) in this process.",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
     import signal
     import threading
@@ -562,6 +623,11 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _reload)
+        stop_serving = None
+        if with_serve:
+            from worker.web import serve_in_thread
+
+            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
         while True:
             worker.run_forever()
             if not reload.is_set():
@@ -580,6 +646,8 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 log.info("SIGHUP: configuration and templates reloaded")
             stop.clear()
         worker.close()
+        if stop_serving is not None:
+            stop_serving()
 
 
 # --- inspect -----------------------------------------------------------------------------

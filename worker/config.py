@@ -30,7 +30,7 @@ from pydantic import (
 DEFAULT_CONFIG_PATH = Path("config/twoway.yaml")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DELAY = re.compile(r"^\s*(\d+)\s*(bd|d|h|m)\s*$")
+_DELAY = re.compile(r"^\s*(\d+)\s*(bd|bh|d|h|m)\s*$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -53,10 +53,12 @@ class _Model(BaseModel):
 
 @dataclass(frozen=True)
 class Delay:
-    """A step delay: `amount` of `unit` (d days, bd business days, h hours, m minutes)."""
+    """A step delay: `amount` of `unit` (d days, bd business days, bh business hours,
+    h hours, m minutes). Business hours count only the time inside `handoff.business_hours`
+    in the rep's time zone."""
 
     amount: int
-    unit: Literal["d", "bd", "h", "m"]
+    unit: Literal["d", "bd", "bh", "h", "m"]
 
     @classmethod
     def parse(cls, text: str | int) -> Delay:
@@ -65,7 +67,8 @@ class Delay:
         m = _DELAY.match(text)
         if not m:
             raise ValueError(
-                f"{text!r} is not a delay: use Nd (days), Nbd (business days), Nh (hours) or Nm"
+                f"{text!r} is not a delay: use Nd (days), Nbd (business days), "
+                "Nbh (business hours), Nh (hours) or Nm"
             )
         return cls(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
 
@@ -376,6 +379,11 @@ class Rep(_Model):
     away_until: date | None = None
     match: RepMatch | None = None
     mailbox: str | None = None
+    timezone: str | None = None
+    """The rep's IANA time zone: their business hours (follow-up, SLA) are counted in it
+    (default: `handoff.timezone`)."""
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: v if v is None else _zone(v)))
 
     @field_validator("email")
     @classmethod
@@ -408,16 +416,58 @@ class Qualification(_Model):
 
 class FollowUp(_Model):
     template: str = "followup/thanks"
-    delay: Delay = Delay(0, "h")
+    delay: Delay = Delay(1, "bh")
+    """How long twoway waits for the rep to answer before it answers in the rep's name."""
     from_: Literal["rep", "sender"] = Field(default="rep", alias="from")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _delay = field_validator("delay", mode="before")(Step._delay.__func__)  # type: ignore[attr-defined]
 
 
+def _optional_delay(v: Any) -> Delay | None:
+    return None if v is None else Step._delay.__func__(Step, v)  # type: ignore[attr-defined]
+
+
 class Handoff(_Model):
     template: str = "handoff/rep"
+    reply_template: str = "handoff/reply"
+    """The reply-ready copy of the prospect's message the rep answers from."""
+    reminder_template: str = "handoff/reminder"
+    escalation_template: str = "handoff/escalation"
     follow_up: FollowUp | None = FollowUp()
+    sla: Delay | None = None
+    """Speed to lead: the rep gets one reminder when they have not answered after this."""
+    escalate_after: Delay | None = None
+    """The second threshold (default: twice `sla`): escalate once, by `escalate_to`."""
+    escalate_to: str | None = None
+    """`reassign` (the next eligible rep takes the prospect) or a manager's address."""
+    timezone: str = "UTC"
+    """The time zone of reps without their own `timezone`."""
+    business_hours: SendWindow = SendWindow()
+    """When business hours (`bh`) run, in the rep's zone; reminders go out inside them."""
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
+    _sla = field_validator("sla", "escalate_after", mode="before")(
+        classmethod(lambda cls, v: _optional_delay(v))
+    )
+
+    @field_validator("escalate_to")
+    @classmethod
+    def _escalate_to(cls, v: str | None) -> str | None:
+        if v is None or v == "reassign":
+            return v
+        if "@" not in v or any(ch in v for ch in " ,;<>\r\n"):
+            raise ValueError("use `reassign` or one bare email address such as boss@example.com")
+        return v.strip().lower()
+
+    @property
+    def escalation_delay(self) -> Delay | None:
+        """When to escalate: `escalate_after`, else twice the SLA (None: never)."""
+        if self.escalate_to is None:
+            return None
+        if self.escalate_after is not None:
+            return self.escalate_after
+        return Delay(self.sla.amount * 2, self.sla.unit) if self.sla else None
 
 
 class Bounces(_Model):
@@ -653,11 +703,18 @@ class Config(_Model):
                 return r
         return None
 
+    def rep_timezone(self, email: str | None) -> str:
+        """The IANA zone a rep's business hours are counted in."""
+        rep = self.rep(email) if email else None
+        return rep.timezone if rep is not None and rep.timezone else self.handoff.timezone
+
     @property
     def our_addresses(self) -> frozenset[str]:
         """Addresses whose mail is ours or our team's (never a lead's reply)."""
         out = {self.sender.address}
         out.update(r.email for r in self.reps)
+        if self.handoff.escalate_to and self.handoff.escalate_to != "reassign":
+            out.add(self.handoff.escalate_to)
         for m in self.mailboxes:
             for a in (m.address, m.username, address_of(m.from_) if m.from_ else None):
                 if a and "@" in a:
