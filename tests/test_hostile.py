@@ -201,3 +201,29 @@ def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
     }
     assert events["unverified_bounce"] == 3 and events["unverified_reply"] == 1  # on record
     app.close()
+
+
+def test_it_keeps_two_peoples_replies_that_share_a_message_id(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = base_config(database_url, tmp_path, campaigns=[])
+    app = App.open(config, lambda: hostile.NOW_HINT)
+    who = ["ana@a.example", "bo@b.example"]
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(who)], hostile.NOW_HINT)
+        tokens = dict(s.execute(select(Lead.email, Lead.reply_token)).all())
+    inbox = mailbox.Maildir(tmp_path / "inbox")
+    for sender in [*who, who[0]]:  # the last one is a true duplicate of the first
+        inbox.add(
+            f"From: {sender}\r\nTo: sales+{tokens[sender]}@example.com\r\nSubject: Re: Hi\r\n"
+            "Message-ID: <reused@mailer.example>\r\n\r\nYes, send me pricing.\r\n".encode()
+        )
+    worker = Worker(app)
+    result = worker.run_once()
+    worker.close()
+    with app.transaction() as s:
+        status = dict(s.execute(select(Lead.email, Lead.status)).all())
+        recorded = sorted(s.scalars(select(InboundMessage.from_addr)))
+    assert status == {"ana@a.example": "prospect", "bo@b.example": "prospect"}
+    assert recorded == who and result.inbound.duplicates == 1
+    app.close()

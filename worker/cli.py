@@ -14,7 +14,7 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config
+from worker.config import ConfigError, clock_from_env, load_config, missing_templates
 from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
@@ -176,7 +176,11 @@ def config_group() -> None:
 def config_check(state: _State, connect: bool) -> None:
     """Validate the config file and templates (and with --connect, the servers)."""
     with _errors():
-        config = load_config(state.config_path)
+        try:
+            config = load_config(state.config_path)
+        except ConfigError as e:  # the missing templates too, in the same run
+            e.problems += missing_templates(Path(e.path))
+            raise
         problems: list[str] = []
         from worker.rendering import Renderer, lint_for
 
@@ -549,8 +553,16 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
 )
+@click.option(
+    "--serve",
+    "with_serve",
+    is_flag=True,
+    help="Also run `twoway serve` (serve.host, serve.port) in this process.",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
     import signal
     import threading
@@ -611,6 +623,11 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _reload)
+        stop_serving = None
+        if with_serve:
+            from worker.web import serve_in_thread
+
+            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
         while True:
             worker.run_forever()
             if not reload.is_set():
@@ -629,6 +646,8 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 log.info("SIGHUP: configuration and templates reloaded")
             stop.clear()
         worker.close()
+        if stop_serving is not None:
+            stop_serving()
 
 
 # --- inspect -----------------------------------------------------------------------------
