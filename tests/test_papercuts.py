@@ -95,3 +95,40 @@ def test_it_prints_one_json_object_per_line_for_a_directory(tmp_path: Path) -> N
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [Path(str(r["file"])).name for r in lines] == [p.name for p in samples]
+
+
+def test_it_reports_every_config_problem_in_one_run_with_its_line(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    data = base_config_data(sqlite_url, tmp_path)
+    data["campaigns"][0]["mailbox"] = "sales-typo"  # a name that points nowhere
+    data["campaigns"][0]["steps"][1]["template"] = "nurture/missing"  # no such template
+    data["reps"][0]["match"]["countries"] = ["Spain", "MX"]  # a name, not a code
+    data["reps"][1]["match"]["countries"] = ["UK"]
+    data["alarms"] = {"silent_hourz": 3}  # a schema error
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    lines = cfg.read_text().splitlines()
+
+    def line_of(text: str) -> int:
+        return next(i for i, line in enumerate(lines, 1) if text in line)
+
+    result = run("config", "check", "--config", str(cfg))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    out = result.output
+    assert f"line {line_of('silent_hourz')}: alarms.silent_hourz: unknown key" in out
+    assert (
+        f"line {line_of('sales-typo')}: campaigns[0].mailbox: no mailbox named 'sales-typo'" in out
+    )
+    assert f"line {line_of('nurture/missing')}: campaigns[0].steps[1].template: no template" in out
+    assert "reps[0].match.countries" in out and "'Spain' is not an ISO 3166" in out
+    assert "reps[1].match.countries" in out and "the United Kingdom is GB" in out
+    assert "5 problem(s)" in out
+
+
+def test_it_rejects_uk_in_a_leads_csv_saying_it_means_gb(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = str(write_config(tmp_path, sqlite_url))
+    (tmp_path / "l.csv").write_text("email,country\nuk@example.org,UK\ngb@example.org,gb\n")
+    result = run("--config", cfg, "leads", "import", str(tmp_path / "l.csv"))
+    assert "l.csv:2: rejected uk@example.org: country 'UK' is not an ISO 3166 code" in result.output
+    assert "the United Kingdom is GB" in result.output and "1 imported" in result.output

@@ -14,7 +14,7 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config
+from worker.config import ConfigError, clock_from_env, load_config, missing_templates
 from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
@@ -176,7 +176,11 @@ def config_group() -> None:
 def config_check(state: _State, connect: bool) -> None:
     """Validate the config file and templates (and with --connect, the servers)."""
     with _errors():
-        config = load_config(state.config_path)
+        try:
+            config = load_config(state.config_path)
+        except ConfigError as e:  # the missing templates too, in the same run
+            e.problems += missing_templates(Path(e.path))
+            raise
         problems: list[str] = []
         from worker.rendering import Renderer, lint_for
 

@@ -345,11 +345,30 @@ class Campaign(_Model):
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
 
 
+def country_code(text: str) -> str:
+    """An ISO 3166 alpha-2 country code, upper-cased; ValueError saying what is wrong.
+
+    The rule of the leads CSV and of every country in the config: a rule naming `Spain`
+    or `UK` would never match a lead (whose country is `ES`, `GB`)."""
+    code = text.strip()
+    if not re.fullmatch(r"[A-Za-z]{2}", code):
+        raise ValueError(f"country {text!r} is not an ISO 3166 two-letter code (e.g. ES, DE)")
+    if code.upper() == "UK":
+        raise ValueError("country 'UK' is not an ISO 3166 code: the United Kingdom is GB")
+    return code.upper()
+
+
+def _countries(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(country_code(v) for v in values)
+
+
 class RepMatch(_Model):
     countries: tuple[str, ...] = ()
     industries: tuple[str, ...] = ()
     min_company_size: int | None = None
     max_company_size: int | None = None
+
+    _iso = field_validator("countries")(classmethod(lambda cls, v: _countries(v)))
 
 
 class Rep(_Model):
@@ -379,6 +398,8 @@ class Fit(_Model):
     min_company_size: int | None = None
     min_annual_revenue: int | None = None
     countries: tuple[str, ...] = ()
+
+    _iso = field_validator("countries")(classmethod(lambda cls, v: _countries(v)))
 
 
 class Qualification(_Model):
@@ -632,12 +653,6 @@ class Config(_Model):
         cnames = [c.name for c in self.campaigns]
         if len(set(cnames)) != len(cnames):
             raise ValueError("campaigns: names must be unique")
-        for i, c in enumerate(self.campaigns):
-            if c.mailbox is not None and c.mailbox not in names:
-                raise ValueError(f"campaigns[{i}].mailbox: no mailbox named {c.mailbox!r}")
-        for i, r in enumerate(self.reps):
-            if r.mailbox is not None and r.mailbox not in names:
-                raise ValueError(f"reps[{i}].mailbox: no mailbox named {r.mailbox!r}")
         hooks = [w.name for w in self.webhooks]
         if len(set(hooks)) != len(hooks):
             raise ValueError("webhooks: names must be unique")
@@ -647,17 +662,7 @@ class Config(_Model):
     def templates_path(self) -> Path:
         """`templates_dir` (relative to the config file), else `templates/` beside the file,
         else the checkout's top-level `templates/` when the file sits in `config/`."""
-        base = self.path.parent
-        if self.templates_dir is not None:
-            return (
-                self.templates_dir
-                if self.templates_dir.is_absolute()
-                else base / self.templates_dir
-            )
-        beside = base / "templates"
-        if not beside.is_dir() and (base.parent / "templates").is_dir():
-            return base.parent / "templates"
-        return beside
+        return _templates_path(self.path.parent, self.templates_dir)
 
     def campaign(self, name: str) -> Campaign:
         for c in self.campaigns:
@@ -801,14 +806,81 @@ def _interpolate(data: Any, path: str, env: Mapping[str, str], base: Path, probl
     return data
 
 
+def _templates_path(base: Path, templates_dir: Path | None) -> Path:
+    if templates_dir is not None:
+        return templates_dir if templates_dir.is_absolute() else base / templates_dir
+    beside = base / "templates"
+    if not beside.is_dir() and (base.parent / "templates").is_dir():
+        return base.parent / "templates"
+    return beside
+
+
+def _items(data: dict[str, Any], key: str) -> list[tuple[int, dict[str, Any]]]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        return []
+    return [(i, v) for i, v in enumerate(value) if isinstance(v, dict)]
+
+
+def _mailbox_problems(data: dict[str, Any], lines: dict[str, int]) -> list[str]:
+    """Mailbox names that point nowhere, found in the raw data so they are reported with
+    the schema's problems, each with its line."""
+    problems: list[str] = []
+    names = {m.get("name") for _, m in _items(data, "mailboxes")}
+    for section in ("campaigns", "reps"):
+        for i, item in _items(data, section):
+            mb = item.get("mailbox")
+            if mb is not None and mb not in names:
+                known = ", ".join(sorted(str(n) for n in names if n)) or "none configured"
+                where = _where(f"{section}[{i}].mailbox", lines)
+                problems.append(f"{where}: no mailbox named {mb!r} (mailboxes: {known})")
+    return problems
+
+
+def missing_templates(path: Path) -> list[str]:
+    """The template folders a config file names that do not exist, each with its key and
+    line; best effort for a file that does not validate ([] if it is not YAML at all)."""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    lines: dict[str, int] = {}
+    data = _strip_lines(raw, "", lines)
+    problems: list[str] = []
+    tdir = data.get("templates_dir")
+    base = path.parent
+    root = _templates_path(base, Path(tdir) if isinstance(tdir, str) else None)
+    wanted: list[tuple[str, Any]] = []
+    for i, c in _items(data, "campaigns"):
+        steps = c.get("steps")
+        for j, step in enumerate(steps if isinstance(steps, list) else []):
+            t = step.get("template") if isinstance(step, dict) else None
+            for k, name in enumerate(t if isinstance(t, list) else [t]):
+                suffix = f"[{k}]" if isinstance(t, list) else ""
+                wanted.append((f"campaigns[{i}].steps[{j}].template{suffix}", name))
+    handoff = data.get("handoff") if isinstance(data.get("handoff"), dict) else {}
+    assert isinstance(handoff, dict)
+    wanted.append(("handoff.template", handoff.get("template", "handoff/rep")))
+    fu = handoff.get("follow_up", {})
+    if isinstance(fu, dict):
+        wanted.append(("handoff.follow_up.template", fu.get("template", "followup/thanks")))
+    for key, name in wanted:
+        if isinstance(name, str) and not (root / name / "subject.txt").is_file():
+            problems.append(f"{_where(key, lines)}: no template {name!r} in {root}")
+    return problems
+
+
 def _where(path: str, lines: dict[str, int]) -> str:
     probe = path
     while probe:
         if probe in lines:
             return f"line {lines[probe]}: {path}"
-        probe = probe.rsplit(".", 1)[0] if "." in probe else probe.split("[", 1)[0]
-        if probe == path:
+        shorter = probe.rsplit(".", 1)[0] if "." in probe else probe.split("[", 1)[0]
+        if shorter == probe:
             break
+        probe = shorter
     return path
 
 
@@ -878,6 +950,7 @@ def parse_config(text: str, cfg_path: Path, env: Mapping[str, str]) -> Config:
         if isinstance(m, dict):
             local_path(m.get("smtp"))
     local_path(data.get("smtp"))
+    problems += _mailbox_problems(data, lines)
     data["path"] = cfg_path
     try:
         cfg = Config.model_validate(data)

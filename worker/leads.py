@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from worker.config import Campaign, Config
+from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
 from worker.models import (
     LIVE_ENROLLMENT,
@@ -260,9 +260,7 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
                 raise ValueError(f"{col} {value!r} is negative")
             out[col] = number
         elif col == "country":
-            if not re.fullmatch(r"[A-Za-z]{2}", value):
-                raise ValueError(f"country {value!r} is not an ISO 3166 two-letter code")
-            out[col] = value.upper()
+            out[col] = country_code(value)
         elif col == "timezone":
             try:
                 ZoneInfo(value)
