@@ -18,7 +18,7 @@ from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import load_config
 from worker.leads import import_leads
-from worker.models import InboundMessage, Lead, LeadEvent, OutboundMessage, Quarantine
+from worker.models import InboundMessage, Lead, LeadEvent, LeadStatus, OutboundMessage, Quarantine
 from worker.runner import Worker
 
 SCALES = {"big_attachment": 0.15}  # 10 MB: the size bound is the same, the test faster
@@ -168,9 +168,10 @@ def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
     with app.transaction() as s:
         import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(who)], hostile.NOW_HINT)
         for lead in s.scalars(select(Lead)):
-            lead.status = {"prospect@b.example": "prospect", "customer@c.example": "customer"}.get(
-                lead.email, "lead"
-            )
+            lead.status = {
+                "prospect@b.example": LeadStatus.PROSPECT,
+                "customer@c.example": LeadStatus.CUSTOMER,
+            }.get(lead.email, LeadStatus.LEAD)
         mailed = s.scalars(select(Lead).where(Lead.email == "mailed@d.example")).one()
         s.add(
             OutboundMessage(
@@ -227,7 +228,7 @@ def test_it_keeps_two_peoples_replies_that_share_a_message_id(
     worker.close()
     with app.transaction() as s:
         status = dict(s.execute(select(Lead.email, Lead.status)).all())
-        recorded = sorted(s.scalars(select(InboundMessage.from_addr)))
+        recorded = sorted(a or "" for a in s.scalars(select(InboundMessage.from_addr)))
     assert status == {"ana@a.example": "prospect", "bo@b.example": "prospect"}
     assert recorded == who and result.inbound.duplicates == 1
     app.close()
