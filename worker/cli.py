@@ -14,7 +14,7 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config
+from worker.config import ConfigError, clock_from_env, load_config, missing_templates
 from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
@@ -88,7 +88,36 @@ class _State:
 pass_state = click.make_pass_decorator(_State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _config_first(args: list[str]) -> list[str]:
+    """Move `--config F` (or `--config=F`) given after the subcommand to the front, where
+    the group parses it: `twoway config check --config F` works like `twoway --config F
+    config check`. Nothing after `--` moves."""
+    head: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--config" and i + 1 < len(args):
+            head += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            head.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return head + rest
+
+
+class _Main(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _config_first(args))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -147,7 +176,11 @@ def config_group() -> None:
 def config_check(state: _State, connect: bool) -> None:
     """Validate the config file and templates (and with --connect, the servers)."""
     with _errors():
-        config = load_config(state.config_path)
+        try:
+            config = load_config(state.config_path)
+        except ConfigError as e:  # the missing templates too, in the same run
+            e.problems += missing_templates(Path(e.path))
+            raise
         problems: list[str] = []
         from worker.rendering import Renderer, lint_for
 
@@ -266,21 +299,31 @@ def leads_import(
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             click.echo(summary)
-        if result.strict_failed:
-            sys.exit(2)
+        if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
+            sys.exit(2)  # nothing usable in the file: bad input, not a success
 
 
 @leads_group.command("list")
 @click.option("--status", help="Only leads in this status.")
-@click.option("--limit", type=int, help="At most this many.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
+@click.option(
+    "--waiting",
+    is_flag=True,
+    help="Only prospects still waiting for their rep's first answer, oldest first.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def leads_list(state: _State, status: str | None, limit: int | None, as_json: bool) -> None:
+def leads_list(
+    state: _State, status: str | None, limit: int | None, waiting: bool, as_json: bool
+) -> None:
     """List leads."""
     from worker.leads import list_leads
 
     with _errors():
         app = state.app()
+        if waiting:
+            _list_waiting(app, limit, as_json)
+            return
         with app.transaction() as session:
             rows = list_leads(session, status, limit)
         if as_json:
@@ -295,6 +338,49 @@ def leads_list(state: _State, status: str | None, limit: int | None, as_json: bo
             click.echo(
                 f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
             )
+
+
+def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
+    from worker.handoffs import waiting_leads
+
+    with app.transaction() as session:
+        rows = waiting_leads(session, app.now(), limit or 200)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no prospect is waiting for an answer")
+        return
+    click.echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
+    for r in rows:
+        late = "  over the SLA" if r["breached"] else ""
+        minutes = f"{r['waiting_seconds'] // 60} min"
+        click.echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
+
+
+@leads_group.group("followup")
+def followup_group() -> None:
+    """The follow-up twoway sends a prospect in the rep's name."""
+
+
+@followup_group.command("cancel")
+@click.argument("email")
+@pass_state
+def followup_cancel(state: _State, email: str) -> None:
+    """Do not send EMAIL's queued follow-up (the rep answers them personally)."""
+    from worker.handoffs import cancel_followup
+    from worker.leads import get_lead
+
+    with _errors():
+        app = state.app()
+        with app.transaction() as session:
+            lead = get_lead(session, email)
+            n = cancel_followup(session, lead, app.now(), "twoway leads followup cancel")
+            address = lead.email
+        if n:
+            click.echo(f"the follow-up to {address} is cancelled")
+        else:
+            click.echo(f"no follow-up is waiting to go to {address}")
 
 
 @leads_group.command("show")
@@ -467,8 +553,16 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
 )
+@click.option(
+    "--serve",
+    "with_serve",
+    is_flag=True,
+    help="Also run `twoway serve` (serve.host, serve.port) in this process.",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
     import signal
     import threading
@@ -529,6 +623,11 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _reload)
+        stop_serving = None
+        if with_serve:
+            from worker.web import serve_in_thread
+
+            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
         while True:
             worker.run_forever()
             if not reload.is_set():
@@ -547,6 +646,8 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 log.info("SIGHUP: configuration and templates reloaded")
             stop.clear()
         worker.close()
+        if stop_serving is not None:
+            stop_serving()
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -576,11 +677,14 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         _add_matches(app, results, paths)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
-        if as_json:
+        if single and not as_json:
+            click.echo(format_human(r))
+        else:  # several files: one JSON object per line, with or without --json
             click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
-        else:
-            click.echo(format_human(r) + ("" if single else "\n"))
-    if single and results and results[0].get("kind") is None:
+    unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
+    for r in unreadable if not single else ():
+        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+    if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
 
 

@@ -13,13 +13,13 @@ FollowupFacts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from worker.compose import unsubscribe_targets
 from worker.config import Campaign, Config, SenderConfig
 
-Kind = Literal["nurture", "handoff", "followup"]
-KINDS: tuple[Kind, ...] = ("nurture", "handoff", "followup")
+Kind = Literal["nurture", "handoff", "followup", "rep_copy", "reminder", "escalation"]
+KINDS: tuple[Kind, ...] = ("nurture", "handoff", "followup", "rep_copy", "reminder", "escalation")
 
 
 class LeadBlock(TypedDict):
@@ -57,6 +57,14 @@ class ThreadItem(TypedDict):
     at: str
     subject: str
     summary: str
+    text: NotRequired[str]
+    """An earlier reply's own text (empty for our emails and the current message)."""
+
+
+class Colleague(TypedDict):
+    name: str
+    email: str
+    title: str
 
 
 class MatchBlock(TypedDict):
@@ -98,6 +106,11 @@ class HandoffFacts(TypedDict):
     thread: list[ThreadItem]
     assignment_reason: str
     again: bool
+    colleagues: NotRequired[list[Colleague]]
+    """Colleagues whose nurture this prospect paused (they go to the same rep)."""
+    followup: NotRequired[dict[str, Any] | None]
+    """The follow-up in the rep's name: `due`, `due_local`, `immediate`, `key`; the outbox
+    adds its `text` and `sent` when the briefing is built."""
 
 
 class HandoffContext(Common, HandoffFacts):
@@ -107,6 +120,9 @@ class HandoffContext(Common, HandoffFacts):
 class FollowupReply(TypedDict):
     subject: str | None
     text: str
+    asks: NotRequired[list[str]]
+    """What the reply asks for: pricing, demo, referral, question (worker.handoffs)."""
+    referral: NotRequired[str]
 
 
 class FollowupFacts(TypedDict):
@@ -124,7 +140,47 @@ class FollowupContext(Common, FollowupFacts):
     pass
 
 
-Context = NurtureContext | HandoffContext | FollowupContext
+class RepCopyReply(TypedDict):
+    subject: str
+    from_name: str
+    date: str
+    full_text: str
+
+
+class RepCopyFacts(TypedDict):
+    """The reply-ready copy of the prospect's message: only what she wrote."""
+
+    reply: RepCopyReply
+    header_message_id: str
+    references: list[str]
+    reply_in_reply_to: str | None
+
+
+class RepCopyContext(TypedDict):
+    """Deliberately not Common: no lead fields (custom CSV columns may be internal) and no
+    unsubscribe link; nothing but her message and our sender can reach her through it."""
+
+    reply: RepCopyReply
+    sender: SenderBlock
+
+
+class NudgeFacts(TypedDict):
+    """A reminder to the rep, or an escalation (to a manager, or telling the first rep the
+    prospect went to `new_rep`)."""
+
+    prospect: LeadBlock
+    rep: dict[str, str]
+    handed_at: str | None
+    waited: str
+    sla: str
+    new_rep: NotRequired[dict[str, str]]
+
+
+class NudgeContext(Common, NudgeFacts):
+    pass
+
+
+Context = NurtureContext | HandoffContext | FollowupContext | RepCopyContext | NudgeContext
 
 
 def common(lead: LeadBlock, sender: SenderBlock, unsubscribe_url: str) -> Common:
@@ -164,7 +220,16 @@ def context_for(
         return handoff_context(base, facts)
     if kind == "followup":
         return followup_context(base, facts)
+    if kind == "rep_copy":
+        return rep_copy_context(base, facts)
+    if kind in ("reminder", "escalation"):
+        return {**facts, **base}  # type: ignore[return-value]  # JSON read back
     return nurture_context(base, campaign or "", step, total)
+
+
+def rep_copy_context(base: Common, facts: Mapping[str, Any]) -> RepCopyContext:
+    """`facts`: a RepCopyFacts as stored in the outbox row (JSON, read back)."""
+    return {"reply": facts["reply"], "sender": base["sender"]}
 
 
 def sender_block(name: str | None, address: str, postal_address: str) -> SenderBlock:
@@ -189,6 +254,9 @@ def kinds_of(config: Config, names: Iterable[str]) -> dict[str, Kind]:
         for step in c.steps:
             kinds.update(dict.fromkeys(step.templates, "nurture"))
     kinds[config.handoff.template] = "handoff"
+    kinds[config.handoff.reply_template] = "rep_copy"
+    kinds[config.handoff.reminder_template] = "reminder"
+    kinds[config.handoff.escalation_template] = "escalation"
     if config.handoff.follow_up is not None:
         kinds[config.handoff.follow_up.template] = "followup"
     return kinds
@@ -294,11 +362,53 @@ def sample_handoff_facts(lead: LeadBlock) -> HandoffFacts:
                 "direction": "in",
                 "at": "2026-12-01 10:42 UTC",
                 "subject": reply["subject"],
-                "summary": "Asks for pricing for 12 planners and a demo next week",
+                "summary": "this message",
+                "text": "",
             },
         ],
         "assignment_reason": "Industry rule: logistics goes to Ben Okafor",
         "again": False,
+        "colleagues": [
+            {
+                "name": "Tom Reed",
+                "email": "tom.reed@northwind-logistics.example",
+                "title": "Fleet Manager",
+            }
+        ],
+        "followup": {
+            "due": "2026-12-01T11:42:00+00:00",
+            "due_local": "11:42 on Tue 01 Dec (Europe/London)",
+            "immediate": False,
+            "sent": False,
+            "text": "Hi Maya,\n\nThank you for your reply. I will send you pricing ...",
+        },
+    }
+
+
+def sample_rep_copy_facts(lead: LeadBlock) -> RepCopyFacts:
+    text = sample_handoff_facts(lead)["reply"]["text"]
+    return {
+        "reply": {
+            "subject": "Re: How Brightline cut dispatch time by 40%",
+            "from_name": " ".join(x for x in (lead["first_name"], lead["last_name"]) if x),
+            "date": "Tue, 1 Dec 2026 10:42:00 +0000",
+            "full_text": f"{text}\n\nOn Fri, 27 Nov 2026 at 09:12, Acme Sales wrote:\n"
+            "> Hi Maya, here is how Brightline cut dispatch time by 40%...",
+        },
+        "header_message_id": "reply.maya@northwind.example",
+        "references": ["step2.k3x9q2m7@acme.example"],
+        "reply_in_reply_to": "step2.k3x9q2m7@acme.example",
+    }
+
+
+def sample_nudge_facts(lead: LeadBlock) -> NudgeFacts:
+    return {
+        "prospect": lead,
+        "rep": {"name": "Ben Okafor", "email": "ben.okafor@acme.example"},
+        "handed_at": "2026-12-01T10:42:00Z",
+        "waited": "2 h 05 min",
+        "sla": "2bh",
+        "new_rep": {"name": "Chloe Martin", "email": "chloe.martin@acme.example"},
     }
 
 
@@ -325,6 +435,9 @@ def samples(
         "nurture": nurture_context(base, campaign.name if campaign else "welcome", step, total),
         "handoff": handoff_context(base, sample_handoff_facts(who)),
         "followup": followup_context(base, sample_followup_facts()),
+        "rep_copy": rep_copy_context(base, sample_rep_copy_facts(who)),
+        "reminder": {**base, **sample_nudge_facts(who)},
+        "escalation": {**base, **sample_nudge_facts(who)},
     }
 
 
@@ -332,7 +445,12 @@ def sample_followup_facts() -> FollowupFacts:
     rep = rep_block("Ben Okafor", "ben.okafor@acme.example")
     return {
         "rep": rep,
-        "reply": {"subject": "Re: How Brightline cut dispatch time by 40%", "text": "Pricing?"},
+        "reply": {
+            "subject": "Re: How Brightline cut dispatch time by 40%",
+            "text": "Pricing?",
+            "asks": ["pricing", "demo"],
+            "referral": "",
+        },
         "references": ["<step2.k3x9q2m7@acme.example>", "<reply.maya@northwind.example>"],
         "subject_override": "Re: How Brightline cut dispatch time by 40%",
         "from_addr": rep["email"],

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from worker.config import Campaign, Config
+from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
 from worker.models import (
     LIVE_ENROLLMENT,
@@ -260,9 +260,7 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
                 raise ValueError(f"{col} {value!r} is negative")
             out[col] = number
         elif col == "country":
-            if not re.fullmatch(r"[A-Za-z]{2}", value):
-                raise ValueError(f"country {value!r} is not an ISO 3166 two-letter code")
-            out[col] = value.upper()
+            out[col] = country_code(value)
         elif col == "timezone":
             try:
                 ZoneInfo(value)
@@ -278,19 +276,41 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
     return out
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _decode(data: bytes) -> str:
+    """A CSV file's text: UTF-8 (with or without BOM), UTF-16 (BOM, or the NUL bytes of
+    ASCII text without one), else Windows-1252 as spreadsheets on Windows write it."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    head = data[:200]
+    if len(head) >= 4 and head.count(0) * 3 >= len(head):  # ASCII text in UTF-16
+        return data.decode("utf-16-le" if head[1] == 0 else "utf-16-be", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
 def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     """Rows with the line number an editor shows (the header is line 1)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise LeadError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise LeadError(f"{path}:1: the header row needs an 'email' column")
+    text = _decode(data)
+    header = text.split("\n", 1)[0]
+    # The separator the header row uses most: spreadsheets in many locales write `;`,
+    # and "export as text" writes tabs.
+    delimiter = max(_DELIMITERS, key=header.count) if any(d in header for d in _DELIMITERS) else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = [f.strip() for f in reader.fieldnames or []]
+    if "email" not in [c.lower() for c in columns]:
+        found = ", ".join(repr(c) for c in columns[:10]) or "none"
+        raise LeadError(
+            f"{path}:1: the header row needs an 'email' column (columns found: {found})"
+        )
     prev_line = 1
     while True:
         try:
@@ -497,7 +517,7 @@ def list_leads(
     q = select(Lead).order_by(Lead.id)
     if status is not None:
         q = q.where(Lead.status == parse_status(status))
-    if limit:
+    if limit is not None:
         q = q.limit(limit)
     leads = list(session.scalars(q))
     campaigns: dict[int, list[str]] = {}

@@ -241,7 +241,20 @@ def sample_context(
     """The sample contexts of every kind in one mapping (worker.contexts.samples), for
     rendering a template whatever its kind; lint renders each with its own kind's."""
     by_kind = samples(sender, lead, campaign, step)
-    return {**by_kind["followup"], **by_kind["handoff"], **by_kind["nurture"]}
+    merged: dict[str, Any] = {
+        **by_kind["reminder"],
+        **by_kind["rep_copy"],
+        **by_kind["followup"],
+        **by_kind["handoff"],
+        **by_kind["nurture"],
+    }
+    # One `reply` serving every kind: the handoff's, with the copy's and follow-up's keys.
+    merged["reply"] = {
+        **by_kind["rep_copy"]["reply"],  # type: ignore[typeddict-item]
+        **by_kind["followup"]["reply"],  # type: ignore[typeddict-item]
+        **merged["reply"],
+    }
+    return merged
 
 
 def lint_for(
@@ -253,7 +266,7 @@ def lint_for(
     by_kind = samples(config.sender)
     kinds = kinds_of(config, names)
     footer = {
-        "unsubscribe link": str(by_kind["nurture"]["unsubscribe_url"]),
+        "unsubscribe link": str(by_kind["nurture"]["unsubscribe_url"]),  # type: ignore[typeddict-item]
         "postal address": config.sender.postal_address,
     }
     problems: list[TemplateError] = []

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from worker import handoffs
 from worker.app import App
 from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
-from worker.config import MailboxConfig
+from worker.config import MailboxConfig, Rep
 from worker.db import as_unavailable, is_unavailable, refresh_statistics
 from worker.inbound import SyncResult, classify_context, sync_mailbox
 from worker.leases import (
@@ -33,9 +35,18 @@ from worker.leases import (
     release_leases,
     wall_clock,
 )
+from worker.lifecycle import handoff_to_new_rep
 from worker.mailbox import IDLE_RENEW_SECONDS, ImapSource, MailboxError, MailSource, open_source
 from worker.mailer import Mailer
-from worker.models import Enrollment, EnrollmentState, MailboxState, OutboundMessage, OutboxState
+from worker.models import (
+    Enrollment,
+    EnrollmentState,
+    Handoff,
+    Lead,
+    MailboxState,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
@@ -358,6 +369,7 @@ class Worker:
 
     def _send(self, result: PassResult) -> None:
         result.queued = queue_due(self.app)
+        result.queued += handoffs.run_due(self.app, self._handoff_to_new_rep)
         config = self.app.config
         if config.smtp is None and not any(m.smtp for m in config.mailboxes):
             return
@@ -371,6 +383,11 @@ class Worker:
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
+
+    def _handoff_to_new_rep(
+        self, s: Session, lead: Lead, rep: Rep, now: datetime, h: Handoff
+    ) -> None:
+        handoff_to_new_rep(s, self.app, lead, rep, now, h)
 
     def _mailer_for(self, transport: str) -> Mailer | None:
         """One SMTP connection per account, reused across passes; None: no such account."""
@@ -407,8 +424,17 @@ class Worker:
                     Enrollment.state == EnrollmentState.PAUSED
                 )
             )
-            d = webhooks_due(s, self.app.config)
-        times = [t for t in (a, b, c, d) if t is not None]
+            waiting = (Handoff.answered_at.is_(None), Handoff.closed_at.is_(None))
+            d = s.scalar(
+                select(func.min(Handoff.sla_due)).where(*waiting, Handoff.reminded_at.is_(None))
+            )
+            e = s.scalar(
+                select(func.min(Handoff.escalate_due)).where(
+                    *waiting, Handoff.escalated_at.is_(None)
+                )
+            )
+            f = webhooks_due(s, self.app.config)
+        times = [t for t in (a, b, c, d, e, f) if t is not None]
         return min(times) if times else None
 
     def wait(self) -> None:
