@@ -14,7 +14,7 @@ import mailbox
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -407,7 +407,3 @@ def _first_handoff(ws: Path) -> EmailMessage | None:
             assert isinstance(msg, EmailMessage)
             return msg
     return None
-
-
-def demo_clock() -> Clock:
-    return lambda: datetime.now(UTC)
