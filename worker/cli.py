@@ -422,11 +422,14 @@ def _format_lead(d: dict[str, Any]) -> str:
     if d["enrollments"]:
         lines.append("enrollments:")
         for en in d["enrollments"]:
-            extra = f" next due {en['next_due']}" if en["next_due"] else ""
+            parts = []
             if en["paused_until"]:
-                extra += f" paused until {en['paused_until']}"
+                parts.append(f"paused until {en['paused_until']}")
+            if en["next_due"] and not (en["paused_until"] and en["next_due"] < en["paused_until"]):
+                parts.append(f"next due {en['next_due']}")  # a due time inside the pause waits
             if en.get("waiting"):
-                extra += f" (waits: {en['waiting']})"
+                parts.append(f"waits: {en['waiting']}")
+            extra = "".join(f"; {p}" for p in parts)
             lines.append(f"  {en['campaign']}: {en['state']}, {en['step']} step(s) sent{extra}")
     if d["messages"]:
         lines.append("mail:")
@@ -499,14 +502,14 @@ def status_cmd(state: _State, as_json: bool, check: bool) -> None:
             click.echo(format_status(data))
 
 
-def run() -> None:  # pragma: no cover - console entry for tools that want a plain function
-    main()
-
-
 # --- the worker --------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: at, level, logger, message; with an exception, `error`
+    (its type and first line) and `traceback` (all of it: a multi-line message or a
+    chained cause is the part that says what went wrong)."""
+
     def format(self, record: logging.LogRecord) -> str:
         data = {
             "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -518,6 +521,9 @@ class _JsonFormatter(logging.Formatter):
             exc = record.exc_info[1]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             data["error"] = f"{exc.__class__.__name__}: {first}".rstrip(": ")
+            data["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -527,7 +533,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
