@@ -269,3 +269,18 @@ def test_run_once_takes_over_a_dead_workers_lease_and_reads_the_mailbox(
         with app.transaction() as s:
             assert s.scalar(select(Lead.status)) == "prospect"
         app.close()
+
+
+def test_it_creates_the_files_with_personal_data_for_its_user_only(tmp_path: Path) -> None:
+    data = base_config_data(f"sqlite:///{tmp_path / 'new.db'}", tmp_path, campaigns=[])
+    data["smtp"] = {"kind": "maildir", "path": str(tmp_path / "outbox")}
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email\nana@a.example\n")
+    env = {**os.environ, "TWOWAY_NOW": hostile.NOW_HINT.isoformat()}
+    for args in (("leads", "import", str(leads)), ("report", "--html", str(tmp_path / "r.html"))):
+        done = subprocess.run(twoway_cmd(cfg, *args), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for path in (tmp_path / "new.db", tmp_path / "r.html"):
+        assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,6 +138,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
         )
     # mail-parser logs every part type it does not render; our parser handles those.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # The database, reports, outbox and quarantine hold personal data and the tokens that
+    # `leads mark` accepts: whatever twoway creates is for its own user only.
+    os.umask(0o077)
     ctx.obj = _State(config_path)
 
 
