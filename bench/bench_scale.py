@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILDREN[args.child](json.loads(Path(args.spec).read_text()))))
         return 0
 
-    sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = [int(x) for x in args.sizes.split(",") if x]  # "" : PostgreSQL only
     pg_sizes = [int(x) for x in (args.pg_sizes or args.sizes).split(",")]
     leads = [bench_lead(i) for i in range(TOUCHED)]
     result: dict[str, Any] = {"messages": args.messages, "batch_size": args.batch_size}
