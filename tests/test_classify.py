@@ -254,3 +254,8 @@ def test_it_classifies_hostile_bodies_in_bounded_work(body: str) -> None:
         verdict = classify(parse(raw), CTX)
         assert verdict.kind in ("bounce", "reply", "auto_reply")
         assert not verdict.reason.startswith("classifier error")
+
+
+def test_it_shows_the_bounce_reason_in_the_human_inspect_output() -> None:
+    result = inspect_bytes((EMAILS / "bounce_reason_mailbox_full_8.eml").read_bytes(), CTX)
+    assert "bounce:      soft (mailbox_full) 5.2.2 -> quota@example.net" in format_human(result)

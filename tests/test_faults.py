@@ -65,6 +65,8 @@ def write_config(
         "campaigns": [{"name": "welcome", "send_window": None,
                        "steps": [{"template": "nurture/welcome"}, {"template": "nurture/case-study", "delay": "0h"}]}],
         "reps": [{"name": "Ana", "email": "ana@example.com"}, {"name": "Ben", "email": "ben@example.com"}],
+        # The follow-up at once, so kills land in its sending too.
+        "handoff": {"follow_up": {"template": "followup/thanks", "delay": "0h"}},
     }  # fmt: skip
     cfg = tmp_path / "twoway.yaml"
     cfg.write_text(yaml.safe_dump(data))

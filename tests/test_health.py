@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import base_config_data, twoway_cmd
-from tests.imap_server import DovecotServer
-from tests.served import Reply, Served
+from tests.imap_server import DovecotServer, free_port
+from tests.served import Client, Reply, Served
 
 LEASE = 5
 
@@ -120,3 +120,37 @@ def no_account_in(body: str, data: dict[str, object]) -> bool:
     mailboxes = data["mailboxes"]
     assert isinstance(mailboxes, list)
     return all(str(m["password"]) not in body and str(m["host"]) not in body for m in mailboxes)
+
+
+def test_it_serves_from_the_worker_process_with_run_serve(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    data = base_config_data(
+        f"sqlite:///{tmp_path / 'twoway.db'}",
+        tmp_path,
+        workers={"lease_seconds": LEASE},
+        serve={"port": port},
+    )
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    log = (tmp_path / "run.log").open("ab")
+    proc = subprocess.Popen(twoway_cmd(cfg, "run", "--serve"), env=env(), stdout=log, stderr=log)
+    processes.append(proc)
+    web = Client(port)
+    deadline = time.monotonic() + 30
+    reply: Reply | None = None
+    while time.monotonic() < deadline:
+        try:
+            reply = web.get("/healthz")
+            if reply.status == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.25)
+    assert reply is not None and reply.status == 200, reply
+    assert json.loads(reply.body)["workers"] == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    with pytest.raises(OSError):
+        web.get("/healthz")  # the server stopped with the worker

@@ -256,28 +256,31 @@ def scenario(world: dict[str, Any]) -> None:
         with app.transaction() as s:
             assert not s.scalar(select(func.count()).where(OutboundMessage.status == "unknown"))
 
-    # Each rep got exactly one handoff, with the reply text and the original attached.
+    # Each rep got exactly one briefing, with the reply text and the original attached,
+    # and one reply-ready copy of the prospect's message to answer from.
     got = by_recipient(smtp)
     for rep, prospect, words in (
         ("ana@example.com", lead(0), "send me pricing"),
         ("ben@example.com", lead(1), "pilot cost"),
         ("chloe@example.com", lead(2), "timeline next week"),
     ):
-        assert len(got.get(rep, [])) + unknown("handoff", rep) == 1, rep
-        follow = [m for m in got[prospect] if str(m["Subject"]) != step1[prospect]]
-        assert len(follow) + unknown("followup", prospect) == 1
-        if not got.get(rep):
+        to_rep = got.get(rep, [])
+        briefings = [m for m in to_rep if m["Reply-To"] is None]
+        copies = [m for m in to_rep if m["Reply-To"] is not None]
+        assert len(briefings) + unknown("handoff", rep) == 1, rep
+        assert len(copies) + unknown("rep_copy", rep) == 1, rep
+        for copy in copies:
+            assert prospect in str(copy["Reply-To"])
+        # The follow-up in the rep's name waits for the rep to answer first.
+        assert [m for m in got[prospect] if str(m["Subject"]) != step1[prospect]] == []
+        if not briefings:
             continue
-        handoff = got[rep][0]
-        assert str(handoff["Reply-To"]) == prospect
+        handoff = briefings[0]
+        assert prospect not in str(handoff["To"]) + str(handoff["From"])
         body = handoff.get_body(("plain",))
         assert body is not None and words in body.get_content()
         attached = [p.get_content_type() for p in handoff.iter_attachments()]
         assert attached == ["message/rfc822"]
-        # ... and the prospect one in-thread follow-up.
-        if follow:
-            assert str(follow[0]["Subject"]).lower().startswith("re:")
-            assert follow[0]["In-Reply-To"] is not None
     # The referred colleague got step 1 of the same campaign in the same pass.
     jane = "jane.doe@company9.example.org"
     assert len(got.get(jane, [])) + unknown("nurture", jane) == 1
@@ -289,6 +292,17 @@ def scenario(world: dict[str, Any]) -> None:
     rows = count(OutboundMessage)
     run_pass(START + timedelta(hours=2))
     assert (len(smtp.messages), count(InboundMessage), count(OutboundMessage)) == (before, 11, rows)
+
+    # No rep answered: one business hour later each prospect gets one in-thread follow-up.
+    run_pass(START + timedelta(hours=3, minutes=5))
+    got = by_recipient(smtp)
+    for prospect in (lead(0), lead(1), lead(2)):
+        follow = [m for m in got[prospect] if str(m["Subject"]) != step1[prospect]]
+        assert len(follow) + unknown("followup", prospect) == 1
+        for m in follow:
+            assert str(m["Subject"]).lower().startswith("re:")
+            assert m["In-Reply-To"] is not None
+    before = len(smtp.messages)
 
     # Three days later step 2 goes only to leads still in `lead` and not paused.
     run_pass(START + timedelta(days=3, hours=1))
@@ -347,9 +361,14 @@ def test_it_tells_the_owner_of_every_later_reply_once(world: dict[str, Any]) -> 
     worker.run_once()  # nothing more
     to_ana = by_recipient(smtp)["ana@example.com"]
     subjects = [str(m["Subject"]) for m in to_ana]
+    briefings = [m for m in to_ana if m["Reply-To"] is None]
+    subjects = [str(m["Subject"]) for m in briefings]
+    assert len(to_ana) == 4  # per message: a briefing and a reply-ready copy
     assert len(subjects) == 2 and subjects[0].startswith("New prospect: Lead0 Tester")
     assert subjects[1] == "New reply from Lead0 Tester (Company 0), your prospect"
-    body = to_ana[1].get_body(("plain",))
+    body = briefings[1].get_body(("plain",))
     assert body is not None and "start in March" in body.get_content()
     assert "already your prospect" in body.get_content()
-    assert str(to_ana[1]["Reply-To"]) == "lead0@company0.example.org"
+    copies = [m for m in to_ana if m["Reply-To"] is not None]
+    assert "lead0@company0.example.org" in str(copies[1]["Reply-To"])
+    assert "start in March" in str(copies[1].get_body(("plain",)).get_content())  # type: ignore[union-attr]

@@ -38,7 +38,10 @@ def one_email(body_txt: str, subject: str = "Hello") -> dict[str, str]:
 def test_it_lists_every_email_template(renderer: Renderer) -> None:
     assert renderer.names() == [
         "followup/thanks",
+        "handoff/escalation",
+        "handoff/reminder",
         "handoff/rep",
+        "handoff/reply",
         "nurture/case-study",
         "nurture/last-call",
         "nurture/welcome",
@@ -87,7 +90,34 @@ def test_it_gives_the_rep_everything_at_a_glance_without_an_unsubscribe_footer(
         assert "unsubscribe" not in part.lower()
     assert "[x] Industry is in the target market: logistics" in email.text
     assert "[?] Budget confirmed" in email.text
-    assert "HOW TO REPLY" in email.text
+    assert "HOW TO ANSWER MAYA" in email.text
+    assert "Tom Reed, Fleet Manager" in email.text  # the colleague paused because of her
+    assert "twoway leads followup cancel maya.patel@northwind-logistics.example" in email.text
+    assert "matched by" not in email.text  # plain words, not the matcher's jargon
+
+
+def test_it_acknowledges_what_the_prospect_asked_without_a_marketing_footer(
+    renderer: Renderer,
+) -> None:
+    ctx = sample_context()
+    email = renderer.render("followup/thanks", ctx)
+    for part in (email.text, email.html):
+        assert "pricing" in part and "invitation" in part
+        assert "unsubscribe" not in part.lower()
+        assert ctx["sender"]["postal_address"] not in part
+    ctx["reply"] = {**ctx["reply"], "asks": []}
+    assert "come back to you personally" in renderer.render("followup/thanks", ctx).text
+
+
+def test_it_gives_the_reply_ready_copy_only_the_prospects_own_words(renderer: Renderer) -> None:
+    from worker.contexts import samples
+
+    email = renderer.render("handoff/reply", samples()["rep_copy"])
+    assert email.subject == "Re: How Brightline cut dispatch time by 40%"
+    assert email.text.startswith("Hi Ben,")
+    for part in (email.text, email.html):
+        for internal in ("score", "Decision-making", "Internal", "Ben Okafor", "unsubscribe"):
+            assert internal not in part
 
 
 def test_it_answers_the_prospect_in_the_same_thread(renderer: Renderer) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tests.conftest import base_config
 from worker.app import App
 from worker.cli import main
 from worker.demo import run_demo
-from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, OutboundMessage
+from worker.models import Enrollment, Handoff, InboundMessage, Lead, LeadEvent, OutboundMessage
 from worker.report import build_report
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
@@ -150,6 +151,27 @@ def populate(app: App) -> None:
         seed.reply(today[4], day(0, 9), kind="auto_reply")  # not a genuine reply
         seed.send(today[5], "nurture", day(45))  # before the window
         seed.send(today[6], "nurture", None, status="queued")  # not sent yet
+        # Speed to lead: Ana answered in 10, 20 and 60 minutes (SLA 30 min: one breach);
+        # Chloe has not answered the prospect handed to her 50 minutes ago.
+        handed_to = s.scalars(
+            select(Lead).where(Lead.status == "prospect").order_by(Lead.id).limit(4)
+        ).all()
+        for minutes, prospect in zip((10, 20, 60), handed_to, strict=False):
+            handed_at = day(2, 9)
+            s.add(
+                Handoff(
+                    lead_id=prospect.id, rep="ana@example.com",
+                    handed_at=handed_at, sla_due=handed_at + timedelta(minutes=30),
+                    answered_at=handed_at + timedelta(minutes=minutes), answered_by="ana@example.com",
+                )
+            )  # fmt: skip
+        waiting = handed_to[3]
+        s.add(
+            Handoff(
+                lead_id=waiting.id, rep="chloe@example.com", handed_at=NOW - timedelta(minutes=50),
+                sla_due=NOW - timedelta(minutes=20),
+            )
+        )  # fmt: skip
 
 
 def render(app: App, tmp_path: Path, days: int = 30) -> str:
@@ -217,6 +239,21 @@ def test_it_tabulates_leads_outbox_mailboxes_and_alarms(app: App, tmp_path: Path
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
     assert 'class="alarm banner"><b>1 alarm</b>: 1 send(s) in state unknown' in page
     assert "never synced" in page  # the test mailbox was never read
+
+
+def test_it_shows_each_reps_first_response_times_and_who_still_waits(
+    app: App, tmp_path: Path
+) -> None:
+    populate(app)
+    page = render(app, tmp_path)
+    speed = page[page.index("<h2>Speed to lead</h2>") : page.index("<h2>Daily activity</h2>")]
+    ana = speed[speed.index("<b>Ana Lopez</b>") :].split("</tr>")[0]
+    cells = re.findall(r'<td class="n">(.*?)</td>', ana)
+    assert cells == ["3", "3", "20 min", "1 h 00 min", '<span class="pill bad">1</span>']
+    chloe = speed[speed.index("<b>Chloe Martin</b>") :].split("</tr>")[0]
+    assert re.findall(r'<td class="n">(.*?)</td>', chloe)[:3] == ["1", "0", "–"]
+    waiting = speed[speed.index("Waiting for a first answer") :]
+    assert "chloe@example.com" in waiting and "50 min" in waiting and "over the SLA" in waiting
 
 
 def test_it_renders_an_empty_database_as_a_friendly_page(app: App, tmp_path: Path) -> None:

@@ -184,7 +184,8 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
         )
     assert smtp_server.began_for(unknown)
     handoffs = sum(per_rcpt[f"rep{i}@example.com"] for i in range(3))
-    assert handoffs == statuses[("handoff", "sent")]
+    # Per prospect message, a briefing and a reply-ready copy.
+    assert handoffs == statuses[("handoff", "sent")] + statuses[("rep_copy", "sent")]
     for i in range(REPLIES):  # step 1 and the follow-up, never more
         assert per_rcpt[f"lead{i}@company{i}.example.org"] <= 2
     app.close()

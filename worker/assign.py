@@ -81,13 +81,20 @@ class Assignment:
     reason: str
 
 
-def assign(session: Session, lead: Lead, config: Config, now: datetime) -> Assignment:
+def assign(
+    session: Session,
+    lead: Lead,
+    config: Config,
+    now: datetime,
+    exclude: frozenset[str] = frozenset(),
+) -> Assignment:
     """Choose the rep for `lead` at `now` by the rules in the module docstring.
 
     Reads only; writes nothing and never flushes on purpose (the caller records the
-    assignment). `lead` may already be in the database or not.
+    assignment). `lead` may already be in the database or not. Reps in `exclude` (their
+    addresses) are not considered: an escalation reassigns to the next eligible rep.
     """
-    reps = config.reps
+    reps = tuple(r for r in config.reps if r.email not in exclude)
     if not reps:
         return Assignment(None, "no reps configured")
     state = _State(session, reps, now.astimezone(UTC).date())

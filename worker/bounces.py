@@ -40,7 +40,7 @@ _ADDR_RE = re.compile(
 )
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
-_SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*:|\]:)\s*([45]\d\d)(?:[ -]|$)")
+_SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)")
 
 _DAEMON_RE = re.compile(
     r"(?i)^\"?(?:mailer[-_.]?daemon|post[-_.]?master|mdaemon|mail[-_.]?delivery[-_.]?system|"
@@ -703,6 +703,16 @@ _LIST_REJECT_RE = re.compile(
     r"(?:do|does)\s+not\s+have\s+permission\s+to\s+post|you\s+must\s+be\s+(?:a\s+)?(?:member|"
     r"subscribed)|posting\s+(?:is\s+)?restricted|rejected\s+by\s+(?:the\s+)?(?:list\s+)?moderator"
 )
+# What delivery software writes and people do not: "your message could not be delivered
+# to", Sendmail's "permanent fatal errors", the French/German/Spanish/Italian forms.
+_STRONG_FAILURE_RE = re.compile(
+    r"(?i)message\s+(?:could\s+not|cannot|couldn't|was\s+not)\s+be(?:en)?\s+delivered|"
+    r"could\s+not\s+be\s+delivered\s+to|wasn't\s+able\s+to\s+deliver|unable\s+to\s+deliver\s+"
+    r"(?:your\s+)?(?:message|mail)|delivery\s+to\s+the\s+following\s+recipients?\s+failed|"
+    r"permanent\s+fatal\s+errors|undeliverable\s+to|n'a\s+pas\s+pu\s+(?:ê|e)tre\s+d(?:é|e)livr|"
+    r"konnte\s+nicht\s+zugestellt|no\s+se\s+ha\s+podido\s+entregar|"
+    r"non\s+è\s+stato\s+possibile\s+recapitare"
+)
 # Loop alerts (Exim "Too many \"Received\" headers", Sendmail "Too many hops", qmail loops).
 _LOOP_RE = re.compile(
     r"(?i)mail\s+loop|loop\s+(?:detected|alert)|too\s+many\s+hops|too\s+many\s+\"?received|"
@@ -744,7 +754,9 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
         or list_reject
         or (subject_hit and strong_delay)
         or (subject_hit and body_hit)
-        or (body_hit and not msg.in_reply_to and not msg.references)
+        # Unthreaded mail from a person may say "does not exist": without a daemon
+        # sender or a bounce subject, failure words count only next to SMTP evidence.
+        or (body_hit and not threaded and (smtp_error or _STRONG_FAILURE_RE.search(human[:5000])))
     ):
         return None
     excluded = _excluded(msg)
@@ -810,6 +822,8 @@ def provider_notification(msg: ParsedMessage) -> dict[str, Any] | None:
     body names one of those types; bounded to the first 200 kB.
     """
     text = msg.text[:200_000]
+    if "notificationType" not in text and "eventType" not in text:
+        return None  # the common case, decided by a substring test
     found = _SES_MARK_RE.search(text) or _SES_MARK_RE.search(text.replace('\\"', '"'))
     if not found or found.group(1) not in ("Bounce", "Complaint", "Delivery", "DeliveryDelay"):
         return None

@@ -118,9 +118,9 @@ def resume_campaign(
 ) -> Resumed:
     """Resume a paused campaign; what fell due meanwhile is spread out by the caps.
 
-    Queued messages of the campaign and due enrollments get consecutive minutes, as many
-    per minute as the SMTP account's caps allow (the send window still applies when each
-    step is queued), so resuming a long pause is no burst.
+    Queued messages of the campaign and due enrollments get the next open window of their
+    lead's time zone and, among those sharing it, consecutive minutes: as many per minute
+    as the SMTP account's caps allow. Resuming a long pause is no burst, even at night.
     """
     camp = campaign(config, name)
     state = s.get(CampaignState, name, with_for_update=True)
@@ -131,8 +131,16 @@ def resume_campaign(
     spread = 0
     last: datetime | None = None
     if rate:
-        queued = s.scalars(
-            select(OutboundMessage.id)
+        from worker.schedule import next_open_slot
+        from worker.sequences import public_holidays
+
+        def opens(tz: str | None, country: str | None) -> datetime:
+            days_off = public_holidays(country, now.year) if camp.skip_holidays else frozenset()
+            return next_open_slot(now, camp.send_window, tz or camp.timezone, days_off)
+
+        queued = s.execute(
+            select(OutboundMessage.id, Lead.timezone, Lead.country)
+            .join(Lead, Lead.id == OutboundMessage.lead_id)
             .where(
                 OutboundMessage.campaign == name,
                 OutboundMessage.kind == "nurture",
@@ -141,8 +149,9 @@ def resume_campaign(
             )
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
         ).all()
-        due = s.scalars(
-            select(Enrollment.id)
+        due = s.execute(
+            select(Enrollment.id, Lead.timezone, Lead.country)
+            .join(Lead, Lead.id == Enrollment.lead_id)
             .where(
                 Enrollment.campaign == name,
                 Enrollment.state == "active",
@@ -150,10 +159,20 @@ def resume_campaign(
             )
             .order_by(Enrollment.next_due, Enrollment.id)
         ).all()
-        slots: dict[datetime, list[int]] = defaultdict(list)
-        for i, row_id in enumerate(queued):
-            slots[now + timedelta(minutes=i // rate)].append(row_id)
-        for at, ids in slots.items():
+        # Each message gets the next open window of its lead's time zone, then a minute
+        # of its own among those sharing that opening: `rate` per minute, queued ones first.
+        taken: dict[datetime, int] = defaultdict(int)
+
+        def slot(tz: str | None, country: str | None) -> datetime:
+            start = opens(tz, country)
+            at = start + timedelta(minutes=taken[start] // rate)
+            taken[start] += 1
+            return at
+
+        row_slots: dict[datetime, list[int]] = defaultdict(list)
+        for row_id, tz, country in queued:
+            row_slots[slot(tz, country)].append(row_id)
+        for at, ids in row_slots.items():
             s.execute(
                 update(OutboundMessage)
                 .where(OutboundMessage.id.in_(ids))
@@ -161,8 +180,8 @@ def resume_campaign(
                 .execution_options(synchronize_session=False)
             )
         en_slots: dict[datetime, list[int]] = defaultdict(list)
-        for i, en_id in enumerate(due, start=len(queued)):
-            en_slots[now + timedelta(minutes=i // rate)].append(en_id)
+        for en_id, tz, country in due:
+            en_slots[slot(tz, country)].append(en_id)
         for at, ids in en_slots.items():
             s.execute(
                 update(Enrollment)
@@ -172,7 +191,7 @@ def resume_campaign(
             )
         spread = len(queued) + len(due)
         if spread:
-            last = now + timedelta(minutes=(spread - 1) // rate)
+            last = max([*row_slots, *en_slots])
     leads = _enrolled_leads(s, name, LIVE_ENROLLMENT)
     _events(
         s, leads, "campaign_resumed", f"{by}: campaigns resume {name}", now,

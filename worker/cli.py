@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config
+from worker.config import ConfigError, clock_from_env, load_config, missing_templates
 from worker.db import DatabaseError, refresh_statistics
 from worker.leases import WorkerLockError
 
@@ -88,7 +89,36 @@ class _State:
 pass_state = click.make_pass_decorator(_State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _config_first(args: list[str]) -> list[str]:
+    """Move `--config F` (or `--config=F`) given after the subcommand to the front, where
+    the group parses it: `twoway config check --config F` works like `twoway --config F
+    config check`. Nothing after `--` moves."""
+    head: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--config" and i + 1 < len(args):
+            head += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            head.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return head + rest
+
+
+class _Main(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _config_first(args))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -108,6 +138,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
         )
     # mail-parser logs every part type it does not render; our parser handles those.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # The database, reports, outbox and quarantine hold personal data and the tokens that
+    # `leads mark` accepts: whatever twoway creates is for its own user only.
+    os.umask(0o077)
     ctx.obj = _State(config_path)
 
 
@@ -147,19 +180,20 @@ def config_group() -> None:
 def config_check(state: _State, connect: bool) -> None:
     """Validate the config file and templates (and with --connect, the servers)."""
     with _errors():
-        config = load_config(state.config_path)
-        problems: list[str] = []
         try:
-            from worker.rendering import Renderer, sample_context
+            config = load_config(state.config_path)
+        except ConfigError as e:  # the missing templates too, in the same run
+            e.problems += missing_templates(Path(e.path))
+            raise
+        problems: list[str] = []
+        from worker.rendering import Renderer, lint_for
 
-            renderer = Renderer(config.templates_path)
-            names = {t for c in config.campaigns for s in c.steps for t in s.templates}
-            names.add(config.handoff.template)
-            if config.handoff.follow_up:
-                names.add(config.handoff.follow_up.template)
-            problems += [str(e) for e in renderer.lint(sample_context(), sorted(names))]
-        except ImportError:  # pragma: no cover - rendering ships with the package
-            pass
+        renderer = Renderer(config.templates_path)
+        names = {t for c in config.campaigns for s in c.steps for t in s.templates}
+        names.add(config.handoff.template)
+        if config.handoff.follow_up:
+            names.add(config.handoff.follow_up.template)
+        problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
         if connect:
             problems += _connect_checks(config)
         if problems:
@@ -269,21 +303,31 @@ def leads_import(
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             click.echo(summary)
-        if result.strict_failed:
-            sys.exit(2)
+        if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
+            sys.exit(2)  # nothing usable in the file: bad input, not a success
 
 
 @leads_group.command("list")
 @click.option("--status", help="Only leads in this status.")
-@click.option("--limit", type=int, help="At most this many.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
+@click.option(
+    "--waiting",
+    is_flag=True,
+    help="Only prospects still waiting for their rep's first answer, oldest first.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def leads_list(state: _State, status: str | None, limit: int | None, as_json: bool) -> None:
+def leads_list(
+    state: _State, status: str | None, limit: int | None, waiting: bool, as_json: bool
+) -> None:
     """List leads."""
     from worker.leads import list_leads
 
     with _errors():
         app = state.app()
+        if waiting:
+            _list_waiting(app, limit, as_json)
+            return
         with app.transaction() as session:
             rows = list_leads(session, status, limit)
         if as_json:
@@ -298,6 +342,49 @@ def leads_list(state: _State, status: str | None, limit: int | None, as_json: bo
             click.echo(
                 f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
             )
+
+
+def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
+    from worker.handoffs import waiting_leads
+
+    with app.transaction() as session:
+        rows = waiting_leads(session, app.now(), limit or 200)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no prospect is waiting for an answer")
+        return
+    click.echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
+    for r in rows:
+        late = "  over the SLA" if r["breached"] else ""
+        minutes = f"{r['waiting_seconds'] // 60} min"
+        click.echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
+
+
+@leads_group.group("followup")
+def followup_group() -> None:
+    """The follow-up twoway sends a prospect in the rep's name."""
+
+
+@followup_group.command("cancel")
+@click.argument("email")
+@pass_state
+def followup_cancel(state: _State, email: str) -> None:
+    """Do not send EMAIL's queued follow-up (the rep answers them personally)."""
+    from worker.handoffs import cancel_followup
+    from worker.leads import get_lead
+
+    with _errors():
+        app = state.app()
+        with app.transaction() as session:
+            lead = get_lead(session, email)
+            n = cancel_followup(session, lead, app.now(), "twoway leads followup cancel")
+            address = lead.email
+        if n:
+            click.echo(f"the follow-up to {address} is cancelled")
+        else:
+            click.echo(f"no follow-up is waiting to go to {address}")
 
 
 @leads_group.command("show")
@@ -339,11 +426,14 @@ def _format_lead(d: dict[str, Any]) -> str:
     if d["enrollments"]:
         lines.append("enrollments:")
         for en in d["enrollments"]:
-            extra = f" next due {en['next_due']}" if en["next_due"] else ""
+            parts = []
             if en["paused_until"]:
-                extra += f" paused until {en['paused_until']}"
+                parts.append(f"paused until {en['paused_until']}")
+            if en["next_due"] and not (en["paused_until"] and en["next_due"] < en["paused_until"]):
+                parts.append(f"next due {en['next_due']}")  # a due time inside the pause waits
             if en.get("waiting"):
-                extra += f" (waits: {en['waiting']})"
+                parts.append(f"waits: {en['waiting']}")
+            extra = "".join(f"; {p}" for p in parts)
             lines.append(f"  {en['campaign']}: {en['state']}, {en['step']} step(s) sent{extra}")
     if d["messages"]:
         lines.append("mail:")
@@ -416,14 +506,14 @@ def status_cmd(state: _State, as_json: bool, check: bool) -> None:
             click.echo(format_status(data))
 
 
-def run() -> None:  # pragma: no cover - console entry for tools that want a plain function
-    main()
-
-
 # --- the worker --------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: at, level, logger, message; with an exception, `error`
+    (its type and first line) and `traceback` (all of it: a multi-line message or a
+    chained cause is the part that says what went wrong)."""
+
     def format(self, record: logging.LogRecord) -> str:
         data = {
             "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -435,6 +525,9 @@ class _JsonFormatter(logging.Formatter):
             exc = record.exc_info[1]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             data["error"] = f"{exc.__class__.__name__}: {first}".rstrip(": ")
+            data["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -444,7 +537,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
@@ -470,8 +563,16 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print what the pass did as JSON."
 )
+@click.option(
+    "--serve",
+    "with_serve",
+    is_flag=True,
+    help="Also run `twoway serve` (serve.host, serve.port) in this process.",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
     import signal
     import threading
@@ -532,6 +633,11 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _reload)
+        stop_serving = None
+        if with_serve:
+            from worker.web import serve_in_thread
+
+            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
         while True:
             worker.run_forever()
             if not reload.is_set():
@@ -550,6 +656,8 @@ def run_cmd(ctx: click.Context, once: bool, log_format: str | None, as_json: boo
                 log.info("SIGHUP: configuration and templates reloaded")
             stop.clear()
         worker.close()
+        if stop_serving is not None:
+            stop_serving()
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -579,11 +687,14 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         _add_matches(app, results, paths)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
-        if as_json:
+        if single and not as_json:
+            click.echo(format_human(r))
+        else:  # several files: one JSON object per line, with or without --json
             click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
-        else:
-            click.echo(format_human(r) + ("" if single else "\n"))
-    if single and results and results[0].get("kind") is None:
+    unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
+    for r in unreadable if not single else ():
+        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+    if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
 
 
@@ -699,14 +810,18 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.rendering import Renderer, sample_context
+    from worker.contexts import samples, unsubscribe_url
+    from worker.rendering import Renderer, lint_for
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
         names = renderer.names()
-        problems = [str(e) for e in renderer.lint(sample_context(sender=config.sender), names)]
+        problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
+        # A problem every lead shares (a syntax error) is said once; one of some leads'
+        # data (a custom field they lack) names them.
+        by_lead: dict[str, list[str]] = {}
         if with_leads:
             from sqlalchemy import select
 
@@ -723,18 +838,23 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                         camp = config.campaign(en.campaign)
                     except KeyError:
                         continue
-                    ctx = sample_context(
-                        sender=config.sender, lead=lead_fields(lead), campaign=camp
-                    )
+                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
                     for i, step in enumerate(camp.steps):
-                        ctx["step"] = {"number": i + 1, "total": len(camp.steps)}
-                        for e in renderer.lint(ctx, list(step.templates)):
-                            problems.append(f"{e} (lead {lead.email})")
+                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
+                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
+                            if str(e) not in problems:
+                                by_lead.setdefault(str(e), []).append(lead.email)
                         checked += 1
         for p in dict.fromkeys(problems):
             click.echo(p, err=True)
-        if problems:
-            _die(f"{len(set(problems))} template problem(s)", 2)
+        for p, emails in by_lead.items():
+            who = ", ".join(dict.fromkeys(emails[:3])) + (
+                f" and {len(set(emails)) - 3} more" if len(set(emails)) > 3 else ""
+            )
+            click.echo(f"{p} (lead {who})", err=True)
+        count = len(set(problems)) + len(by_lead)
+        if count:
+            _die(f"{count} template problem(s)", 2)
         click.echo(f"{checked} template render(s) OK in {config.templates_path}")
 
 
@@ -752,20 +872,24 @@ def templates_preview(
     state: _State, name: str, lead_email: str | None, html_file: Path | None
 ) -> None:
     """Print a template's subject and text as a lead would get them."""
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.contexts import kinds_of, samples, unsubscribe_url
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
-        lead = None
+        lead, unsubscribe = None, None
         if lead_email:
             from worker.leads import get_lead, lead_fields
 
             app = state.app()
             with app.transaction() as s:
-                lead = lead_fields(get_lead(s, lead_email))
+                found = get_lead(s, lead_email)
+                lead = lead_fields(found)
+                unsubscribe = unsubscribe_url(config.sender, found.reply_token)
+        ctx = samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
         try:
-            out = renderer.render(name, sample_context(sender=config.sender, lead=lead))
+            out = renderer.render(name, ctx)
         except TemplateError as e:
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
@@ -781,8 +905,9 @@ def templates_preview(
 def templates_send_test(state: _State, name: str, to_addr: str) -> None:
     """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
     from worker.compose import compose, new_message_id
+    from worker.contexts import kinds_of, samples
     from worker.mailer import Mailer
-    from worker.rendering import Renderer, TemplateError, sample_context
+    from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
@@ -790,7 +915,8 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
             _die("no smtp section in the config", 2)
         renderer = Renderer(config.templates_path)
         try:
-            out = renderer.render(name, sample_context(sender=config.sender))
+            ctx = samples(config.sender)[kinds_of(config, [name])[name]]
+            out = renderer.render(name, ctx)
             msg = compose(
                 from_addr=config.sender.address,
                 from_name=config.sender.display_name,

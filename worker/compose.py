@@ -9,15 +9,16 @@ call raises ValueError. Nothing in this module does I/O.
 from __future__ import annotations
 
 import email.policy
+import io
 import re
 import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.generator import BytesGenerator
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.parser import BytesParser
+from email.message import EmailMessage, Message
 from email.utils import format_datetime
 from types import MappingProxyType
 from urllib.parse import quote
@@ -143,6 +144,15 @@ def _check_url(url: str) -> str:
     return url
 
 
+def is_message_id(value: str) -> bool:
+    """Whether `value` (with or without angle brackets) is one usable Message-ID."""
+    try:
+        _bracketed(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _bracketed(message_id: str) -> str:
     """`message_id` as "<id@domain>", checked to be a single id with no spaces or controls."""
     bare = message_id.strip()
@@ -151,6 +161,19 @@ def _bracketed(message_id: str) -> str:
     if not _MSGID.match(bare):
         raise ValueError(f"not a Message-ID: {message_id!r}")
     return f"<{bare}>"
+
+
+def _reference(message_id: str) -> str | None:
+    """Someone else's Message-ID, bracketed, to thread on; None when it cannot be written
+    in a header line (whitespace, controls, brackets, or too long for 998 octets). Any
+    number of "@" is kept: threading needs the id exactly as its author wrote it."""
+    bare = message_id.strip().removeprefix("<").removesuffix(">")
+    if not bare or len(bare) > 900 or not _FOREIGN_MSGID.match(bare):
+        return None
+    return f"<{bare}>"
+
+
+_FOREIGN_MSGID = re.compile(r"^[!-;=?-~]+$")  # printable ASCII but "<" and ">"
 
 
 def _mailbox(name: str, address: str) -> Address:
@@ -195,7 +218,7 @@ def compose(
     html: str,
     message_id: str,
     domain: str,
-    reply_to: str | None = None,
+    reply_to: str | Sequence[tuple[str, str]] | None = None,
     in_reply_to: str | None = None,
     references: Sequence[str] = (),
     unsubscribe_url: str | None = None,
@@ -209,7 +232,9 @@ def compose(
     multipart/mixed when there are attachments.
 
     Headers: Date (`date`, default now), Message-ID `<message_id>`, From and To with
-    encoded display names, Subject, optional Reply-To, In-Reply-To and References, the
+    encoded display names, Subject, optional Reply-To (one bare address, or several
+    `(display name, address)` pairs: a reply then goes to all of them), In-Reply-To and
+    References, the
     RFC 8058 pair `List-Unsubscribe` / `List-Unsubscribe-Post: List-Unsubscribe=One-Click`
     (the Post header only when there is an https URL), `Auto-Submitted: auto-generated` when
     `auto_submitted`, and always `X-Twoway-Loop: <domain>` so we recognise our own mail.
@@ -231,11 +256,14 @@ def compose(
     msg["From"] = _mailbox(from_name, from_addr)
     msg["To"] = _mailbox(to_name, to_addr)
     msg["Subject"] = clean_text(subject)
-    if reply_to:
+    if isinstance(reply_to, str):
         msg["Reply-To"] = check_address(reply_to)
-    if in_reply_to:
-        _set_folded(msg, "In-Reply-To", [_bracketed(in_reply_to)])
-    refs = [_bracketed(r) for r in references if r and r.strip()]
+    elif reply_to:
+        msg["Reply-To"] = [_mailbox(name, address) for name, address in reply_to]
+    parent = _reference(in_reply_to) if in_reply_to else None
+    if parent:
+        _set_folded(msg, "In-Reply-To", [parent])
+    refs = [r for r in map(_reference, references) if r]
     if refs:
         _set_folded(msg, "References", refs)
     targets = []
@@ -269,8 +297,51 @@ def _attach(msg: EmailMessage, att: Attachment) -> None:
     maintype, _, subtype = mime_type.partition("/")
     if not maintype or not subtype or clean_text(mime_type) != mime_type or " " in mime_type:
         raise ValueError(f"not a MIME type: {att.mime_type!r}")
-    if mime_type == "message/rfc822":
-        inner = BytesParser(policy=_POLICY).parsebytes(att.content)
-        msg.add_attachment(inner, filename=filename)
+    if mime_type == "message/rfc822" and fits_lines(att.content):
+        # The original goes out byte for byte, never parsed: parsing and writing it again
+        # would cost what a hostile message makes it cost (deep nesting, header bombs).
+        # 8-bit bytes go as "8bit"; the mailer then asks for 8BITMIME where it is offered.
+        part = EmailMessage(policy=_POLICY)
+        part["Content-Type"] = "message/rfc822"
+        part["Content-Transfer-Encoding"] = "7bit" if att.content.isascii() else "8bit"
+        part.add_header("Content-Disposition", "attachment", filename=filename)
+        part.set_payload(att.content.decode("ascii", "surrogateescape"))
+        msg.make_mixed()
+        msg.attach(part)
+    elif mime_type == "message/rfc822":
+        # RFC 2046 5.2.1 allows only 7bit/8bit/binary for message/rfc822, and a line over
+        # 998 octets (or a NUL) needs BINARYMIME on every hop: send it as a file instead.
+        msg.add_attachment(att.content, maintype="application", subtype="octet-stream",
+                           filename=filename)  # fmt: skip
     else:
         msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=filename)
+
+
+def fits_lines(raw: bytes) -> bool:
+    """Whether `raw` can travel as 7bit or 8bit data: no NUL and every line at most 998
+    octets (RFC 5322 2.1.1, RFC 5321 4.5.3.1.6)."""
+    return b"\0" not in raw and not _LONG_LINE.search(raw)
+
+
+def as_wire_bytes(msg: EmailMessage) -> bytes:
+    """`msg` as SMTP carries it: every line ending CRLF (smtplib sends bytes as given),
+    an attached original byte for byte."""
+    out = io.BytesIO()
+    _WireGenerator(out, policy=msg.policy).flatten(msg)
+    data = out.getvalue()
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+class _WireGenerator(BytesGenerator):
+    """Writes a message/rfc822 part whose payload is the original's text (see _attach) as
+    those bytes; the stdlib would insist on ASCII there."""
+
+    def _handle_message(self, msg: Message) -> None:
+        payload = vars(msg)["_payload"]  # get_payload() would decode the escaped bytes
+        if isinstance(payload, str):
+            self.write(payload)  # BytesGenerator.write keeps surrogate-escaped bytes
+            return
+        super()._handle_message(msg)  # type: ignore[misc]
+
+
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")

@@ -30,7 +30,7 @@ from pydantic import (
 DEFAULT_CONFIG_PATH = Path("config/twoway.yaml")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DELAY = re.compile(r"^\s*(\d+)\s*(bd|d|h|m)\s*$")
+_DELAY = re.compile(r"^\s*(\d+)\s*(bd|bh|d|h|m)\s*$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -53,10 +53,12 @@ class _Model(BaseModel):
 
 @dataclass(frozen=True)
 class Delay:
-    """A step delay: `amount` of `unit` (d days, bd business days, h hours, m minutes)."""
+    """A step delay: `amount` of `unit` (d days, bd business days, bh business hours,
+    h hours, m minutes). Business hours count only the time inside `handoff.business_hours`
+    in the rep's time zone."""
 
     amount: int
-    unit: Literal["d", "bd", "h", "m"]
+    unit: Literal["d", "bd", "bh", "h", "m"]
 
     @classmethod
     def parse(cls, text: str | int) -> Delay:
@@ -65,7 +67,8 @@ class Delay:
         m = _DELAY.match(text)
         if not m:
             raise ValueError(
-                f"{text!r} is not a delay: use Nd (days), Nbd (business days), Nh (hours) or Nm"
+                f"{text!r} is not a delay: use Nd (days), Nbd (business days), "
+                "Nbh (business hours), Nh (hours) or Nm"
             )
         return cls(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
 
@@ -342,11 +345,30 @@ class Campaign(_Model):
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
 
 
+def country_code(text: str) -> str:
+    """An ISO 3166 alpha-2 country code, upper-cased; ValueError saying what is wrong.
+
+    The rule of the leads CSV and of every country in the config: a rule naming `Spain`
+    or `UK` would never match a lead (whose country is `ES`, `GB`)."""
+    code = text.strip()
+    if not re.fullmatch(r"[A-Za-z]{2}", code):
+        raise ValueError(f"country {text!r} is not an ISO 3166 two-letter code (e.g. ES, DE)")
+    if code.upper() == "UK":
+        raise ValueError("country 'UK' is not an ISO 3166 code: the United Kingdom is GB")
+    return code.upper()
+
+
+def _countries(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(country_code(v) for v in values)
+
+
 class RepMatch(_Model):
     countries: tuple[str, ...] = ()
     industries: tuple[str, ...] = ()
     min_company_size: int | None = None
     max_company_size: int | None = None
+
+    _iso = field_validator("countries")(classmethod(lambda cls, v: _countries(v)))
 
 
 class Rep(_Model):
@@ -357,6 +379,11 @@ class Rep(_Model):
     away_until: date | None = None
     match: RepMatch | None = None
     mailbox: str | None = None
+    timezone: str | None = None
+    """The rep's IANA time zone: their business hours (follow-up, SLA) are counted in it
+    (default: `handoff.timezone`)."""
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: v if v is None else _zone(v)))
 
     @field_validator("email")
     @classmethod
@@ -371,6 +398,8 @@ class Fit(_Model):
     min_company_size: int | None = None
     min_annual_revenue: int | None = None
     countries: tuple[str, ...] = ()
+
+    _iso = field_validator("countries")(classmethod(lambda cls, v: _countries(v)))
 
 
 class Qualification(_Model):
@@ -387,16 +416,58 @@ class Qualification(_Model):
 
 class FollowUp(_Model):
     template: str = "followup/thanks"
-    delay: Delay = Delay(0, "h")
+    delay: Delay = Delay(1, "bh")
+    """How long twoway waits for the rep to answer before it answers in the rep's name."""
     from_: Literal["rep", "sender"] = Field(default="rep", alias="from")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     _delay = field_validator("delay", mode="before")(Step._delay.__func__)  # type: ignore[attr-defined]
 
 
+def _optional_delay(v: Any) -> Delay | None:
+    return None if v is None else Step._delay.__func__(Step, v)  # type: ignore[attr-defined]
+
+
 class Handoff(_Model):
     template: str = "handoff/rep"
+    reply_template: str = "handoff/reply"
+    """The reply-ready copy of the prospect's message the rep answers from."""
+    reminder_template: str = "handoff/reminder"
+    escalation_template: str = "handoff/escalation"
     follow_up: FollowUp | None = FollowUp()
+    sla: Delay | None = None
+    """Speed to lead: the rep gets one reminder when they have not answered after this."""
+    escalate_after: Delay | None = None
+    """The second threshold (default: twice `sla`): escalate once, by `escalate_to`."""
+    escalate_to: str | None = None
+    """`reassign` (the next eligible rep takes the prospect) or a manager's address."""
+    timezone: str = "UTC"
+    """The time zone of reps without their own `timezone`."""
+    business_hours: SendWindow = SendWindow()
+    """When business hours (`bh`) run, in the rep's zone; reminders go out inside them."""
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
+    _sla = field_validator("sla", "escalate_after", mode="before")(
+        classmethod(lambda cls, v: _optional_delay(v))
+    )
+
+    @field_validator("escalate_to")
+    @classmethod
+    def _escalate_to(cls, v: str | None) -> str | None:
+        if v is None or v == "reassign":
+            return v
+        if "@" not in v or any(ch in v for ch in " ,;<>\r\n"):
+            raise ValueError("use `reassign` or one bare email address such as boss@example.com")
+        return v.strip().lower()
+
+    @property
+    def escalation_delay(self) -> Delay | None:
+        """When to escalate: `escalate_after`, else twice the SLA (None: never)."""
+        if self.escalate_to is None:
+            return None
+        if self.escalate_after is not None:
+            return self.escalate_after
+        return Delay(self.sla.amount * 2, self.sla.unit) if self.sla else None
 
 
 class Bounces(_Model):
@@ -582,12 +653,6 @@ class Config(_Model):
         cnames = [c.name for c in self.campaigns]
         if len(set(cnames)) != len(cnames):
             raise ValueError("campaigns: names must be unique")
-        for i, c in enumerate(self.campaigns):
-            if c.mailbox is not None and c.mailbox not in names:
-                raise ValueError(f"campaigns[{i}].mailbox: no mailbox named {c.mailbox!r}")
-        for i, r in enumerate(self.reps):
-            if r.mailbox is not None and r.mailbox not in names:
-                raise ValueError(f"reps[{i}].mailbox: no mailbox named {r.mailbox!r}")
         hooks = [w.name for w in self.webhooks]
         if len(set(hooks)) != len(hooks):
             raise ValueError("webhooks: names must be unique")
@@ -597,17 +662,7 @@ class Config(_Model):
     def templates_path(self) -> Path:
         """`templates_dir` (relative to the config file), else `templates/` beside the file,
         else the checkout's top-level `templates/` when the file sits in `config/`."""
-        base = self.path.parent
-        if self.templates_dir is not None:
-            return (
-                self.templates_dir
-                if self.templates_dir.is_absolute()
-                else base / self.templates_dir
-            )
-        beside = base / "templates"
-        if not beside.is_dir() and (base.parent / "templates").is_dir():
-            return base.parent / "templates"
-        return beside
+        return _templates_path(self.path.parent, self.templates_dir)
 
     def campaign(self, name: str) -> Campaign:
         for c in self.campaigns:
@@ -648,11 +703,18 @@ class Config(_Model):
                 return r
         return None
 
+    def rep_timezone(self, email: str | None) -> str:
+        """The IANA zone a rep's business hours are counted in."""
+        rep = self.rep(email) if email else None
+        return rep.timezone if rep is not None and rep.timezone else self.handoff.timezone
+
     @property
     def our_addresses(self) -> frozenset[str]:
         """Addresses whose mail is ours or our team's (never a lead's reply)."""
         out = {self.sender.address}
         out.update(r.email for r in self.reps)
+        if self.handoff.escalate_to and self.handoff.escalate_to != "reassign":
+            out.add(self.handoff.escalate_to)
         for m in self.mailboxes:
             for a in (m.address, m.username, address_of(m.from_) if m.from_ else None):
                 if a and "@" in a:
@@ -744,14 +806,81 @@ def _interpolate(data: Any, path: str, env: Mapping[str, str], base: Path, probl
     return data
 
 
+def _templates_path(base: Path, templates_dir: Path | None) -> Path:
+    if templates_dir is not None:
+        return templates_dir if templates_dir.is_absolute() else base / templates_dir
+    beside = base / "templates"
+    if not beside.is_dir() and (base.parent / "templates").is_dir():
+        return base.parent / "templates"
+    return beside
+
+
+def _items(data: dict[str, Any], key: str) -> list[tuple[int, dict[str, Any]]]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        return []
+    return [(i, v) for i, v in enumerate(value) if isinstance(v, dict)]
+
+
+def _mailbox_problems(data: dict[str, Any], lines: dict[str, int]) -> list[str]:
+    """Mailbox names that point nowhere, found in the raw data so they are reported with
+    the schema's problems, each with its line."""
+    problems: list[str] = []
+    names = {m.get("name") for _, m in _items(data, "mailboxes")}
+    for section in ("campaigns", "reps"):
+        for i, item in _items(data, section):
+            mb = item.get("mailbox")
+            if mb is not None and mb not in names:
+                known = ", ".join(sorted(str(n) for n in names if n)) or "none configured"
+                where = _where(f"{section}[{i}].mailbox", lines)
+                problems.append(f"{where}: no mailbox named {mb!r} (mailboxes: {known})")
+    return problems
+
+
+def missing_templates(path: Path) -> list[str]:
+    """The template folders a config file names that do not exist, each with its key and
+    line; best effort for a file that does not validate ([] if it is not YAML at all)."""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    lines: dict[str, int] = {}
+    data = _strip_lines(raw, "", lines)
+    problems: list[str] = []
+    tdir = data.get("templates_dir")
+    base = path.parent
+    root = _templates_path(base, Path(tdir) if isinstance(tdir, str) else None)
+    wanted: list[tuple[str, Any]] = []
+    for i, c in _items(data, "campaigns"):
+        steps = c.get("steps")
+        for j, step in enumerate(steps if isinstance(steps, list) else []):
+            t = step.get("template") if isinstance(step, dict) else None
+            for k, name in enumerate(t if isinstance(t, list) else [t]):
+                suffix = f"[{k}]" if isinstance(t, list) else ""
+                wanted.append((f"campaigns[{i}].steps[{j}].template{suffix}", name))
+    handoff = data.get("handoff") if isinstance(data.get("handoff"), dict) else {}
+    assert isinstance(handoff, dict)
+    wanted.append(("handoff.template", handoff.get("template", "handoff/rep")))
+    fu = handoff.get("follow_up", {})
+    if isinstance(fu, dict):
+        wanted.append(("handoff.follow_up.template", fu.get("template", "followup/thanks")))
+    for key, name in wanted:
+        if isinstance(name, str) and not (root / name / "subject.txt").is_file():
+            problems.append(f"{_where(key, lines)}: no template {name!r} in {root}")
+    return problems
+
+
 def _where(path: str, lines: dict[str, int]) -> str:
     probe = path
     while probe:
         if probe in lines:
             return f"line {lines[probe]}: {path}"
-        probe = probe.rsplit(".", 1)[0] if "." in probe else probe.split("[", 1)[0]
-        if probe == path:
+        shorter = probe.rsplit(".", 1)[0] if "." in probe else probe.split("[", 1)[0]
+        if shorter == probe:
             break
+        probe = shorter
     return path
 
 
@@ -821,6 +950,7 @@ def parse_config(text: str, cfg_path: Path, env: Mapping[str, str]) -> Config:
         if isinstance(m, dict):
             local_path(m.get("smtp"))
     local_path(data.get("smtp"))
+    problems += _mailbox_problems(data, lines)
     data["path"] = cfg_path
     try:
         cfg = Config.model_validate(data)
@@ -868,11 +998,6 @@ def clock_from_env(env: Mapping[str, str] | None = None) -> Clock:
         at = at.replace(tzinfo=UTC)
     at = at.astimezone(UTC)
     return lambda: at
-
-
-def env_value(name: str) -> str | None:
-    """Read one environment variable (the CLI's `--config` default and such)."""
-    return os.environ.get(name)
 
 
 MailboxConfig.model_rebuild()  # it refers to SmtpConfig, defined after it

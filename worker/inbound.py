@@ -27,7 +27,7 @@ from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import as_unavailable, is_conflict, is_unavailable
-from worker.lifecycle import apply_inbound
+from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
 from worker.models import InboundMessage, MailboxState, Quarantine
@@ -330,15 +330,15 @@ def _process(
     except ParseError as e:
         raise _Quarantine(f"cannot parse: {e}") from None
     key = message_key(msg, fetched.raw)
-    if seen is not None and key in seen:
-        return None
-    if seen is None or _header_key(fetched.raw) != key:
-        found = s.scalar(
-            select(InboundMessage.id)
-            .where(InboundMessage.mailbox == mb.name, InboundMessage.message_id == key)
-            .limit(1)
-        )
-        if found is not None:
+    if (seen is not None and key in seen) or (
+        (seen is None or _header_key(fetched.raw) != key) and _sender_of(s, mb.name, key)
+    ):
+        # A reused Message-ID is the same message only from the same sender; another
+        # sender's message is recorded under its id plus a hash of its bytes.
+        if _sender_of(s, mb.name, key) == (msg.from_addr or ""):
+            return None
+        key = f"{key[:960]}#{hashlib.sha256(fetched.raw).hexdigest()[:24]}"
+        if _sender_of(s, mb.name, key) is not None:
             return None
     if seen is not None:
         seen.add(key)
@@ -356,7 +356,7 @@ def _process(
         subject=(msg.subject or "")[:2000],
         sent_date=msg.date,
         kind=cls.kind,
-        reason=cls.reason[:2000],
+        reason=(cls.reason + "".join(f"; bounded: {x}" for x in msg.limits))[:2000],
         intent=cls.intent,
         reply_text=cls.reply_text,
         bounce=cls.bounce.as_json() if cls.bounce else None,
@@ -369,8 +369,18 @@ def _process(
     )
     s.add(row)
     s.flush()
-    apply_inbound(s, app, row, msg, cls, match)
+    apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     return cls.kind
+
+
+def _sender_of(s: Session, mailbox: str, key: str) -> str | None:
+    """The sender of the message recorded under `key` ("" when it had none); None: no such."""
+    row = s.execute(
+        select(InboundMessage.from_addr)
+        .where(InboundMessage.mailbox == mailbox, InboundMessage.message_id == key)
+        .limit(1)
+    ).first()
+    return None if row is None else (row[0] or "")
 
 
 def _advance(s: Session, mailbox: str, fetched: FetchedMessage) -> None:

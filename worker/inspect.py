@@ -44,7 +44,7 @@ def _empty() -> dict[str, object]:
 def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, object]:
     """Classify one raw message into the stable JSON object.
 
-    Keys: kind, reason, bounce ({"type", "recipients", "status", ...} or None),
+    Keys: kind, reason, bounce ({"type", "reason", "recipients", "status", ...} or None),
     return_date (ISO date or None), reply_text, intent, referral_email,
     unsubscribe_token, message_id, in_reply_to (list), references (list), from, subject,
     date (ISO or None). When the bytes are not an email, kind is None and "error" says why.
@@ -131,7 +131,8 @@ def format_human(result: dict[str, object]) -> str:
     if isinstance(bounce, dict):
         recipients = ", ".join(str(r) for r in bounce.get("recipients") or []) or "(none found)"
         lines.append(
-            f"bounce:      {bounce.get('type')} {bounce.get('status') or ''} -> {recipients}"
+            f"bounce:      {bounce.get('type')} ({bounce.get('reason') or 'other'}) "
+            f"{bounce.get('status') or ''} -> {recipients}"
         )
         if bounce.get("diagnostic"):
             lines.append(f"diagnostic:  {bounce['diagnostic']}")

@@ -17,7 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from worker.config import Campaign, Config
+from worker.config import Campaign, Config, country_code
+from worker.contexts import LeadBlock
 from worker.models import (
     LIVE_ENROLLMENT,
     Enrollment,
@@ -189,6 +190,14 @@ def transition(
     return True
 
 
+def bounce_lead(
+    session: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
+) -> None:
+    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
+    if transition(session, lead, "bounced", cause, now, inbound_id=inbound_id):
+        stop_nurture(session, lead.id, now, "the lead's address bounced")
+
+
 def record_created(
     session: Session, lead: Lead, cause: str, at: datetime, inbound_id: int | None = None
 ) -> None:
@@ -251,9 +260,7 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
                 raise ValueError(f"{col} {value!r} is negative")
             out[col] = number
         elif col == "country":
-            if not re.fullmatch(r"[A-Za-z]{2}", value):
-                raise ValueError(f"country {value!r} is not an ISO 3166 two-letter code")
-            out[col] = value.upper()
+            out[col] = country_code(value)
         elif col == "timezone":
             try:
                 ZoneInfo(value)
@@ -269,19 +276,41 @@ def _clean_row(raw: Mapping[str, str | None], source: str | None) -> dict[str, A
     return out
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _decode(data: bytes) -> str:
+    """A CSV file's text: UTF-8 (with or without BOM), UTF-16 (BOM, or the NUL bytes of
+    ASCII text without one), else Windows-1252 as spreadsheets on Windows write it."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    head = data[:200]
+    if len(head) >= 4 and head.count(0) * 3 >= len(head):  # ASCII text in UTF-16
+        return data.decode("utf-16-le" if head[1] == 0 else "utf-16-be", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
 def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     """Rows with the line number an editor shows (the header is line 1)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise LeadError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise LeadError(f"{path}:1: the header row needs an 'email' column")
+    text = _decode(data)
+    header = text.split("\n", 1)[0]
+    # The separator the header row uses most: spreadsheets in many locales write `;`,
+    # and "export as text" writes tabs.
+    delimiter = max(_DELIMITERS, key=header.count) if any(d in header for d in _DELIMITERS) else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = [f.strip() for f in reader.fieldnames or []]
+    if "email" not in [c.lower() for c in columns]:
+        found = ", ".join(repr(c) for c in columns[:10]) or "none"
+        raise LeadError(
+            f"{path}:1: the header row needs an 'email' column (columns found: {found})"
+        )
     prev_line = 1
     while True:
         try:
@@ -438,7 +467,7 @@ def enroll(session: Session, lead_ids: list[int], campaign: Campaign, now: datet
     return len(rows)
 
 
-def lead_fields(lead: Lead) -> dict[str, Any]:
+def lead_fields(lead: Lead) -> LeadBlock:
     """The `lead` mapping templates see."""
     return {
         "email": lead.email,
@@ -488,7 +517,7 @@ def list_leads(
     q = select(Lead).order_by(Lead.id)
     if status is not None:
         q = q.where(Lead.status == parse_status(status))
-    if limit:
+    if limit is not None:
         q = q.limit(limit)
     leads = list(session.scalars(q))
     campaigns: dict[int, list[str]] = {}
@@ -562,7 +591,8 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
         }
         for m in inbound
     ]
-    messages.sort(key=lambda m: m["at"] or "")
+    # At one instant (a reply and the handoff it caused), what came in goes first.
+    messages.sort(key=lambda m: (m["at"] or "", m["direction"] == "out"))
     referred_by = session.get(Lead, lead.referred_by_id) if lead.referred_by_id else None
     from worker.campaigns import paused_campaigns
 

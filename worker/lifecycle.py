@@ -8,20 +8,34 @@ Every status change is a LeadEvent with its cause.
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from worker import handoffs
 from worker.app import App
 from worker.assign import CONSUMER_DOMAINS, assign, note_assignment
 from worker.classify import Classification, strip_reply_prefixes
-from worker.compose import new_message_id
+from worker.compose import LOOP_HEADER
 from worker.config import Rep
+from worker.contexts import (
+    Colleague,
+    FollowupFacts,
+    HandoffFacts,
+    RepBlock,
+    RepCopyFacts,
+    ReplyBlock,
+    ThreadItem,
+    rep_block,
+)
 from worker.leads import (
     MOVES,
+    bounce_lead,
     cancel_queued,
     enroll,
     lead_fields,
@@ -32,11 +46,12 @@ from worker.leads import (
     stop_nurture,
     transition,
 )
-from worker.match import Match
+from worker.match import Match, is_internal
 from worker.models import (
     LIVE_ENROLLMENT,
     Enrollment,
     EnrollmentState,
+    Handoff,
     InboundMessage,
     Lead,
     LeadEvent,
@@ -44,6 +59,7 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
 from worker.webhooks import emit
@@ -54,19 +70,34 @@ NURTURED = (LeadStatus.LEAD, LeadStatus.HELD)
 """Statuses whose soft bounces still count towards suppressing the address."""
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound message as its lead's lifecycle sees it: the row just recorded, the
+    parsed message, its classification and match, and the instant it is applied at."""
+
+    row: InboundMessage
+    msg: ParsedMessage
+    cls: Classification
+    match: Match
+    at: datetime
+
+    @property
+    def cause(self) -> str:
+        """How events caused by this message name it."""
+        return _cause(self.row)
+
+
 def _cause(row: InboundMessage) -> str:
     return f"inbound message <{row.message_id}> ({row.kind})"
 
 
-def apply_inbound(
-    s: Session, app: App, row: InboundMessage, msg: ParsedMessage, cls: Classification, match: Match
-) -> None:
+def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
-    now = app.now()
+    row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
     if cls.kind == "ours" or (
-        match.lead_id is None and match.method is None and _from_rep(app, msg)
+        match.lead_id is None and match.method is None and is_internal(msg.from_addr, app.config)
     ):
-        _rep_answered(s, app, msg, row, now)
+        _rep_answered(s, app, ev)
         return
     # Lock the lead: two workers reading two replies of one lead must not both promote it.
     lead = None
@@ -77,42 +108,92 @@ def apply_inbound(
         lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
-            _inbound_lead(s, app, msg, row, now)
+            _inbound_lead(s, ev)
         return
-    cause = _cause(row)
+    cause = ev.cause
     kind = cls.kind
+    doubt = untrusted(s, lead, ev)
+    if doubt is not None:
+        # Anyone can write a DSN or a reply naming a lead: act only on what is tied to us.
+        record_event(
+            s, lead, f"unverified_{kind}", f"{cause}: not acted on: {doubt}", now,
+            detail={"match": match.method, "why": doubt}, inbound_id=row.id,
+        )  # fmt: skip
+        return
     if kind in ("unsubscribe", "complaint"):
         why = "a spam complaint (ARF)" if kind == "complaint" else "asked to stop"
         transition(s, lead, "unsubscribed", f"{cause}: {why}", now, inbound_id=row.id)
         stop_nurture(s, lead.id, now, "the lead unsubscribed")
         _cancel_followups(s, lead.id, "the lead unsubscribed")
     elif kind == "bounce" and cls.bounce is not None:
-        _bounce(s, app, lead, cls, row, now)
+        _bounce(s, app, lead, ev)
     elif kind == "auto_reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _auto_reply(s, app, lead, cls, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _auto_reply(s, app, lead, ev)
     elif kind == "reply":
-        _reset_soft_bounces(s, lead, now, row)
-        _reply(s, app, lead, msg, cls, match, row, now)
+        _reset_soft_bounces(s, lead, ev)
+        _reply(s, app, lead, ev)
+
+
+# --- trust -------------------------------------------------------------------------------
+
+TRUST_DAYS = 30
+"""A bounce naming a lead we mailed in this many days may act on it without our token."""
+
+
+def untrusted(s: Session, lead: Lead, ev: Inbound) -> str | None:
+    """Why this message must not change the lead (None: it may).
+
+    A reply token (or VERP address) or one of our Message-IDs ties a message to mail we
+    sent, so it is trusted. A message matched only by an address is weaker: a bounce
+    then needs us to have mailed that address lately and the receiving server's
+    Authentication-Results not to fail it; a reply, unsubscribe or disqualifying answer
+    needs its Authentication-Results not to say that DMARC failed.
+    """
+    if ev.match.method != "sender" or ev.cls.kind not in ("bounce", "reply", "unsubscribe"):
+        return None
+    verdict = auth_failure(ev.msg)
+    if ev.cls.kind == "bounce":
+        mailed = s.scalar(
+            select(func.count()).where(
+                OutboundMessage.lead_id == lead.id,
+                OutboundMessage.status.in_(("sent", "unknown")),
+                OutboundMessage.sent_at >= ev.at - timedelta(days=TRUST_DAYS),
+            )
+        )
+        if not mailed:
+            return f"a bounce without our token or Message-ID, and we sent nothing to {lead.email} lately"
+        return f"a bounce whose Authentication-Results say {verdict}" if verdict else None
+    if verdict and verdict.startswith("dmarc"):
+        return f"no token or thread reference, and Authentication-Results say {verdict}"
+    return None
+
+
+def auth_failure(msg: ParsedMessage) -> str | None:
+    """ "dmarc=fail" (or spf/dkim) when the topmost Authentication-Results (RFC 8601), the
+    one the receiving server added, says a check failed; None otherwise."""
+    header = msg.header("authentication-results")
+    if not header:
+        return None
+    results = {
+        m.group(1).lower(): m.group(2).lower() for m in _AUTH_RESULT_RE.finditer(header[:4000])
+    }
+    for method in ("dmarc", "spf", "dkim"):
+        if results.get(method) in ("fail", "permerror"):
+            return f"{method}={results[method]}"
+    return None
+
+
+_AUTH_RESULT_RE = re.compile(r"(?i)(?<![\w.-])(dmarc|spf|dkim)\s*=\s*([a-z]+)")
 
 
 # --- bounces -----------------------------------------------------------------------------
 
 
-def bounce_lead(
-    s: Session, lead: Lead, now: datetime, cause: str, inbound_id: int | None = None
-) -> None:
-    """Suppress a lead whose address is dead (hard bounce, 5.1.1 at SMTP, soft limit)."""
-    if not transition(s, lead, "bounced", cause, now, inbound_id=inbound_id):
-        return
-    stop_nurture(s, lead.id, now, "the lead's address bounced")
-
-
-def _bounce(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
-    assert cls.bounce is not None
-    b = cls.bounce
+def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
+    assert ev.cls.bounce is not None
+    b = ev.cls.bounce
     detail = {
         "type": b.type,
         "reason": b.reason,
@@ -156,7 +237,7 @@ def _bounce(
         )  # fmt: skip
 
 
-def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessage) -> None:
+def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
@@ -167,16 +248,20 @@ def _reset_soft_bounces(s: Session, lead: Lead, now: datetime, row: InboundMessa
     )
     if has_soft:
         record_event(
-            s, lead, "bounce_reset", f"{_cause(row)}: mail from the address", now, inbound_id=row.id
+            s,
+            lead,
+            "bounce_reset",
+            f"{ev.cause}: mail from the address",
+            ev.at,
+            inbound_id=ev.row.id,
         )
 
 
 # --- auto-replies ------------------------------------------------------------------------
 
 
-def _auto_reply(
-    s: Session, app: App, lead: Lead, cls: Classification, row: InboundMessage, now: datetime
-) -> None:
+def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    cls, row, now = ev.cls, ev.row, ev.at
     max_days = app.config.auto_reply.max_pause_days
     if cls.return_date is None or max_days <= 0:
         record_event(
@@ -218,11 +303,9 @@ def _auto_reply(
 # --- replies -----------------------------------------------------------------------------
 
 
-def _reply(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
-    cause = _cause(row)
+def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     first = not s.scalar(
         select(LeadEvent.id)
         .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
@@ -238,7 +321,7 @@ def _reply(
         stop_nurture(s, lead.id, now, "the lead is not interested")
         return
     if cls.intent == "referral" and cls.referral_email:
-        _referral(s, app, lead, cls.referral_email, row, now)
+        _referral(s, app, lead, cls.referral_email, ev)
         if app.config.referrals.referrer == "stop":
             stop_nurture(s, lead.id, now, "the lead pointed to a colleague")
             return
@@ -248,9 +331,7 @@ def _reply(
             # The rep hears of every reply that lands in our mailbox, not only the first.
             owner = app.config.rep(lead.owner) if lead.owner else None
             why = f"{owner.name} owns this prospect" if owner else "no rep owns this prospect"
-            _queue_handoff(
-                s, app, lead, msg, cls, match, row, now, _rep_block(app, owner), why, again=True
-            )
+            _queue_handoff(s, app, lead, ev, _rep_block(app, owner), why, again=True)
         return
     result = qualify(LeadFacts.of(lead), cls.reply_text or msg.text, app.config.qualification)
     lead.score = result.score
@@ -262,16 +343,14 @@ def _reply(
             now, inbound_id=row.id,
         )  # fmt: skip
         return
-    promote(s, app, lead, msg, cls, match, row, now)
+    promote(s, app, lead, ev)
 
 
-def promote(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime,
-) -> None:  # fmt: skip
+def promote(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     """lead -> prospect: assign a rep, queue the handoff and the in-thread follow-up."""
     config = app.config
-    cause = _cause(row)
+    msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
+    cause = ev.cause
     transition(
         s, lead, "promoted", f"{cause}: genuine reply ({cls.intent or 'neutral'}), {match.explanation}",
         now, detail={"match": match.method, "score": lead.score}, inbound_id=row.id,
@@ -293,136 +372,173 @@ def promote(
     else:
         record_event(s, lead, "unassigned", a.reason, now, inbound_id=row.id)
     emit(s, lead, "lead.promoted", now, f"{cause}: genuine reply", row.id)
-    _account_awareness(s, app, lead, rep.email if rep else None, now)
+    colleagues = _account_awareness(s, app, lead, rep.email if rep else None, now)
     rep_block = _rep_block(app, rep)
-    reply_text = _queue_handoff(s, app, lead, msg, cls, match, row, now, rep_block, a.reason)
-    fu = config.handoff.follow_up
-    if fu is None or not msg.message_id:
-        return
-    from worker.schedule import add_delay
-
-    from_rep = fu.from_ == "rep" and rep is not None
-    subject = strip_reply_prefixes(msg.subject)
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"followup:{row.id}",
-            kind="followup",
-            lead_id=lead.id,
-            template=fu.template,
-            message_id=new_message_id(config.sender.domain),
-            reply_token=lead.reply_token,
-            to_addr=lead.email,
-            mailbox=rep.mailbox if from_rep and rep else None,
-            in_reply_to=msg.message_id,
-            inbound_id=row.id,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=add_delay(now, fu.delay, lead.timezone or "UTC"),
-            context={
-                "rep": rep_block,
-                "reply": {"subject": msg.subject, "text": reply_text},
-                "references": [*msg.references, msg.message_id][-20:],
-                "subject_override": f"Re: {subject}" if subject else "Re: your reply",
-                "from_addr": rep.email if from_rep and rep else config.sender.address,
-                "from_name": rep.name if from_rep and rep else config.sender.display_name,
-            },
-            created_at=now,
-        )
-    )
-    record_event(
-        s, lead, "followup_queued", "in-thread answer to the prospect", now, inbound_id=row.id
-    )
+    if rep is not None:
+        handoffs.open_handoff(s, config, lead, rep.email, now, row.id)
+    followup = None
+    if config.handoff.follow_up is not None and msg.message_id:
+        followup = _queue_followup(s, app, lead, ev, rep, rep_block, cls.reply_text or msg.text)
+    _queue_handoff(s, app, lead, ev, rep_block, a.reason, colleagues=colleagues, followup=followup)
 
 
-def _rep_block(app: App, rep: Rep | None) -> dict[str, str]:
+def _rep_block(app: App, rep: Rep | None) -> RepBlock:
     """The `rep` templates see; the sales team's address when no rep could be assigned."""
     if rep is not None:
-        return {"name": rep.name, "email": rep.email, "first_name": rep.name.split()[0]}
+        return rep_block(rep.name, rep.email)
     return {"name": "Sales team", "email": app.config.sender.address, "first_name": "team"}
 
 
 def _queue_handoff(
-    s: Session, app: App, lead: Lead, msg: ParsedMessage, cls: Classification, match: Match,
-    row: InboundMessage, now: datetime, rep_block: dict[str, str], reason: str,
-    *, again: bool = False,
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: RepBlock, reason: str,
+    *, again: bool = False, colleagues: list[Colleague] | None = None,
+    followup: dict[str, Any] | None = None, key: str = "",
 ) -> str:  # fmt: skip
-    """Queue the email that hands this reply to the rep (once per inbound message).
+    """Queue the two emails that hand this reply to the rep (once per inbound message).
 
-    `again`: the lead already is the rep's prospect and wrote once more. Returns the
-    reply text the email quotes.
+    The briefing (`handoff`) is internal: from the sales address, no Reply-To, nothing of
+    the prospect in its headers, so no reply to it can reach the prospect. The reply-ready
+    copy (`rep_copy`) is the prospect's own message and nothing else, with her thread
+    headers: the rep answers from it (see README, "For reps").
+
+    `again`: the lead already is the rep's prospect and wrote once more. `key` tells
+    apart a second handoff of the same message (a reassignment). Returns the reply text.
     """
-    reply_block = {
-        "subject": msg.subject,
+    msg, cls = ev.msg, ev.cls
+    reply: ReplyBlock = {
+        "subject": msg.subject or "",
         "from": f"{msg.from_name} <{msg.from_addr}>" if msg.from_name else (msg.from_addr or ""),
-        "date": (msg.date or now).strftime("%a, %d %b %Y %H:%M %Z"),
+        "date": (msg.date or ev.at).strftime("%a, %d %b %Y %H:%M %Z"),
         "text": cls.reply_text or msg.text.strip(),
     }
-    context: dict[str, Any] = {
-        "rep": rep_block,
+    facts: HandoffFacts = {
+        "rep": rep,
         "prospect": {**lead_fields(lead), "status": lead.status, "owner": lead.owner},
         "qualification": lead.qualification or {"score": lead.score, "checklist": []},
-        "match": {"method": match.method, "explanation": _why_two_way(match, cls)},
-        "reply": reply_block,
-        "reply_text": reply_block["text"],
-        "thread": _thread(s, lead, row),
+        "match": {"method": ev.match.method, "explanation": _why_two_way(ev.match, cls)},
+        "reply": reply,
+        "reply_text": reply["text"],
+        "thread": _thread(s, lead, ev.row),
         "assignment_reason": reason,
         "again": again,
+        "colleagues": colleagues or [],
+        "followup": followup,
     }
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"handoff:{row.id}",
-            kind="handoff",
-            lead_id=lead.id,
-            template=app.config.handoff.template,
-            message_id=new_message_id(app.config.sender.domain),
-            to_addr=rep_block["email"],
-            inbound_id=row.id,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            context=context,
-            created_at=now,
-        )
-    )
+    enqueue(
+        s, app.config, "handoff", f"handoff:{key}{ev.row.id}", lead, app.config.handoff.template,
+        ev.at, to_addr=rep["email"], facts=facts, inbound_id=ev.row.id,
+    )  # fmt: skip
+    if msg.message_id:
+        # Only what the prospect wrote and who she is: this context is all the copy's
+        # template can show, so nothing internal can end up in the rep's answer.
+        copy: RepCopyFacts = {
+            "reply": {
+                "subject": msg.subject or "",
+                "from_name": msg.from_name or lead.first_name or lead.email,
+                "date": reply["date"],
+                "full_text": msg.text[:200_000],
+            },
+            "header_message_id": msg.message_id,
+            "references": [*msg.references][-20:],
+            "reply_in_reply_to": msg.in_reply_to[0] if msg.in_reply_to else None,
+        }
+        enqueue(
+            s, app.config, "rep_copy", f"rep_copy:{key}{ev.row.id}", lead,
+            app.config.handoff.reply_template, ev.at, to_addr=rep["email"], facts=copy,
+            inbound_id=ev.row.id,
+        )  # fmt: skip
     what = "new reply" if again else "handoff"
     record_event(
-        s, lead, "handoff_queued", f"{what} to {rep_block['email']}", now, inbound_id=row.id
+        s, lead, "handoff_queued", f"{what} to {rep['email']}", ev.at, inbound_id=ev.row.id
     )
-    return str(reply_block["text"])
+    return reply["text"]
+
+
+def _queue_followup(
+    s: Session, app: App, lead: Lead, ev: Inbound, rep: Rep | None, block: RepBlock, text: str
+) -> dict[str, Any]:
+    """Queue the in-thread answer to the prospect, from their rep (or the sender), after
+    `handoff.follow_up.delay` in the rep's zone and business hours. Returns what the
+    briefing announces of it (when, and the row's key for its text)."""
+    fu, sender, msg = app.config.handoff.follow_up, app.config.sender, ev.msg
+    assert fu is not None and msg.message_id
+    by_rep = rep if fu.from_ == "rep" else None
+    subject = strip_reply_prefixes(msg.subject)
+    facts: FollowupFacts = {
+        "rep": block,
+        "reply": {
+            "subject": msg.subject,
+            "text": text.strip(),
+            "asks": handoffs.reply_asks(text, ev.cls.intent),
+            "referral": ev.cls.referral_email or "",
+        },
+        "references": [*msg.references, msg.message_id][-20:],
+        "subject_override": f"Re: {subject}" if subject else "Re: your reply",
+        "from_addr": by_rep.email if by_rep else sender.address,
+        "from_name": by_rep.name if by_rep else sender.display_name,
+    }
+    config = app.config
+    zone = config.rep_timezone(rep.email if rep else None)
+    due = handoffs.rep_due(config, rep.email if rep else "", ev.at, fu.delay)
+    enqueue(
+        s, config, "followup", f"followup:{ev.row.id}", lead, fu.template, ev.at,
+        due=due, facts=facts, mailbox=by_rep.mailbox if by_rep else None,
+        in_reply_to=msg.message_id, inbound_id=ev.row.id,
+    )  # fmt: skip
+    local = due.astimezone(ZoneInfo(zone)).strftime("%H:%M on %a %d %b") + f" ({zone})"
+    record_event(
+        s, lead, "followup_queued",
+        f"in-thread answer to the prospect in {block['name']}'s name, unless answered by {local}",
+        ev.at, inbound_id=ev.row.id,
+    )  # fmt: skip
+    return {
+        "due": due.isoformat(),
+        "due_local": local,
+        "immediate": due <= ev.at,
+        "key": f"followup:{ev.row.id}",
+    }
 
 
 def _why_two_way(match: Match, cls: Classification) -> str:
+    """Plain words for why this is a person answering (the detail stays in `leads show`)."""
+    how = {
+        "reply_token": "was sent to the reply address of our email to them",
+        "message_id": "answers one of our emails",
+        "sender": "comes from their address",
+    }.get(match.method or "", "was matched to them")
     return (
-        f"{match.explanation}. It was classified a genuine human reply ({cls.reason}), "
-        "not an auto-reply, bounce, list mail or unsubscribe, so the conversation is two-way."
+        f"The message {how}, and a person wrote it: it is not an out-of-office, "
+        "an automatic answer, a bounce, a newsletter or an unsubscribe."
     )
 
 
 THREAD_ITEMS = 20
+_THREAD_TEXT = 2000
 
 
-def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, Any]]:
-    items: list[tuple[datetime, dict[str, Any]]] = []
+def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
+    """What the prospect saw and wrote, oldest first: our emails to them (never the
+    team's internal mail) and their messages, earlier replies with their text."""
+    items: list[tuple[datetime, ThreadItem]] = []
     # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
     for o in s.scalars(
         select(OutboundMessage)
-        .where(OutboundMessage.lead_id == lead.id, OutboundMessage.status == OutboxState.SENT)
+        .where(
+            OutboundMessage.lead_id == lead.id,
+            OutboundMessage.status == OutboxState.SENT,
+            OutboundMessage.kind.in_(("nurture", "followup")),
+        )
         .order_by(OutboundMessage.id.desc())
         .limit(THREAD_ITEMS)
     ):
         at = o.sent_at or o.created_at
-        summary = f"step {(o.step or 0) + 1} of {o.campaign}" if o.kind == "nurture" else o.kind
-        items.append(
-            (
-                at,
-                {
-                    "direction": "out",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": o.subject or "",
-                    "summary": summary,
-                },
-            )
+        summary = (
+            f"step {(o.step or 0) + 1} of {o.campaign}"
+            if o.kind == "nurture"
+            else "our answer in your name"
         )
+        items.append((at, _thread_item("out", at, o.subject, summary, "")))
+    seen_current = False
     for m in s.scalars(
         select(InboundMessage)
         .where(InboundMessage.lead_id == lead.id)
@@ -430,33 +546,30 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[dict[str, A
         .limit(THREAD_ITEMS)
     ):
         at = m.sent_date or m.received_at
-        text = (m.reply_text or m.reason or "").strip().replace("\n", " ")
-        items.append(
-            (
-                at,
-                {
-                    "direction": "in",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": m.subject or "",
-                    "summary": text[:160],
-                },
-            )
-        )
-    if current.lead_id is None:  # not flushed with its lead yet
+        is_current = m.id == current.id
+        seen_current = seen_current or is_current
+        text = (m.reply_text or "").strip() if m.kind == "reply" and not is_current else ""
+        summary = "this message" if is_current else (m.kind or "")
+        if m.kind != "reply":
+            summary = f"{m.kind}: {(m.reason or '').strip()[:120]}"
+        items.append((at, _thread_item("in", at, m.subject, summary, text[:_THREAD_TEXT])))
+    if not seen_current:  # not flushed with its lead yet
         at = current.sent_date or current.received_at
-        items.append(
-            (
-                at,
-                {
-                    "direction": "in",
-                    "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    "subject": current.subject or "",
-                    "summary": (current.reply_text or "")[:160],
-                },
-            )
-        )
+        items.append((at, _thread_item("in", at, current.subject, "this message", "")))
     items.sort(key=lambda x: x[0])
     return [d for _, d in items]
+
+
+def _thread_item(
+    direction: Literal["in", "out"], at: datetime, subject: str | None, summary: str, text: str
+) -> ThreadItem:
+    return {
+        "direction": direction,
+        "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+        "subject": subject or "",
+        "summary": summary,
+        "text": text,
+    }
 
 
 ACCOUNT_MAX_LEADS = 50
@@ -466,17 +579,18 @@ one person's reply there neither pauses nor reassigns their colleagues."""
 
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
-) -> None:
+) -> list[Colleague]:
     """Colleagues at the same company pause their nurture and go to the same rep.
 
     Set-based and bounded: one lookup of at most ACCOUNT_MAX_LEADS + 1 colleagues, one UPDATE of the
     colleagues' active enrollments, one of their missing owners, and one event per
-    colleague something actually changed for.
+    colleague something actually changed for. Returns those colleagues (name, email,
+    title), for the handoff to show.
     """
     campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
-        return
+        return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
     same = s.execute(
@@ -485,7 +599,7 @@ def _account_awareness(
         .limit(ACCOUNT_MAX_LEADS + 1)
     ).all()
     if not same:
-        return
+        return []
     if len(same) > ACCOUNT_MAX_LEADS:
         record_event(
             s, lead, "account_skipped",
@@ -493,10 +607,10 @@ def _account_awareness(
             "so colleagues' nurture goes on and they keep their own reps",
             now,
         )  # fmt: skip
-        return
+        return []
     colleagues = [other for other, status in same if status == LeadStatus.LEAD]
     if not colleagues:
-        return
+        return []
     paused = set(
         s.scalars(
             update(Enrollment)
@@ -518,7 +632,7 @@ def _account_awareness(
             )
         )
     if not (paused or owned):
-        return
+        return []
     shown = rep_email or "the team"
     s.execute(
         insert(LeadEvent),
@@ -538,11 +652,16 @@ def _account_awareness(
             for other in sorted(paused | owned)
         ],
     )
+    shown_to: list[Colleague] = []
+    for other in s.scalars(select(Lead).where(Lead.id.in_(sorted(paused | owned)))):
+        name = " ".join(x for x in (other.first_name, other.last_name) if x)
+        shown_to.append({"name": name or other.email, "email": other.email,
+                         "title": other.title or ""})  # fmt: skip
+    return shown_to
 
 
-def _referral(
-    s: Session, app: App, referrer: Lead, email: str, row: InboundMessage, now: datetime
-) -> None:
+def _referral(s: Session, app: App, referrer: Lead, email: str, ev: Inbound) -> None:
+    row, now = ev.row, ev.at
     try:
         address = normalise_email(email)
     except ValueError:
@@ -586,9 +705,8 @@ def _referral(
             continue
 
 
-def _inbound_lead(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
+def _inbound_lead(s: Session, ev: Inbound) -> None:
+    msg, row, now = ev.msg, ev.row, ev.at
     assert msg.from_addr
     if s.scalar(select(Lead.id).where(Lead.email == msg.from_addr)):
         return
@@ -614,35 +732,51 @@ def _inbound_lead(
 # --- reps answering ----------------------------------------------------------------------
 
 
-def _from_rep(app: App, msg: ParsedMessage) -> bool:
-    return bool(msg.from_addr) and app.config.rep(msg.from_addr or "") is not None
+def _rep_answered(s: Session, app: App, ev: Inbound) -> None:
+    """A rep (or a colleague) wrote to a prospect: their first response, never a lead's reply.
 
-
-def _rep_answered(
-    s: Session, app: App, msg: ParsedMessage, row: InboundMessage, now: datetime
-) -> None:
-    """A rep wrote to a prospect before our follow-up went out: cancel the follow-up."""
-    if not _from_rep(app, msg):
+    Seen when the answer reaches a watched mailbox: the sales mailbox through the tokenised
+    address the reply-ready copy adds to Reply-To, or a rep's own mailbox. The prospect must
+    be among its recipients (an answer to the internal briefing is not an answer to them),
+    and twoway's own mail (its loop header: the follow-up in the rep's name) never counts.
+    """
+    msg, row, now = ev.msg, ev.row, ev.at
+    if msg.header(LOOP_HEADER) is not None or not is_internal(msg.from_addr, app.config):
         return
-    for addr in (*msg.to, *msg.cc):
+    who = msg.from_addr or ""
+    at = msg.date if msg.date is not None else now
+    for addr in dict.fromkeys(a.lower() for a in (*msg.to, *msg.cc)):
         lead = s.scalar(select(Lead).where(Lead.email == addr))
         if lead is None:
             continue
-        if lead.status in ("prospect", "customer"):
+        if lead.status in (LeadStatus.PROSPECT, LeadStatus.CUSTOMER):
             emit(
                 s, lead, "lead.rep_answered", now, f"{msg.from_addr} wrote ({_cause(row)})", row.id
             )
-        n = _cancel_followups(s, lead.id, f"{msg.from_addr} answered first")
-        if n:
-            record_event(
-                s,
-                lead,
-                "followup_cancelled",
-                f"{msg.from_addr} answered first ({_cause(row)})",
-                now,
-                inbound_id=row.id,
-            )
+        handoffs.rep_answered(s, lead, who, at, now, row.id)
+        row.lead_id, row.match_method = lead.id, "rep_answer"
 
 
 def _cancel_followups(s: Session, lead_id: int, why: str) -> int:
     return cancel_queued(s, lead_id, "followup", why)
+
+
+def handoff_to_new_rep(
+    s: Session, app: App, lead: Lead, rep: Rep, now: datetime, handoff: Handoff
+) -> None:
+    """An escalation reassigned `lead` to `rep`: hand them the same message, freshly."""
+    from worker.parsing import ParseError, parse
+
+    row = s.get(InboundMessage, handoff.inbound_id) if handoff.inbound_id else None
+    if row is None or row.raw is None:
+        return
+    try:
+        msg = parse(row.raw)
+    except ParseError:
+        return
+    cls = Classification(kind="reply", reason=row.reason or "", reply_text=row.reply_text)
+    ev = Inbound(row, msg, cls, Match(lead.id, row.match_method, ""), now)
+    _queue_handoff(
+        s, app, lead, ev, _rep_block(app, rep),
+        f"reassigned to {rep.name}: the first rep did not answer in time", key=f"r{handoff.id}:",
+    )  # fmt: skip

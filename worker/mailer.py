@@ -445,7 +445,9 @@ class Mailer:
             return e.result
         try:
             if isinstance(msg, bytes):
-                refused = conn.sendmail(envelope_from, recipients, msg)
+                eight_bit = not msg.isascii() and conn.has_extn("8bitmime")
+                options = ["BODY=8BITMIME"] if eight_bit else []
+                refused = conn.sendmail(envelope_from, recipients, msg, options)
             else:
                 refused = conn.send_message(msg, envelope_from, recipients)
         except smtplib.SMTPRecipientsRefused as e:

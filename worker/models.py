@@ -255,6 +255,34 @@ class InboundMessage(Base):
     received_at: Mapped[datetime]
 
 
+class Handoff(Base):
+    """Speed to lead: one prospect handed to one rep, and when (if) they answered.
+
+    Opened when a prospect is handed to a rep (promotion, or a reassignment on escalation);
+    `answered_at` is the rep's first answer to the prospect; `closed_at` ends a handoff that
+    was not answered by this rep (reassigned). `reminded_at` / `escalated_at` make the
+    reminder and the escalation happen once.
+    """
+
+    __tablename__ = "handoffs"
+    __table_args__ = (Index("ix_handoffs_open", "answered_at", "closed_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"), index=True)
+    rep: Mapped[str] = mapped_column(String(320), index=True)
+    inbound_id: Mapped[int | None] = mapped_column(Integer)
+    """The prospect's message that caused the handoff."""
+    handed_at: Mapped[datetime]
+    sla_due: Mapped[datetime | None]
+    escalate_due: Mapped[datetime | None]
+    reminded_at: Mapped[datetime | None]
+    escalated_at: Mapped[datetime | None]
+    answered_at: Mapped[datetime | None]
+    answered_by: Mapped[str | None] = mapped_column(String(320))
+    closed_at: Mapped[datetime | None]
+    closed_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class MailboxState(Base):
     __tablename__ = "mailbox_state"
     __table_args__ = (UniqueConstraint("mailbox", "folder"),)

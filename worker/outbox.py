@@ -24,11 +24,33 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from worker import handoffs
 from worker.app import App
 from worker.bounces import address_is_dead
 from worker.campaigns import paused_campaigns
-from worker.compose import Attachment, compose, reply_address, unsubscribe_targets
-from worker.leads import lead_fields
+from worker.compose import (
+    Attachment,
+    as_wire_bytes,
+    clean_text,
+    compose,
+    is_message_id,
+    new_message_id,
+    reply_address,
+    unsubscribe_targets,
+)
+from worker.config import Config
+from worker.contexts import (
+    FollowupFacts,
+    HandoffFacts,
+    Kind,
+    NudgeFacts,
+    RepCopyFacts,
+    common,
+    context_for,
+    sender_block,
+    unsubscribe_url,
+)
+from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
     SUPPRESSED,
@@ -45,6 +67,8 @@ from worker.rendering import Renderer
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
+MAX_ATTACHED_ORIGINAL = 10 * 1024 * 1024
+"""A prospect's original larger than this is not attached to the handoff (SMTP size caps)."""
 CLAIM_BATCH = 20
 
 MailerFor = Callable[[str], Mailer | None]
@@ -67,6 +91,61 @@ class Prepared:
     envelope_from: str
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
+
+
+def enqueue(
+    s: Session,
+    config: Config,
+    kind: Kind,
+    key: str,
+    lead: Lead,
+    template: str,
+    at: datetime,
+    *,
+    to_addr: str | None = None,
+    due: datetime | None = None,
+    mailbox: str | None = None,
+    facts: HandoffFacts | FollowupFacts | RepCopyFacts | NudgeFacts | None = None,
+    enrollment_id: int | None = None,
+    campaign: str | None = None,
+    step: int | None = None,
+    variant: int | None = None,
+    in_reply_to: str | None = None,
+    inbound_id: int | None = None,
+) -> OutboundMessage:
+    """Queue one email: the only way a row enters the outbox (the caller's transaction).
+
+    `key` is the row's idempotency key (unique: `nurture:<enrollment>:<step>`,
+    `handoff:<inbound>`, `followup:<inbound>`); the Message-ID is chosen now, before any
+    attempt. It goes to the lead unless `to_addr` says otherwise, from `mailbox`'s identity,
+    not before `due` (default: `at`). `facts` is the handoff's or follow-up's part of its
+    template context (worker.contexts); a nurture step's is built when it is sent.
+    """
+    row = OutboundMessage(
+        idempotency_key=key,
+        kind=kind,
+        lead_id=lead.id,
+        enrollment_id=enrollment_id,
+        campaign=campaign,
+        step=step,
+        template=template,
+        variant=variant,
+        mailbox=mailbox,
+        message_id=new_message_id(config.sender.domain),
+        # Mail to the team carries no reply token (a reply to it is the rep's own mail),
+        # except the reply-ready copy: its Reply-To brings the rep's answer back to us.
+        reply_token=lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
+        to_addr=to_addr or lead.email,
+        in_reply_to=in_reply_to,
+        inbound_id=inbound_id,
+        status=OutboxState.QUEUED,
+        attempts=0,
+        next_attempt_at=due or at,
+        context=dict(facts or {}),
+        created_at=at,
+    )
+    s.add(row)
+    return row
 
 
 def _sent_since(
@@ -178,8 +257,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             return None
         try:
             message = _build(s, app, renderer, row, lead)
-            # What SMTP sends, in CRLF lines: a message that cannot be written fails here.
-            raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+            raw = as_wire_bytes(message)  # a message that cannot be written fails here
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
@@ -276,6 +354,8 @@ def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:
             return "the enrollment was stopped"
     elif row.kind == "followup" and lead.status in SUPPRESSED:
         return f"the lead is now {lead.status}"
+    if row.kind in ("followup", "reminder", "escalation") and handoffs.answered(s, lead.id):
+        return "the rep answered the prospect"
     return None
 
 
@@ -284,71 +364,101 @@ def _build(
 ) -> EmailMessage:
     config = app.config
     sender = config.sender
-    ctx: dict[str, Any] = dict(row.context or {})
+    facts: dict[str, Any] = dict(row.context or {})
     me = config.identity(row.mailbox)
-    sender_block = {
-        "name": me.name or me.address,
-        "address": me.address,
-        "postal_address": sender.postal_address,
-    }
     token = row.reply_token or lead.reply_token
-    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
-    ctx.setdefault("lead", lead_fields(lead))
-    ctx.setdefault("sender", sender_block)
-    ctx.setdefault(
-        "unsubscribe_url", unsub_url or (f"mailto:{unsub_mailto}" if unsub_mailto else "")
+    base = common(
+        lead_fields(lead),
+        sender_block(me.name, me.address, sender.postal_address),
+        unsubscribe_url(sender, token),
     )
-    if row.kind == "nurture":
-        total = len(config.campaign(row.campaign).steps) if row.campaign else 1
-        ctx.setdefault("campaign", {"name": row.campaign})
-        ctx.setdefault("step", {"number": (row.step or 0) + 1, "total": total})
+    total = len(config.campaign(row.campaign).steps) if row.campaign else 1
+    if row.kind == "handoff" and isinstance(facts.get("followup"), dict):
+        facts["followup"] = _followup_preview(s, app, renderer, lead, dict(facts["followup"]))
+    ctx = context_for(
+        row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
+    )
     rendered = renderer.render(row.template, ctx)
+    unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
     from_addr, from_name = me.address, me.name
-    reply_to: str | None = None
+    reply_to: str | list[tuple[str, str]] | None = None
     attachments: list[Attachment] = []
     to_name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
     if row.kind == "nurture":
         reply_to = reply_address(me.address, token) if sender.reply_token else None
-    elif row.kind == "handoff":
-        rep = ctx.get("rep") or {}
-        to_name = str(rep.get("name", ""))
-        reply_to = lead.email  # the rep answers the prospect straight from the handoff
-        unsub_url = unsub_mailto = None
-        if row.inbound_id:
+    elif row.kind in handoffs.INTERNAL_KINDS:
+        # Mail to the team. The briefing, the reminder and the escalation carry no
+        # Reply-To and nothing of the prospect in their headers: Reply and Reply All reach
+        # the sales mailbox only. The reply-ready copy is the one route to the prospect.
+        rep = facts.get("rep") or {}
+        to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
+        if row.kind == "handoff" and row.inbound_id:
             inbound = s.get(InboundMessage, row.inbound_id)
-            if inbound is not None and inbound.raw:
+            if inbound is not None and inbound.raw and len(inbound.raw) <= MAX_ATTACHED_ORIGINAL:
                 attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
     elif row.kind == "followup":
-        unsub_url = unsub_mailto = None
-        if ctx.get("from_addr"):
-            from_addr, from_name = str(ctx["from_addr"]), str(ctx.get("from_name", ""))
-        reply_to = from_addr
-    refs = [str(r) for r in ctx.get("references", [])]
+        if facts.get("from_addr"):
+            from_addr, from_name = str(facts["from_addr"]), str(facts.get("from_name", ""))
+        # The prospect's answer reaches the rep and, by the token, twoway.
+        reply_to = [(from_name, from_addr), ("", reply_address(me.address, token))]
+    refs = [str(r) for r in facts.get("references", [])]
+    message_id, in_reply_to = row.message_id, row.in_reply_to
+    if row.kind == "rep_copy":
+        # The prospect's own message, re-sent from our address (her From would fail her
+        # domain's DMARC at the rep's provider), keeping her Message-ID and thread headers:
+        # the rep's client answers with In-Reply-To/References of her message, and
+        # Reply-To sends that answer to her and, by the token, to twoway.
+        copy = facts.get("reply") or {}
+        name = clean_text(str(copy.get("from_name") or lead.email))
+        from_name = f"{name} via {me.name or me.address}"
+        reply_to = [(name, lead.email), ("", reply_address(me.address, token))]
+        theirs = str(facts.get("header_message_id") or "")
+        message_id = theirs if is_message_id(theirs) else row.message_id
+        irt = facts.get("reply_in_reply_to")
+        in_reply_to = str(irt) if irt and is_message_id(str(irt)) else None
+        refs = [r for r in refs if is_message_id(r)]
     return compose(
         from_addr=from_addr,
         from_name=from_name,
         to_addr=row.to_addr,
         to_name=to_name,
-        subject=str(ctx.get("subject_override") or rendered.subject),
+        subject=str(facts.get("subject_override") or rendered.subject),
         text=rendered.text,
         html=rendered.html,
-        message_id=row.message_id,
+        message_id=message_id,
         domain=sender.domain,
         reply_to=reply_to,
-        in_reply_to=row.in_reply_to,
+        in_reply_to=in_reply_to,
         references=refs,
         unsubscribe_url=unsub_url if row.kind == "nurture" else None,
         unsubscribe_mailto=unsub_mailto if row.kind == "nurture" else None,
-        auto_submitted=sender.auto_submitted and row.kind != "handoff",
+        auto_submitted=sender.auto_submitted and row.kind in ("nurture", "followup"),
         attachments=attachments,
         date=app.now(),
     )
 
 
+def _followup_preview(
+    s: Session, app: App, renderer: Renderer, lead: Lead, followup: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What the handoff announces: the follow-up's text as it will go out, when, and
+    whether it is still to come (None when there is none any more)."""
+    row = s.scalar(
+        select(OutboundMessage).where(OutboundMessage.idempotency_key == followup.get("key"))
+    )
+    if row is None or row.status not in ("queued", "sending", "sent"):
+        return None
+    try:
+        message = _build(s, app, renderer, row, lead)
+    except Exception:  # a broken follow-up fails on its own row; the briefing goes out
+        return None
+    body = message.get_body(("plain",))
+    text = body.get_content() if isinstance(body, EmailMessage) else ""
+    return {**followup, "text": text.strip(), "sent": row.status != "queued"}
+
+
 def record(app: App, item: Prepared, result: SendResult) -> None:
     """Write the outcome of one SMTP attempt (its own transaction)."""
-    from worker.lifecycle import bounce_lead
-
     now = app.now()
     smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5

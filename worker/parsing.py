@@ -36,8 +36,22 @@ __all__ = [
 
 # Deeper MIME nesting than this is never legitimate mail; stop walking instead of recursing.
 _MAX_DEPTH = 40
-# Nobody reads more than this of a body; it bounds the cost of pathological messages.
-_MAX_TEXT = 2_000_000
+# Nobody reads more than this of a body part; it bounds the cost of pathological messages.
+_MAX_TEXT = 1_000_000
+# Bounds on the work one message may cause (issue: header bombs cost the `email` package
+# seconds to minutes). Past a bound the rest is left out, and `ParsedMessage.limits` says so.
+MAX_PARSE_BYTES = 2 * 1024 * 1024
+"""Only this much of a message is parsed: headers, the text and the report parts come first."""
+MAX_LINES = 100_000
+"""Lines parsed per message (the `email` parser's cost is per line and per part)."""
+MAX_FIELD = 16 * 1024
+"""A header field longer than this (RFC 5322 lines stop at 998) is cut to it."""
+MAX_FIELDS = 1000
+"""Header fields kept per MIME part."""
+MAX_PARTS = 1000
+"""MIME parts looked at per message."""
+MAX_BODY_TEXT = 64 * 1024
+"""Characters of body text (and of HTML) that classification and reply extraction see."""
 
 _MSGID_RE = re.compile(r"<([^<>\s]+)>")
 _WS_RE = re.compile(r"[ \t]+")
@@ -107,6 +121,8 @@ class ParsedMessage:
     delivery_status: tuple[DeliveryStatus, ...] = ()
     returned_headers: tuple[tuple[str, str], ...] = ()
     text_from_html: bool = False
+    limits: tuple[str, ...] = ()
+    """The bounds this message hit (what was left out), for a human; () when none."""
 
     def header(self, name: str) -> str | None:
         """The first value of header `name` (case-insensitive), or None when absent."""
@@ -168,7 +184,8 @@ def _unsurrogate(value: str) -> str:
 
 def decode_header_value(value: object) -> str:
     """Decode one raw header value: unfold, repair 8-bit bytes, decode RFC 2047 words."""
-    text = _unsurrogate(str(value))
+    # NUL is no text (RFC 5322 excludes it; PostgreSQL text cannot hold it): drop it.
+    text = _unsurrogate(str(value)).replace("\0", "")
     text = re.sub(r"\r?\n(?=[ \t])", "", text).replace("\r", "").replace("\n", " ")
     if "=?" in text:
         # Malformed encoded words: keep the raw text.
@@ -460,10 +477,10 @@ def _part_text(part: Message) -> str:
             charset = part.get_content_charset()
         except Exception:
             charset = None
-        return decode_bytes(payload[:_MAX_TEXT], charset)
+        return decode_bytes(payload[:_MAX_TEXT], charset).replace("\0", "")
     raw = part.get_payload()
     if isinstance(raw, str):
-        return _unsurrogate(raw[:_MAX_TEXT])
+        return _unsurrogate(raw[:_MAX_TEXT]).replace("\0", "")
     return ""
 
 
@@ -597,7 +614,7 @@ def _walk(part: Message, acc: _Walk, depth: int, inside_message: bool) -> None:
     if ctype.startswith("multipart/") and isinstance(part.get_payload(), str):
         # A boundary that matches no line (cut off, mistyped): the parts are one text.
         if not inside_message:
-            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]))
+            acc.plains.append(_unsurrogate(str(part.get_payload())[:_MAX_TEXT]).replace("\0", ""))
         return
     if ctype.startswith("multipart/") or isinstance(part.get_payload(), list):
         for child in _iter_children(part):
@@ -614,28 +631,64 @@ def _walk(part: Message, acc: _Walk, depth: int, inside_message: bool) -> None:
         acc.htmls.append(_part_text(part))
 
 
-def _message_from_bytes(raw: bytes) -> tuple[Message, tuple[str, ...]]:
-    """Build the MIME tree with mail-parser; fall back to the stdlib on its failures."""
-    names: tuple[str, ...] = ()
+def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[str, ...]]:
+    """Build the MIME tree (stdlib), bound it, then let mail-parser list the attachments."""
     try:
-        parsed = mailparser.parse_from_bytes(raw)
-        message = parsed.message
-        try:
-            names = tuple(str(a.get("filename")) for a in parsed.attachments if a.get("filename"))
-        except Exception:
-            names = ()
-        if isinstance(message, Message):
-            return message, names
-    except RecursionError as exc:
-        raise ParseError("MIME structure is nested too deeply") from exc
-    except Exception:  # mail-parser raises assorted errors on odd mail
-        pass
-    try:
-        return email.message_from_bytes(raw), names
+        message = email.message_from_bytes(raw)
     except RecursionError as exc:
         raise ParseError("MIME structure is nested too deeply") from exc
     except Exception as exc:
         raise ParseError(f"not readable as an email: {exc}") from exc
+    _bound_tree(message, limits)
+    names: tuple[str, ...] = ()
+    try:
+        parsed = mailparser.MailParser(message)
+        names = tuple(str(a.get("filename")) for a in parsed.attachments if a.get("filename"))
+    except Exception:  # mail-parser raises assorted errors on odd mail
+        names = ()
+    return message, names
+
+
+_TAIL_FIELDS = frozenset({"from", "sender", "reply-to", "return-path"})
+
+
+def _bound_tree(message: Message, limits: list[str]) -> None:
+    """Cut what would make later work on `message` unbounded, noting each cut in `limits`:
+    header fields over MAX_FIELD, more than MAX_FIELDS fields in a part, more than MAX_PARTS
+    parts, nesting deeper than _MAX_DEPTH. Iterative, so depth costs no stack."""
+    parts = 0
+    stack: list[tuple[Message, int]] = [(message, 0)]
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        headers: list[tuple[str, str]] = vars(part)["_headers"]  # no public in-place setter
+        if len(headers) > MAX_FIELDS:
+            limits.append(f"{len(headers)} header fields in a part: the first {MAX_FIELDS} kept")
+            del headers[MAX_FIELDS:]
+        for i, (name, value) in enumerate(headers):
+            if isinstance(value, str) and len(value) > MAX_FIELD:
+                if name.lower() in _TAIL_FIELDS:  # "<name bomb> <address>": keep the address
+                    cut = value[-MAX_FIELD:]
+                    cut = cut[min(i for i in (cut.find(" "), MAX_FIELD // 2) if i >= 0) :]
+                else:
+                    cut = value[:MAX_FIELD]
+                    cut = cut[: max(cut.rfind(" "), cut.rfind(";"), MAX_FIELD // 2)]
+                limits.append(f"header {name[:40]} of {len(value)} characters cut to {len(cut)}")
+                headers[i] = (name, cut)
+        payload = part.get_payload()
+        if not isinstance(payload, list):
+            continue
+        if depth >= _MAX_DEPTH:
+            limits.append(f"MIME parts nested deeper than {_MAX_DEPTH} levels left out")
+            part.set_payload([])
+            continue
+        room = MAX_PARTS - parts - len(stack)
+        if len(payload) > max(room, 0):
+            limits.append(f"more than {MAX_PARTS} MIME parts: the rest left out")
+            del payload[max(room, 0) :]
+        stack.extend(
+            (child, depth + 1) for child in reversed(payload) if isinstance(child, Message)
+        )
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
@@ -662,8 +715,9 @@ def parse(raw: bytes) -> ParsedMessage:
         head = head.split(b"\n", 1)[1]
     if not _HEADER_LINE.match(head):
         raise ParseError("no header block: the data does not start with 'Name: value' lines")
+    limits: list[str] = []
     try:
-        return _parse(raw)
+        return _parse(_prebound(raw, limits), len(raw), limits)
     except ParseError:
         raise
     except RecursionError as exc:
@@ -672,8 +726,32 @@ def parse(raw: bytes) -> ParsedMessage:
         raise ParseError(f"unreadable message: {type(exc).__name__}: {exc}") from exc
 
 
-def _parse(raw: bytes) -> ParsedMessage:
-    message, mp_names = _message_from_bytes(raw)
+def _prebound(raw: bytes, limits: list[str]) -> bytes:
+    """The part of `raw` worth parsing: at most MAX_PARSE_BYTES, MAX_LINES lines, about
+    MAX_PARTS part boundaries, and 2 * MAX_FIELDS lines of top-level header. Each cut is
+    noted in `limits`; what is cut is the end of the message, where attachments are."""
+    if len(raw) > MAX_PARSE_BYTES:
+        limits.append(f"message of {len(raw)} bytes: only the first {MAX_PARSE_BYTES} were read")
+        raw = raw[:MAX_PARSE_BYTES]
+    for mark, bound, what in ((b"\n", MAX_LINES, "lines"), (b"\n--", MAX_PARTS, "part boundaries")):
+        if raw.count(mark) > bound:
+            at = -1
+            for _ in range(bound):
+                at = raw.find(mark, at + 1)
+            limits.append(f"more than {bound} {what}: the rest of the message left out")
+            raw = raw[: at + 1]
+    end = min((i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0), default=len(raw))
+    if raw.count(b"\n", 0, end) > 2 * MAX_FIELDS:
+        at = -1
+        for _ in range(2 * MAX_FIELDS):
+            at = raw.find(b"\n", at + 1)
+        limits.append(f"a header of more than {2 * MAX_FIELDS} lines: the rest left out")
+        raw = raw[: at + 1] + raw[end:]
+    return raw
+
+
+def _parse(raw: bytes, raw_size: int, limits: list[str]) -> ParsedMessage:
+    message, mp_names = _message_from_bytes(raw, limits)
     headers = tuple(_header_items(message))
 
     def first(name: str) -> str | None:
@@ -688,7 +766,10 @@ def _parse(raw: bytes) -> ParsedMessage:
     # Address lists are split before RFC 2047 decoding: a decoded display name may hold
     # the commas and angle brackets that the encoding protected.
     raw_headers = [
-        (str(name).strip().lower(), re.sub(r"\r?\n(?=[ \t])", "", _unsurrogate(str(value))))
+        (
+            str(name).strip().lower(),
+            re.sub(r"\r?\n(?=[ \t])", "", _unsurrogate(str(value)).replace("\0", "")),
+        )
         for name, value in message.raw_items()
     ]
 
@@ -718,9 +799,15 @@ def _parse(raw: bytes) -> ParsedMessage:
     _walk(message, acc, 0, False)
     html = "\n".join(h for h in acc.htmls if h.strip())
     text = "\n".join(p for p in acc.plains if p.strip())
+    if len(html) > 4 * MAX_BODY_TEXT:
+        limits.append(f"HTML body of {len(html)} characters: the first {4 * MAX_BODY_TEXT} read")
+        html = html[: 4 * MAX_BODY_TEXT]
     from_html = False
     if not text.strip() and html:
         text, from_html = html_to_text(html), True
+    if len(text) > MAX_BODY_TEXT:
+        limits.append(f"body text of {len(text)} characters: the first {MAX_BODY_TEXT} read")
+        text = text[:MAX_BODY_TEXT]
     attachments = tuple(dict.fromkeys([*acc.attachments, *mp_names]))
 
     return ParsedMessage(
@@ -742,11 +829,12 @@ def _parse(raw: bytes) -> ParsedMessage:
         html=html,
         attachments=attachments,
         headers=headers,
-        raw_size=len(raw),
+        raw_size=raw_size,
         content_type=_content_type(message),
         report_type=acc.report_type,
         report_fields=acc.report_fields,
         delivery_status=acc.delivery,
         returned_headers=acc.returned,
         text_from_html=from_html,
+        limits=tuple(dict.fromkeys(limits)),
     )

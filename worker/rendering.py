@@ -10,9 +10,10 @@ violation, a failing expression) is reported as a TemplateError naming file and 
 from __future__ import annotations
 
 import difflib
+import html
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +23,8 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from worker.config import Campaign, SenderConfig
+from worker.config import Campaign, Config, SenderConfig
+from worker.contexts import KINDS, kinds_of, samples
 
 PARTS = ("subject.txt", "body.txt", "body.html")
 _TYPE_MESSAGE = re.compile(r"^'(?P<type>[\w .]+) object' has no attribute '(?P<attr>[^']+)'")
@@ -116,25 +118,37 @@ class Renderer:
         )
 
     def lint(
-        self, context: Mapping[str, Any], names: list[str] | None = None
+        self,
+        context: Mapping[str, Any],
+        names: list[str] | None = None,
+        must_show: Mapping[str, str] | None = None,
     ) -> list[TemplateError]:
         """Render every part of each template (default: all of them); return every problem.
 
         Unlike `render`, a broken subject does not hide a broken body: each part is tried.
-        An empty list means every template renders with `context`.
+        `must_show` maps what each body must show to its text (a nurture email's
+        unsubscribe link and postal address: the law asks for them). An empty list means
+        every template renders with `context`.
         """
         problems: list[TemplateError] = []
         for name in self.names() if names is None else names:
             for part in PARTS:
+                where = self._display(f"{name}/{part}")
                 try:
                     out = self._render_part(f"{name}/{part}", context)
                 except TemplateError as e:
                     problems.append(e)
                     continue
                 if part == "subject.txt" and not _clean_subject(out):
-                    problems.append(
-                        TemplateError(self._display(f"{name}/{part}"), None, "the subject is empty")
-                    )
+                    problems.append(TemplateError(where, None, "the subject is empty"))
+                for label, text in (must_show or {}).items() if part != "subject.txt" else ():
+                    if text and text not in out and html.escape(text) not in out:
+                        problems.append(
+                            TemplateError(
+                                where, None, f"does not show the {label} (required by law in "
+                                "marketing email: keep the layout's footer)"
+                            )
+                        )  # fmt: skip
         return problems
 
     # --- internals ---------------------------------------------------------------------
@@ -224,124 +238,43 @@ def sample_context(
     campaign: Campaign | None = None,
     step: int = 1,
 ) -> dict[str, Any]:
-    """Realistic data for every template: nurture, handoff and follow-up keys at once.
+    """The sample contexts of every kind in one mapping (worker.contexts.samples), for
+    rendering a template whatever its kind; lint renders each with its own kind's."""
+    by_kind = samples(sender, lead, campaign, step)
+    merged: dict[str, Any] = {
+        **by_kind["reminder"],
+        **by_kind["rep_copy"],
+        **by_kind["followup"],
+        **by_kind["handoff"],
+        **by_kind["nurture"],
+    }
+    # One `reply` serving every kind: the handoff's, with the copy's and follow-up's keys.
+    merged["reply"] = {
+        **by_kind["rep_copy"]["reply"],  # type: ignore[typeddict-item]
+        **by_kind["followup"]["reply"],  # type: ignore[typeddict-item]
+        **merged["reply"],
+    }
+    return merged
 
-    Used by `templates lint` (render everything before anything is sent) and `preview`.
-    `sender` fills the sender block from the config, `lead` overrides sample lead fields
-    (e.g. a real lead for `preview --lead`), `campaign` names the campaign and its length.
-    """
-    sample_lead: dict[str, Any] = {
-        "email": "maya.patel@northwind-logistics.example",
-        "first_name": "Maya",
-        "last_name": "Patel",
-        "company": "Northwind Logistics",
-        "title": "Head of Operations",
-        "industry": "logistics",
-        "company_size": 240,
-        "annual_revenue": 38_000_000,
-        "country": "GB",
-        "timezone": "Europe/London",
-        "source": "webinar: Shipping without spreadsheets",
-        "custom": {"webinar_date": "3 November"},
+
+def lint_for(
+    renderer: Renderer, config: Config, names: Iterable[str] | None = None
+) -> list[TemplateError]:
+    """Lint each template with the context of the kind of email the config sends it as
+    (sample data, the config's sender), and check that nurture bodies keep the footer."""
+    names = renderer.names() if names is None else list(names)
+    by_kind = samples(config.sender)
+    kinds = kinds_of(config, names)
+    footer = {
+        "unsubscribe link": str(by_kind["nurture"]["unsubscribe_url"]),  # type: ignore[typeddict-item]
+        "postal address": config.sender.postal_address,
     }
-    if lead:
-        sample_lead.update({k: v for k, v in lead.items() if v is not None})
-        sample_lead.setdefault("custom", {})
-    sender_block = {
-        "name": "Acme Sales",
-        "address": "sales@acme.example",
-        "postal_address": "Acme Inc., 1 Main Street, Springfield, IL 62701, USA",
-    }
-    if sender is not None:
-        sender_block = {
-            "name": sender.display_name or sender.address,
-            "address": sender.address,
-            "postal_address": sender.postal_address,
-        }
-    total = len(campaign.steps) if campaign is not None else 3
-    rep = {"name": "Ben Okafor", "email": "ben.okafor@acme.example", "first_name": "Ben"}
-    reply = {
-        "subject": "Re: How Brightline cut dispatch time by 40%",
-        "from": f"{sample_lead['first_name']} {sample_lead.get('last_name', '')} <{sample_lead['email']}>".replace(
-            "  ", " "
-        ),
-        "date": "Tue, 1 Dec 2026 10:42:00 +0000",
-        "text": (
-            "Hi Ben,\n\nThe Brightline story sounds a lot like us. We run about 60 trucks and "
-            "still plan routes in spreadsheets.\nCould you send pricing for a team of 12 "
-            "planners, and would a demo next week work?\n\nThanks,\nMaya"
-        ),
-    }
-    return {
-        "lead": sample_lead,
-        "campaign": {"name": campaign.name if campaign is not None else "welcome"},
-        "step": {"number": max(1, min(step, total)), "total": total},
-        "sender": sender_block,
-        "unsubscribe_url": "https://acme.example/unsubscribe/k3x9q2m7",
-        "rep": rep,
-        "prospect": {**sample_lead, "status": "prospect", "owner": rep["email"]},
-        "qualification": {
-            "score": 80,
-            "checklist": [
-                {
-                    "criterion": "Industry is in the target market",
-                    "status": "met",
-                    "evidence": "logistics",
-                },
-                {
-                    "criterion": "Company size at least 20",
-                    "status": "met",
-                    "evidence": "240 employees",
-                },
-                {
-                    "criterion": "Annual revenue at least 1,000,000",
-                    "status": "met",
-                    "evidence": "38,000,000",
-                },
-                {
-                    "criterion": "Decision-making title",
-                    "status": "met",
-                    "evidence": "Head of Operations",
-                },
-                {
-                    "criterion": "Buying intent in the reply",
-                    "status": "met",
-                    "evidence": "pricing, demo",
-                },
-                {"criterion": "Budget confirmed", "status": "unknown", "evidence": ""},
-            ],
-        },
-        "match": {
-            "method": "reply_token",
-            "explanation": (
-                "Sent to the reply address of our step 2 email (sales+k3x9q2m7@acme.example) "
-                "by a person, not an auto-responder; it quotes our message and adds new text."
-            ),
-        },
-        "reply": reply,
-        "reply_text": reply["text"],
-        "thread": [
-            {
-                "direction": "out",
-                "at": "2026-11-24 09:05 UTC",
-                "subject": "Welcome to Acme, Maya",
-                "summary": "Step 1 of 3: welcome",
-            },
-            {
-                "direction": "out",
-                "at": "2026-11-27 09:12 UTC",
-                "subject": "How Brightline cut dispatch time by 40%",
-                "summary": "Step 2 of 3: case study",
-            },
-            {
-                "direction": "in",
-                "at": "2026-12-01 10:42 UTC",
-                "subject": reply["subject"],
-                "summary": "Asks for pricing for 12 planners and a demo next week",
-            },
-        ],
-        "assignment_reason": "Industry rule: logistics goes to Ben Okafor",
-    }
+    problems: list[TemplateError] = []
+    for kind in KINDS:
+        group = [n for n in names if kinds[n] == kind]
+        if group:
+            problems += renderer.lint(by_kind[kind], group, footer if kind == "nurture" else None)
+    return problems
 
 
 # --- the pages of `twoway serve` -------------------------------------------------------------

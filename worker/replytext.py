@@ -68,11 +68,11 @@ _FIELD_NAMES = (
     r"wysłano|do|temat|от|отправлено|кому|тема|дата|lähettäjä|lähetetty|vastaanottaja|"
     r"aihe|发件人|发送时间|收件人|主题|寄件者|傳送時間|收件者|主旨|差出人|送信日時|宛先|件名"
 )
-_FIELD_RE = re.compile(rf"(?i)^\s*[*_]{{0,2}}\s*(?:{_FIELD_NAMES})\s*[*_]{{0,2}}\s*[:：]")
+_FIELD_RE = re.compile(rf"(?i)^\s*+[*_]{{0,2}}\s*+(?:{_FIELD_NAMES})\s*+[*_]{{0,2}}\s*+[:：]")
 _FROM_FIELD_RE = re.compile(
-    r"(?i)^\s*[*_]{0,2}\s*(?:from|von|de|da|van|från|fra|od|от|от\s+кого|nadawca|من|lähettäjä|"
+    r"(?i)^\s*+[*_]{0,2}\s*+(?:from|von|de|da|van|från|fra|od|от|от\s+кого|nadawca|من|lähettäjä|"
     r"发件人|寄件者|差出人)"
-    r"\s*[*_]{0,2}\s*[:：]"
+    r"\s*+[*_]{0,2}\s*+[:：]"
 )
 _ONE_LINE_OUTLOOK_RE = re.compile(r"(?i)^\s*\*?from:.{3,}\b(?:sent|date):")
 _SEPARATOR_RE = re.compile(
@@ -126,7 +126,10 @@ _BANNER_RE = re.compile(
 
 
 def _unquote(line: str) -> str:
-    return _UNQUOTE_RE.sub("", line.strip(_BIDI)).strip().strip(_BIDI).strip()
+    text = _UNQUOTE_RE.sub("", line).strip()
+    if text and (text[0] in _BIDI or text[-1] in _BIDI):  # RTL clients wrap lines in marks
+        text = _UNQUOTE_RE.sub("", text.strip(_BIDI)).strip().strip(_BIDI).strip()
+    return text
 
 
 def _is_attribution(window: list[str]) -> bool:
@@ -518,7 +521,7 @@ _UNSUBSCRIBE_RE = re.compile(
     r"cancelar\s+(?:la\s+)?suscripci[oó]n|\bcancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
     r"\bdisiscriv|\bnon\s+voglio\s+(?:più\s+)?ricevere\b|\bdescadastr|"
     r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|\bn[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
-    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^\s*stop\s*[.!]?\s*$",
+    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^[^\S\n]*stop[^\S\n]*[.!]?[^\S\n]*$",
     re.MULTILINE,
 )
 

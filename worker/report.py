@@ -206,6 +206,13 @@ def _page(status: dict[str, Any], act: Activity, now: datetime, owner: str) -> s
                 _funnels(status["funnel"]),
             ),
             _section(
+                "Speed to lead",
+                "How fast each rep answers a new prospect (the last "
+                f"{(status.get('speed_to_lead') or {}).get('days', 30)} days), and who is "
+                "still waiting for a first answer, oldest first.",
+                _speed(status.get("speed_to_lead") or {}),
+            ),
+            _section(
                 "Daily activity",
                 "Emails sent by kind, and the genuine replies and promotions they brought.",
                 _activity(act),
@@ -640,6 +647,64 @@ def _outbox_table(status: dict[str, Any]) -> str:
         '<table><thead><tr><th>State</th><th class="n">Messages</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>{failures}"
     )
+
+
+def _minutes(seconds: object) -> str:
+    if not isinstance(seconds, int):
+        return "–"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _speed(speed: dict[str, Any]) -> str:
+    reps = speed.get("reps") or []
+    waiting = speed.get("waiting") or []
+    if not reps and not waiting:
+        return _empty(
+            "No prospect handed to a rep yet",
+            "First-response times appear here once reps answer their prospects.",
+        )
+    sla = speed.get("sla")
+    rows = []
+    for r in reps:
+        breaches = int(r["breaches"])
+        pill = "bad" if breaches else "ok"
+        rows.append(
+            f"<tr><td><b>{escape(str(r['name']))}</b><small>{escape(str(r['rep']))}</small></td>"
+            f'<td class="n">{int(r["handoffs"]):,}</td><td class="n">{int(r["answered"]):,}</td>'
+            f'<td class="n">{_minutes(r["median_seconds"])}</td>'
+            f'<td class="n">{_minutes(r["p90_seconds"])}</td>'
+            f'<td class="n"><span class="pill {pill}">{breaches:,}</span></td></tr>'
+        )
+    table = (
+        '<table><thead><tr><th>Rep</th><th class="n">Handed</th><th class="n">Answered</th>'
+        '<th class="n">Median first answer</th><th class="n">p90</th>'
+        f'<th class="n">Over the SLA{" (" + escape(str(sla)) + ")" if sla else ""}</th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    if waiting:
+        items = []
+        for w in waiting[:20]:
+            late = ' <span class="pill bad">over the SLA</span>' if w.get("breached") else ""
+            who = f"<b>{escape(str(w['email']))}</b>"
+            if w.get("name"):
+                who = f"<b>{escape(str(w['name']))}</b><small>{escape(str(w['email']))}</small>"
+            items.append(
+                f"<tr><td>{who}</td>"
+                f"<td>{escape(str(w['rep']))}</td>"
+                f'<td class="n">{_minutes(w["waiting_seconds"])}{late}</td></tr>'
+            )
+        more = len(waiting) - 20
+        extra = f'<p class="lede">… and {more:,} more.</p>' if more > 0 else ""
+        table += (
+            '<h3 style="margin-top:16px">Waiting for a first answer</h3>'
+            '<table><thead><tr><th>Prospect</th><th>Rep</th><th class="n">Waiting</th></tr>'
+            f"</thead><tbody>{''.join(items)}</tbody></table>{extra}"
+        )
+    else:
+        table += '<p class="calm" style="margin-top:12px">✓ Nobody is waiting for an answer.</p>'
+    return table
 
 
 def _mailbox_table(status: dict[str, Any]) -> str:

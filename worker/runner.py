@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from worker import handoffs
 from worker.app import App
 from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
-from worker.config import MailboxConfig
+from worker.config import MailboxConfig, Rep
 from worker.db import as_unavailable, is_unavailable, refresh_statistics
 from worker.inbound import SyncResult, classify_context, sync_mailbox
 from worker.leases import (
@@ -33,9 +35,19 @@ from worker.leases import (
     release_leases,
     wall_clock,
 )
+from worker.lifecycle import handoff_to_new_rep
 from worker.mailbox import IDLE_RENEW_SECONDS, ImapSource, MailboxError, MailSource, open_source
 from worker.mailer import Mailer
-from worker.models import Enrollment, EnrollmentState, MailboxState, OutboundMessage, OutboxState
+from worker.models import (
+    Enrollment,
+    EnrollmentState,
+    Handoff,
+    Lead,
+    MailboxLease,
+    MailboxState,
+    OutboundMessage,
+    OutboxState,
+)
 from worker.outbox import recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
@@ -273,9 +285,16 @@ class Worker:
         if not mb.leased and sum(m.leased for m in self.mailboxes) >= self._fair:
             return  # enough mailboxes for this worker; another one reads this
         ttl = self.app.config.workers.lease_seconds
-        if not acquire_lease(self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None):
+        if not acquire_lease(
+            self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None
+        ) and not (self._limit is None and self._outwait_lease(mb, ttl)):
             if mb.leased:
                 logger.warning("mailbox %s: another worker took it over", mb.cfg.name)
+            if self._limit is None:  # `run --once` promises every message was read
+                result.errors.append(
+                    f"{mb.cfg.name}: another worker that is alive reads this mailbox; "
+                    "not read in this pass"
+                )
             self._let_go(mb)
             return
         if not mb.leased:
@@ -301,6 +320,23 @@ class Worker:
         result.more = result.more or got.more
         for k, v in got.kinds.items():
             r.kinds[k] = r.kinds.get(k, 0) + v
+
+    def _outwait_lease(self, mb: _Mailbox, ttl: float) -> bool:
+        """`run --once`: wait for another worker's lease to run out and take it; False when
+        that worker renews it (it is alive) or a stop is requested."""
+        with self.app.transaction() as s:
+            lease = s.get(MailboxLease, mb.cfg.name)
+            seen = lease.expires_at if lease is not None else None
+        deadline = time.monotonic() + ttl + 2
+        while time.monotonic() < deadline and not self.stop.wait(0.5):
+            with self.app.transaction() as s:
+                lease = s.get(MailboxLease, mb.cfg.name)
+                if lease is not None and seen is not None and lease.expires_at > seen:
+                    return False  # renewed: its holder is alive
+            if acquire_lease(self.app, mb.cfg.name, self.id, ttl):
+                logger.info("mailbox %s: took over the lease of a worker that stopped", mb.cfg.name)
+                return True
+        return False
 
     def _mailbox_failed(self, mb: _Mailbox, error: str, *, temporary: bool) -> None:
         """Log once per outage, back off exponentially, and show it in `status`."""
@@ -358,6 +394,7 @@ class Worker:
 
     def _send(self, result: PassResult) -> None:
         result.queued = queue_due(self.app)
+        result.queued += handoffs.run_due(self.app, self._handoff_to_new_rep)
         config = self.app.config
         if config.smtp is None and not any(m.smtp for m in config.mailboxes):
             return
@@ -371,6 +408,11 @@ class Worker:
         )
         if self._limit is not None and result.sent >= self._limit:
             result.more = True
+
+    def _handoff_to_new_rep(
+        self, s: Session, lead: Lead, rep: Rep, now: datetime, h: Handoff
+    ) -> None:
+        handoff_to_new_rep(s, self.app, lead, rep, now, h)
 
     def _mailer_for(self, transport: str) -> Mailer | None:
         """One SMTP connection per account, reused across passes; None: no such account."""
@@ -407,8 +449,17 @@ class Worker:
                     Enrollment.state == EnrollmentState.PAUSED
                 )
             )
-            d = webhooks_due(s, self.app.config)
-        times = [t for t in (a, b, c, d) if t is not None]
+            waiting = (Handoff.answered_at.is_(None), Handoff.closed_at.is_(None))
+            d = s.scalar(
+                select(func.min(Handoff.sla_due)).where(*waiting, Handoff.reminded_at.is_(None))
+            )
+            e = s.scalar(
+                select(func.min(Handoff.escalate_due)).where(
+                    *waiting, Handoff.escalated_at.is_(None)
+                )
+            )
+            f = webhooks_due(s, self.app.config)
+        times = [t for t in (a, b, c, d, e, f) if t is not None]
         return min(times) if times else None
 
     def wait(self) -> None:

@@ -36,18 +36,23 @@ def _is_business_day(day: date) -> bool:
     return day.weekday() < 5
 
 
-def add_delay(start: datetime, delay: Delay, tz: str) -> datetime:
+def add_delay(start: datetime, delay: Delay, tz: str, hours: SendWindow | None = None) -> datetime:
     """Return `start` moved on by `delay`, as an aware UTC datetime.
 
     - `d` (days): the same local wall-clock time `amount` calendar days later in `tz`
       (so a 09:00 send stays at 09:00 across a DST change, although 23 or 25 hours pass).
     - `bd` (business days): the same local time after `amount` Monday-to-Friday days; a
       start on a weekend counts the coming Monday as the first business day.
+    - `bh` (business hours): `amount` hours counted only inside `hours` (default Monday to
+      Friday, 09:00-17:00) in `tz`; the result is always inside those hours (a delay that
+      ends exactly at closing time ends then, not at the next opening).
     - `h` / `m`: elapsed hours or minutes, independent of the time zone.
 
     Raises ValueError for a naive `start`.
     """
     _check_aware(start, "start")
+    if delay.unit == "bh":
+        return add_business_time(start, timedelta(hours=delay.amount), hours or SendWindow(), tz)
     if delay.unit == "h":
         return (start + timedelta(hours=delay.amount)).astimezone(UTC)
     if delay.unit == "m":
@@ -106,3 +111,43 @@ def next_open_slot(
             continue  # today's window has closed
         return _local_instant(candidate_day, start, zone)
     raise ValueError(f"the send window {days} never opens (check its days and the holidays)")
+
+
+def add_business_time(start: datetime, amount: timedelta, hours: SendWindow, tz: str) -> datetime:
+    """`start` moved on by `amount` of time inside the business `hours` of `tz` (aware UTC).
+
+    Time outside the hours does not count: two business hours from Friday 16:30 (hours
+    09:00-17:00) is Monday 10:30. A zero `amount` gives the next instant inside the hours.
+    Raises ValueError for a naive `start` or hours that never open.
+    """
+    _check_aware(start, "start")
+    zone = ZoneInfo(tz)
+    at = next_open_slot(start, hours, tz)
+    left = amount
+    for _ in range(_SEARCH_DAYS):
+        local = at.astimezone(zone)
+        close = _local_instant(local.date(), hours.end, zone)
+        if at + left <= close:
+            return (at + left).astimezone(UTC)
+        left -= close - at
+        at = next_open_slot(close, hours, tz)
+    raise ValueError(f"{amount} of business hours does not fit in {_SEARCH_DAYS} days")
+
+
+def business_seconds_between(start: datetime, end: datetime, hours: SendWindow, tz: str) -> int:
+    """How many seconds of business `hours` (in `tz`) lie between `start` and `end`.
+
+    Bounded: at most `_SEARCH_DAYS` days are walked (longer spans count as that much).
+    """
+    _check_aware(start, "start")
+    _check_aware(end, "end")
+    zone = ZoneInfo(tz)
+    total = 0.0
+    at = next_open_slot(start, hours, tz)
+    for _ in range(_SEARCH_DAYS):
+        if at >= end:
+            break
+        close = _local_instant(at.astimezone(zone).date(), hours.end, zone)
+        total += (min(close, end) - at).total_seconds()
+        at = next_open_slot(close, hours, tz)
+    return int(total)

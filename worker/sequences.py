@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.campaigns import paused_campaigns, pick_variant
-from worker.compose import new_message_id
 from worker.config import Campaign, Config
 from worker.leads import record_event
 from worker.models import (
@@ -26,9 +25,8 @@ from worker.models import (
     EnrollmentState,
     Lead,
     LeadStatus,
-    OutboundMessage,
-    OutboxState,
 )
+from worker.outbox import enqueue
 from worker.pacing import touch_wait
 from worker.schedule import add_delay, next_open_slot
 from worker.suppression import suppressed
@@ -146,27 +144,11 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     step = campaign.steps[en.step]
     variant = pick_variant(campaign.name, en.step, lead.id, len(step.templates))
     en.waiting = None
-    s.add(
-        OutboundMessage(
-            idempotency_key=f"nurture:{en.id}:{en.step}",
-            kind="nurture",
-            lead_id=lead.id,
-            enrollment_id=en.id,
-            campaign=campaign.name,
-            step=en.step,
-            template=step.templates[variant],
-            variant=variant if step.variants else None,
-            mailbox=campaign.mailbox,
-            message_id=new_message_id(config.sender.domain),
-            reply_token=lead.reply_token,
-            to_addr=lead.email,
-            status=OutboxState.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            context={},
-            created_at=now,
-        )
-    )
+    enqueue(
+        s, config, "nurture", f"nurture:{en.id}:{en.step}", lead, step.templates[variant], now,
+        mailbox=campaign.mailbox, enrollment_id=en.id, campaign=campaign.name, step=en.step,
+        variant=variant if step.variants else None,
+    )  # fmt: skip
     en.step += 1
     en.updated_at = now
     if en.step < len(campaign.steps):

@@ -110,6 +110,9 @@ def collect_status(app: App) -> dict[str, Any]:
         from worker.webhooks import webhook_status
 
         webhooks = webhook_status(s)
+        from worker.handoffs import speed_to_lead
+
+        speed = speed_to_lead(s, app.config, now)
         if webhooks["dead"]:
             alarms.append(
                 f"{webhooks['dead']} webhook deliver(ies) dead after every retry: fix the "
@@ -134,6 +137,7 @@ def collect_status(app: App) -> dict[str, Any]:
         "quarantine": quarantine or 0,
         "alarms": alarms,
         "webhooks": webhooks,
+        "speed_to_lead": speed,
     }
 
 
@@ -287,6 +291,29 @@ def format_status(d: dict[str, Any]) -> str:
                 f"  dead #{x['id']} {x['event']} to {x['endpoint']} after {x['attempts']} "
                 f"attempt(s): {x['last_error']}"
             )
+    lines.extend(_speed_lines(d.get("speed_to_lead") or {}))
     for a in d["alarms"]:
         lines.append(f"ALARM: {a}")
     return "\n".join(lines)
+
+
+def _minutes(seconds: int | None) -> str:
+    return "-" if seconds is None else f"{seconds // 60} min"
+
+
+def _speed_lines(speed: dict[str, Any]) -> list[str]:
+    """Speed to lead: first-response time per rep, and who is still waiting."""
+    lines: list[str] = []
+    for r in speed.get("reps", []):
+        lines.append(
+            f"rep {r['rep']}: {r['answered']}/{r['handoffs']} answered in {speed['days']} days, "
+            f"first response median {_minutes(r['median_seconds'])}, "
+            f"p90 {_minutes(r['p90_seconds'])}, {r['breaches']} over the SLA"
+        )
+    for w in speed.get("waiting", []):
+        late = ", over the SLA" if w["breached"] else ""
+        lines.append(
+            f"waiting: {w['email']} for {w['rep']} since {w['since']} "
+            f"({_minutes(w['waiting_seconds'])}{late})"
+        )
+    return lines

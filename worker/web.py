@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from html import escape
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -44,7 +45,7 @@ from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
 from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
-from worker.rendering import Pages, Renderer, TemplateError, sample_context
+from worker.rendering import Pages, Renderer, TemplateError, lint_for, sample_context
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
 
 logger = logging.getLogger(__name__)
@@ -490,12 +491,7 @@ def build_app(app: App) -> Starlette:
         names = renderer.names()
         name = request.query_params.get("name") or (names[0] if names else "")
         lead_key = request.query_params.get("lead", "")[:320]
-        problems = [
-            str(e)
-            for e in await run_in_threadpool(
-                renderer.lint, sample_context(sender=config.sender), names
-            )
-        ]
+        problems = [str(e) for e in await run_in_threadpool(lint_for, renderer, config, names)]
         out, whom, error = (None, "", None)
         if name in names:
             out, whom, error = await run_in_threadpool(preview, name, lead_key)
@@ -517,7 +513,7 @@ def build_app(app: App) -> Starlette:
         if name not in Renderer(config.templates_path).names():
             return refused(404)
         out, _, error = await run_in_threadpool(preview, name, lead_key)
-        html = out.html if out is not None else f"<p>{error}</p>".replace("<", "&lt;")
+        html = out.html if out is not None else f"<p>{escape(error or '')}</p>"
         return HTMLResponse(
             html, headers={"Content-Security-Policy": FRAME_CSP, "X-Frame-Options": "SAMEORIGIN"}
         )
@@ -571,8 +567,31 @@ def build_app(app: App) -> Starlette:
 
 def serve(app: App, host: str, port: int) -> None:
     """Run the server until SIGTERM/SIGINT (uvicorn handles both)."""
+    server = _server(app, host, port)
+    logger.warning("twoway serve: listening on http://%s:%d", host, port)
+    server.run()
+
+
+def serve_in_thread(app: App, host: str, port: int) -> Callable[[], None]:
+    """Serve from a thread of this process (`twoway run --serve`); returns how to stop it.
+
+    The signals stay the caller's: uvicorn installs its handlers only in the main thread.
+    """
+    server = _server(app, host, port)
+    thread = threading.Thread(target=server.run, name="serve", daemon=True)
+    thread.start()
+    logger.info("twoway run --serve: listening on http://%s:%d", host, port)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+    return stop
+
+
+def _server(app: App, host: str, port: int) -> uvicorn.Server:
     https = (app.config.serve.public_url or "").startswith("https://")
-    server = uvicorn.Server(
+    return uvicorn.Server(
         uvicorn.Config(
             # Outside Starlette's error handler too, so a 500 page carries them as well.
             _SecureHeaders(build_app(app), hsts=https),
@@ -585,5 +604,3 @@ def serve(app: App, host: str, port: int) -> None:
             server_header=False,
         )
     )
-    logger.warning("twoway serve: listening on http://%s:%d", host, port)
-    server.run()
