@@ -284,3 +284,19 @@ def test_it_creates_the_files_with_personal_data_for_its_user_only(tmp_path: Pat
         assert done.returncode == 0, done.stderr[-2000:]
     for path in (tmp_path / "new.db", tmp_path / "r.html"):
         assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
+
+
+def test_report_html_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    data = base_config_data(f"sqlite:///{tmp_path / 'db.db'}", tmp_path, campaigns=[])
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "report.html"
+    link.symlink_to(victim)
+    env = {**os.environ, "TWOWAY_NOW": hostile.NOW_HINT.isoformat()}
+    done = subprocess.run(
+        twoway_cmd(cfg, "report", "--html", str(link)), env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert victim.read_text() == "keep me" and not link.is_symlink()

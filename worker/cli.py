@@ -894,7 +894,9 @@ def templates_preview(
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
         if html_file:
-            html_file.write_text(out.html, encoding="utf-8")
+            partial = html_file.with_name(f".{html_file.name}.partial")
+            partial.write_text(out.html, encoding="utf-8")
+            partial.replace(html_file)  # replaces a symlink there instead of following it
             click.echo(f"(HTML written to {html_file})", err=True)
 
 
@@ -1089,7 +1091,8 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
     """Write the funnel, daily activity and health as an HTML page; print its path."""
     from worker.report import build_report
 
-    target = html_file.resolve()
+    # The folder is resolved, not the file: a symlink there is replaced, never followed.
+    target = html_file.parent.resolve() / html_file.name
     if not target.parent.is_dir():
         _die(f"--html: no such folder {html_file.parent}", 2)
     with _errors():
