@@ -48,6 +48,7 @@ RUNS: dict[str, tuple[list[str], float, bool]] = {
     "import": (["bench/bench_import.py", "--json"], 1200, False),
     "matching": (["bench/bench_matching.py", "--json"], 1800, False),
     "workers": (["bench/bench_workers.py", "--json"], 1800, False),
+    "hostile": (["bench/bench_hostile.py", "--json"], 1800, False),
     "inbound_memory": (
         ["bench/bench_inbound.py", "--skip-default", "--memory-check", "100000", "--json"],
         5400,
@@ -289,6 +290,15 @@ def render() -> str:
         rows.append(
             f"| outbound, {x['messages']} msgs (`Mailer`) | {x['mailer_msgs_per_s']} msg/s | plain smtplib "
             f"{x['plain_smtplib_msgs_per_s']} msg/s | {x['ratio']} | >= 0.7 | {_met(x['ratio'] >= 0.7)} |"
+        )
+    if d := r["hostile"]:
+        x = d["result"]
+        ok = x["targets"]["worst_under_2s"] and x["targets"]["peak_under_300mb"]
+        rows.append(
+            f"| hostile mail, {len(x['attacks'])} attacks (`run_once`, one message each) | worst "
+            f"{x['worst']['seconds']} s ({x['worst']['attack']}), peak {x['peak_rss_mb']} MB | ordinary "
+            f"reply {x['ordinary_seconds_per_message']} s/msg | {x['ratio_worst_to_ordinary']} | "
+            f"< 2 s, < 300 MB | {_met(ok)} |"
         )
     if d := r["inbound_fetch"]:
         x = d["result"]

@@ -192,6 +192,17 @@ def test_it_opens_a_leads_timeline_from_a_search(
     shot(browser, tmp_path / "lead.png", "Enrollments", "Messages", "prospect", "handoff")
 
 
+def test_it_lists_the_prospects_waiting_for_their_rep(
+    browser: WebDriver, workspace: tuple[Path, Served, int, str]
+) -> None:
+    _, served, _, _ = workspace
+    browser.get(served.base + "/console/waiting")
+    rows = browser.find_elements(By.CSS_SELECTOR, "tbody tr")
+    emails = [r.find_element(By.TAG_NAME, "a").text for r in rows]
+    assert sorted(emails) == ["maria.garcia@nube.example", "priya.patel@ledgerly.example"]
+    assert "ana@acme.example" in rows[emails.index("maria.garcia@nube.example")].text
+
+
 def test_it_retries_a_quarantined_message_and_sees_it_processed(
     browser: WebDriver, workspace: tuple[Path, Served, int, str], tmp_path: Path
 ) -> None:

@@ -132,3 +132,101 @@ def test_it_rejects_uk_in_a_leads_csv_saying_it_means_gb(tmp_path: Path, sqlite_
     result = run("--config", cfg, "leads", "import", str(tmp_path / "l.csv"))
     assert "l.csv:2: rejected uk@example.org: country 'UK' is not an ISO 3166 code" in result.output
     assert "the United Kingdom is GB" in result.output and "1 imported" in result.output
+
+
+def test_it_logs_an_exception_as_json_with_its_whole_traceback() -> None:
+    import io
+    import logging
+
+    from worker.cli import JsonFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("tests.json")
+    log.addHandler(handler)
+    try:
+        try:
+            raise KeyError("the cause")
+        except KeyError as cause:
+            raise RuntimeError("first line\nsecond line of the message") from cause
+    except RuntimeError:
+        log.exception("the pass failed")
+    finally:
+        log.removeHandler(handler)
+    record = json.loads(out.getvalue())
+    assert record["message"] == "the pass failed" and record["level"] == "error"
+    assert record["error"] == "RuntimeError: first line"
+    assert "second line of the message" in record["traceback"]
+    assert "KeyError: 'the cause'" in record["traceback"]  # the chained cause too
+    assert "Traceback (most recent call last)" in record["traceback"]
+
+
+def test_it_shows_a_paused_enrollment_and_a_reply_before_what_it_caused(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    import email
+    import mailbox
+    from datetime import UTC, date, datetime
+    from email.message import EmailMessage
+    from email.policy import default
+
+    from tests import mails
+
+    cfg = str(write_config(tmp_path, sqlite_url))
+    (tmp_path / "l.csv").write_text("email,first_name\nola@example.org,Ola\npia@example.org,Pia\n")
+    assert (
+        run(
+            "--config", cfg, "leads", "import", str(tmp_path / "l.csv"), "--campaign", "welcome"
+        ).exit_code
+        == 0
+    )
+    assert run("--config", cfg, "run", "--once").exit_code == 0
+    sent: dict[str, EmailMessage] = {}
+    for m in mailbox.Maildir(tmp_path / "outbox"):
+        parsed = email.message_from_bytes(m.as_bytes(), policy=default)
+        assert isinstance(parsed, EmailMessage)
+        sent[str(parsed["To"]).split("<")[-1].rstrip(">")] = parsed
+    at = datetime(2026, 12, 1, 11, 0, tzinfo=UTC)
+    inbox = tmp_path / "inbox" / "new"
+    (inbox / "ooo").write_bytes(mails.exchange_ooo(sent["ola@example.org"], date(2026, 12, 10), at))
+    (inbox / "reply").write_bytes(mails.reply(sent["pia@example.org"], "Yes, send pricing.", at))
+    later = {"TWOWAY_NOW": "2026-12-01T11:00:00Z"}
+    assert CliRunner().invoke(main, ["--config", cfg, "run", "--once"], env=later).exit_code == 0
+
+    ola = run("--config", cfg, "leads", "show", "ola@example.org").output
+    line = next(x for x in ola.splitlines() if x.strip().startswith("welcome:"))
+    assert "; paused until 2026-12-1" in line and "next due" not in line, line
+    pia = run("--config", cfg, "leads", "show", "pia@example.org").output
+    mail = [x for x in pia.splitlines() if "->" in x or "<-" in x]
+    reply = next(i for i, x in enumerate(mail) if "<- reply" in x)
+    handoff = next(i for i, x in enumerate(mail) if "-> handoff" in x)
+    assert reply < handoff, mail
+
+
+def test_it_asks_only_logistics_leads_about_their_fleet() -> None:
+    from worker.contexts import samples
+    from worker.rendering import Renderer
+
+    renderer = Renderer(ROOT / "templates")
+    for industry, fleet in (("logistics", True), ("fintech", False), ("software", False)):
+        ctx = samples(lead={"industry": industry, "first_name": "Sam"})["nurture"]
+        out = renderer.render("nurture/case-study", ctx)
+        for text in (out.text, out.html):
+            assert ("vehicles" in text) is fleet and "fleet size" not in text, (industry, text)
+        assert "do this work today" in out.text or fleet
+
+
+def test_it_tells_in_the_demo_what_matched_and_when_the_lead_is_away(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--dir", str(tmp_path / "ws")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "threaded by In-Reply-To/References" not in out.stdout
+    assert "it carries our reply token" in out.stdout
+    away = next(line for line in out.stdout.splitlines() if "out-of-office" in line)
+    assert "away until" in away and "back on" not in away

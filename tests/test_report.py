@@ -153,19 +153,19 @@ def populate(app: App) -> None:
         seed.send(today[6], "nurture", None, status="queued")  # not sent yet
         # Speed to lead: Ana answered in 10, 20 and 60 minutes (SLA 30 min: one breach);
         # Chloe has not answered the prospect handed to her 50 minutes ago.
-        prospects = s.scalars(
+        handed_to = s.scalars(
             select(Lead).where(Lead.status == "prospect").order_by(Lead.id).limit(4)
         ).all()
-        for minutes, prospect in zip((10, 20, 60), prospects, strict=False):
-            handed = day(2, 9)
+        for minutes, prospect in zip((10, 20, 60), handed_to, strict=False):
+            handed_at = day(2, 9)
             s.add(
                 Handoff(
                     lead_id=prospect.id, rep="ana@example.com",
-                    handed_at=handed, sla_due=handed + timedelta(minutes=30),
-                    answered_at=handed + timedelta(minutes=minutes), answered_by="ana@example.com",
+                    handed_at=handed_at, sla_due=handed_at + timedelta(minutes=30),
+                    answered_at=handed_at + timedelta(minutes=minutes), answered_by="ana@example.com",
                 )
             )  # fmt: skip
-        waiting = prospects[3]
+        waiting = handed_to[3]
         s.add(
             Handoff(
                 lead_id=waiting.id, rep="chloe@example.com", handed_at=NOW - timedelta(minutes=50),

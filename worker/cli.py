@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,6 +138,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
         )
     # mail-parser logs every part type it does not render; our parser handles those.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # The database, reports, outbox and quarantine hold personal data and the tokens that
+    # `leads mark` accepts: whatever twoway creates is for its own user only.
+    os.umask(0o077)
     ctx.obj = _State(config_path)
 
 
@@ -422,11 +426,14 @@ def _format_lead(d: dict[str, Any]) -> str:
     if d["enrollments"]:
         lines.append("enrollments:")
         for en in d["enrollments"]:
-            extra = f" next due {en['next_due']}" if en["next_due"] else ""
+            parts = []
             if en["paused_until"]:
-                extra += f" paused until {en['paused_until']}"
+                parts.append(f"paused until {en['paused_until']}")
+            if en["next_due"] and not (en["paused_until"] and en["next_due"] < en["paused_until"]):
+                parts.append(f"next due {en['next_due']}")  # a due time inside the pause waits
             if en.get("waiting"):
-                extra += f" (waits: {en['waiting']})"
+                parts.append(f"waits: {en['waiting']}")
+            extra = "".join(f"; {p}" for p in parts)
             lines.append(f"  {en['campaign']}: {en['state']}, {en['step']} step(s) sent{extra}")
     if d["messages"]:
         lines.append("mail:")
@@ -499,14 +506,14 @@ def status_cmd(state: _State, as_json: bool, check: bool) -> None:
             click.echo(format_status(data))
 
 
-def run() -> None:  # pragma: no cover - console entry for tools that want a plain function
-    main()
-
-
 # --- the worker --------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: at, level, logger, message; with an exception, `error`
+    (its type and first line) and `traceback` (all of it: a multi-line message or a
+    chained cause is the part that says what went wrong)."""
+
     def format(self, record: logging.LogRecord) -> str:
         data = {
             "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -518,6 +525,9 @@ class _JsonFormatter(logging.Formatter):
             exc = record.exc_info[1]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             data["error"] = f"{exc.__class__.__name__}: {first}".rstrip(": ")
+            data["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -527,7 +537,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
@@ -884,7 +894,9 @@ def templates_preview(
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
         if html_file:
-            html_file.write_text(out.html, encoding="utf-8")
+            partial = html_file.with_name(f".{html_file.name}.partial")
+            partial.write_text(out.html, encoding="utf-8")
+            partial.replace(html_file)  # replaces a symlink there instead of following it
             click.echo(f"(HTML written to {html_file})", err=True)
 
 
@@ -1079,7 +1091,8 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
     """Write the funnel, daily activity and health as an HTML page; print its path."""
     from worker.report import build_report
 
-    target = html_file.resolve()
+    # The folder is resolved, not the file: a symlink there is replaced, never followed.
+    target = html_file.parent.resolve() / html_file.name
     if not target.parent.is_dir():
         _die(f"--html: no such folder {html_file.parent}", 2)
     with _errors():

@@ -1000,9 +1000,4 @@ def clock_from_env(env: Mapping[str, str] | None = None) -> Clock:
     return lambda: at
 
 
-def env_value(name: str) -> str | None:
-    """Read one environment variable (the CLI's `--config` default and such)."""
-    return os.environ.get(name)
-
-
 MailboxConfig.model_rebuild()  # it refers to SmtpConfig, defined after it

@@ -6,7 +6,7 @@ the console offers are the CLI's own functions (leads, inbound, outbox).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -178,28 +178,18 @@ def _quarantine(q: Quarantine) -> dict[str, Any]:
 
 
 def waiting_prospects(s: Session, now: datetime, limit: int = 200) -> list[dict[str, Any]]:
-    """Prospects handed to a rep, oldest handoff first."""
-    rows = s.execute(
-        select(Lead, func.min(OutboundMessage.sent_at))
-        .join(OutboundMessage, OutboundMessage.lead_id == Lead.id)
-        .where(
-            Lead.status == "prospect",
-            OutboundMessage.kind == "handoff",
-            OutboundMessage.status == "sent",
-        )
-        .group_by(Lead.id)
-        .order_by(func.min(OutboundMessage.sent_at))
-        .limit(limit)
-    ).tuples()
+    """Prospects still waiting for their rep's first answer, oldest first: the rows of
+    `twoway leads list --waiting` (handoffs.waiting), with the wait put in words."""
+    from worker.handoffs import waiting
+
     return [
         {
-            "email": lead.email,
-            "company": lead.company,
-            "owner": lead.owner,
-            "handed_at": iso(at),
-            "waiting": _ago(now, at),
+            **row,
+            "owner": row["rep"],
+            "handed_at": row["since"],
+            "waiting": _ago(now, now - timedelta(seconds=row["waiting_seconds"])),
         }
-        for lead, at in rows
+        for row in waiting(s, now, limit)
     ]
 
 

@@ -206,10 +206,6 @@ def head_revision() -> str | None:
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
-def is_embedded_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
 def ensure_schema(engine: Engine) -> None:
     """Bring the database to the current schema or refuse with a clear message.
 

@@ -591,7 +591,8 @@ def show_lead(session: Session, email: str) -> dict[str, Any]:
         }
         for m in inbound
     ]
-    messages.sort(key=lambda m: m["at"] or "")
+    # At one instant (a reply and the handoff it caused), what came in goes first.
+    messages.sort(key=lambda m: (m["at"] or "", m["direction"] == "out"))
     referred_by = session.get(Lead, lead.referred_by_id) if lead.referred_by_id else None
     from worker.campaigns import paused_campaigns
 

@@ -610,6 +610,12 @@ class _MaildirIndex:
     messages: list[tuple[int, Path]]  # present files, ascending uid
 
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Bytes of one Maildir message read into memory (the rest of a larger file is left)."""
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+"""A Maildir batch ends once its messages add up to this many bytes."""
+
+
 class MaildirSource:
     """A `MailSource` over a local Maildir (kind ``maildir``; the demo and tests).
 
@@ -738,15 +744,20 @@ class MaildirSource:
             raise ValueError("batch_size must be positive")
         idx = self._index(folder)
         todo = [(uid, path) for uid, path in idx.messages if uid > after_uid]
-        for start in range(0, len(todo), batch_size):
-            batch = []
-            for uid, path in todo[start : start + batch_size]:
-                found = self._read(path)
-                if found is not None:
-                    raw, name = found
-                    batch.append(FetchedMessage(folder, idx.uidvalidity, uid, raw, _flags(name)))
-            if batch:
+        batch: list[FetchedMessage] = []
+        size = 0
+        for uid, path in todo:
+            found = self._read(path)
+            if found is None:
+                continue
+            raw, name = found
+            batch.append(FetchedMessage(folder, idx.uidvalidity, uid, raw, _flags(name)))
+            size += len(raw)
+            if len(batch) >= batch_size or size >= MAX_BATCH_BYTES:  # memory: bytes bound too
                 yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
 
     @staticmethod
     def _read(path: Path) -> tuple[bytes, str] | None:
@@ -755,8 +766,10 @@ class MaildirSource:
         folder_dir = path.parent.parent
         for _ in range(2):
             for p in candidates:
-                with contextlib.suppress(FileNotFoundError):
-                    return p.read_bytes(), p.name
+                with contextlib.suppress(FileNotFoundError), p.open("rb") as f:
+                    # Past this, the rest of a message is never looked at (parsing reads
+                    # 2 MB): reading it would only cost memory.
+                    return f.read(MAX_MESSAGE_BYTES), p.name
             candidates = [
                 folder_dir / sub / n
                 for sub in ("cur", "new")

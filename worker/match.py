@@ -36,10 +36,6 @@ class Match:
     lead: Lead | None = field(default=None, compare=False, repr=False)
     """The loaded lead, kept so the caller's session does not load it again."""
 
-    @property
-    def matched(self) -> bool:
-        return self.lead_id is not None
-
 
 NO_MATCH = Match(None, None, "no reply token, none of our Message-IDs, and an unknown sender")
 

@@ -67,6 +67,8 @@ from worker.rendering import Renderer
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
+MAX_ATTACHED_ORIGINAL = 10 * 1024 * 1024
+"""A prospect's original larger than this is not attached to the handoff (SMTP size caps)."""
 CLAIM_BATCH = 20
 
 MailerFor = Callable[[str], Mailer | None]
@@ -392,7 +394,7 @@ def _build(
         to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
         if row.kind == "handoff" and row.inbound_id:
             inbound = s.get(InboundMessage, row.inbound_id)
-            if inbound is not None and inbound.raw:
+            if inbound is not None and inbound.raw and len(inbound.raw) <= MAX_ATTACHED_ORIGINAL:
                 attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
     elif row.kind == "followup":
         if facts.get("from_addr"):
