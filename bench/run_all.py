@@ -48,6 +48,7 @@ RUNS: dict[str, tuple[list[str], float, bool]] = {
     "import": (["bench/bench_import.py", "--json"], 1200, False),
     "matching": (["bench/bench_matching.py", "--json"], 1800, False),
     "workers": (["bench/bench_workers.py", "--json"], 1800, False),
+    "hostile": (["bench/bench_hostile.py", "--json"], 1800, False),
     "inbound_memory": (
         ["bench/bench_inbound.py", "--skip-default", "--memory-check", "100000", "--json"],
         5400,
@@ -121,8 +122,17 @@ about 50 lines of plain text, most of it quoted history):
   (mailer-daemon sender, report, bounce subject) skips the body scan, which could not
   have decided alone anyway. Classification went from about 5.1 to 1.3 ms per message.
 - **Per-message database work**: about a dozen ORM statements and one commit per
-  message. This is now the largest share and what keeps the inbound ratio below its
-  target (see above). Left as it is: it is the one-transaction-per-message design.
+  message. Now one commit per fetched batch (replayed one message per transaction when
+  anything in it fails), one Message-ID lookup per batch, loaded leads kept for the
+  lifecycle: about ten statements a message. Still the largest share with the lifecycle.
+- **Cost growing with the number of leads** (issue 14: 0.37 msg/s at 200,000 leads):
+  account awareness touched every colleague one row at a time, assignment counted all
+  of `lead_events`, company matching used `lower(trim())`, and without statistics the
+  planners chose status indexes. Fixed by migration `0004_scale` (normalised indexed
+  company key, composite per-lead indexes, per-rep counters), a set-based and bounded
+  account awareness (50 other leads make a large employer) and statistics refreshed
+  after import and hourly; `tests/test_query_plans.py` explains every statement of a pass
+  at 100,000 leads. Figures: "Inbound at scale" below.
 - **`leads import`** drew reply tokens one character at a time (16 `os.urandom` calls a
   lead) and held several full copies of the rows. Fixed: one draw per token, rows
   written in slices of 5,000 with the new ids taken from `INSERT … RETURNING` (peak RSS
@@ -174,11 +184,11 @@ def render() -> str:
             notes.append(
                 f"**Inbound throughput is below target** ({x['ratio_full_vs_plain_parse']} of the "
                 "plain fetch + mail-parser loop, target 0.5). The profile below shows why: "
-                "each message is one transaction of about a dozen ORM statements (the "
-                "message, its match, its events, the lead's changes, the folder's progress) "
-                "plus classification; parsing and IMAP are not the bottleneck. (The first "
-                "run, before two classification fixes, measured 0.036: attribution matching "
-                "on every quoted line and a bounce-wording scan of every reply's body.)"
+                "about ten ORM statements a message (the message, its match, its events, the "
+                "lead's changes) plus classification and the lifecycle; parsing and IMAP are "
+                "not the bottleneck. (The first run, before two classification fixes, measured "
+                "0.036: attribution matching on every quoted line and a bounce-wording scan "
+                "of every reply's body.)"
             )
             prof = r["inbound_profile"]
             stages = prof["result"].get("stages_ms_per_msg") if prof else None
@@ -191,16 +201,10 @@ def render() -> str:
                     f"Budget per message: the pipeline spends {per_msg:.1f} ms per message, of "
                     f"which classification is about {cls:.1f} ms and parsing "
                     f"{stages['worker.parsing.parse']:.2f} ms; the rest (about {rest:.1f} ms) is "
-                    "the database work (about a dozen ORM statements and one commit per "
-                    "message), lifecycle and IMAP. The 0.5 target means "
+                    "the database work (about ten statements a message, one commit per fetched "
+                    "batch), lifecycle and IMAP. The 0.5 target means "
                     f"{2000 / ceiling:.2f} ms per message in all: even with classification "
-                    f"free, the ratio would be about {ceiling and (1000 / rest) / ceiling:.2f}. "
-                    "Meeting it needs far fewer database round trips per message (plain "
-                    "SQL instead of the ORM on the hot path, fewer statements per event); "
-                    "committing once per fetched batch (a savepoint "
-                    "per message, the batch's last UID in the same commit) would keep the "
-                    "no-loss guarantee, but departs from STYLE.md's one transaction per "
-                    "message, so it is a design decision, not a tweak."
+                    f"free, the ratio would be about {ceiling and (1000 / rest) / ceiling:.2f}."
                 )
     if (d := r["inbound_memory"]) and "memory_check" in d["result"]:
         x = d["result"]["memory_check"]
@@ -235,25 +239,39 @@ def render() -> str:
         for c in x["cases"]:
             rows.append(
                 f"| inbound at scale, {x['messages']} msgs, {c['leads']:,} leads, {c['database']} | "
-                f"{c['ms_per_msg']} ms/msg ({c['msgs_per_s']} msg/s), {c['statements_per_msg']} "
-                f"statements/msg, {c['peak_rss_mb']} MB | same mail, fewest leads on {c['database']} "
-                f"| {c['cost_vs_smallest']} | <= 1.5, < 250 MB | "
+                f"{c['cpu_ms_per_msg']} CPU ms/msg ({c['msgs_per_s']} msg/s wall), "
+                f"{c['statements_per_msg']} statements/msg, {c['peak_rss_mb']} MB | same mail, "
+                f"fewest leads on {c['database']} | {c['cost_vs_smallest']} (wall "
+                f"{c['wall_vs_smallest']}) | <= 1.5, < 250 MB | "
                 f"{_met(c['cost_vs_smallest'] <= 1.5 and c['peak_rss_mb'] < 250)} |"
             )
+        for c in x["cases"]:
+            if "ratio_vs_ceiling" in c and c["ratio_vs_ceiling"] < 0.8:
+                notes.append(
+                    f"**Inbound at {c['leads']:,} leads on {c['database']} is at "
+                    f"{c['ratio_vs_ceiling']} of our own fetch + parse + classify ceiling** "
+                    f"(CPU per message, target 0.8): {c['cpu_ms_per_msg']} ms against "
+                    f"{x['ceiling']['cpu_ms_per_msg']} ms; the rest is about "
+                    f"{c['statements_per_msg']} SQL statements a message through the ORM and "
+                    "the lifecycle (events, handoff and follow-up rows, webhooks' conversion "
+                    "records). No process pool for parsing and classification was built "
+                    "(the machine's 2 cores are shared by every helper's tests)."
+                )
         for c in x["cases"]:
             if "ratio_vs_ceiling" not in c:
                 continue
             plain_target = 0.25 if c["database"] == "sqlite" else 0.15
             rows.append(
-                f"| ″ {c['leads']:,} leads, {c['database']}, against our own ceiling | "
-                f"{c['msgs_per_s']} msg/s | fetch + parse + classify, no DB, "
-                f"{x['ceiling']['msgs_per_s']} msg/s | {c['ratio_vs_ceiling']} | >= 0.8 | "
-                f"{_met(c['ratio_vs_ceiling'] >= 0.8)} |"
+                f"| ″ {c['leads']:,} leads, {c['database']}, against our own ceiling (CPU) | "
+                f"{c['cpu_ms_per_msg']} ms/msg | fetch + parse + classify, no DB, "
+                f"{x['ceiling']['cpu_ms_per_msg']} ms/msg | {c['ratio_vs_ceiling']} (wall "
+                f"{c['wall_ratio_vs_ceiling']}) | >= 0.8 | {_met(c['ratio_vs_ceiling'] >= 0.8)} |"
             )
             rows.append(
-                f"| ″ against the plain loop | ″ | fetch + mail-parser "
-                f"{x['plain_parse']['msgs_per_s']} msg/s | {c['ratio_vs_plain_parse']} | "
-                f">= {plain_target} | {_met(c['ratio_vs_plain_parse'] >= plain_target)} |"
+                f"| ″ against the plain loop (CPU) | ″ | fetch + mail-parser "
+                f"{x['plain_parse']['cpu_ms_per_msg']} ms/msg | {c['ratio_vs_plain_parse']} (wall "
+                f"{c['wall_ratio_vs_plain_parse']}) | >= {plain_target} | "
+                f"{_met(c['ratio_vs_plain_parse'] >= plain_target)} |"
             )
     if d := r["import"]:
         x = d["result"]
@@ -290,6 +308,34 @@ def render() -> str:
             f"| outbound, {x['messages']} msgs (`Mailer`) | {x['mailer_msgs_per_s']} msg/s | plain smtplib "
             f"{x['plain_smtplib_msgs_per_s']} msg/s | {x['ratio']} | >= 0.7 | {_met(x['ratio'] >= 0.7)} |"
         )
+        if "send_due_ratio" in x and x["send_due_ratio"] < 0.9:
+            notes.append(
+                f"**The whole send path is at {x['send_due_ratio']} of a plain smtplib loop** "
+                "(target 0.9; the Mailer alone is at "
+                f"{x['ratio']}). Each email is two transactions (the claim, made right "
+                "before its SMTP call, and the outcome) of about eight statements (the row "
+                "with FOR UPDATE SKIP LOCKED, its lead and enrollment, paused campaigns, "
+                "suppressions, the claiming UPDATE, the outcome) plus rendering its "
+                "templates: about 10 ms of CPU a message here against about 5 ms for "
+                "smtplib's whole send. Closing the gap needs claims and outcomes for several "
+                "rows per transaction, which the claim-only-what-will-be-sent rule (issue "
+                "12) trades away; left to the outbox's owners."
+            )
+        if "send_due_ratio" in x:
+            rows.append(
+                f"| outbound, whole send path (`send_due`: claim, render, send, record) | "
+                f"{x['send_due_msgs_per_s']} msg/s | plain smtplib {x['plain_smtplib_msgs_per_s_2']} "
+                f"msg/s | {x['send_due_ratio']} | >= 0.9 | {_met(x['send_due_ratio'] >= 0.9)} |"
+            )
+    if d := r["hostile"]:
+        x = d["result"]
+        ok = x["targets"]["worst_under_2s"] and x["targets"]["peak_under_300mb"]
+        rows.append(
+            f"| hostile mail, {len(x['attacks'])} attacks (`run_once`, one message each) | worst "
+            f"{x['worst']['seconds']} s ({x['worst']['attack']}), peak {x['peak_rss_mb']} MB | ordinary "
+            f"reply {x['ordinary_seconds_per_message']} s/msg | {x['ratio_worst_to_ordinary']} | "
+            f"< 2 s, < 300 MB | {_met(ok)} |"
+        )
     if d := r["inbound_fetch"]:
         x = d["result"]
         rows.append(
@@ -314,6 +360,31 @@ def render() -> str:
         for n in notes:
             w(f"- {n}")
         w("")
+
+    if d := r["scale"]:
+        x = d["result"]
+        w("## Inbound at scale\n")
+        w(f"`{d['command']}` ({d['finished']}). The same {x['messages']:,} messages (replies,")
+        w("out-of-office, bounces, newsletters, about the first 1,000 leads) read by one")
+        w("`run_once` against databases of 1,000 to 1,000,000 leads, each enrolled with 5 sent")
+        w("nurture emails; 2 % of the leads work at 5 large employers, the rest at companies of")
+        w("about four. CPU is the worker process's own (PostgreSQL's is not in it); the machine")
+        w("is shared and loaded, so wall time mostly measures the other processes.\n")
+        w("| database | leads | build s | CPU ms/msg | wall ms/msg | msg/s | statements/msg | peak RSS MB | CPU cost vs fewest leads |")  # fmt: skip
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in x["cases"]:
+            w(f"| {c['database']} | {c['leads']:,} | {c['build_s']} | {c['cpu_ms_per_msg']} | "
+              f"{c['ms_per_msg']} | {c['msgs_per_s']} | {c['statements_per_msg']} | "
+              f"{c['peak_rss_mb']} | {c['cost_vs_smallest']} |")  # fmt: skip
+        w("")
+        for line in x.get("notes", []):
+            w(f"- {line}")
+        if x.get("notes"):
+            w("")
+        w(f"Yardsticks: twoway's own fetch + parse + classify with no database "
+          f"{x['ceiling']['cpu_ms_per_msg']} CPU ms/msg ({x['ceiling']['msgs_per_s']} msg/s); "
+          f"plain imapclient + mail-parser {x['plain_parse']['cpu_ms_per_msg']} CPU ms/msg "
+          f"({x['plain_parse']['msgs_per_s']} msg/s).\n")  # fmt: skip
 
     if (d := r["inbound_profile"]) and "stages_ms_per_msg" in d["result"]:
         x = d["result"]

@@ -9,6 +9,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 from sqlalchemy import select
 
@@ -232,3 +233,70 @@ def test_it_keeps_two_peoples_replies_that_share_a_message_id(
     assert status == {"ana@a.example": "prospect", "bo@b.example": "prospect"}
     assert recorded == who and result.inbound.duplicates == 1
     app.close()
+
+
+def test_run_once_takes_over_a_dead_workers_lease_and_reads_the_mailbox(
+    tmp_path: Path,
+) -> None:
+    from datetime import timedelta
+
+    from tests.conftest import PG_URL, _pg_schema_url
+    from worker.leases import wall_clock
+    from worker.models import MailboxLease
+
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL)")
+    for url in _pg_schema_url(PG_URL):
+        data = base_config_data("sqlite:///unused.db", tmp_path, campaigns=[])
+        data["workers"] = {"lease_seconds": 15}
+        cfg = tmp_path / "twoway.yaml"
+        cfg.write_text(yaml.safe_dump(data))
+        env = {**os.environ, "TWOWAY_DATABASE_URL": url, "TWOWAY_NOW": hostile.NOW_HINT.isoformat()}
+        app = App.open(load_config(cfg, env=env), lambda: hostile.NOW_HINT)
+        with app.transaction() as s:
+            import_leads(s, [(2, {"email": "late@northwind.example"})], hostile.NOW_HINT)
+            now = wall_clock()  # a worker SIGKILLed a moment ago still holds the lease
+            s.add(MailboxLease(mailbox="sales", holder="dead:1:x", acquired_at=now,
+                               heartbeat_at=now, expires_at=now + timedelta(seconds=12)))  # fmt: skip
+        mailbox.Maildir(tmp_path / "inbox").add(
+            hostile.long_line("late@northwind.example", "sales@example.com", 0.0001)
+        )
+        done = subprocess.run(
+            twoway_cmd(cfg, "run", "--once"), env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "read 1 message" in done.stdout
+        with app.transaction() as s:
+            assert s.scalar(select(Lead.status)) == "prospect"
+        app.close()
+
+
+def test_it_creates_the_files_with_personal_data_for_its_user_only(tmp_path: Path) -> None:
+    data = base_config_data(f"sqlite:///{tmp_path / 'new.db'}", tmp_path, campaigns=[])
+    data["smtp"] = {"kind": "maildir", "path": str(tmp_path / "outbox")}
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email\nana@a.example\n")
+    env = {**os.environ, "TWOWAY_NOW": hostile.NOW_HINT.isoformat()}
+    for args in (("leads", "import", str(leads)), ("report", "--html", str(tmp_path / "r.html"))):
+        done = subprocess.run(twoway_cmd(cfg, *args), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for path in (tmp_path / "new.db", tmp_path / "r.html"):
+        assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
+
+
+def test_report_html_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    data = base_config_data(f"sqlite:///{tmp_path / 'db.db'}", tmp_path, campaigns=[])
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "report.html"
+    link.symlink_to(victim)
+    env = {**os.environ, "TWOWAY_NOW": hostile.NOW_HINT.isoformat()}
+    done = subprocess.run(
+        twoway_cmd(cfg, "report", "--html", str(link)), env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert victim.read_text() == "keep me" and not link.is_symlink()

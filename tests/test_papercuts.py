@@ -202,3 +202,31 @@ def test_it_shows_a_paused_enrollment_and_a_reply_before_what_it_caused(
     reply = next(i for i, x in enumerate(mail) if "<- reply" in x)
     handoff = next(i for i, x in enumerate(mail) if "-> handoff" in x)
     assert reply < handoff, mail
+
+
+def test_it_asks_only_logistics_leads_about_their_fleet() -> None:
+    from worker.contexts import samples
+    from worker.rendering import Renderer
+
+    renderer = Renderer(ROOT / "templates")
+    for industry, fleet in (("logistics", True), ("fintech", False), ("software", False)):
+        ctx = samples(lead={"industry": industry, "first_name": "Sam"})["nurture"]
+        out = renderer.render("nurture/case-study", ctx)
+        for text in (out.text, out.html):
+            assert ("vehicles" in text) is fleet and "fleet size" not in text, (industry, text)
+        assert "do this work today" in out.text or fleet
+
+
+def test_it_tells_in_the_demo_what_matched_and_when_the_lead_is_away(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--dir", str(tmp_path / "ws")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "threaded by In-Reply-To/References" not in out.stdout
+    assert "it carries our reply token" in out.stdout
+    away = next(line for line in out.stdout.splitlines() if "out-of-office" in line)
+    assert "away until" in away and "back on" not in away

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,23 +18,13 @@ import yaml
 from sqlalchemy import select
 
 from tests import mails
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import clock_from_env, load_config
 from worker.leads import import_leads
 from worker.models import Lead
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until `check()` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"not within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -112,15 +102,15 @@ def test_it_sees_a_reply_within_seconds_and_stops_cleanly(
     setup: dict[str, Any], daemon: subprocess.Popen[str]
 ) -> None:
     smtp: SmtpServer = setup["smtp"]
-    wait_for(lambda: len(smtp.messages) == 1, 30)  # step 1 went out
+    wait_for(lambda: len(smtp.messages) == 1, 30, "step 1")
     step1 = smtp.messages[0].parsed()
-    time.sleep(1.0)  # the worker is now idling on the mailbox
+    time.sleep(1.0)  # the worker is now idling on the mailbox (no signal of it to wait for)
     setup["dovecot"].append(
         setup["user"],
         "INBOX",
         mails.reply(step1, "Sounds great, can we get pricing?", datetime.now(UTC)),
     )
-    took = wait_for(lambda: any("ana@example.com" in m.rcpts for m in smtp.messages), 5)
+    took = wait_for(lambda: any("ana@example.com" in m.rcpts for m in smtp.messages), 5, "handoff")
     assert status_of(setup["app"], "maria@nube.example.org") == "prospect"
     assert took < 5
 
@@ -135,7 +125,7 @@ def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
     setup: dict[str, Any], daemon: subprocess.Popen[str]
 ) -> None:
     smtp: SmtpServer = setup["smtp"]
-    wait_for(lambda: len(smtp.messages) == 1, 30)
+    wait_for(lambda: len(smtp.messages) == 1, 30, "step 1")
     setup["cfg"].write_text("campaigns: [this is not: valid\n")
     daemon.send_signal(signal.SIGHUP)
     time.sleep(1.5)
@@ -144,7 +134,9 @@ def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
     setup["dovecot"].append(
         setup["user"], "INBOX", mails.reply(step1, "Let's talk next week.", datetime.now(UTC))
     )
-    wait_for(lambda: status_of(setup["app"], "maria@nube.example.org") == "prospect", 10)
+    wait_for(
+        lambda: status_of(setup["app"], "maria@nube.example.org") == "prospect", 10, "promotion"
+    )
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(5) == 0
     out = daemon.stdout.read() if daemon.stdout else ""

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import PG_URL, ROOT, _pg_schema_url, twoway_cmd
+from tests.conftest import PG_URL, ROOT, _pg_schema_url, twoway_cmd, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -33,14 +33,6 @@ from worker.models import InboundMessage, Lead, MailboxLease, OutboundMessage
 LEADS = 3000
 REPLIES = 600
 LEASE = 5
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -130,13 +131,17 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """twoway: turns one-way leads into two-way prospects."""
-    if not logging.getLogger().handlers:
+    # Logging is set up once per process: here, or by `run` itself (its level, --log-format).
+    if ctx.invoked_subcommand != "run" and not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if verbose else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
     # mail-parser logs every part type it does not render; our parser handles those.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # The database, reports, outbox and quarantine hold personal data and the tokens that
+    # `leads mark` accepts: whatever twoway creates is for its own user only.
+    os.umask(0o077)
     ctx.obj = _State(config_path)
 
 
@@ -890,7 +895,9 @@ def templates_preview(
             _die(str(e), 2)
         click.echo(f"Subject: {out.subject}\n\n{out.text}")
         if html_file:
-            html_file.write_text(out.html, encoding="utf-8")
+            partial = html_file.with_name(f".{html_file.name}.partial")
+            partial.write_text(out.html, encoding="utf-8")
+            partial.replace(html_file)  # replaces a symlink there instead of following it
             click.echo(f"(HTML written to {html_file})", err=True)
 
 
@@ -1085,7 +1092,8 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
     """Write the funnel, daily activity and health as an HTML page; print its path."""
     from worker.report import build_report
 
-    target = html_file.resolve()
+    # The folder is resolved, not the file: a symlink there is replaced, never followed.
+    target = html_file.parent.resolve() / html_file.name
     if not target.parent.is_dir():
         _die(f"--html: no such folder {html_file.parent}", 2)
     with _errors():

@@ -237,7 +237,7 @@ def drop_replies(ws: Path, now: datetime) -> list[str]:
         drop(_reply(m, "maria.garcia@nube.example", "María García",
                     "Hola, thanks for reaching out. We're evaluating tools for Q1.\n"
                     "Could you send pricing for 25 seats, and do you have time for a demo next week?\n\n"
-                    "María", now), "María García: a genuine reply, threaded by In-Reply-To/References")  # fmt: skip
+                    "María", now), "María García: a genuine reply to our email (it carries our reply token)")  # fmt: skip
     if m := sent.get("priya.patel@ledgerly.example"):
         drop(_reply(m, "priya.patel@ledgerly.example", "Priya Patel",
                     "Interesting timing - our budget for next year is being set now.\n"
@@ -259,7 +259,7 @@ def drop_replies(ws: Path, now: datetime) -> list[str]:
             f"Thank you for your message. I am out of the office until {back:%d %B %Y} "
             "with limited access to email. For urgent matters please contact my colleague."
         )
-        drop(ooo.as_bytes(), f"Tom Becker: an Exchange out-of-office, back on {back}")
+        drop(ooo.as_bytes(), f"Tom Becker: an Exchange out-of-office, away until {back}")
     if m := sent.get("old.contact@gone.example"):
         drop(
             dsn(m, "old.contact@gone.example", now),

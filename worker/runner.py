@@ -43,6 +43,7 @@ from worker.models import (
     EnrollmentState,
     Handoff,
     Lead,
+    MailboxLease,
     MailboxState,
     OutboundMessage,
     OutboxState,
@@ -284,9 +285,16 @@ class Worker:
         if not mb.leased and sum(m.leased for m in self.mailboxes) >= self._fair:
             return  # enough mailboxes for this worker; another one reads this
         ttl = self.app.config.workers.lease_seconds
-        if not acquire_lease(self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None):
+        if not acquire_lease(
+            self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None
+        ) and not (self._limit is None and self._outwait_lease(mb, ttl)):
             if mb.leased:
                 logger.warning("mailbox %s: another worker took it over", mb.cfg.name)
+            if self._limit is None:  # `run --once` promises every message was read
+                result.errors.append(
+                    f"{mb.cfg.name}: another worker that is alive reads this mailbox; "
+                    "not read in this pass"
+                )
             self._let_go(mb)
             return
         if not mb.leased:
@@ -312,6 +320,23 @@ class Worker:
         result.more = result.more or got.more
         for k, v in got.kinds.items():
             r.kinds[k] = r.kinds.get(k, 0) + v
+
+    def _outwait_lease(self, mb: _Mailbox, ttl: float) -> bool:
+        """`run --once`: wait for another worker's lease to run out and take it; False when
+        that worker renews it (it is alive) or a stop is requested."""
+        with self.app.transaction() as s:
+            lease = s.get(MailboxLease, mb.cfg.name)
+            seen = lease.expires_at if lease is not None else None
+        deadline = time.monotonic() + ttl + 2
+        while time.monotonic() < deadline and not self.stop.wait(0.5):
+            with self.app.transaction() as s:
+                lease = s.get(MailboxLease, mb.cfg.name)
+                if lease is not None and seen is not None and lease.expires_at > seen:
+                    return False  # renewed: its holder is alive
+            if acquire_lease(self.app, mb.cfg.name, self.id, ttl):
+                logger.info("mailbox %s: took over the lease of a worker that stopped", mb.cfg.name)
+                return True
+        return False
 
     def _mailbox_failed(self, mb: _Mailbox, error: str, *, temporary: bool) -> None:
         """Log once per outage, back off exponentially, and show it in `status`."""
