@@ -228,7 +228,10 @@ def scenario(world: dict[str, Any]) -> None:
 
     def last_in(email: str) -> dict[str, Any]:
         """The lead's latest inbound message: the handoff it caused is listed after it."""
-        return [m for m in shown[email]["messages"] if m["direction"] == "in"][-1]
+        inbound: list[dict[str, Any]] = [
+            m for m in shown[email]["messages"] if m["direction"] == "in"
+        ]
+        return inbound[-1]
 
     assert last_in(lead(0))["match"] in ("reply_token", "message_id")
     assert last_in(lead(1))["match"] == "reply_token"
