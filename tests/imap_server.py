@@ -116,6 +116,7 @@ class DovecotServer:
         root.chmod(0o755)  # the auth process runs as user dovecot and must enter it
         for sub in ("run", "state", "mail"):
             (root / sub).mkdir(exist_ok=True)
+            (root / sub).chmod(0o755)  # whatever the umask of the test process
         shutil.chown(root / "mail", "nobody", "nogroup")
         self.has_tls = _self_signed_cert(root)
         self.tls_port: int | None = free_port() if self.has_tls else None
@@ -136,6 +137,7 @@ class DovecotServer:
         self._pool = [f"t{n}@{DOMAIN}" for n in range(1, FRESH_USER_POOL + 1)]
         lines = [f"{name}@{DOMAIN}" for name in DEFAULT_USERS] + self._pool
         (root / "users").write_text("".join(f"{a}:{{PLAIN}}{PASSWORD}\n" for a in lines))
+        (root / "users").chmod(0o644)  # read by the auth process, which runs as dovecot
         self.users.update(dict.fromkeys(lines, PASSWORD))
 
     # -- process ----------------------------------------------------------------------

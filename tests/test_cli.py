@@ -128,3 +128,18 @@ smtp: {{host: 127.0.0.1, port: {smtp_auth_server.port}, security: none, username
         closed = sock.getsockname()[1]
     out = check(dovecot.users[imap_user], closed)
     assert "mailbox sales: connect failed" in out
+
+
+def test_it_leaves_the_calling_programs_umask_as_it_was(tmp_path: Path) -> None:
+    """twoway keeps its own files private; a program calling main() keeps its own mask."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing.eml"), "--json"])
+        assert result.exit_code == 2
+        made = tmp_path / "made-after"
+        made.write_text("x")
+        assert made.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)

@@ -141,7 +141,10 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     logging.getLogger("mailparser").setLevel(logging.ERROR)
     # The database, reports, outbox and quarantine hold personal data and the tokens that
     # `leads mark` accepts: whatever twoway creates is for its own user only.
-    os.umask(0o077)
+    # The mask is put back when the command ends, so a command run inside another program
+    # (a test, a script calling main()) leaves that program's own files as it made them.
+    previous = os.umask(0o077)
+    ctx.call_on_close(lambda: os.umask(previous))
     ctx.obj = _State(config_path)
 
 
