@@ -140,10 +140,14 @@ class SmtpServer:
         """True when each of `addresses` (with repeats) can be paired with an SMTP
         transaction begun here: one whose RCPT named it, or one that ended before any RCPT
         (the client died between MAIL and RCPT)."""
+        return self.not_begun(addresses) == 0
+
+    def not_begun(self, addresses: list[str]) -> int:
+        """How many of `addresses` (with repeats) no SMTP transaction begun here accounts for."""
         named = Counter(r for t in self.transactions for r in t)
         blind = sum(1 for t in self.transactions if not t)
         missing = sum(max(0, n - named[a]) for a, n in Counter(addresses).items())
-        return missing <= blind
+        return max(0, missing - blind)
 
     # --- faults -----------------------------------------------------------------------
 
