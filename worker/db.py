@@ -263,13 +263,15 @@ def refresh_statistics(engine: Engine) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions for `engine`; whatever a unit of work kept for its commit (the reps'
-    assignment counters) is written just before it commits."""
+    assignment counters, buffered timeline events) is written just before it commits."""
     factory = sessionmaker(engine, expire_on_commit=False)
 
     @event.listens_for(factory, "before_commit")
     def _deferred(session: Session) -> None:
         from worker.assign import write_assignments
+        from worker.leads import flush_events
 
+        flush_events(session)
         write_assignments(session)
 
     return factory
