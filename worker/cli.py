@@ -16,7 +16,15 @@ import click
 from worker import __version__
 from worker.app import App
 from worker.config import Config, ConfigError, clock_from_env, load_config, missing_templates
-from worker.db import DatabaseError, refresh_statistics
+from worker.db import (
+    DatabaseError,
+    DatabaseUrlError,
+    as_unavailable,
+    is_unavailable,
+    open_engine,
+    refresh_statistics,
+    url_problem,
+)
 from worker.leases import WorkerLockError
 from worker.terminal import printable
 
@@ -49,12 +57,18 @@ def _errors() -> Iterator[None]:
         _die(f"bad configuration\n{e}", 2)
     except LeadError as e:
         _die(str(e), 2)
+    except DatabaseUrlError as e:
+        _die(str(e), 2)
     except DatabaseError as e:
         _die(str(e), 1)
     except Failure as e:
         _die(str(e), 1)
     except WorkerLockError as e:
         _die(str(e), 2)
+    except Exception as e:
+        if not is_unavailable(e):
+            raise
+        _die(str(as_unavailable(e)), 1)  # lost mid-command (server gone, disk full, locked)
 
 
 def _count_lines(path: Path) -> int:
@@ -200,6 +214,7 @@ def config_check(state: _State, connect: bool) -> None:
         if config.handoff.follow_up:
             names.add(config.handoff.follow_up.template)
         problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
+        problems += [p for p in [url_problem(config.database)] if p]
         if connect:
             problems += _connect_checks(config)
         if problems:
@@ -217,7 +232,14 @@ def _connect_checks(config: Config) -> list[str]:
     from worker.mailbox import probe
     from worker.mailer import probe_smtp
 
-    problems = [f"mailbox {m.name}: {p}" for m in config.mailboxes if (p := probe(m))]
+    problems: list[str] = []
+    try:
+        open_engine(config.database, busy_timeout=config.workers.busy_timeout).dispose()
+    except DatabaseError as e:
+        problems.append(str(e))
+    except DatabaseUrlError:
+        pass  # said already, without --connect
+    problems += [f"mailbox {m.name}: {p}" for m in config.mailboxes if (p := probe(m))]
     if config.smtp is not None and (p := probe_smtp(config.smtp)):
         problems.append(f"smtp: {p}")
     return problems
