@@ -15,9 +15,18 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config, missing_templates
-from worker.db import DatabaseError, refresh_statistics
+from worker.config import Config, ConfigError, clock_from_env, load_config, missing_templates
+from worker.db import (
+    DatabaseError,
+    DatabaseUrlError,
+    as_unavailable,
+    is_unavailable,
+    open_engine,
+    refresh_statistics,
+    url_problem,
+)
 from worker.leases import WorkerLockError
+from worker.terminal import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,8 +35,14 @@ class Failure(Exception):
     """The job failed (exit 1) with a message for people."""
 
 
+def echo(message: str = "", *, err: bool = False) -> None:
+    """Print a line for people; every text and JSON printer of the command goes through
+    here, so data from CSV files and mail never reaches the terminal as control codes."""
+    click.echo(printable(message), err=err)
+
+
 def _die(message: str, code: int) -> NoReturn:
-    click.echo(f"twoway: {message}", err=True)
+    echo(f"twoway: {message}", err=True)
     sys.exit(code)
 
 
@@ -42,12 +57,18 @@ def _errors() -> Iterator[None]:
         _die(f"bad configuration\n{e}", 2)
     except LeadError as e:
         _die(str(e), 2)
+    except DatabaseUrlError as e:
+        _die(str(e), 2)
     except DatabaseError as e:
         _die(str(e), 1)
     except Failure as e:
         _die(str(e), 1)
     except WorkerLockError as e:
         _die(str(e), 2)
+    except Exception as e:
+        if not is_unavailable(e):
+            raise
+        _die(str(as_unavailable(e)), 1)  # lost mid-command (server gone, disk full, locked)
 
 
 def _count_lines(path: Path) -> int:
@@ -71,12 +92,13 @@ def _prog_name() -> str:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 class _State:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, verbose: bool = False) -> None:
         self.config_path = config_path
+        self.verbose = verbose
         self._app: App | None = None
 
     def app(self, *, migrate: bool = True) -> App:
@@ -131,21 +153,15 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """twoway: turns one-way leads into two-way prospects."""
-    # Logging is set up once per process: here, or by `run` itself (its level, --log-format).
-    if ctx.invoked_subcommand != "run" and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    # mail-parser logs every part type it does not render; our parser handles those.
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    if ctx.invoked_subcommand not in ("run", "serve"):  # those two set it up with their options
+        _setup_logging("human", verbose, daemon=False)
     # The database, reports, outbox and quarantine hold personal data and the tokens that
     # `leads mark` accepts: whatever twoway creates is for its own user only.
     # The mask is put back when the command ends, so a command run inside another program
     # (a test, a script calling main()) leaves that program's own files as it made them.
     previous = os.umask(0o077)
     ctx.call_on_close(lambda: os.umask(previous))
-    ctx.obj = _State(config_path)
+    ctx.obj = _State(config_path, verbose)
 
 
 # --- db ----------------------------------------------------------------------------------
@@ -167,7 +183,7 @@ def db_upgrade(state: _State) -> None:
         before = db.current_revision(app.engine)
         db.upgrade(app.engine)
         after = db.current_revision(app.engine)
-        click.echo(f"database at {after}" + ("" if before == after else f" (was {before})"))
+        echo(f"database at {after}" + ("" if before == after else f" (was {before})"))
 
 
 # --- config ------------------------------------------------------------------------------
@@ -198,44 +214,34 @@ def config_check(state: _State, connect: bool) -> None:
         if config.handoff.follow_up:
             names.add(config.handoff.follow_up.template)
         problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
+        problems += [p for p in [url_problem(config.database)] if p]
         if connect:
             problems += _connect_checks(config)
         if problems:
             for p in problems:
-                click.echo(f"  {p}", err=True)
+                echo(f"  {p}", err=True)
             _die(f"{config.path}: {len(problems)} problem(s)", 2 if not connect else 1)
-        click.echo(
+        echo(
             f"{config.path}: OK ({len(config.mailboxes)} mailbox(es), "
             f"{len(config.campaigns)} campaign(s), {len(config.reps)} rep(s))"
             + ("; servers reachable" if connect else "")
         )
 
 
-def _connect_checks(config: Any) -> list[str]:
-    from worker.mailbox import MailboxError, open_source, probe_imap
+def _connect_checks(config: Config) -> list[str]:
+    from worker.mailbox import probe
+    from worker.mailer import probe_smtp
 
     problems: list[str] = []
-    for m in config.mailboxes:
-        if m.kind == "maildir":
-            source = open_source(m)
-            try:
-                source.connect()
-                for folder in m.folders:
-                    source.select(folder)
-            except MailboxError as e:
-                problems.append(f"mailbox {m.name}: {e}")
-            finally:
-                source.close()
-            continue
-        found = probe_imap(m)
-        if found:
-            problems.append(f"mailbox {m.name}: {found}")
-    if config.smtp is not None:
-        from worker.mailer import probe_smtp
-
-        found = probe_smtp(config.smtp)
-        if found:
-            problems.append(f"smtp: {found}")
+    try:
+        open_engine(config.database, busy_timeout=config.workers.busy_timeout).dispose()
+    except DatabaseError as e:
+        problems.append(str(e))
+    except DatabaseUrlError:
+        pass  # said already, without --connect
+    problems += [f"mailbox {m.name}: {p}" for m in config.mailboxes if (p := probe(m))]
+    if config.smtp is not None and (p := probe_smtp(config.smtp)):
+        problems.append(f"smtp: {p}")
     return problems
 
 
@@ -296,9 +302,7 @@ def leads_import(
             _print_json({"file": str(file), **result.as_json()})
         else:
             for r in result.rejected:
-                click.echo(
-                    f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True
-                )
+                echo(f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True)
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
             if result.suppressed:
                 summary += f", {result.suppressed} skipped (do-not-contact list)"
@@ -306,7 +310,7 @@ def leads_import(
                 summary += f", {result.enrolled} enrolled in {camp.name}"
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
-            click.echo(summary)
+            echo(summary)
         if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
             sys.exit(2)  # nothing usable in the file: bad input, not a success
 
@@ -338,12 +342,12 @@ def leads_list(
             _print_json(rows)
             return
         if not rows:
-            click.echo("no leads" + (f" in status {status}" if status else ""))
+            echo("no leads" + (f" in status {status}" if status else ""))
             return
-        click.echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
+        echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
         for r in rows:
             score = "" if r["score"] is None else str(r["score"])
-            click.echo(
+            echo(
                 f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
             )
 
@@ -357,13 +361,13 @@ def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
         _print_json(rows)
         return
     if not rows:
-        click.echo("no prospect is waiting for an answer")
+        echo("no prospect is waiting for an answer")
         return
-    click.echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
+    echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
     for r in rows:
         late = "  over the SLA" if r["breached"] else ""
         minutes = f"{r['waiting_seconds'] // 60} min"
-        click.echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
+        echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
 
 
 @leads_group.group("followup")
@@ -386,9 +390,9 @@ def followup_cancel(state: _State, email: str) -> None:
             n = cancel_followup(session, lead, app.now(), "twoway leads followup cancel")
             address = lead.email
         if n:
-            click.echo(f"the follow-up to {address} is cancelled")
+            echo(f"the follow-up to {address} is cancelled")
         else:
-            click.echo(f"no follow-up is waiting to go to {address}")
+            echo(f"no follow-up is waiting to go to {address}")
 
 
 @leads_group.command("show")
@@ -406,7 +410,7 @@ def leads_show(state: _State, email: str, as_json: bool) -> None:
         if as_json:
             _print_json(data)
             return
-        click.echo(_format_lead(data))
+        echo(_format_lead(data))
 
 
 def _format_lead(d: dict[str, Any]) -> str:
@@ -472,7 +476,7 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
         app = state.app()
         with app.transaction() as session:
             lead = mark_lead(session, email, status, app.now(), reason)
-            click.echo(f"{lead.email} is now {lead.status}")
+            echo(f"{lead.email} is now {lead.status}")
 
 
 # --- status ------------------------------------------------------------------------------
@@ -500,14 +504,14 @@ def status_cmd(state: _State, as_json: bool, check: bool) -> None:
                 _print_json(health.as_json())
             else:
                 for reason in health.reasons:
-                    click.echo(f"twoway: {reason}", err=True)
-                click.echo("healthy" if health.ok else "not healthy")
+                    echo(f"twoway: {reason}", err=True)
+                echo("healthy" if health.ok else "not healthy")
             sys.exit(0 if health.ok else 1)
         data = collect_status(app)
         if as_json:
             _print_json(data)
         else:
-            click.echo(format_status(data))
+            echo(format_status(data))
 
 
 # --- the worker --------------------------------------------------------------------------
@@ -532,24 +536,37 @@ class JsonFormatter(logging.Formatter):
             data["traceback"] = self.formatException(record.exc_info)
         if record.stack_info:
             data["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(data, ensure_ascii=False)
+        return printable(json.dumps(data, ensure_ascii=False))
 
 
-def _setup_logging(fmt: str, verbose: bool) -> None:
+class _TextFormatter(logging.Formatter):
+    """The log line people read: subjects and addresses in it are shown, never obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+def _setup_logging(fmt: str | None, verbose: bool, *, daemon: bool = True) -> None:
+    """The process's logging, set up once, at the entry point: to standard error, as
+    `human` lines or `json` objects (None: human on a terminal, json otherwise). The
+    daemons (`run`, `serve`) log from INFO; the other commands only warnings, and leave
+    logging alone when the program calling them has set it up. -v: from DEBUG."""
     root = logging.getLogger()
+    if not daemon and root.handlers:
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if (fmt or ("human" if sys.stderr.isatty() else "json")) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("imapclient", "sqlalchemy", "alembic", "mail-parser", "mailparser"):
+    root.setLevel(logging.DEBUG if verbose else logging.INFO if daemon else logging.WARNING)
+    for noisy in ("imapclient", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # mail-parser logs every part type it does not render; our parser handles those.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
 @main.command("run")
@@ -573,95 +590,39 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
     is_flag=True,
     help="Also run `twoway serve` (serve.host, serve.port) in this process.",
 )
-@click.pass_context
+@pass_state
 def run_cmd(
-    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+    state: _State, once: bool, log_format: str | None, as_json: bool, with_serve: bool
 ) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
-    import signal
-    import threading
+    from worker.runner import Worker, run_daemon
 
-    from worker.runner import Worker
-
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
-    log = logging.getLogger("worker")
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
-        worker = Worker(app)
-        if once:
-            try:
-                result = worker.run_once_retrying()
-            finally:
-                worker.close()
-            summary = {
-                "processed": result.inbound.processed,
-                "duplicates": result.inbound.duplicates,
-                "quarantined": result.inbound.quarantined,
-                "kinds": result.inbound.kinds,
-                "queued": result.queued,
-                "sent": result.sent,
-                "delivered": result.delivered,
-                "errors": result.errors,
-            }
-            if as_json:
-                _print_json(summary)
-            else:
-                kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
-                click.echo(
-                    f"read {result.inbound.processed} message(s)"
-                    + (f" ({kinds})" if kinds else "")
-                    + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
-                )
-                for e in result.errors:
-                    click.echo(f"error: {e}", err=True)
-            if result.errors:
-                sys.exit(1)
-            return
-
-        stop = worker.stop
-        reload = threading.Event()
-
-        def _stop(signum: int, _frame: Any) -> None:
-            log.info(
-                "signal %s: finishing the message in flight, then stopping",
-                signal.Signals(signum).name,
+        if not once:
+            serve = app.config.serve
+            run_daemon(
+                app,
+                lambda: load_config(state.config_path),
+                (serve.host, serve.port) if with_serve else None,
             )
-            stop.set()
-
-        def _reload(_signum: int, _frame: Any) -> None:
-            reload.set()
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGHUP, _reload)
-        stop_serving = None
-        if with_serve:
-            from worker.web import serve_in_thread
-
-            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
-        while True:
-            worker.run_forever()
-            if not reload.is_set():
-                break
-            reload.clear()
-            try:
-                new_config = load_config(state.config_path)
-                new_worker = Worker(App(new_config, app.engine, app.sessions, app.now), stop)
-            except Exception as e:  # a bad new config must not take the worker down
-                log.error(
-                    "SIGHUP: the new configuration is not usable, keeping the old one:\n%s", e
-                )
-            else:
-                worker.close()
-                worker = new_worker
-                log.info("SIGHUP: configuration and templates reloaded")
-            stop.clear()
-        worker.close()
-        if stop_serving is not None:
-            stop_serving()
+            return
+        with Worker(app) as worker:
+            result = worker.run_once_retrying()
+        if as_json:
+            _print_json(result.as_json())
+        else:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
+            echo(
+                f"read {result.inbound.processed} message(s)"
+                + (f" ({kinds})" if kinds else "")
+                + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
+            )
+            for e in result.errors:
+                echo(f"error: {e}", err=True)
+        if result.errors:
+            sys.exit(1)
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -675,57 +636,25 @@ def run_cmd(
 @pass_state
 def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
     """Classify messages offline: kind, bounce details, return date, reply text, intent."""
-    from worker.classify import ClassifyContext
-    from worker.inspect import format_human, inspect_paths
+    from worker.inspect import format_human, inspect_files
 
-    ctx = ClassifyContext()
     app: App | None = None
     if state.config_path or Path("config/twoway.yaml").exists():
         with _errors():
             app = state.app()
-        from worker.inbound import classify_context
-
-        ctx = classify_context(app.config)
-    results = list(inspect_paths(list(paths), ctx))
-    if app is not None:
-        _add_matches(app, results, paths)
+    with _errors():
+        results = inspect_files(list(paths), app)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
         if single and not as_json:
-            click.echo(format_human(r))
+            echo(format_human(r))
         else:  # several files: one JSON object per line, with or without --json
-            click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
+            echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
     unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
     for r in unreadable if not single else ():
-        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+        echo(f"twoway: {r['file']}: {r['error']}", err=True)
     if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
-
-
-def _add_matches(app: App, results: list[dict[str, Any]], paths: tuple[Path, ...]) -> None:
-    from worker.classify import classify
-    from worker.inbound import classify_context
-    from worker.match import match_message
-    from worker.parsing import ParseError, parse
-
-    ctx = classify_context(app.config)
-    with app.transaction() as s:
-        for r in results:
-            if r.get("kind") is None or not r.get("file"):
-                continue
-            try:
-                msg = parse(Path(str(r["file"])).read_bytes())
-            except (OSError, ParseError):
-                continue
-            m = match_message(s, msg, classify(msg, ctx), app.config)
-            lead = None
-            if m.lead_id is not None:
-                from worker.models import Lead
-
-                row = s.get(Lead, m.lead_id)
-                lead = row.email if row else None
-            r["lead"] = lead
-            r["match"] = {"method": m.method, "explanation": m.explanation}
 
 
 # --- quarantine --------------------------------------------------------------------------
@@ -744,36 +673,19 @@ def quarantine_group() -> None:
 @pass_state
 def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
     """List quarantined messages with their reason."""
-    from sqlalchemy import select
-
-    from worker.models import Quarantine
+    from worker.console import quarantine_rows
 
     with _errors():
         app = state.app()
         with app.transaction() as s:
-            q = select(Quarantine).order_by(Quarantine.id)
-            if not show_all:
-                q = q.where(Quarantine.resolved_at.is_(None))
-            rows = [
-                {
-                    "id": r.id,
-                    "mailbox": r.mailbox,
-                    "folder": r.folder,
-                    "uid": r.uid,
-                    "size": len(r.raw),
-                    "reason": r.reason,
-                    "at": r.created_at.isoformat(),
-                    "resolved": r.resolved_at is not None,
-                }
-                for r in s.scalars(q)
-            ]
+            rows = quarantine_rows(s, resolved_too=show_all)
         if as_json:
             _print_json(rows)
         elif not rows:
-            click.echo("quarantine is empty")
+            echo("quarantine is empty")
         else:
             for r in rows:
-                click.echo(
+                echo(
                     f"#{r['id']} {r['mailbox']}/{r['folder']} uid {r['uid']} ({r['size']} bytes): {r['reason']}"
                 )
 
@@ -793,7 +705,7 @@ def quarantine_retry(state: _State, qid: int) -> None:
             _die(str(e), 2)
         except ValueError as e:
             _die(f"still failing: {e}", 1)
-        click.echo(f"#{qid} processed: {kind}")
+        echo(f"#{qid} processed: {kind}")
 
 
 # --- templates ---------------------------------------------------------------------------
@@ -814,7 +726,6 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.contexts import samples, unsubscribe_url
     from worker.rendering import Renderer, lint_for
 
     with _errors():
@@ -823,43 +734,28 @@ def templates_lint(state: _State, with_leads: bool) -> None:
         names = renderer.names()
         problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
-        # A problem every lead shares (a syntax error) is said once; one of some leads'
-        # data (a custom field they lack) names them.
         by_lead: dict[str, list[str]] = {}
         if with_leads:
-            from sqlalchemy import select
-
-            from worker.leads import lead_fields
-            from worker.models import Enrollment, Lead
+            from worker.sequences import lint_enrolled
 
             app = state.app()
             with app.transaction() as s:
-                pairs = s.execute(
-                    select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id)
-                ).all()
-                for lead, en in pairs:
-                    try:
-                        camp = config.campaign(en.campaign)
-                    except KeyError:
-                        continue
-                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
-                    for i, step in enumerate(camp.steps):
-                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
-                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
-                            if str(e) not in problems:
-                                by_lead.setdefault(str(e), []).append(lead.email)
-                        checked += 1
+                renders, by_lead = lint_enrolled(s, renderer, config)
+            checked += renders
+        # A problem every lead shares (a syntax error) is said once, as sample data found
+        # it; one of some leads' data (a custom field they lack) names them.
+        by_lead = {p: emails for p, emails in by_lead.items() if p not in problems}
         for p in dict.fromkeys(problems):
-            click.echo(p, err=True)
+            echo(p, err=True)
         for p, emails in by_lead.items():
             who = ", ".join(dict.fromkeys(emails[:3])) + (
                 f" and {len(set(emails)) - 3} more" if len(set(emails)) > 3 else ""
             )
-            click.echo(f"{p} (lead {who})", err=True)
+            echo(f"{p} (lead {who})", err=True)
         count = len(set(problems)) + len(by_lead)
         if count:
             _die(f"{count} template problem(s)", 2)
-        click.echo(f"{checked} template render(s) OK in {config.templates_path}")
+        echo(f"{checked} template render(s) OK in {config.templates_path}")
 
 
 @templates_group.command("preview")
@@ -896,12 +792,12 @@ def templates_preview(
             out = renderer.render(name, ctx)
         except TemplateError as e:
             _die(str(e), 2)
-        click.echo(f"Subject: {out.subject}\n\n{out.text}")
+        echo(f"Subject: {out.subject}\n\n{out.text}")
         if html_file:
             partial = html_file.with_name(f".{html_file.name}.partial")
             partial.write_text(out.html, encoding="utf-8")
             partial.replace(html_file)  # replaces a symlink there instead of following it
-            click.echo(f"(HTML written to {html_file})", err=True)
+            echo(f"(HTML written to {html_file})", err=True)
 
 
 @templates_group.command("send-test")
@@ -942,7 +838,7 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
             result = mailer.send(msg, config.sender.address, [to_addr])
         if result.status != "sent":
             _die(f"not sent ({result.status}): {result.code or ''} {result.message}", 1)
-        click.echo(f"sent {name} to {to_addr}")
+        echo(f"sent {name} to {to_addr}")
 
 
 # --- demo --------------------------------------------------------------------------------
@@ -961,7 +857,7 @@ def demo_cmd(workspace: Path | None) -> None:
 
     with _errors():
         try:
-            code = run_demo(workspace, clock_from_env(), click.echo, _prog_name())
+            code = run_demo(workspace, clock_from_env(), echo, _prog_name())
         except DemoError as e:
             _die(str(e), 1)
         sys.exit(code)
@@ -979,11 +875,11 @@ def init_cmd(directory: Path) -> None:
         _die(str(e), 2)
     except SamplesMissing as e:
         _die(str(e), 1)
-    click.echo(f"wrote {len(written)} file(s) into {directory}")
+    echo(f"wrote {len(written)} file(s) into {directory}")
     cfg = directory / "config" / "twoway.yaml"
-    click.echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
-    click.echo(f"  twoway --config {cfg} config check --connect")
-    click.echo(
+    echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
+    echo(f"  twoway --config {cfg} config check --connect")
+    echo(
         f"  twoway --config {cfg} leads import {directory / 'config' / 'sample-leads.csv'}"
         " --campaign welcome"
     )
@@ -1001,16 +897,12 @@ def init_cmd(directory: Path) -> None:
     default=None,
     help="Default: human on a terminal, json otherwise.",
 )
-@click.pass_context
-def serve_cmd(
-    ctx: click.Context, host: str | None, port: int | None, log_format: str | None
-) -> None:
+@pass_state
+def serve_cmd(state: _State, host: str | None, port: int | None, log_format: str | None) -> None:
     """The web side: /u/TOKEN unsubscribe, /healthz, /metrics and the console (login)."""
     from worker.web import serve
 
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
         cfg = app.config.serve
@@ -1031,7 +923,7 @@ def hash_password_cmd() -> None:
         password = sys.stdin.readline().rstrip("\r\n")
     if len(password) < 10:
         _die("a console password needs at least 10 characters", 2)
-    click.echo(hash_password(password))
+    echo(hash_password(password))
 
 
 # --- outbox ------------------------------------------------------------------------------
@@ -1069,7 +961,7 @@ def _settle(state: _State, message_id: str, action: str) -> None:
                 to, template = row.to_addr, row.template
         except LookupError as e:
             _die(str(e), 2)
-        click.echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
+        echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
 
 
 # --- report ------------------------------------------------------------------------------
@@ -1109,7 +1001,7 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise Failure(f"cannot write {html_file}: {e.strerror or e}") from None
-        click.echo(str(target))
+        echo(str(target))
 
 
 # --- the marketer's commands (worker/cli_marketing.py) -------------------------------------
