@@ -329,7 +329,7 @@ def _process(
     call are added to it. `keep` holds the loaded lead for the rest of the transaction.
     """
     try:
-        msg = parse(fetched.raw)
+        msg = parse(fetched.raw, fetched.size)
     except ParseError as e:
         raise _Quarantine(f"cannot parse: {e}") from None
     key = message_key(msg, fetched.raw)
