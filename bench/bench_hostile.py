@@ -62,7 +62,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 for i in range(spec["ordinary"])
             ]
             import_leads(s, rows, time_now())
-        worker = Worker(app)
+        worker = Worker(app).start()
         started = time.perf_counter()
         result = worker.run_once()
         out[name] = time.perf_counter() - started

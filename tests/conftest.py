@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 
 from worker.app import App
 from worker.config import Config, config_from_dict
+from worker.runner import Worker
 
 pytest_plugins = ["tests.imap_server", "tests.smtp_server"]
 
@@ -46,6 +47,24 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
             pytest.fail(f"not within {timeout} s: {what}")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[[App], Worker]]:
+    """`start_worker(app)`: a started Worker on `app`. It and its app are closed when the
+    test ends, passed or failed, so a failing assert never leaks the SQLite lock, a lease
+    thread or a connection. (A test that needs a worker gone mid-way uses `with Worker`.)"""
+    started: list[Worker] = []
+
+    def start(app: App) -> Worker:
+        worker = Worker(app).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        worker.close()
+        worker.app.close()
 
 
 def _pg_schema_url(base: str) -> Iterator[str]:

@@ -51,7 +51,7 @@ class World:
         self.config = base_config(database_url, tmp_path, **cfg)
         self.clock = [MONDAY]
         self.app = App.open(self.config, lambda: self.clock[0])
-        self.worker = Worker(self.app)
+        self.worker = Worker(self.app).start()
         self.smtp = server
         self.inbox = mailbox.Maildir(tmp_path / "inbox")
 
@@ -71,6 +71,12 @@ class World:
     def close(self) -> None:
         self.worker.close()
         self.app.close()
+
+    def __enter__(self) -> World:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @pytest.fixture
@@ -332,26 +338,26 @@ def test_it_checks_suppression_and_the_cap_again_right_before_smtp(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
     campaigns = [campaign_data(n) for n in ("a", "b", "c")]
-    w = World(database_url, tmp_path, smtp_server, smtp=smtp_server.section(), campaigns=campaigns)
-    for name in ("a", "b", "c"):
-        w.import_(["capped@example.org", "late@suppressed.example"], name)
     from worker.sequences import queue_due
 
-    assert queue_due(w.app) == 6  # queued while there was no cap and no suppression
-    with w.app.transaction() as s:
-        import_suppressions(s, [(2, {"email": "@suppressed.example"})], w.clock[0])
-    w.close()
+    with World(
+        database_url, tmp_path, smtp_server, smtp=smtp_server.section(), campaigns=campaigns
+    ) as w:
+        for name in ("a", "b", "c"):
+            w.import_(["capped@example.org", "late@suppressed.example"], name)
+        assert queue_due(w.app) == 6  # queued while there was no cap and no suppression
+        with w.app.transaction() as s:
+            import_suppressions(s, [(2, {"email": "@suppressed.example"})], w.clock[0])
     sender = {
         "from": "Acme Sales <sales@example.com>",
         "postal_address": "Acme Inc., 1 Main St, Springfield",
         "unsubscribe_mailto": "sales+unsubscribe-{token}@example.com",
         "max_touches": {"count": 2, "per": "7d"},
     }
-    capped = World(
+    with World(
         database_url, tmp_path, smtp_server,
         smtp=smtp_server.section(), campaigns=campaigns, sender=sender,
-    )  # fmt: skip
-    try:
+    ) as capped:  # fmt: skip
         capped.run(MONDAY + timedelta(minutes=1))
         assert capped.sent_to() == Counter({"capped@example.org": 2})
         with capped.app.transaction() as s:
@@ -366,8 +372,6 @@ def test_it_checks_suppression_and_the_cap_again_right_before_smtp(
         assert any((e["waiting"] or "").startswith("touch cap: 2") for e in shown["enrollments"])
         capped.run(MONDAY + timedelta(days=7, minutes=2))
         assert capped.sent_to()["capped@example.org"] >= 3  # the third went out a week later
-    finally:
-        capped.close()
 
 
 def test_a_resume_at_night_waits_for_the_window_and_still_spreads(make_world: Any) -> None:

@@ -65,11 +65,10 @@ def run_once(cfg: Path, when: datetime) -> None:
     from worker.runner import Worker
 
     app = App.open(load_config(cfg, env={}), lambda: when)
-    worker = Worker(app)
     try:
-        assert not worker.run_once().errors
+        with Worker(app) as worker:
+            assert not worker.run_once().errors
     finally:
-        worker.close()
         app.close()
 
 

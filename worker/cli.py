@@ -15,8 +15,16 @@ import click
 
 from worker import __version__
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config, missing_templates
-from worker.db import DatabaseError, refresh_statistics
+from worker.config import Config, ConfigError, clock_from_env, load_config, missing_templates
+from worker.db import (
+    DatabaseError,
+    DatabaseUrlError,
+    as_unavailable,
+    is_unavailable,
+    open_engine,
+    refresh_statistics,
+    url_problem,
+)
 from worker.leases import WorkerLockError
 from worker.terminal import printable
 
@@ -49,12 +57,18 @@ def _errors() -> Iterator[None]:
         _die(f"bad configuration\n{e}", 2)
     except LeadError as e:
         _die(str(e), 2)
+    except DatabaseUrlError as e:
+        _die(str(e), 2)
     except DatabaseError as e:
         _die(str(e), 1)
     except Failure as e:
         _die(str(e), 1)
     except WorkerLockError as e:
         _die(str(e), 2)
+    except Exception as e:
+        if not is_unavailable(e):
+            raise
+        _die(str(as_unavailable(e)), 1)  # lost mid-command (server gone, disk full, locked)
 
 
 def _count_lines(path: Path) -> int:
@@ -82,8 +96,9 @@ def _print_json(data: Any) -> None:
 
 
 class _State:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, verbose: bool = False) -> None:
         self.config_path = config_path
+        self.verbose = verbose
         self._app: App | None = None
 
     def app(self, *, migrate: bool = True) -> App:
@@ -138,21 +153,15 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """twoway: turns one-way leads into two-way prospects."""
-    # Logging is set up once per process: here, or by `run` itself (its level, --log-format).
-    if ctx.invoked_subcommand != "run" and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    # mail-parser logs every part type it does not render; our parser handles those.
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    if ctx.invoked_subcommand not in ("run", "serve"):  # those two set it up with their options
+        _setup_logging("human", verbose, daemon=False)
     # The database, reports, outbox and quarantine hold personal data and the tokens that
     # `leads mark` accepts: whatever twoway creates is for its own user only.
     # The mask is put back when the command ends, so a command run inside another program
     # (a test, a script calling main()) leaves that program's own files as it made them.
     previous = os.umask(0o077)
     ctx.call_on_close(lambda: os.umask(previous))
-    ctx.obj = _State(config_path)
+    ctx.obj = _State(config_path, verbose)
 
 
 # --- db ----------------------------------------------------------------------------------
@@ -205,6 +214,7 @@ def config_check(state: _State, connect: bool) -> None:
         if config.handoff.follow_up:
             names.add(config.handoff.follow_up.template)
         problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
+        problems += [p for p in [url_problem(config.database)] if p]
         if connect:
             problems += _connect_checks(config)
         if problems:
@@ -218,31 +228,20 @@ def config_check(state: _State, connect: bool) -> None:
         )
 
 
-def _connect_checks(config: Any) -> list[str]:
-    from worker.mailbox import MailboxError, open_source, probe_imap
+def _connect_checks(config: Config) -> list[str]:
+    from worker.mailbox import probe
+    from worker.mailer import probe_smtp
 
     problems: list[str] = []
-    for m in config.mailboxes:
-        if m.kind == "maildir":
-            source = open_source(m)
-            try:
-                source.connect()
-                for folder in m.folders:
-                    source.select(folder)
-            except MailboxError as e:
-                problems.append(f"mailbox {m.name}: {e}")
-            finally:
-                source.close()
-            continue
-        found = probe_imap(m)
-        if found:
-            problems.append(f"mailbox {m.name}: {found}")
-    if config.smtp is not None:
-        from worker.mailer import probe_smtp
-
-        found = probe_smtp(config.smtp)
-        if found:
-            problems.append(f"smtp: {found}")
+    try:
+        open_engine(config.database, busy_timeout=config.workers.busy_timeout).dispose()
+    except DatabaseError as e:
+        problems.append(str(e))
+    except DatabaseUrlError:
+        pass  # said already, without --connect
+    problems += [f"mailbox {m.name}: {p}" for m in config.mailboxes if (p := probe(m))]
+    if config.smtp is not None and (p := probe_smtp(config.smtp)):
+        problems.append(f"smtp: {p}")
     return problems
 
 
@@ -547,19 +546,27 @@ class _TextFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def _setup_logging(fmt: str, verbose: bool) -> None:
+def _setup_logging(fmt: str | None, verbose: bool, *, daemon: bool = True) -> None:
+    """The process's logging, set up once, at the entry point: to standard error, as
+    `human` lines or `json` objects (None: human on a terminal, json otherwise). The
+    daemons (`run`, `serve`) log from INFO; the other commands only warnings, and leave
+    logging alone when the program calling them has set it up. -v: from DEBUG."""
     root = logging.getLogger()
+    if not daemon and root.handlers:
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if (fmt or ("human" if sys.stderr.isatty() else "json")) == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("imapclient", "sqlalchemy", "alembic", "mail-parser", "mailparser"):
+    root.setLevel(logging.DEBUG if verbose else logging.INFO if daemon else logging.WARNING)
+    for noisy in ("imapclient", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # mail-parser logs every part type it does not render; our parser handles those.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
 @main.command("run")
@@ -583,95 +590,39 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
     is_flag=True,
     help="Also run `twoway serve` (serve.host, serve.port) in this process.",
 )
-@click.pass_context
+@pass_state
 def run_cmd(
-    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+    state: _State, once: bool, log_format: str | None, as_json: bool, with_serve: bool
 ) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
-    import signal
-    import threading
+    from worker.runner import Worker, run_daemon
 
-    from worker.runner import Worker
-
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
-    log = logging.getLogger("worker")
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
-        worker = Worker(app)
-        if once:
-            try:
-                result = worker.run_once_retrying()
-            finally:
-                worker.close()
-            summary = {
-                "processed": result.inbound.processed,
-                "duplicates": result.inbound.duplicates,
-                "quarantined": result.inbound.quarantined,
-                "kinds": result.inbound.kinds,
-                "queued": result.queued,
-                "sent": result.sent,
-                "delivered": result.delivered,
-                "errors": result.errors,
-            }
-            if as_json:
-                _print_json(summary)
-            else:
-                kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
-                echo(
-                    f"read {result.inbound.processed} message(s)"
-                    + (f" ({kinds})" if kinds else "")
-                    + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
-                )
-                for e in result.errors:
-                    echo(f"error: {e}", err=True)
-            if result.errors:
-                sys.exit(1)
-            return
-
-        stop = worker.stop
-        reload = threading.Event()
-
-        def _stop(signum: int, _frame: Any) -> None:
-            log.info(
-                "signal %s: finishing the message in flight, then stopping",
-                signal.Signals(signum).name,
+        if not once:
+            serve = app.config.serve
+            run_daemon(
+                app,
+                lambda: load_config(state.config_path),
+                (serve.host, serve.port) if with_serve else None,
             )
-            stop.set()
-
-        def _reload(_signum: int, _frame: Any) -> None:
-            reload.set()
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGHUP, _reload)
-        stop_serving = None
-        if with_serve:
-            from worker.web import serve_in_thread
-
-            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
-        while True:
-            worker.run_forever()
-            if not reload.is_set():
-                break
-            reload.clear()
-            try:
-                new_config = load_config(state.config_path)
-                new_worker = Worker(App(new_config, app.engine, app.sessions, app.now), stop)
-            except Exception as e:  # a bad new config must not take the worker down
-                log.error(
-                    "SIGHUP: the new configuration is not usable, keeping the old one:\n%s", e
-                )
-            else:
-                worker.close()
-                worker = new_worker
-                log.info("SIGHUP: configuration and templates reloaded")
-            stop.clear()
-        worker.close()
-        if stop_serving is not None:
-            stop_serving()
+            return
+        with Worker(app) as worker:
+            result = worker.run_once_retrying()
+        if as_json:
+            _print_json(result.as_json())
+        else:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
+            echo(
+                f"read {result.inbound.processed} message(s)"
+                + (f" ({kinds})" if kinds else "")
+                + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
+            )
+            for e in result.errors:
+                echo(f"error: {e}", err=True)
+        if result.errors:
+            sys.exit(1)
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -685,20 +636,14 @@ def run_cmd(
 @pass_state
 def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
     """Classify messages offline: kind, bounce details, return date, reply text, intent."""
-    from worker.classify import ClassifyContext
-    from worker.inspect import format_human, inspect_paths
+    from worker.inspect import format_human, inspect_files
 
-    ctx = ClassifyContext()
     app: App | None = None
     if state.config_path or Path("config/twoway.yaml").exists():
         with _errors():
             app = state.app()
-        from worker.inbound import classify_context
-
-        ctx = classify_context(app.config)
-    results = list(inspect_paths(list(paths), ctx))
-    if app is not None:
-        _add_matches(app, results, paths)
+    with _errors():
+        results = inspect_files(list(paths), app)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
         if single and not as_json:
@@ -710,32 +655,6 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         echo(f"twoway: {r['file']}: {r['error']}", err=True)
     if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
-
-
-def _add_matches(app: App, results: list[dict[str, Any]], paths: tuple[Path, ...]) -> None:
-    from worker.classify import classify
-    from worker.inbound import classify_context
-    from worker.match import match_message
-    from worker.parsing import ParseError, parse
-
-    ctx = classify_context(app.config)
-    with app.transaction() as s:
-        for r in results:
-            if r.get("kind") is None or not r.get("file"):
-                continue
-            try:
-                msg = parse(Path(str(r["file"])).read_bytes())
-            except (OSError, ParseError):
-                continue
-            m = match_message(s, msg, classify(msg, ctx), app.config)
-            lead = None
-            if m.lead_id is not None:
-                from worker.models import Lead
-
-                row = s.get(Lead, m.lead_id)
-                lead = row.email if row else None
-            r["lead"] = lead
-            r["match"] = {"method": m.method, "explanation": m.explanation}
 
 
 # --- quarantine --------------------------------------------------------------------------
@@ -754,29 +673,12 @@ def quarantine_group() -> None:
 @pass_state
 def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
     """List quarantined messages with their reason."""
-    from sqlalchemy import select
-
-    from worker.models import Quarantine
+    from worker.console import quarantine_rows
 
     with _errors():
         app = state.app()
         with app.transaction() as s:
-            q = select(Quarantine).order_by(Quarantine.id)
-            if not show_all:
-                q = q.where(Quarantine.resolved_at.is_(None))
-            rows = [
-                {
-                    "id": r.id,
-                    "mailbox": r.mailbox,
-                    "folder": r.folder,
-                    "uid": r.uid,
-                    "size": len(r.raw),
-                    "reason": r.reason,
-                    "at": r.created_at.isoformat(),
-                    "resolved": r.resolved_at is not None,
-                }
-                for r in s.scalars(q)
-            ]
+            rows = quarantine_rows(s, resolved_too=show_all)
         if as_json:
             _print_json(rows)
         elif not rows:
@@ -824,7 +726,6 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.contexts import samples, unsubscribe_url
     from worker.rendering import Renderer, lint_for
 
     with _errors():
@@ -833,32 +734,17 @@ def templates_lint(state: _State, with_leads: bool) -> None:
         names = renderer.names()
         problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
-        # A problem every lead shares (a syntax error) is said once; one of some leads'
-        # data (a custom field they lack) names them.
         by_lead: dict[str, list[str]] = {}
         if with_leads:
-            from sqlalchemy import select
-
-            from worker.leads import lead_fields
-            from worker.models import Enrollment, Lead
+            from worker.sequences import lint_enrolled
 
             app = state.app()
             with app.transaction() as s:
-                pairs = s.execute(
-                    select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id)
-                ).all()
-                for lead, en in pairs:
-                    try:
-                        camp = config.campaign(en.campaign)
-                    except KeyError:
-                        continue
-                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
-                    for i, step in enumerate(camp.steps):
-                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
-                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
-                            if str(e) not in problems:
-                                by_lead.setdefault(str(e), []).append(lead.email)
-                        checked += 1
+                renders, by_lead = lint_enrolled(s, renderer, config)
+            checked += renders
+        # A problem every lead shares (a syntax error) is said once, as sample data found
+        # it; one of some leads' data (a custom field they lack) names them.
+        by_lead = {p: emails for p, emails in by_lead.items() if p not in problems}
         for p in dict.fromkeys(problems):
             echo(p, err=True)
         for p, emails in by_lead.items():
@@ -1011,16 +897,12 @@ def init_cmd(directory: Path) -> None:
     default=None,
     help="Default: human on a terminal, json otherwise.",
 )
-@click.pass_context
-def serve_cmd(
-    ctx: click.Context, host: str | None, port: int | None, log_format: str | None
-) -> None:
+@pass_state
+def serve_cmd(state: _State, host: str | None, port: int | None, log_format: str | None) -> None:
     """The web side: /u/TOKEN unsubscribe, /healthz, /metrics and the console (login)."""
     from worker.web import serve
 
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
         cfg = app.config.serve

@@ -191,6 +191,7 @@ class SmtpConfig(Credentials):
     max_per_minute: int | None = Field(default=None, gt=0)
     max_per_day: int | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, gt=0)
+    max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     path: Path | None = None
 
     @model_validator(mode="after")

@@ -2,18 +2,24 @@
 
 `inspect_bytes` gives the stable JSON object of DESIGN.md for one message;
 `inspect_paths` walks files and directories and never stops on a bad file;
-`format_human` renders one result for people. No config, no database.
+`format_human` renders one result for people. No config, no database: but
+`inspect_files`, what `twoway inspect` prints, also says which lead the worker would
+match each message to when a config is there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.classify import ClassifyContext, classify
 from worker.parsing import ParseError, parse
 
-__all__ = ["RESULT_KEYS", "format_human", "inspect_bytes", "inspect_paths"]
+if TYPE_CHECKING:
+    from worker.app import App
+
+__all__ = ["RESULT_KEYS", "format_human", "inspect_bytes", "inspect_files", "inspect_paths"]
 
 # Every result carries these keys (None when not applicable), so scripts can rely on them.
 RESULT_KEYS = (
@@ -110,6 +116,36 @@ def inspect_paths(
                 }
                 continue
             yield {"file": str(file), **inspect_bytes(raw, ctx)}
+
+
+def inspect_files(paths: list[Path], app: App | None = None) -> list[dict[str, object]]:
+    """What `twoway inspect` prints: `inspect_paths`' results. With `app` they are
+    classified with the config's own addresses, and each message that classified gets
+    `lead` (the address, or None) and `match` ({"method", "explanation"}): the lead the
+    worker would match it to now."""
+    if app is None:
+        return list(inspect_paths(paths))
+    # The database side, and what it imports, only with a config: inspecting a file
+    # without one stays quick.
+    from worker.inbound import classify_context
+    from worker.match import match_message
+    from worker.models import Lead
+
+    ctx = classify_context(app.config)
+    results = list(inspect_paths(paths, ctx))
+    with app.transaction() as s:
+        for r in results:
+            if r.get("kind") is None or not r.get("file"):
+                continue
+            try:
+                msg = parse(Path(str(r["file"])).read_bytes())
+            except (OSError, ParseError):
+                continue
+            m = match_message(s, msg, classify(msg, ctx), app.config)
+            lead = s.get(Lead, m.lead_id) if m.lead_id is not None else None
+            r["lead"] = lead.email if lead is not None else None
+            r["match"] = {"method": m.method, "explanation": m.explanation}
+    return results
 
 
 def format_human(result: dict[str, object]) -> str:

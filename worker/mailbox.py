@@ -886,6 +886,23 @@ def open_source(cfg: MailboxConfig) -> MailSource:
     return ImapSource(cfg)
 
 
+def probe(cfg: MailboxConfig) -> str | None:
+    """`config check --connect` for one mailbox: None when it can be read, else why not
+    (an IMAP account as `probe_imap` says; a Maildir whose folders cannot be opened)."""
+    if cfg.kind != "maildir":
+        return probe_imap(cfg)
+    source = open_source(cfg)
+    try:
+        source.connect()
+        for folder in cfg.folders:
+            source.select(folder)
+    except MailboxError as e:
+        return str(e)
+    finally:
+        source.close()
+    return None
+
+
 def probe_imap(cfg: MailboxConfig) -> str | None:
     """Connect, secure, log in and select every configured folder (and the Sent folder).
 

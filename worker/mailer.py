@@ -263,6 +263,20 @@ def _login(conn: smtplib.SMTP, cfg: SmtpConfig) -> None:
         ) from None
 
 
+def _over_advertised_size(conn: smtplib.SMTP, msg: EmailMessage | bytes) -> str | None:
+    """Why `msg` must not be sent when it is larger than the SIZE the server advertised in
+    its EHLO (RFC 1870; 0 or no number: no fixed limit); None when it fits."""
+    advertised = conn.esmtp_features.get("size", "").strip()
+    limit = int(advertised) if advertised.isdigit() else 0
+    size = len(msg) if isinstance(msg, bytes) else None
+    if not limit or size is None or size <= limit:
+        return None
+    return (
+        f"the message is {size:,} bytes, over the {limit:,} bytes the server takes "
+        "(SIZE in its EHLO, RFC 1870); not sent"
+    )
+
+
 def _abandon(conn: smtplib.SMTP) -> None:
     with contextlib.suppress(OSError):
         conn.close()
@@ -443,6 +457,9 @@ class Mailer:
             conn = self._connection()
         except _Final as e:
             return e.result
+        too_large = _over_advertised_size(conn, msg)
+        if too_large:
+            return SendResult("permanent", None, too_large)
         try:
             if isinstance(msg, bytes):
                 eight_bit = not msg.isascii() and conn.has_extn("8bitmime")

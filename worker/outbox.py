@@ -31,6 +31,7 @@ from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
     as_wire_bytes,
+    check_size,
     clean_text,
     compose,
     is_message_id,
@@ -258,6 +259,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
         try:
             message = _build(s, app, renderer, row, lead)
             raw = as_wire_bytes(message)  # a message that cannot be written fails here
+            check_size(raw, app.config.identity(row.mailbox).smtp)
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.campaigns import paused_campaigns, pick_variant
 from worker.config import Campaign, Config
-from worker.leads import record_event
+from worker.contexts import samples, unsubscribe_url
+from worker.leads import lead_fields, record_event
 from worker.models import (
     Enrollment,
     EnrollmentState,
@@ -28,6 +29,7 @@ from worker.models import (
 )
 from worker.outbox import enqueue
 from worker.pacing import touch_wait
+from worker.rendering import Renderer
 from worker.schedule import add_delay, next_open_slot
 from worker.suppression import suppressed
 
@@ -156,3 +158,26 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     else:
         en.state, en.next_due = EnrollmentState.COMPLETED, None
     return 1
+
+
+def lint_enrolled(
+    s: Session, renderer: Renderer, config: Config
+) -> tuple[int, dict[str, list[str]]]:
+    """`templates lint --leads`: render every step of each enrolled lead's campaign with
+    that lead's own data and unsubscribe link. Returns the number of steps rendered and,
+    per problem, the addresses of the leads it concerns (in order, with repeats)."""
+    checked = 0
+    problems: dict[str, list[str]] = {}
+    pairs = s.execute(select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id))
+    for lead, en in pairs.tuples():
+        try:
+            camp = config.campaign(en.campaign)
+        except KeyError:  # a campaign since removed from the config
+            continue
+        unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
+        for i, step in enumerate(camp.steps):
+            ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
+            for e in renderer.lint(ctx["nurture"], list(step.templates)):
+                problems.setdefault(str(e), []).append(lead.email)
+            checked += 1
+    return checked, problems

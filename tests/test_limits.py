@@ -1,0 +1,341 @@
+"""Limits: templates render within bounds and oversized messages never reach SMTP.
+
+The attacks of issue 12 item 9, as an admin (or a careless edit) would make them: nested
+`range(100000)` loops, a template that writes 3 GB, one that makes 30 MB emails. `twoway
+templates lint` and `config check` name each with its file and line, exit 2 and stay in
+bounded memory; at send time such a row fails with the reason and the rows behind it are
+sent. A message larger than the server's advertised SIZE (RFC 1870) or than
+smtp.max_message_bytes fails before any SMTP transaction begins.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, select
+
+from tests.conftest import ROOT, base_config_data, twoway_cmd
+from tests.smtp_server import SmtpServer
+from worker.models import OutboundMessage
+from worker.rendering import Renderer, RenderLimits, TemplateError
+
+NOW = "2026-12-01T10:00:00Z"
+MAX_RSS_MB = 300
+
+# Each attack is one line inside the body block of a copy of nurture/welcome.
+ATTACKS = {
+    "nurture/loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}",
+    "nurture/three-gb": "{% for i in range(100000) %}{{ 'x' * 30000 }}{% endfor %}",
+    "nurture/thirty-mb": "{% for i in range(1000) %}{{ lead.email * 1000 }}{% endfor %}",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_mb: float
+
+
+def run_measured(cmd: list[str], tmp_path: Path) -> Run:
+    """Run `cmd` as a user would; its own peak RSS from os.wait4 (not RUSAGE_CHILDREN,
+    which keeps the largest of every child this test process ever waited for)."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    env = {**os.environ, "TWOWAY_NOW": NOW}
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
+    return Run(
+        proc.returncode,
+        out.read_text(),
+        err.read_text(),
+        usage.ru_maxrss / 1024,  # KiB on Linux
+    )
+
+
+def with_attacks(tmp_path: Path, attacks: dict[str, str]) -> Path:
+    """A private copy of the shipped templates plus one folder per attack."""
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    for name, line in attacks.items():
+        shutil.copytree(templates / "nurture/welcome", templates / name)
+        body = templates / name / "body.txt"
+        body.write_text(
+            body.read_text().replace("{% block body %}\n", "{% block body %}\n" + line + "\n", 1)
+        )
+    return templates
+
+
+def write_config(tmp_path: Path, database: str, **overrides: object) -> Path:
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(base_config_data(database, tmp_path, **overrides)))
+    return cfg
+
+
+def campaign(name: str, template: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "mailbox": "sales",
+        "send_window": None,
+        "steps": [{"template": template, "delay": "0d"}],
+    }
+
+
+def import_into(cfg: Path, tmp_path: Path, name: str, email: str) -> None:
+    leads = tmp_path / f"{name}.csv"
+    leads.write_text(f"email,first_name\n{email},Sam\n")
+    done = subprocess.run(
+        twoway_cmd(cfg, "leads", "import", str(leads), "--campaign", name),
+        env={**os.environ, "TWOWAY_NOW": NOW},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@dataclass(frozen=True)
+class Row:
+    status: str
+    attempts: int
+    last_error: str
+
+
+def outbox(database: str) -> dict[str, Row]:
+    """Each outbox row by recipient, as `twoway` left it."""
+    engine = create_engine(database)
+    t = OutboundMessage
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.to_addr, t.status, t.attempts, t.last_error)).all()
+    engine.dispose()
+    return {to: Row(str(status), attempts, error or "") for to, status, attempts, error in rows}
+
+
+# --- lint and config check ------------------------------------------------------------------
+
+
+def test_templates_lint_names_each_runaway_template_and_stays_in_bounded_memory(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    templates = with_attacks(tmp_path, ATTACKS)
+    cfg = write_config(tmp_path, sqlite_url, templates_dir=str(templates))
+    run = run_measured(twoway_cmd(cfg, "templates", "lint"), tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    for name in ATTACKS:
+        # The attack is the line right after `{% block body %}` (line 3 of the copy).
+        assert f"{name}/body.txt:3: exceeds a render limit: " in run.stderr, run.stderr
+    assert "nurture/loops/body.txt:3: exceeds a render limit: does more than 1,000,000 steps" in (
+        run.stderr
+    )
+    assert "three-gb/body.txt:3: exceeds a render limit: writes or builds more than" in run.stderr
+    assert "thirty-mb/body.txt:3: exceeds a render limit: writes or builds more than" in run.stderr
+    assert "3 template problem(s)" in run.stderr  # the shipped templates are fine
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
+def test_config_check_reports_a_campaigns_runaway_template_with_exit_2(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    templates = with_attacks(tmp_path, {"nurture/three-gb": ATTACKS["nurture/three-gb"]})
+    cfg = write_config(
+        tmp_path,
+        sqlite_url,
+        templates_dir=str(templates),
+        campaigns=[campaign("big", "nurture/three-gb")],
+    )
+    run = run_measured(twoway_cmd(cfg, "config", "check"), tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "nurture/three-gb/body.txt:3: exceeds a render limit: writes or builds more than" in (
+        run.stderr
+    )
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
+# --- each kind of growth, in the sandbox ------------------------------------------------------
+
+GROWTH = {
+    "repeat": ("{{ 'x' * 1000000000 }}", "builds a repeated value of 1,000,000,000"),
+    "power": ("{% set n = 2 %}{{ n ** 100000000 }}", "computes a number of about"),
+    "doubling": (
+        "{% set s = 'xxxxxxxx' %}" + "{% set s = s ~ s %}" * 40 + "{{ s }}",
+        "builds a value of 1,048,576",
+    ),
+    "namespace": (
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "builds a value of 1,048,576",
+    ),
+    "center": ("{{ 'x'|center(1000000000) }}", "builds a centred value"),
+    "method": ("{{ 'x'.ljust(1000000000) }}", "builds a ljust() result"),
+    "format": ("{{ '{:>1000000000}'.format(1) }}", "builds a padded value"),
+    "printf": ("{{ '%*s' % (1000000000, 'x') }}", "builds a padded value"),
+    "replace": ("{% set a = 'x' * 100000 %}{{ a|replace('x', a) }}", "builds a replaced value"),
+    "join": ("{{ range(100000)|join('y' * 100000) }}", "builds a joined value"),
+    "macro": (
+        "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
+        "{% endmacro %}{{ m()|length }}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "set_block": (
+        "{% set b %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "many_values": (
+        "{{ ('x' * 1000000)|list|map('center', 1000)|list|length }}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "recursion": (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
+        "does more than 1,000,000 steps",
+    ),
+    "lipsum": ("{{ lipsum(100000000) }}", "builds lorem ipsum"),
+    "slice": ("{{ [1]|slice(1000000000)|list }}", "asks slice() for 1,000,000,000 parts"),
+}
+
+
+def one_part(tmp_path: Path, source: str) -> Path:
+    root = tmp_path / "t"
+    (root / "mail").mkdir(parents=True)
+    (root / "mail/subject.txt").write_text("Hello")
+    (root / "mail/body.txt").write_text("line one\n" + source + "\n")
+    (root / "mail/body.html").write_text("<p>Hello</p>")
+    return root
+
+
+@pytest.mark.parametrize("attack", sorted(GROWTH))
+def test_it_stops_each_kind_of_growth_at_its_line(tmp_path: Path, attack: str) -> None:
+    source, reason = GROWTH[attack]
+    renderer = Renderer(one_part(tmp_path, source))
+    with pytest.raises(TemplateError) as e:
+        renderer.render("mail", {"lead": {"email": "a@b.example"}})
+    assert e.value.line == 2
+    assert e.value.message.startswith("exceeds a render limit: "), e.value.message
+    assert reason in e.value.message, e.value.message
+
+
+def test_it_stops_a_render_past_its_time(tmp_path: Path) -> None:
+    """The deadline, without a timing threshold: a zero-second budget is past at once."""
+    renderer = Renderer(
+        one_part(tmp_path, "{% for i in range(10) %}{{ i }}{% endfor %}"), RenderLimits(seconds=0)
+    )
+    with pytest.raises(TemplateError) as e:
+        renderer.render("mail", {})
+    assert "exceeds a render limit: takes longer than 0 s" in str(e.value)
+
+
+def test_it_refuses_a_template_file_over_the_size_limit_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    root = one_part(tmp_path, "x" * 2_000)
+    renderer = Renderer(root, RenderLimits(file_bytes=1_000))
+    with pytest.raises(TemplateError) as e:
+        renderer.render("mail", {})
+    assert "the template file mail/body.txt is 2,010 bytes (at most 1,000)" in str(e.value)
+
+
+def test_it_renders_what_ordinary_templates_do(tmp_path: Path) -> None:
+    source = (
+        "{% for i in range(3) %}{{ i }}{% endfor %} {{ '%5s'|format('x') }} "
+        "{{ '{:,}'.format(5000000) }} {{ ['a', 'b']|join(', ') }} {{ 'ab' * 2 }} {{ 2 ** 10 }}"
+        " {{ lead.email|replace('@', ' at ') }} {{ 'x'|center(5) }}|"
+    )
+    out = Renderer(one_part(tmp_path, source)).render("mail", {"lead": {"email": "a@b.example"}})
+    assert out.text == "line one\n012     x 5,000,000 a, b abab 1024 a at b.example   x  |\n"
+
+
+# --- at send time -----------------------------------------------------------------------------
+
+
+def test_it_fails_a_runaway_render_at_send_time_and_sends_the_rows_behind_it(
+    tmp_path: Path, sqlite_url: str, smtp_server: SmtpServer
+) -> None:
+    templates = with_attacks(tmp_path, {"nurture/thirty-mb": ATTACKS["nurture/thirty-mb"]})
+    cfg = write_config(
+        tmp_path,
+        sqlite_url,
+        templates_dir=str(templates),
+        smtp=smtp_server.section(),
+        campaigns=[campaign("big", "nurture/thirty-mb"), campaign("welcome", "nurture/welcome")],
+    )
+    import_into(cfg, tmp_path, "big", "first@northwind.example")  # queued first
+    import_into(cfg, tmp_path, "welcome", "second@contoso.example")
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = outbox(sqlite_url)
+    big, good = rows["first@northwind.example"], rows["second@contoso.example"]
+    assert big.status == "failed"
+    assert big.last_error.startswith("cannot build the message: ")
+    assert "thirty-mb/body.txt:3: exceeds a render limit: writes or builds more than" in (
+        big.last_error
+    )
+    assert good.status == "sent"
+    assert smtp_server.recipients() == ["second@contoso.example"]
+    assert not smtp_server.began_for(["first@northwind.example"])
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
+FAT = "{% for i in range(3000) %}{{ 'Plenty of words on a line. ' * 2 }}\n{% endfor %}"
+
+
+def test_it_refuses_a_message_over_the_servers_advertised_size_before_sending_it(
+    tmp_path: Path, sqlite_url: str, smtp_server_factory: Callable[..., SmtpServer]
+) -> None:
+    server = smtp_server_factory(size_limit=100_000)
+    templates = with_attacks(tmp_path, {"nurture/fat": FAT})  # about 170 KB of text
+    cfg = write_config(
+        tmp_path,
+        sqlite_url,
+        templates_dir=str(templates),
+        smtp=server.section(),
+        campaigns=[campaign("big", "nurture/fat"), campaign("welcome", "nurture/welcome")],
+    )
+    import_into(cfg, tmp_path, "big", "first@northwind.example")
+    import_into(cfg, tmp_path, "welcome", "second@contoso.example")
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = outbox(sqlite_url)
+    big, good = rows["first@northwind.example"], rows["second@contoso.example"]
+    assert big.status == "failed"
+    assert "over the 100,000 bytes the server takes (SIZE in its EHLO, RFC 1870); not sent" in (
+        big.last_error
+    )
+    assert good.status == "sent"
+    assert server.recipients() == ["second@contoso.example"]
+    assert not server.began_for(["first@northwind.example"])  # no MAIL FROM for it
+
+
+def test_it_refuses_a_message_over_smtp_max_message_bytes_without_claiming_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    templates = with_attacks(tmp_path, {"nurture/fat": FAT})
+    cfg = write_config(
+        tmp_path,
+        sqlite_url,
+        templates_dir=str(templates),
+        smtp={"kind": "maildir", "path": str(tmp_path / "outbox"), "max_message_bytes": 100_000},
+        campaigns=[campaign("big", "nurture/fat"), campaign("welcome", "nurture/welcome")],
+    )
+    import_into(cfg, tmp_path, "big", "first@northwind.example")
+    import_into(cfg, tmp_path, "welcome", "second@contoso.example")
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = outbox(sqlite_url)
+    big, good = rows["first@northwind.example"], rows["second@contoso.example"]
+    assert big.status == "failed" and big.attempts == 0  # never claimed, never handed over
+    assert "bytes this SMTP account sends (smtp.max_message_bytes); not sent" in big.last_error
+    assert good.status == "sent"
+    delivered = list((tmp_path / "outbox" / "new").iterdir())
+    assert len(delivered) == 1 and b"second@contoso.example" in delivered[0].read_bytes()
