@@ -441,6 +441,16 @@ def samples(
     }
 
 
+def preview_context(
+    config: Config, name: str, lead: LeadBlock | None = None, token: str | None = None
+) -> Context:
+    """What template `name` sees in a preview (`templates preview`, the console): the
+    sample context of the kind the config sends it as; with `lead` (a lead's fields)
+    and `token` (its reply token), that lead's data and its own unsubscribe link."""
+    unsubscribe = unsubscribe_url(config.sender, token) if token else None
+    return samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
+
+
 def sample_followup_facts() -> FollowupFacts:
     rep = rep_block("Ben Okafor", "ben.okafor@acme.example")
     return {
