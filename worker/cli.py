@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,19 +15,36 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from worker import __version__
+from worker import __version__, db
 from worker.app import App
+from worker.compose import compose, new_message_id
 from worker.config import Config, ConfigError, clock_from_env, load_config, missing_templates
+from worker.console import quarantine_rows
+from worker.contexts import kinds_of, preview_context, samples
 from worker.db import (
     DatabaseError,
     DatabaseUrlError,
     as_unavailable,
     is_unavailable,
     open_engine,
-    refresh_statistics,
     url_problem,
 )
+from worker.handoffs import cancel_followup, waiting_leads
+from worker.health import check_health
+from worker.leads import (
+    LeadError,
+    get_lead,
+    import_file,
+    lead_fields,
+    list_leads,
+    mark_lead,
+    show_lead,
+)
 from worker.leases import WorkerLockError
+from worker.passwords import hash_password
+from worker.report import build_report
+from worker.samples import SamplesMissing, init_project
+from worker.status import collect_status, format_status
 from worker.terminal import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,8 +68,6 @@ def _die(message: str, code: int) -> NoReturn:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn the errors people can act on into a message and an exit code, never a traceback."""
-    from worker.leads import LeadError
-
     try:
         yield
     except ConfigError as e:
@@ -83,8 +99,6 @@ def _count_lines(path: Path) -> int:
 
 def _prog_name() -> str:
     """How to type this program again: `twoway` when that is on PATH, else its path."""
-    import shutil
-
     argv0 = Path(sys.argv[0])
     found = shutil.which("twoway")
     if argv0.name == "twoway" and (found is None or Path(found).resolve() != argv0.resolve()):
@@ -177,8 +191,6 @@ def db_group() -> None:
 @pass_state
 def db_upgrade(state: _State) -> None:
     """Apply pending migrations (Alembic)."""
-    from worker import db
-
     with _errors():
         app = state.app(migrate=False)
         before = db.current_revision(app.engine)
@@ -265,40 +277,22 @@ def leads_import(
     state: _State, file: Path, campaign: str | None, source: str | None, strict: bool, as_json: bool
 ) -> None:
     """Import or update leads from a CSV file (header row; `email` required)."""
-    from worker.leads import campaign_for, import_leads, read_csv
-
     with _errors():
         app = state.app()
-        camp = campaign_for(app.config, campaign)
-        rows = read_csv(file)
         total = _count_lines(file) if sys.stderr.isatty() and not as_json else 0
-        show_bar = total > 2000
-        with app.transaction() as session:
-            if show_bar:
-                with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
-                    done = [0]
+        if total > 2000:
+            with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+                done = [0]
 
-                    def tick(n: int) -> None:
-                        bar.update(n - done[0])
-                        done[0] = n
+                def tick(n: int) -> None:
+                    bar.update(n - done[0])
+                    done[0] = n
 
-                    result = import_leads(
-                        session,
-                        rows,
-                        app.now(),
-                        campaign=camp,
-                        source=source,
-                        strict=strict,
-                        progress=tick,
-                    )
-            else:
-                result = import_leads(
-                    session, rows, app.now(), campaign=camp, source=source, strict=strict
+                result = import_file(
+                    app, file, campaign, source=source, strict=strict, progress=tick
                 )
-            if result.strict_failed:
-                session.rollback()
-        if result.imported or result.updated:
-            refresh_statistics(app.engine)  # thousands of new rows change the plans
+        else:
+            result = import_file(app, file, campaign, source=source, strict=strict)
         if as_json:
             _print_json({"file": str(file), **result.as_json()})
         else:
@@ -307,8 +301,8 @@ def leads_import(
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
             if result.suppressed:
                 summary += f", {result.suppressed} skipped (do-not-contact list)"
-            if camp is not None:
-                summary += f", {result.enrolled} enrolled in {camp.name}"
+            if campaign is not None:
+                summary += f", {result.enrolled} enrolled in {campaign}"
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             echo(summary)
@@ -330,8 +324,6 @@ def leads_list(
     state: _State, status: str | None, limit: int | None, waiting: bool, as_json: bool
 ) -> None:
     """List leads."""
-    from worker.leads import list_leads
-
     with _errors():
         app = state.app()
         if waiting:
@@ -354,8 +346,6 @@ def leads_list(
 
 
 def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
-    from worker.handoffs import waiting_leads
-
     with app.transaction() as session:
         rows = waiting_leads(session, app.now(), limit or 200)
     if as_json:
@@ -381,9 +371,6 @@ def followup_group() -> None:
 @pass_state
 def followup_cancel(state: _State, email: str) -> None:
     """Do not send EMAIL's queued follow-up (the rep answers them personally)."""
-    from worker.handoffs import cancel_followup
-    from worker.leads import get_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -402,8 +389,6 @@ def followup_cancel(state: _State, email: str) -> None:
 @pass_state
 def leads_show(state: _State, email: str, as_json: bool) -> None:
     """A lead's profile and whole story: enrollments, mail, transitions with causes."""
-    from worker.leads import show_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -473,8 +458,6 @@ def _format_lead(d: dict[str, Any]) -> str:
 @pass_state
 def leads_mark(state: _State, email: str, status: str, reason: str | None) -> None:
     """Change a lead's status by hand (customer, disqualified, ...)."""
-    from worker.leads import mark_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -495,13 +478,9 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
 @pass_state
 def status_cmd(state: _State, as_json: bool, check: bool) -> None:
     """Funnel, outbox, mailbox health, quarantine and alarms."""
-    from worker.status import collect_status, format_status
-
     with _errors():
         app = state.app()
         if check:
-            from worker.health import check_health
-
             health = check_health(app)
             if as_json:
                 _print_json(health.as_json())
@@ -676,8 +655,6 @@ def quarantine_group() -> None:
 @pass_state
 def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
     """List quarantined messages with their reason."""
-    from worker.console import quarantine_rows
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -775,24 +752,18 @@ def templates_preview(
     state: _State, name: str, lead_email: str | None, html_file: Path | None
 ) -> None:
     """Print a template's subject and text as a lead would get them."""
-    from worker.contexts import kinds_of, samples, unsubscribe_url
     from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
-        lead, unsubscribe = None, None
+        lead, token = None, None
         if lead_email:
-            from worker.leads import get_lead, lead_fields
-
-            app = state.app()
-            with app.transaction() as s:
+            with state.app().transaction() as s:
                 found = get_lead(s, lead_email)
-                lead = lead_fields(found)
-                unsubscribe = unsubscribe_url(config.sender, found.reply_token)
-        ctx = samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
+                lead, token = lead_fields(found), found.reply_token
         try:
-            out = renderer.render(name, ctx)
+            out = renderer.render(name, preview_context(config, name, lead, token))
         except TemplateError as e:
             _die(str(e), 2)
         echo(f"Subject: {out.subject}\n\n{out.text}")
@@ -809,8 +780,6 @@ def templates_preview(
 @pass_state
 def templates_send_test(state: _State, name: str, to_addr: str) -> None:
     """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
-    from worker.compose import compose, new_message_id
-    from worker.contexts import kinds_of, samples
     from worker.mailer import Mailer
     from worker.rendering import Renderer, TemplateError
 
@@ -870,8 +839,6 @@ def demo_cmd(workspace: Path | None) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def init_cmd(directory: Path) -> None:
     """Write a starting point into DIRECTORY: config/twoway.yaml, sample leads, templates/."""
-    from worker.samples import SamplesMissing, init_project
-
     try:
         written = init_project(directory)
     except FileExistsError as e:
@@ -918,8 +885,6 @@ def serve_cmd(state: _State, host: str | None, port: int | None, log_format: str
 @main.command("hash-password")
 def hash_password_cmd() -> None:
     """Print the hash of a console password (read from the terminal, or standard input)."""
-    from worker.passwords import hash_password
-
     if sys.stdin.isatty():
         password = click.prompt("Console password", hide_input=True, confirmation_prompt=True)
     else:
@@ -988,8 +953,6 @@ def _settle(state: _State, message_id: str, action: str) -> None:
 @pass_state
 def report_cmd(state: _State, html_file: Path, days: int) -> None:
     """Write the funnel, daily activity and health as an HTML page; print its path."""
-    from worker.report import build_report
-
     # The folder is resolved, not the file: a symlink there is replaced, never followed.
     target = html_file.parent.resolve() / html_file.name
     if not target.parent.is_dir():

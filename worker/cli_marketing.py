@@ -12,9 +12,21 @@ from pathlib import Path
 
 import click
 
-from worker.campaigns import Segment
+from worker.campaigns import (
+    Segment,
+    campaign_stats,
+    emails_of,
+    enroll_segment,
+    format_stats,
+    pause_campaign,
+    resume_campaign,
+    unenroll_segment,
+)
 from worker.cli import _die, _errors, _print_json, _State, echo, pass_state
-from worker.leads import LeadError
+from worker.export import rows, write
+from worker.leads import LeadError, read_csv
+from worker.suppression import import_suppressions, list_suppressions, remove_suppressions
+from worker.webhooks import retry_dead
 
 
 @click.group("campaigns")
@@ -27,8 +39,6 @@ def campaigns_group() -> None:
 @pass_state
 def campaigns_list(state: _State, as_json: bool) -> None:
     """Per campaign, step and variant: sent, replied, auto-replied, bounced, unsubscribed."""
-    from worker.campaigns import campaign_stats, format_stats
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -44,8 +54,6 @@ def campaigns_list(state: _State, as_json: bool) -> None:
 @pass_state
 def campaigns_pause(state: _State, name: str) -> None:
     """Stop sending a campaign's steps until it is resumed."""
-    from worker.campaigns import pause_campaign
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -58,8 +66,6 @@ def campaigns_pause(state: _State, name: str) -> None:
 @pass_state
 def campaigns_resume(state: _State, name: str) -> None:
     """Resume a paused campaign; what fell due goes out spread by the caps."""
-    from worker.campaigns import resume_campaign
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -114,9 +120,6 @@ def _segment(
     csv_file: Path | None,
     leads: tuple[str, ...] = (),
 ) -> Segment:
-    from worker.campaigns import emails_of
-    from worker.leads import read_csv
-
     emails = list(leads)
     if csv_file is not None:
         emails += [(raw.get("email") or "") for _, raw in read_csv(csv_file)]
@@ -147,8 +150,6 @@ def campaigns_enroll(
     as_json: bool,
 ) -> None:
     """Enroll leads already in the database (default: every lead in status `lead`)."""
-    from worker.campaigns import enroll_segment
-
     with _errors():
         segment = _segment(statuses, countries, industries, sources, imported_since, csv_file)
         app = state.app()
@@ -182,8 +183,6 @@ def campaigns_unenroll(
     csv_file: Path | None,
 ) -> None:
     """Take leads (addresses, or the leads matching the filters) out of a campaign."""
-    from worker.campaigns import unenroll_segment
-
     with _errors():
         segment = _segment(
             statuses, countries, industries, sources, imported_since, csv_file, leads
@@ -210,9 +209,6 @@ def suppress_group() -> None:
 @pass_state
 def suppress_import(state: _State, file: Path, as_json: bool) -> None:
     """Add a CSV (`email`: an address or @domain; optional `reason`) to the list."""
-    from worker.leads import read_csv
-    from worker.suppression import import_suppressions
-
     with _errors():
         app = state.app()
         rows = read_csv(file)
@@ -233,8 +229,6 @@ def suppress_import(state: _State, file: Path, as_json: bool) -> None:
 @pass_state
 def suppress_list(state: _State, as_json: bool) -> None:
     """Every entry with its reason."""
-    from worker.suppression import list_suppressions
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -253,8 +247,6 @@ def suppress_list(state: _State, as_json: bool) -> None:
 @pass_state
 def suppress_remove(state: _State, entries: tuple[str, ...]) -> None:
     """Remove addresses or @domains from the list."""
-    from worker.suppression import remove_suppressions
-
     with _errors():
         app = state.app()
         try:
@@ -279,8 +271,6 @@ def webhooks_group() -> None:
 @pass_state
 def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None:
     """Give dead deliveries (by id, as `status` shows them, or --all) a fresh set of tries."""
-    from worker.webhooks import retry_dead
-
     if not ids and not retry_all:
         _die("webhooks retry: give delivery ids or --all", 2)
     with _errors():
@@ -302,8 +292,6 @@ def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None
 @pass_state
 def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
     """Write prospects, leads or timeline events to standard output for a CRM import."""
-    from worker.export import rows, write
-
     with _errors():
         at = _since(since, "--since")
         app = state.app()

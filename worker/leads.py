@@ -17,8 +17,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
+from worker.db import refresh_statistics
 from worker.models import (
     LIVE_ENROLLMENT,
     Enrollment,
@@ -745,6 +747,36 @@ def status_counts(session: Session) -> dict[str, int]:
     for status, n in session.execute(select(Lead.status, func.count()).group_by(Lead.status)):
         counts[status] = n
     return counts
+
+
+def import_file(
+    app: App,
+    path: Path,
+    campaign: str | None = None,
+    *,
+    source: str | None = None,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """`twoway leads import`: `import_leads` over a CSV file in one transaction, enrolling
+    the leads in the campaign named `campaign`; with `strict`, nothing is kept when a row
+    is rejected. The planner's statistics are refreshed after a change."""
+    camp = campaign_for(app.config, campaign)
+    with app.transaction() as session:
+        result = import_leads(
+            session,
+            read_csv(path),
+            app.now(),
+            campaign=camp,
+            source=source,
+            strict=strict,
+            progress=progress,
+        )
+        if result.strict_failed:
+            session.rollback()
+    if result.imported or result.updated:
+        refresh_statistics(app.engine)  # thousands of new rows change the plans
+    return result
 
 
 def campaign_for(config: Config, name: str | None) -> Campaign | None:

@@ -40,12 +40,13 @@ from worker.console import (
     search_leads,
     waiting_prospects,
 )
+from worker.contexts import preview_context
 from worker.health import check_health
 from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
 from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
-from worker.rendering import Pages, Renderer, TemplateError, lint_for, sample_context
+from worker.rendering import Pages, Renderer, TemplateError, lint_for
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
 
 logger = logging.getLogger(__name__)
@@ -468,7 +469,7 @@ def build_app(app: App) -> Starlette:
 
     def preview(name: str, lead_key: str) -> tuple[Any, str, str | None]:
         renderer = Renderer(config.templates_path)
-        lead = None
+        lead, token = None, None
         whom = "the sample lead"
         if lead_key:
             with app.transaction() as s:
@@ -476,13 +477,9 @@ def build_app(app: App) -> Starlette:
                     row = get_lead(s, lead_key)
                 except LeadError as e:
                     return None, whom, str(e)
-                lead, whom = lead_fields(row), row.email
+                lead, token, whom = lead_fields(row), row.reply_token, row.email
         try:
-            return (
-                renderer.render(name, sample_context(sender=config.sender, lead=lead)),
-                whom,
-                None,
-            )
+            return renderer.render(name, preview_context(config, name, lead, token)), whom, None
         except TemplateError as e:
             return None, whom, str(e)
 
