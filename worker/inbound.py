@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +30,7 @@ from worker.db import as_unavailable, is_conflict, is_unavailable
 from worker.leads import buffer_events
 from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
-from worker.match import match_message
+from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, Quarantine
 from worker.parsing import ParsedMessage, ParseError, parse
 
@@ -132,6 +132,32 @@ def sync_mailbox(
 
 
 @dataclass
+class Prepared:
+    """A fetched message parsed and classified, before any database work."""
+
+    fetched: FetchedMessage
+    msg: ParsedMessage | None = None
+    cls: Classification | None = None
+    error: str | None = None
+    """Why it cannot be parsed (it is quarantined with this reason)."""
+    failure: Exception | None = None
+    """What classifying it raised; raised again where the message is processed, so it is
+    handled as any other failure of that message."""
+
+
+def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepared:
+    """Parse and classify one message (pure: no database, no I/O); never raises."""
+    try:
+        msg = parse(fetched.raw)
+    except ParseError as e:
+        return Prepared(fetched, error=f"cannot parse: {e}")
+    try:
+        return Prepared(fetched, msg, classify(msg, ctx, today=today))
+    except Exception as e:  # a poisoned message must never stop the batch
+        return Prepared(fetched, msg, failure=e)
+
+
+@dataclass
 class _Outcome:
     fetched: FetchedMessage
     kind: str | None
@@ -152,6 +178,7 @@ def process_batch(
     rolled back and its messages are replayed one per transaction (`process_message`),
     so only the bad message is quarantined. Raises DatabaseUnavailable (nothing kept).
     """
+    prepared = [prepare(f, ctx, app.now().date()) for f in batch]
     i = 0
     while i < len(batch):
         started = time.monotonic()
@@ -161,10 +188,12 @@ def process_batch(
                 buffer_events(s)  # one executemany of the batch's events
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
-                for fetched in batch[i:]:
-                    done.append(
-                        _Outcome(fetched, _process_in_batch(s, app, mb, fetched, ctx, seen, keep))
-                    )
+                known = prefetch(
+                    s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
+                )
+                for p in prepared[i:]:
+                    kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)
+                    done.append(_Outcome(p.fetched, kind))
                     if time.monotonic() - started >= BATCH_SECONDS:
                         break
                 _advance(s, mb.name, done[-1].fetched)
@@ -221,14 +250,17 @@ def _process_in_batch(
     s: Session,
     app: App,
     mb: MailboxConfig,
-    fetched: FetchedMessage,
+    prepared: Prepared,
     ctx: ClassifyContext,
     seen: set[str],
     keep: list[object],
+    known: Known,
 ) -> str | None:
-    now = app.now()
+    now, fetched = app.now(), prepared.fetched
     try:
-        kind = _process(s, app, mb, fetched, ctx, now, seen=seen, keep=keep)
+        kind = _process(
+            s, app, mb, fetched, ctx, now, seen=seen, keep=keep, prepared=prepared, known=known
+        )
     except _Quarantine as q:
         logger.warning(
             "quarantined %s/%s uid %s: %s", mb.name, fetched.folder, fetched.uid, q.reason
@@ -321,17 +353,23 @@ def _process(
     *,
     seen: set[str] | None = None,
     keep: list[object] | None = None,
+    prepared: Prepared | None = None,
+    known: Known | None = None,
 ) -> str | None:
     """Record and apply one message; None when it was already recorded (a duplicate).
 
     `seen`: keys already looked up for a whole batch (the batch's header Message-IDs
     found recorded); a key it does not cover is looked up here. Keys recorded by this
     call are added to it. `keep` holds the loaded lead for the rest of the transaction.
+    `prepared`: the message already parsed and classified; `known`: the batch's match
+    signals looked up at once.
     """
-    try:
-        msg = parse(fetched.raw)
-    except ParseError as e:
-        raise _Quarantine(f"cannot parse: {e}") from None
+    if prepared is None:
+        prepared = prepare(fetched, ctx, now.date())
+    if prepared.error is not None:
+        raise _Quarantine(prepared.error)
+    msg = prepared.msg
+    assert msg is not None
     key = message_key(msg, fetched.raw)
     if (seen is not None and key in seen) or (
         (seen is None or _header_key(fetched.raw) != key) and _sender_of(s, mb.name, key)
@@ -345,8 +383,11 @@ def _process(
             return None
     if seen is not None:
         seen.add(key)
-    cls: Classification = classify(msg, ctx, today=now.date())
-    match = match_message(s, msg, cls, app.config)
+    if prepared.failure is not None:
+        raise prepared.failure
+    cls = prepared.cls
+    assert cls is not None
+    match = match_message(s, msg, cls, app.config, known)
     if keep is not None and match.lead is not None:
         keep.append(match.lead)
     row = InboundMessage(

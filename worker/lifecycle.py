@@ -527,15 +527,17 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
-    for o in s.scalars(
-        select(OutboundMessage)
+    # The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
+    # columns shown only (not the rows: their contexts and raw mail are large).
+    out = OutboundMessage
+    for o in s.execute(
+        select(out.sent_at, out.created_at, out.subject, out.kind, out.step, out.campaign)
         .where(
-            OutboundMessage.lead_id == lead.id,
-            OutboundMessage.status == OutboxState.SENT,
-            OutboundMessage.kind.in_(("nurture", "followup")),
+            out.lead_id == lead.id,
+            out.status == OutboxState.SENT,
+            out.kind.in_(("nurture", "followup")),
         )
-        .order_by(OutboundMessage.id.desc())
+        .order_by(out.id.desc())
         .limit(THREAD_ITEMS)
     ):
         at = o.sent_at or o.created_at
@@ -546,10 +548,19 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    for m in s.scalars(
-        select(InboundMessage)
-        .where(InboundMessage.lead_id == lead.id)
-        .order_by(InboundMessage.id.desc())
+    inb = InboundMessage
+    for m in s.execute(
+        select(
+            inb.id,
+            inb.sent_date,
+            inb.received_at,
+            inb.kind,
+            inb.reason,
+            inb.reply_text,
+            inb.subject,
+        )
+        .where(inb.lead_id == lead.id)
+        .order_by(inb.id.desc())
         .limit(THREAD_ITEMS)
     ):
         at = m.sent_date or m.received_at
