@@ -10,9 +10,12 @@ smtp.max_message_bytes fails before any SMTP transaction begins.
 
 from __future__ import annotations
 
+import json
+import mailbox
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +24,13 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, select
 
+from tests import hostile
 from tests.conftest import ROOT, base_config_data, twoway_cmd
+from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
-from worker.models import OutboundMessage
+from worker.mailbox import MAX_BATCH_BYTES, ImapSource
+from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
+from worker.parsing import MAX_MESSAGE_BYTES
 from worker.rendering import Renderer, RenderLimits, TemplateError
 
 NOW = "2026-12-01T10:00:00Z"
@@ -339,3 +346,116 @@ def test_it_refuses_a_message_over_smtp_max_message_bytes_without_claiming_it(
     assert good.status == "sent"
     delivered = list((tmp_path / "outbox" / "new").iterdir())
     assert len(delivered) == 1 and b"second@contoso.example" in delivered[0].read_bytes()
+
+
+# --- item 8: a message over the read limit, over IMAP and from a Maildir ----------------------
+
+BIG_SIZE = 20 * 1024 * 1024  # over MAX_MESSAGE_BYTES (16 MiB), one message: cheap to make
+GENUINE = ["buyer0@company0.example.org", "buyer1@company1.example.org"]
+BIG_SENDER = "big@northwind.example"
+
+
+def big_reply() -> bytes:
+    return hostile.big_attachment(BIG_SENDER, "sales@example.com", BIG_SIZE / (70 * 1024 * 1024))
+
+
+def genuine_reply(sender: str) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: sales@example.com\r\nSubject: Re: Welcome\r\n"
+        f"Message-ID: <{sender.split('@')[0]}.1@example.org>\r\nContent-Type: text/plain\r\n\r\n"
+        "Thanks, could you send pricing for 20 seats?\r\n"
+    ).encode()
+
+
+def leads_in(database: str) -> dict[str, str]:
+    engine = create_engine(database)
+    with engine.connect() as conn:
+        status = dict(conn.execute(select(Lead.email, Lead.status)).all())
+    engine.dispose()
+    return {str(k): str(v) for k, v in status.items()}
+
+
+def inbound_reasons(database: str) -> dict[str, str]:
+    engine = create_engine(database)
+    with engine.connect() as conn:
+        rows = conn.execute(select(InboundMessage.from_addr, InboundMessage.reason)).all()
+        quarantined = conn.execute(select(Quarantine.id)).all()
+    engine.dispose()
+    assert quarantined == []
+    return {str(sender): reason or "" for sender, reason in rows}
+
+
+@pytest.mark.parametrize("kind", ["imap", "maildir"])
+def test_it_reads_the_start_of_a_message_over_the_limit_and_the_replies_behind_it(
+    tmp_path: Path, sqlite_url: str, kind: str, request: pytest.FixtureRequest
+) -> None:
+    raw = big_reply()
+    assert len(raw) > MAX_MESSAGE_BYTES
+    if kind == "imap":
+        dovecot: DovecotServer = request.getfixturevalue("dovecot")
+        user = dovecot.fresh_user()
+        for message in (raw, *(genuine_reply(g) for g in GENUINE)):
+            dovecot.append(user, "INBOX", message)
+        mailboxes = [dovecot.mailbox_section(user, timeout=30)]
+    else:
+        inbox = mailbox.Maildir(tmp_path / "inbox", create=True)
+        for message in (raw, *(genuine_reply(g) for g in GENUINE)):
+            inbox.add(message)
+        mailboxes = [{"name": "sales", "kind": "maildir", "path": str(tmp_path / "inbox")}]
+    cfg = write_config(tmp_path, sqlite_url, campaigns=[], mailboxes=mailboxes)
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email\n" + "\n".join([BIG_SENDER, *GENUINE]) + "\n")
+    assert run_measured(twoway_cmd(cfg, "leads", "import", str(leads)), tmp_path).returncode == 0
+
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+    status = leads_in(sqlite_url)
+    assert all(status[g] == "prospect" for g in GENUINE), status  # the replies behind it
+    reasons = inbound_reasons(sqlite_url)
+    note = f"truncated: message of {len(raw):,} bytes, only the first {MAX_MESSAGE_BYTES:,} read"
+    assert note in reasons[BIG_SENDER], reasons[BIG_SENDER]
+    assert "truncated" not in reasons[GENUINE[0]]
+
+    shown = run_measured(twoway_cmd(cfg, "leads", "show", BIG_SENDER), tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"[{note}]" in shown.stdout, shown.stdout
+
+
+def test_inspect_says_a_file_over_the_limit_was_truncated_as_the_worker_does(
+    tmp_path: Path,
+) -> None:
+    eml = tmp_path / "big.eml"
+    eml.write_bytes(big_reply())
+    run = run_measured([sys.executable, "-m", "worker", "inspect", "--json", str(eml)], tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    size = eml.stat().st_size
+    assert result["truncated"] is True
+    assert result["limits"][0] == (
+        f"truncated: message of {size:,} bytes, only the first {MAX_MESSAGE_BYTES:,} read"
+    )
+    assert result["kind"] == "reply"  # classified from what was read
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
+def test_imap_batches_fit_the_byte_budget_as_well_as_the_count(
+    dovecot: DovecotServer,
+) -> None:
+    user = dovecot.fresh_user()
+    scale = 11 * 1024 * 1024 / (70 * 1024 * 1024)  # three 11 MB messages: 33 MB in all
+    for i in range(3):
+        dovecot.append(user, "INBOX", hostile.big_attachment(f"p{i}@example.org", user, scale))
+    dovecot.append(user, "INBOX", genuine_reply(GENUINE[0]))
+    source = ImapSource(dovecot.mailbox_config(user, timeout=30))
+    source.connect()
+    try:
+        batches = [
+            [(m.uid, len(m.raw), m.size) for m in b] for b in source.fetch_new("INBOX", 0, 20)
+        ]
+    finally:
+        source.close()
+    assert [len(b) for b in batches] == [2, 2]  # 22 MB, then 11 MB and the small reply
+    assert all(sum(n for _, n, _ in b) <= MAX_BATCH_BYTES for b in batches)
+    assert all(size is None for b in batches for _, _, size in b)  # none over 16 MB: whole
+    assert [uid for b in batches for uid, _, _ in b] == [1, 2, 3, 4]

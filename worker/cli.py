@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -440,6 +441,8 @@ def _format_lead(d: dict[str, Any]) -> str:
                 if m["direction"] == "out"
                 else f" matched by {m['match'] or '-'}"
             )
+            cut = re.search(r"truncated: [^;]*", m.get("reason") or "")  # said where it shows
+            extra += f" [{cut.group(0)}]" if cut else ""
             lines.append(f"  {m['at']} {arrow} {what}: {m['subject'] or ''}{extra}")
     lines.append("timeline:")
     for e in d["events"]:
