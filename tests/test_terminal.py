@@ -90,8 +90,13 @@ def test_it_shows_control_codes_from_csv_and_mail_without_obeying_them(
         "webinar": f"yes{CLIPBOARD}",
     }
     csv_file = tmp_path / "leads.csv"
+    # A quoted CSV field may hold a line break: in a listing it must not print a row.
+    spoof = {**{k: "" for k in fields}, "email": "zed@corp.example.org",
+             "company": "Zed\nmallory@evil.example          customer       99  ceo@corp"}  # fmt: skip
     csv_file.write_text(
-        ",".join(fields) + "\n" + ",".join(f'"{v}"' for v in fields.values()) + "\n",
+        ",".join(fields)
+        + "\n"
+        + "".join(",".join(f'"{v}"' for v in row.values()) + "\n" for row in (fields, spoof)),
         encoding="utf-8",
     )
     _run(cfg, "leads", "import", str(csv_file), "--campaign", "welcome")
@@ -122,6 +127,9 @@ def test_it_shows_control_codes_from_csv_and_mail_without_obeying_them(
     assert "CTO\\u000doverwritten" in show
     assert "Re: welcome \\u001b[2J\\u001b[Hyou have been hacked" in show
     assert "Corp\\u009b31m" in shown["leads list"]
+    rows = shown["leads list"].splitlines()
+    assert len(rows) == 3 and not any(r.startswith("mallory@") for r in rows), rows
+    assert "Zed\\u000amallory@evil.example" in shown["leads list"]
     assert "eve@corp.example.org" in shown["leads list --waiting"]
     assert "\\u001b]52;c;" in shown["inspect"]  # the reply text
 

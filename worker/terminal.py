@@ -30,3 +30,12 @@ def printable(text: str) -> str:
     length of `text`.
     """
     return _UNSAFE.sub(_escape, text)
+
+
+_BREAKS = re.compile("[\t\n\x0b\x0c\r\u2028\u2029]")
+
+
+def one_line(value: object) -> str:
+    """`value` as text for one cell of a one-line row: line breaks and tabs written as
+    `\\uXXXX` too, so a CSV field holding a newline cannot print a row of its own."""
+    return printable(_BREAKS.sub(_escape, str(value)))
