@@ -36,13 +36,8 @@ from worker.rendering import Renderer, RenderLimits, TemplateError
 NOW = "2026-12-01T10:00:00Z"
 MAX_RSS_MB = 300
 
-# Each attack is one line inside the body block of a copy of nurture/welcome.
-ATTACKS = {
-    "nurture/loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
-    "{% endfor %}{% endfor %}",
-    "nurture/three-gb": "{% for i in range(100000) %}{{ 'x' * 30000 }}{% endfor %}",
-    "nurture/thirty-mb": "{% for i in range(1000) %}{{ lead.email * 1000 }}{% endfor %}",
-}
+ATTACKS = hostile.TEMPLATE_ATTACKS
+GROWTH = hostile.TEMPLATE_GROWTH
 
 
 @dataclass(frozen=True)
@@ -53,21 +48,37 @@ class Run:
     peak_rss_mb: float
 
 
+# Runs `python -m worker ARGS` and, at exit, writes the process's VmHWM (its own peak RSS)
+# to $TWOWAY_PEAK_FILE. Not os.wait4's ru_maxrss: on Linux a child starts with its
+# parent's peak (it survives fork and exec), and this test process builds 20 MB messages.
+_PEAK_WRAPPER = """
+import atexit, os, runpy
+
+def _peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["TWOWAY_PEAK_FILE"], "w") as out:
+        out.write(kb)
+
+atexit.register(_peak)
+runpy.run_module("worker", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_measured(cmd: list[str], tmp_path: Path) -> Run:
-    """Run `cmd` as a user would; its own peak RSS from os.wait4 (not RUSAGE_CHILDREN,
-    which keeps the largest of every child this test process ever waited for)."""
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    env = {**os.environ, "TWOWAY_NOW": NOW}
+    """Run `cmd` (a `python -m worker ...` command line, as a user would run twoway) and
+    measure its own peak RSS."""
+    assert cmd[1:3] == ["-m", "worker"], cmd
+    out, err, peak = tmp_path / "stdout.txt", tmp_path / "stderr.txt", tmp_path / "peak.txt"
+    peak.unlink(missing_ok=True)
+    env = {**os.environ, "TWOWAY_NOW": NOW, "TWOWAY_PEAK_FILE": str(peak)}
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
-    return Run(
-        proc.returncode,
-        out.read_text(),
-        err.read_text(),
-        usage.ru_maxrss / 1024,  # KiB on Linux
-    )
+        done = subprocess.run(
+            [cmd[0], "-c", _PEAK_WRAPPER, *cmd[3:]], stdout=o, stderr=e, env=env, timeout=600
+        )
+    peak_mb = int(peak.read_text()) / 1024
+    print(f"peak RSS {peak_mb:.1f} MB: twoway {' '.join(cmd[3:])}")  # shown with pytest -s
+    return Run(done.returncode, out.read_text(), err.read_text(), peak_mb)
 
 
 def with_attacks(tmp_path: Path, attacks: dict[str, str]) -> Path:
@@ -171,46 +182,6 @@ def test_config_check_reports_a_campaigns_runaway_template_with_exit_2(
 
 
 # --- each kind of growth, in the sandbox ------------------------------------------------------
-
-GROWTH = {
-    "repeat": ("{{ 'x' * 1000000000 }}", "builds a repeated value of 1,000,000,000"),
-    "power": ("{% set n = 2 %}{{ n ** 100000000 }}", "computes a number of about"),
-    "doubling": (
-        "{% set s = 'xxxxxxxx' %}" + "{% set s = s ~ s %}" * 40 + "{{ s }}",
-        "builds a value of 1,048,576",
-    ),
-    "namespace": (
-        "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
-        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-        "builds a value of 1,048,576",
-    ),
-    "center": ("{{ 'x'|center(1000000000) }}", "builds a centred value"),
-    "method": ("{{ 'x'.ljust(1000000000) }}", "builds a ljust() result"),
-    "format": ("{{ '{:>1000000000}'.format(1) }}", "builds a padded value"),
-    "printf": ("{{ '%*s' % (1000000000, 'x') }}", "builds a padded value"),
-    "replace": ("{% set a = 'x' * 100000 %}{{ a|replace('x', a) }}", "builds a replaced value"),
-    "join": ("{{ range(100000)|join('y' * 100000) }}", "builds a joined value"),
-    "macro": (
-        "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
-        "{% endmacro %}{{ m()|length }}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "set_block": (
-        "{% set b %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "many_values": (
-        "{{ ('x' * 1000000)|list|map('center', 1000)|list|length }}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "recursion": (
-        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
-        "{{ f(60) }}",
-        "does more than 1,000,000 steps",
-    ),
-    "lipsum": ("{{ lipsum(100000000) }}", "builds lorem ipsum"),
-    "slice": ("{{ [1]|slice(1000000000)|list }}", "asks slice() for 1,000,000,000 parts"),
-}
 
 
 def one_part(tmp_path: Path, source: str) -> Path:
