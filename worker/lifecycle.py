@@ -445,7 +445,7 @@ def _queue_handoff(
         enqueue(
             s, app.config, "rep_copy", f"rep_copy:{key}{ev.row.id}", lead,
             app.config.handoff.reply_template, ev.at, to_addr=rep["email"], facts=copy,
-            inbound_id=ev.row.id,
+            inbound_id=ev.row.id, message_id=msg.message_id,
         )  # fmt: skip
     what = "new reply" if again else "handoff"
     record_event(
