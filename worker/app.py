@@ -24,8 +24,11 @@ class App:
 
     @classmethod
     def open(cls, config: Config, clock: Clock, *, migrate: bool = True) -> App:
-        """Connect to the configured database, upgrading the schema when that is safe."""
-        engine = db.make_engine(config.database, busy_timeout=config.workers.busy_timeout)
+        """Connect to the configured database, upgrading the schema when that is safe.
+
+        DatabaseUrlError for a URL twoway cannot use, DatabaseError when the database
+        cannot be reached, opened or used as it is (see `db.open_engine`)."""
+        engine = db.open_engine(config.database, busy_timeout=config.workers.busy_timeout)
         if migrate:
             db.ensure_schema(engine)
         return cls(config, engine, db.session_factory(engine), clock)

@@ -16,8 +16,17 @@ import click
 from worker import __version__
 from worker.app import App
 from worker.config import ConfigError, clock_from_env, load_config, missing_templates
-from worker.db import DatabaseError, refresh_statistics
+from worker.db import (
+    DatabaseError,
+    DatabaseUrlError,
+    as_unavailable,
+    is_unavailable,
+    open_engine,
+    refresh_statistics,
+    url_problem,
+)
 from worker.leases import WorkerLockError
+from worker.terminal import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,8 +35,14 @@ class Failure(Exception):
     """The job failed (exit 1) with a message for people."""
 
 
+def echo(message: str = "", *, err: bool = False) -> None:
+    """Print a line for people; every text and JSON printer of the command goes through
+    here, so data from CSV files and mail never reaches the terminal as control codes."""
+    click.echo(printable(message), err=err)
+
+
 def _die(message: str, code: int) -> NoReturn:
-    click.echo(f"twoway: {message}", err=True)
+    echo(f"twoway: {message}", err=True)
     sys.exit(code)
 
 
@@ -42,12 +57,18 @@ def _errors() -> Iterator[None]:
         _die(f"bad configuration\n{e}", 2)
     except LeadError as e:
         _die(str(e), 2)
+    except DatabaseUrlError as e:
+        _die(str(e), 2)
     except DatabaseError as e:
         _die(str(e), 1)
     except Failure as e:
         _die(str(e), 1)
     except WorkerLockError as e:
         _die(str(e), 2)
+    except Exception as e:
+        if not is_unavailable(e):
+            raise
+        _die(str(as_unavailable(e)), 1)  # lost mid-command (server gone, disk full, locked)
 
 
 def _count_lines(path: Path) -> int:
@@ -71,7 +92,7 @@ def _prog_name() -> str:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 class _State:
@@ -167,7 +188,7 @@ def db_upgrade(state: _State) -> None:
         before = db.current_revision(app.engine)
         db.upgrade(app.engine)
         after = db.current_revision(app.engine)
-        click.echo(f"database at {after}" + ("" if before == after else f" (was {before})"))
+        echo(f"database at {after}" + ("" if before == after else f" (was {before})"))
 
 
 # --- config ------------------------------------------------------------------------------
@@ -198,13 +219,14 @@ def config_check(state: _State, connect: bool) -> None:
         if config.handoff.follow_up:
             names.add(config.handoff.follow_up.template)
         problems += [str(e) for e in lint_for(renderer, config, sorted(names))]
+        problems += [p for p in [url_problem(config.database)] if p]
         if connect:
             problems += _connect_checks(config)
         if problems:
             for p in problems:
-                click.echo(f"  {p}", err=True)
+                echo(f"  {p}", err=True)
             _die(f"{config.path}: {len(problems)} problem(s)", 2 if not connect else 1)
-        click.echo(
+        echo(
             f"{config.path}: OK ({len(config.mailboxes)} mailbox(es), "
             f"{len(config.campaigns)} campaign(s), {len(config.reps)} rep(s))"
             + ("; servers reachable" if connect else "")
@@ -215,6 +237,12 @@ def _connect_checks(config: Any) -> list[str]:
     from worker.mailbox import MailboxError, open_source, probe_imap
 
     problems: list[str] = []
+    try:
+        open_engine(config.database, busy_timeout=config.workers.busy_timeout).dispose()
+    except DatabaseError as e:
+        problems.append(str(e))
+    except DatabaseUrlError:
+        pass  # said already, without --connect
     for m in config.mailboxes:
         if m.kind == "maildir":
             source = open_source(m)
@@ -296,9 +324,7 @@ def leads_import(
             _print_json({"file": str(file), **result.as_json()})
         else:
             for r in result.rejected:
-                click.echo(
-                    f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True
-                )
+                echo(f"{file}:{r.line}: rejected {r.email or '(no email)'}: {r.reason}", err=True)
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
             if result.suppressed:
                 summary += f", {result.suppressed} skipped (do-not-contact list)"
@@ -306,7 +332,7 @@ def leads_import(
                 summary += f", {result.enrolled} enrolled in {camp.name}"
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
-            click.echo(summary)
+            echo(summary)
         if result.strict_failed or (result.rejected and not (result.imported or result.updated)):
             sys.exit(2)  # nothing usable in the file: bad input, not a success
 
@@ -338,12 +364,12 @@ def leads_list(
             _print_json(rows)
             return
         if not rows:
-            click.echo("no leads" + (f" in status {status}" if status else ""))
+            echo("no leads" + (f" in status {status}" if status else ""))
             return
-        click.echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
+        echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
         for r in rows:
             score = "" if r["score"] is None else str(r["score"])
-            click.echo(
+            echo(
                 f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
             )
 
@@ -357,13 +383,13 @@ def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
         _print_json(rows)
         return
     if not rows:
-        click.echo("no prospect is waiting for an answer")
+        echo("no prospect is waiting for an answer")
         return
-    click.echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
+    echo(f"{'EMAIL':36} {'REP':28} {'WAITING':>9}  SINCE")
     for r in rows:
         late = "  over the SLA" if r["breached"] else ""
         minutes = f"{r['waiting_seconds'] // 60} min"
-        click.echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
+        echo(f"{r['email']:36} {r['rep']:28} {minutes:>9}  {r['since']}{late}")
 
 
 @leads_group.group("followup")
@@ -386,9 +412,9 @@ def followup_cancel(state: _State, email: str) -> None:
             n = cancel_followup(session, lead, app.now(), "twoway leads followup cancel")
             address = lead.email
         if n:
-            click.echo(f"the follow-up to {address} is cancelled")
+            echo(f"the follow-up to {address} is cancelled")
         else:
-            click.echo(f"no follow-up is waiting to go to {address}")
+            echo(f"no follow-up is waiting to go to {address}")
 
 
 @leads_group.command("show")
@@ -406,7 +432,7 @@ def leads_show(state: _State, email: str, as_json: bool) -> None:
         if as_json:
             _print_json(data)
             return
-        click.echo(_format_lead(data))
+        echo(_format_lead(data))
 
 
 def _format_lead(d: dict[str, Any]) -> str:
@@ -472,7 +498,7 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
         app = state.app()
         with app.transaction() as session:
             lead = mark_lead(session, email, status, app.now(), reason)
-            click.echo(f"{lead.email} is now {lead.status}")
+            echo(f"{lead.email} is now {lead.status}")
 
 
 # --- status ------------------------------------------------------------------------------
@@ -500,14 +526,14 @@ def status_cmd(state: _State, as_json: bool, check: bool) -> None:
                 _print_json(health.as_json())
             else:
                 for reason in health.reasons:
-                    click.echo(f"twoway: {reason}", err=True)
-                click.echo("healthy" if health.ok else "not healthy")
+                    echo(f"twoway: {reason}", err=True)
+                echo("healthy" if health.ok else "not healthy")
             sys.exit(0 if health.ok else 1)
         data = collect_status(app)
         if as_json:
             _print_json(data)
         else:
-            click.echo(format_status(data))
+            echo(format_status(data))
 
 
 # --- the worker --------------------------------------------------------------------------
@@ -532,7 +558,14 @@ class JsonFormatter(logging.Formatter):
             data["traceback"] = self.formatException(record.exc_info)
         if record.stack_info:
             data["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(data, ensure_ascii=False)
+        return printable(json.dumps(data, ensure_ascii=False))
+
+
+class _TextFormatter(logging.Formatter):
+    """The log line people read: subjects and addresses in it are shown, never obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _setup_logging(fmt: str, verbose: bool) -> None:
@@ -543,9 +576,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("imapclient", "sqlalchemy", "alembic", "mail-parser", "mailparser"):
@@ -609,13 +640,13 @@ def run_cmd(
                 _print_json(summary)
             else:
                 kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
-                click.echo(
+                echo(
                     f"read {result.inbound.processed} message(s)"
                     + (f" ({kinds})" if kinds else "")
                     + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
                 )
                 for e in result.errors:
-                    click.echo(f"error: {e}", err=True)
+                    echo(f"error: {e}", err=True)
             if result.errors:
                 sys.exit(1)
             return
@@ -692,12 +723,12 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
         if single and not as_json:
-            click.echo(format_human(r))
+            echo(format_human(r))
         else:  # several files: one JSON object per line, with or without --json
-            click.echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
+            echo(json.dumps(r, indent=2 if single else None, default=str, ensure_ascii=False))
     unreadable = [r for r in results if str(r.get("error", "")).startswith("cannot read")]
     for r in unreadable if not single else ():
-        click.echo(f"twoway: {r['file']}: {r['error']}", err=True)
+        echo(f"twoway: {r['file']}: {r['error']}", err=True)
     if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
 
@@ -770,10 +801,10 @@ def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
         if as_json:
             _print_json(rows)
         elif not rows:
-            click.echo("quarantine is empty")
+            echo("quarantine is empty")
         else:
             for r in rows:
-                click.echo(
+                echo(
                     f"#{r['id']} {r['mailbox']}/{r['folder']} uid {r['uid']} ({r['size']} bytes): {r['reason']}"
                 )
 
@@ -793,7 +824,7 @@ def quarantine_retry(state: _State, qid: int) -> None:
             _die(str(e), 2)
         except ValueError as e:
             _die(f"still failing: {e}", 1)
-        click.echo(f"#{qid} processed: {kind}")
+        echo(f"#{qid} processed: {kind}")
 
 
 # --- templates ---------------------------------------------------------------------------
@@ -850,16 +881,16 @@ def templates_lint(state: _State, with_leads: bool) -> None:
                                 by_lead.setdefault(str(e), []).append(lead.email)
                         checked += 1
         for p in dict.fromkeys(problems):
-            click.echo(p, err=True)
+            echo(p, err=True)
         for p, emails in by_lead.items():
             who = ", ".join(dict.fromkeys(emails[:3])) + (
                 f" and {len(set(emails)) - 3} more" if len(set(emails)) > 3 else ""
             )
-            click.echo(f"{p} (lead {who})", err=True)
+            echo(f"{p} (lead {who})", err=True)
         count = len(set(problems)) + len(by_lead)
         if count:
             _die(f"{count} template problem(s)", 2)
-        click.echo(f"{checked} template render(s) OK in {config.templates_path}")
+        echo(f"{checked} template render(s) OK in {config.templates_path}")
 
 
 @templates_group.command("preview")
@@ -896,12 +927,12 @@ def templates_preview(
             out = renderer.render(name, ctx)
         except TemplateError as e:
             _die(str(e), 2)
-        click.echo(f"Subject: {out.subject}\n\n{out.text}")
+        echo(f"Subject: {out.subject}\n\n{out.text}")
         if html_file:
             partial = html_file.with_name(f".{html_file.name}.partial")
             partial.write_text(out.html, encoding="utf-8")
             partial.replace(html_file)  # replaces a symlink there instead of following it
-            click.echo(f"(HTML written to {html_file})", err=True)
+            echo(f"(HTML written to {html_file})", err=True)
 
 
 @templates_group.command("send-test")
@@ -942,7 +973,7 @@ def templates_send_test(state: _State, name: str, to_addr: str) -> None:
             result = mailer.send(msg, config.sender.address, [to_addr])
         if result.status != "sent":
             _die(f"not sent ({result.status}): {result.code or ''} {result.message}", 1)
-        click.echo(f"sent {name} to {to_addr}")
+        echo(f"sent {name} to {to_addr}")
 
 
 # --- demo --------------------------------------------------------------------------------
@@ -961,7 +992,7 @@ def demo_cmd(workspace: Path | None) -> None:
 
     with _errors():
         try:
-            code = run_demo(workspace, clock_from_env(), click.echo, _prog_name())
+            code = run_demo(workspace, clock_from_env(), echo, _prog_name())
         except DemoError as e:
             _die(str(e), 1)
         sys.exit(code)
@@ -979,11 +1010,11 @@ def init_cmd(directory: Path) -> None:
         _die(str(e), 2)
     except SamplesMissing as e:
         _die(str(e), 1)
-    click.echo(f"wrote {len(written)} file(s) into {directory}")
+    echo(f"wrote {len(written)} file(s) into {directory}")
     cfg = directory / "config" / "twoway.yaml"
-    click.echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
-    click.echo(f"  twoway --config {cfg} config check --connect")
-    click.echo(
+    echo(f"next: edit {cfg} (mailboxes, smtp, sender), then")
+    echo(f"  twoway --config {cfg} config check --connect")
+    echo(
         f"  twoway --config {cfg} leads import {directory / 'config' / 'sample-leads.csv'}"
         " --campaign welcome"
     )
@@ -1031,7 +1062,7 @@ def hash_password_cmd() -> None:
         password = sys.stdin.readline().rstrip("\r\n")
     if len(password) < 10:
         _die("a console password needs at least 10 characters", 2)
-    click.echo(hash_password(password))
+    echo(hash_password(password))
 
 
 # --- outbox ------------------------------------------------------------------------------
@@ -1069,7 +1100,7 @@ def _settle(state: _State, message_id: str, action: str) -> None:
                 to, template = row.to_addr, row.template
         except LookupError as e:
             _die(str(e), 2)
-        click.echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
+        echo(f"{template} to {to}: " + ("sent" if action == "sent" else "queued again"))
 
 
 # --- report ------------------------------------------------------------------------------
@@ -1109,7 +1140,7 @@ def report_cmd(state: _State, html_file: Path, days: int) -> None:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise Failure(f"cannot write {html_file}: {e.strerror or e}") from None
-        click.echo(str(target))
+        echo(str(target))
 
 
 # --- the marketer's commands (worker/cli_marketing.py) -------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from worker.campaigns import Segment
-from worker.cli import _die, _errors, _print_json, _State, pass_state
+from worker.cli import _die, _errors, _print_json, _State, echo, pass_state
 from worker.leads import LeadError
 
 
@@ -36,7 +36,7 @@ def campaigns_list(state: _State, as_json: bool) -> None:
         if as_json:
             _print_json(rows)
         else:
-            click.echo(format_stats(rows))
+            echo(format_stats(rows))
 
 
 @campaigns_group.command("pause")
@@ -50,7 +50,7 @@ def campaigns_pause(state: _State, name: str) -> None:
         app = state.app()
         with app.transaction() as s:
             n = pause_campaign(s, app.config, name, app.now())
-        click.echo(f"{name} paused ({n} lead(s) waiting)" if n else f"{name} is paused")
+        echo(f"{name} paused ({n} lead(s) waiting)" if n else f"{name} is paused")
 
 
 @campaigns_group.command("resume")
@@ -65,12 +65,12 @@ def campaigns_resume(state: _State, name: str) -> None:
         with app.transaction() as s:
             r = resume_campaign(s, app.config, name, app.now())
         if not r.leads and not r.spread:
-            click.echo(f"{name} is running")
+            echo(f"{name} is running")
             return
         line = f"{name} resumed ({r.leads} lead(s))"
         if r.spread and r.last_due:
             line += f"; {r.spread} due step(s) spread until {r.last_due.isoformat()}"
-        click.echo(line)
+        echo(line)
 
 
 def _segment_options(f: click.decorators.FC) -> click.decorators.FC:
@@ -157,7 +157,7 @@ def campaigns_enroll(
         if as_json:
             _print_json({"campaign": name, **r.as_json()})
             return
-        click.echo(
+        echo(
             f"{r.enrolled} enrolled in {name}"
             + (f", {r.reactivated} continue where they stopped" if r.reactivated else "")
             + f"; skipped {r.already} already in it, {r.not_lead} not in status lead, "
@@ -193,7 +193,7 @@ def campaigns_unenroll(
         app = state.app()
         with app.transaction() as s:
             n = unenroll_segment(s, app.config, name, segment, app.now())
-        click.echo(f"{n} lead(s) unenrolled from {name}")
+        echo(f"{n} lead(s) unenrolled from {name}")
 
 
 # --- suppression -------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def suppress_import(state: _State, file: Path, as_json: bool) -> None:
             _print_json({"file": str(file), **r.as_json()})
         else:
             for line, value, reason in r.rejected:
-                click.echo(f"{file}:{line}: rejected {value or '(empty)'}: {reason}", err=True)
-            click.echo(f"{r.added} added, {r.updated} already listed, {len(r.rejected)} rejected")
+                echo(f"{file}:{line}: rejected {value or '(empty)'}: {reason}", err=True)
+            echo(f"{r.added} added, {r.updated} already listed, {len(r.rejected)} rejected")
         if r.rejected and not (r.added or r.updated):
             sys.exit(2)
 
@@ -242,10 +242,10 @@ def suppress_list(state: _State, as_json: bool) -> None:
         if as_json:
             _print_json(rows)
         elif not rows:
-            click.echo("the do-not-contact list is empty")
+            echo("the do-not-contact list is empty")
         else:
             for r in rows:
-                click.echo(f"{r['email']:40} {r['at']}  {r['reason'] or ''}".rstrip())
+                echo(f"{r['email']:40} {r['at']}  {r['reason'] or ''}".rstrip())
 
 
 @suppress_group.command("remove")
@@ -262,7 +262,7 @@ def suppress_remove(state: _State, entries: tuple[str, ...]) -> None:
                 n = remove_suppressions(s, entries)
         except ValueError as e:
             _die(str(e), 2)
-        click.echo(f"{n} entr{'y' if n == 1 else 'ies'} removed")
+        echo(f"{n} entr{'y' if n == 1 else 'ies'} removed")
 
 
 # --- webhooks ----------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None
         app = state.app()
         with app.transaction() as s:
             n = retry_dead(s, app.now(), None if retry_all else list(ids))
-        click.echo(f"{n} deliver{'y' if n == 1 else 'ies'} queued again")
+        echo(f"{n} deliver{'y' if n == 1 else 'ies'} queued again")
 
 
 # --- export ------------------------------------------------------------------------------
@@ -309,4 +309,4 @@ def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
         app = state.app()
         with app.transaction() as s:
             n = write(sys.stdout, rows(s, kind, at), kind, fmt)
-        click.echo(f"{n} {kind} exported", err=True)
+        echo(f"{n} {kind} exported", err=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,91 @@ class DatabaseUnavailable(DatabaseError):
     A temporary failure of the pass, never a property of the message in flight: the
     caller rolls back, leaves the mailbox progress where it is and retries with backoff.
     """
+
+
+class DatabaseUrlError(ValueError):
+    """The database URL is not one twoway can use: not a URL, not SQLite or PostgreSQL, or
+    a driver that is not installed. Bad input (exit 2), never worth a retry."""
+
+
+BACKENDS = ("sqlite", "postgresql")
+PG_CONNECT_TIMEOUT = 10
+"""Seconds to wait for a PostgreSQL server that does not answer (the URL's own
+`connect_timeout` wins): a host that drops packets is reported, not waited on for minutes."""
+
+
+def redact(url: str) -> str:
+    """`url` with its password written as `***`, for messages and logs (also when it does
+    not parse: whatever stands between `user:` and `@` is hidden)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)[:300]
+    except Exception:  # not a URL for SQLAlchemy: hide the userinfo by hand
+        pass
+    scheme, sep, rest = url.partition("://")
+    body = rest if sep else scheme
+    authority, slash, path = body.partition("/")
+    if "@" in authority:
+        userinfo, _, host = authority.rpartition("@")
+        if ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    shown = (f"{scheme}://" if sep else "") + authority + slash + path
+    return shown[:300]
+
+
+def parse_url(url: str) -> URL:
+    """The parsed database URL, or DatabaseUrlError saying why twoway cannot use it."""
+    try:
+        u = make_url(url)
+    except Exception:  # ArgumentError, or ValueError for a bad port
+        raise DatabaseUrlError(
+            f"bad database URL {redact(url)!r}: not a URL "
+            "(expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/NAME)"
+        ) from None
+    if u.get_backend_name() not in BACKENDS:
+        raise DatabaseUrlError(
+            f"bad database URL {redact(url)!r}: twoway works with sqlite and postgresql, "
+            f"not {u.get_backend_name()}"
+        )
+    if u.get_backend_name() == "postgresql" and u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    try:
+        u.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError):  # a driver that is not installed, or unknown
+        raise DatabaseUrlError(
+            f"bad database URL {u.render_as_string(hide_password=True)!r}: driver "
+            f"{u.drivername} is not installed (use sqlite:/// or postgresql+psycopg://)"
+        ) from None
+    return u
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a database URL (for `config check`), or None when it can."""
+    try:
+        parse_url(url)
+    except DatabaseUrlError as e:
+        return str(e)
+    return None
+
+
+def cannot_open(url: str | URL, exc: BaseException) -> DatabaseError:
+    """`exc`, raised while connecting to `url`, as one line for people: the database with
+    its password hidden, and the driver's reason without SQLAlchemy's decoration."""
+    u = url if isinstance(url, URL) else None
+    shown = u.render_as_string(hide_password=True) if u is not None else redact(str(url))
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, OSError) and orig.strerror:
+        reason = f"{orig.strerror}: {orig.filename}" if orig.filename else orig.strerror
+    else:
+        lines = [ln.strip() for ln in str(orig).strip().splitlines() if ln.strip()]
+        reason = "; ".join(lines[:2])[:300] if lines else orig.__class__.__name__
+    if u is not None and u.password:
+        reason = reason.replace(str(u.password), "***")
+    if u is not None and u.get_backend_name() == "sqlite" and "unable to open" in reason:
+        folder = Path(u.database or ".").parent
+        reason += f" (is {folder} a folder this user can write to?)"
+    err = DatabaseError(f"cannot open the database {shown}: {reason}")
+    err.__cause__ = exc
+    return err
 
 
 # SQLite result texts of conditions outside any one statement (sqlite3 has no codes
@@ -98,15 +184,35 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def open_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+    """An engine for `url` that has just connected once, or DatabaseUrlError (bad URL) or
+    DatabaseError (the database cannot be reached or opened), each one line for people.
+
+    Every command opens its database here (through `App.open`), so each says the same.
+    """
+    engine = make_engine(url, busy_timeout=busy_timeout)
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # connection failures come in many driver-specific types
+        engine.dispose()
+        raise cannot_open(engine.url, e) from e
+    return engine
+
+
 def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout (seconds a
-    statement waits for another process's lock before failing)."""
-    u = make_url(url)
+    """An engine for `url` (not connected yet); SQLite gets WAL, foreign keys and a busy
+    timeout (seconds a statement waits for another process's lock before failing).
+    DatabaseUrlError when the URL is not one twoway can use."""
+    u = parse_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise cannot_open(u, e) from e
         busy_ms = max(1, int(busy_timeout * 1000))
-        engine = create_engine(url, connect_args={"timeout": busy_timeout})
+        engine = create_engine(u, connect_args={"timeout": busy_timeout})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -125,9 +231,8 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    if u.get_backend_name() == "postgresql" and u.drivername == "postgresql":
-        u = u.set(drivername="postgresql+psycopg")
-    return create_engine(u, pool_pre_ping=True)
+    args = {} if "connect_timeout" in u.query else {"connect_timeout": PG_CONNECT_TIMEOUT}
+    return create_engine(u, connect_args=args, pool_pre_ping=True)
 
 
 # The tables whose plans depend on their size; small ones (mailbox_state, leases) are not.
@@ -158,13 +263,15 @@ def refresh_statistics(engine: Engine) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions for `engine`; whatever a unit of work kept for its commit (the reps'
-    assignment counters) is written just before it commits."""
+    assignment counters, buffered timeline events) is written just before it commits."""
     factory = sessionmaker(engine, expire_on_commit=False)
 
     @event.listens_for(factory, "before_commit")
     def _deferred(session: Session) -> None:
         from worker.assign import write_assignments
+        from worker.leads import flush_events
 
+        flush_events(session)
         write_assignments(session)
 
     return factory

@@ -27,6 +27,7 @@ from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import as_unavailable, is_conflict, is_unavailable
+from worker.leads import buffer_events
 from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import match_message
@@ -157,6 +158,7 @@ def process_batch(
         done: list[_Outcome] = []
         try:
             with app.transaction() as s:
+                buffer_events(s)  # one executemany of the batch's events
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
                 for fetched in batch[i:]:
@@ -264,6 +266,7 @@ def process_message(
     try:
         try:
             with app.transaction() as s:
+                buffer_events(s)
                 kind = _process(s, app, mb, fetched, ctx, now)
                 _advance(s, mb.name, fetched)
             _count(mb, fetched, kind, result)

@@ -112,20 +112,57 @@ def _write_event(
     detail: dict[str, Any] | None,
     inbound_id: int | None,
 ) -> None:
+    row = {
+        "lead_id": lead_id,
+        "at": at,
+        "type": type_,
+        "from_status": from_status,
+        "to_status": to_status,
+        "cause": cause,
+        "detail": detail or {},
+        "inbound_id": inbound_id,
+    }
+    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    if pending is not None:
+        pending.append(row)
+        return
     # A plain INSERT: events are written on every message and never read back here.
-    session.execute(
-        insert(LeadEvent),  # parameters apart: the compiled statement is cached
-        {
-            "lead_id": lead_id,
-            "at": at,
-            "type": type_,
-            "from_status": from_status,
-            "to_status": to_status,
-            "cause": cause,
-            "detail": detail or {},
-            "inbound_id": inbound_id,
-        },
-    )
+    session.execute(insert(LeadEvent), row)  # parameters apart: the compiled statement is cached
+
+
+_EVENT_BUFFER = "twoway.lead_events"
+
+
+def buffer_events(session: Session) -> None:
+    """Keep the events this unit of work writes in memory, to be written together (one
+    executemany) by `flush_events`: before anything in it reads `lead_events`, and when
+    it commits (the session factory's before-commit hook). Ids come out in the order
+    the events were recorded, as with one INSERT each."""
+    session.info.setdefault(_EVENT_BUFFER, [])
+
+
+def queue_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Record several events at once (rows of `lead_events` columns), buffered or not."""
+    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    if pending is not None:
+        pending.extend(rows)
+    elif rows:
+        session.execute(insert(LeadEvent), rows)
+
+
+def pending_events(session: Session, lead_id: int, type_: str) -> list[dict[str, Any]]:
+    """The buffered, not yet written events of one lead and type (readers of
+    `lead_events` add them to what the table says instead of flushing the buffer)."""
+    pending: list[dict[str, Any]] = session.info.get(_EVENT_BUFFER) or []
+    return [r for r in pending if r["lead_id"] == lead_id and r["type"] == type_]
+
+
+def flush_events(session: Session) -> None:
+    """Write the buffered events (see `buffer_events`); a no-op when none are pending."""
+    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    if pending:
+        session.connection().execute(insert(LeadEvent), pending)  # Core: no ORM bulk path
+        pending.clear()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from worker import handoffs
@@ -41,6 +41,8 @@ from worker.leads import (
     lead_fields,
     new_token,
     normalise_email,
+    pending_events,
+    queue_events,
     record_created,
     record_event,
     stop_nurture,
@@ -214,12 +216,15 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         inbound_id=row.id,
     )
     s.flush()
+    # The table's events and those this unit of work has not written yet (buffered).
     window = now - timedelta(days=app.config.bounces.soft_window_days)
     last_reset = s.scalar(
         select(func.max(LeadEvent.at)).where(
             LeadEvent.lead_id == lead.id, LeadEvent.type == "bounce_reset"
         )
     )
+    resets = [r["at"] for r in pending_events(s, lead.id, "bounce_reset")]
+    last_reset = max([x for x in (last_reset, *resets) if x is not None], default=None)
     since = max(window, last_reset) if last_reset else window
     count = (
         s.scalar(
@@ -228,7 +233,7 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
             )
         )
         or 0
-    )
+    ) + sum(1 for r in pending_events(s, lead.id, "soft_bounce") if r["at"] >= since)
     if count >= app.config.bounces.soft_limit:
         bounce_lead(
             s, lead, now,
@@ -241,7 +246,7 @@ def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
-    has_soft = s.scalar(
+    has_soft = pending_events(s, lead.id, "soft_bounce") or s.scalar(
         select(LeadEvent.id)
         .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
         .limit(1)
@@ -306,10 +311,13 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
 def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
     cause = ev.cause
-    first = not s.scalar(
-        select(LeadEvent.id)
-        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
-        .limit(1)
+    first = not (
+        pending_events(s, lead.id, "engaged")
+        or s.scalar(
+            select(LeadEvent.id)
+            .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
+            .limit(1)
+        )
     )
     if first:
         record_event(
@@ -634,8 +642,8 @@ def _account_awareness(
     if not (paused or owned):
         return []
     shown = rep_email or "the team"
-    s.execute(
-        insert(LeadEvent),
+    queue_events(
+        s,
         [
             {
                 "lead_id": other,

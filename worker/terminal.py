@@ -1,0 +1,32 @@
+"""Text for a terminal: what twoway prints never drives the terminal it is printed on.
+
+Lead names, companies and custom fields come from CSV files; subjects, senders and reply
+text from anyone who can send mail. An ESC in any of them (`\\x1b]0;…\\x07` retitles the
+window, `\\x1b[2J` clears the screen, OSC 52 writes the clipboard, a carriage return
+overwrites the line already shown) would reach the terminal of whoever runs `twoway leads
+show`. `printable` is the one function every printer of the `twoway` command passes its
+text through.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls but tab and newline, DEL, the C1 controls (U+009B is a one-character CSI on
+# terminals that honour 8-bit controls) and the bidirectional embeddings, overrides and
+# isolates that reorder what is shown (CVE-2021-42574).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but tab and newline written as `\\uXXXX`.
+
+    The escape is JSON's own, so JSON text stays the same JSON (a string holding U+009B
+    reads back as U+009B) and a person sees where the character was. Linear in the
+    length of `text`.
+    """
+    return _UNSAFE.sub(_escape, text)
