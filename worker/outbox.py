@@ -100,6 +100,8 @@ class Prepared:
     envelope_from: str
     attempts: int
     """The row's `attempts` when it was prepared: the claim checks nobody moved it since."""
+    reserved_until: datetime | None
+    """Several workers (PostgreSQL): the row was held back from the others until then."""
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
 
@@ -291,9 +293,16 @@ def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) 
         envelope = me.address
         if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
             envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
+        reserved = None
+        if s.get_bind().dialect.name != "sqlite":
+            # Other workers walk the same due rows: hold this one back from them while its
+            # SMTP transaction opens, so they do not build and open it too only to lose the
+            # claim. Still `queued`: if this worker dies now, it is due again after the lease.
+            reserved = now + timedelta(seconds=app.config.workers.lease_seconds)
+            row.next_attempt_at = reserved
         return Prepared(
             row.id, lead.id, row.kind, row.to_addr, row.mailbox, str(message["Subject"]), raw,
-            envelope, row.attempts, transport,
+            envelope, row.attempts, reserved, transport,
         )  # fmt: skip
 
 
@@ -323,6 +332,11 @@ def claim(app: App, item: Prepared) -> bool:
                 OutboundMessage.id == item.row_id,
                 OutboundMessage.status == OutboxState.QUEUED,
                 OutboundMessage.attempts == item.attempts,
+                *(
+                    [OutboundMessage.next_attempt_at == item.reserved_until]
+                    if item.reserved_until
+                    else []
+                ),
             )
             .values(
                 status=OutboxState.SENDING,
