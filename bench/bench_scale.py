@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import itertools
 import json
@@ -46,7 +45,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -405,23 +403,6 @@ def _spawn(mode: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
 # --- orchestration ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def pg_schema(base: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    schema = f"bench_scale_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 def _case(mode_out: dict[str, Any], n: int) -> dict[str, Any]:
     secs = mode_out["seconds"]
     out = {
@@ -486,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                 template.unlink()
                 print(f"sqlite {n}: {cases[-1]}", file=sys.stderr, flush=True)
             if args.pg_url and not args.no_pg:
+                from tests.conftest import pg_schema  # the tests' throwaway schema
+
                 for n in pg_sizes:
-                    with pg_schema(args.pg_url) as url:
+                    with pg_schema(args.pg_url, "bench_scale") as url:
                         built = _spawn("build", {"database": url, "leads": n}, work)["seconds"]
                         out = _spawn("full", {**spec, "database": url}, work)
                     if out["messages"] != appended or out["errors"]:
