@@ -29,6 +29,7 @@ from worker.cli import _die, _errors, _print_json, _State, echo, pass_state
 from worker.export import rows, write
 from worker.leads import LeadError, read_csv
 from worker.suppression import import_suppressions, list_suppressions, remove_suppressions
+from worker.terminal import shown_on_terminal
 from worker.webhooks import retry_dead
 
 
@@ -296,5 +297,5 @@ def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
         at = _since(since, "--since")
         app = state.app()
         with app.transaction() as s:
-            n = write(sys.stdout, rows(s, kind, at), kind, fmt)
+            n = write(shown_on_terminal(sys.stdout), rows(s, kind, at), kind, fmt)
         echo(f"{n} {kind} exported", err=True)
