@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import itertools
 import json
@@ -56,7 +55,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -426,23 +424,6 @@ def _spawn(mode: str, spec: dict[str, Any], work: Path, src: str | None = None) 
 # --- orchestration ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def pg_schema(base: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    schema = f"bench_scale_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 def _case(mode_out: dict[str, Any], n: int) -> dict[str, Any]:
     secs = mode_out["seconds"]
     out = {
@@ -535,9 +516,11 @@ def main(argv: list[str] | None = None) -> int:
                     full("sqlite", n, built, _spawn("full", one, work, src), label)
                 template.unlink()
             if args.pg_url and not args.no_pg:
+                from tests.conftest import pg_schema  # the tests' throwaway schema
+
                 for n in pg_sizes:
                     for label, src, procs in variants if n == min(pg_sizes) else variants[:1]:
-                        with pg_schema(args.pg_url) as url:
+                        with pg_schema(args.pg_url, "bench_scale") as url:
                             built = _spawn("build", {"database": url, "leads": n}, work)["seconds"]
                             one = {**spec, "database": url, "parse_processes": procs}
                             full("postgresql", n, built, _spawn("full", one, work, src), label)

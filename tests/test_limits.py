@@ -10,9 +10,12 @@ smtp.max_message_bytes fails before any SMTP transaction begins.
 
 from __future__ import annotations
 
+import json
+import mailbox
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +24,21 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, select
 
+from tests import hostile
 from tests.conftest import ROOT, base_config_data, twoway_cmd
+from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
-from worker.models import OutboundMessage
+from worker.config import MailboxConfig
+from worker.mailbox import MAX_BATCH_BYTES, ImapSource, MaildirSource
+from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
+from worker.parsing import MAX_MESSAGE_BYTES
 from worker.rendering import Renderer, RenderLimits, TemplateError
 
 NOW = "2026-12-01T10:00:00Z"
 MAX_RSS_MB = 300
 
-# Each attack is one line inside the body block of a copy of nurture/welcome.
-ATTACKS = {
-    "nurture/loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
-    "{% endfor %}{% endfor %}",
-    "nurture/three-gb": "{% for i in range(100000) %}{{ 'x' * 30000 }}{% endfor %}",
-    "nurture/thirty-mb": "{% for i in range(1000) %}{{ lead.email * 1000 }}{% endfor %}",
-}
+ATTACKS = hostile.TEMPLATE_ATTACKS
+GROWTH = hostile.TEMPLATE_GROWTH
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,37 @@ class Run:
     peak_rss_mb: float
 
 
+# Runs `python -m worker ARGS` and, at exit, writes the process's VmHWM (its own peak RSS)
+# to $TWOWAY_PEAK_FILE. Not os.wait4's ru_maxrss: on Linux a child starts with its
+# parent's peak (it survives fork and exec), and this test process builds 20 MB messages.
+_PEAK_WRAPPER = """
+import atexit, os, runpy
+
+def _peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["TWOWAY_PEAK_FILE"], "w") as out:
+        out.write(kb)
+
+atexit.register(_peak)
+runpy.run_module("worker", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_measured(cmd: list[str], tmp_path: Path) -> Run:
-    """Run `cmd` as a user would; its own peak RSS from os.wait4 (not RUSAGE_CHILDREN,
-    which keeps the largest of every child this test process ever waited for)."""
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    env = {**os.environ, "TWOWAY_NOW": NOW}
+    """Run `cmd` (a `python -m worker ...` command line, as a user would run twoway) and
+    measure its own peak RSS."""
+    assert cmd[1:3] == ["-m", "worker"], cmd
+    out, err, peak = tmp_path / "stdout.txt", tmp_path / "stderr.txt", tmp_path / "peak.txt"
+    peak.unlink(missing_ok=True)
+    env = {**os.environ, "TWOWAY_NOW": NOW, "TWOWAY_PEAK_FILE": str(peak)}
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
-    return Run(
-        proc.returncode,
-        out.read_text(),
-        err.read_text(),
-        usage.ru_maxrss / 1024,  # KiB on Linux
-    )
+        done = subprocess.run(
+            [cmd[0], "-c", _PEAK_WRAPPER, *cmd[3:]], stdout=o, stderr=e, env=env, timeout=600
+        )
+    peak_mb = int(peak.read_text()) / 1024
+    print(f"peak RSS {peak_mb:.1f} MB: twoway {' '.join(cmd[3:])}")  # shown with pytest -s
+    return Run(done.returncode, out.read_text(), err.read_text(), peak_mb)
 
 
 def with_attacks(tmp_path: Path, attacks: dict[str, str]) -> Path:
@@ -164,46 +183,6 @@ def test_config_check_reports_a_campaigns_runaway_template_with_exit_2(
 
 
 # --- each kind of growth, in the sandbox ------------------------------------------------------
-
-GROWTH = {
-    "repeat": ("{{ 'x' * 1000000000 }}", "builds a repeated value of 1,000,000,000"),
-    "power": ("{% set n = 2 %}{{ n ** 100000000 }}", "computes a number of about"),
-    "doubling": (
-        "{% set s = 'xxxxxxxx' %}" + "{% set s = s ~ s %}" * 40 + "{{ s }}",
-        "builds a value of 1,048,576",
-    ),
-    "namespace": (
-        "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
-        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-        "builds a value of 1,048,576",
-    ),
-    "center": ("{{ 'x'|center(1000000000) }}", "builds a centred value"),
-    "method": ("{{ 'x'.ljust(1000000000) }}", "builds a ljust() result"),
-    "format": ("{{ '{:>1000000000}'.format(1) }}", "builds a padded value"),
-    "printf": ("{{ '%*s' % (1000000000, 'x') }}", "builds a padded value"),
-    "replace": ("{% set a = 'x' * 100000 %}{{ a|replace('x', a) }}", "builds a replaced value"),
-    "join": ("{{ range(100000)|join('y' * 100000) }}", "builds a joined value"),
-    "macro": (
-        "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
-        "{% endmacro %}{{ m()|length }}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "set_block": (
-        "{% set b %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "many_values": (
-        "{{ ('x' * 1000000)|list|map('center', 1000)|list|length }}",
-        "writes or builds more than 5,000,000 characters",
-    ),
-    "recursion": (
-        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
-        "{{ f(60) }}",
-        "does more than 1,000,000 steps",
-    ),
-    "lipsum": ("{{ lipsum(100000000) }}", "builds lorem ipsum"),
-    "slice": ("{{ [1]|slice(1000000000)|list }}", "asks slice() for 1,000,000,000 parts"),
-}
 
 
 def one_part(tmp_path: Path, source: str) -> Path:
@@ -339,3 +318,126 @@ def test_it_refuses_a_message_over_smtp_max_message_bytes_without_claiming_it(
     assert good.status == "sent"
     delivered = list((tmp_path / "outbox" / "new").iterdir())
     assert len(delivered) == 1 and b"second@contoso.example" in delivered[0].read_bytes()
+
+
+# --- item 8: a message over the read limit, over IMAP and from a Maildir ----------------------
+
+BIG_SIZE = 20 * 1024 * 1024  # over MAX_MESSAGE_BYTES (16 MiB), one message: cheap to make
+GENUINE = ["buyer0@company0.example.org", "buyer1@company1.example.org"]
+BIG_SENDER = "big@northwind.example"
+
+
+def big_reply() -> bytes:
+    return hostile.big_attachment(BIG_SENDER, "sales@example.com", BIG_SIZE / (70 * 1024 * 1024))
+
+
+def genuine_reply(sender: str) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: sales@example.com\r\nSubject: Re: Welcome\r\n"
+        f"Message-ID: <{sender.split('@')[0]}.1@example.org>\r\nContent-Type: text/plain\r\n\r\n"
+        "Thanks, could you send pricing for 20 seats?\r\n"
+    ).encode()
+
+
+def leads_in(database: str) -> dict[str, str]:
+    engine = create_engine(database)
+    with engine.connect() as conn:
+        status = dict(conn.execute(select(Lead.email, Lead.status)).all())
+    engine.dispose()
+    return {str(k): str(v) for k, v in status.items()}
+
+
+def inbound_reasons(database: str) -> dict[str, str]:
+    engine = create_engine(database)
+    with engine.connect() as conn:
+        rows = conn.execute(select(InboundMessage.from_addr, InboundMessage.reason)).all()
+        quarantined = conn.execute(select(Quarantine.id)).all()
+    engine.dispose()
+    assert quarantined == []
+    return {str(sender): reason or "" for sender, reason in rows}
+
+
+@pytest.mark.parametrize("kind", ["imap", "maildir"])
+def test_it_reads_the_start_of_a_message_over_the_limit_and_the_replies_behind_it(
+    tmp_path: Path, sqlite_url: str, kind: str, request: pytest.FixtureRequest
+) -> None:
+    raw = big_reply()
+    assert len(raw) > MAX_MESSAGE_BYTES
+    if kind == "imap":
+        dovecot: DovecotServer = request.getfixturevalue("dovecot")
+        user = dovecot.fresh_user()
+        for message in (raw, *(genuine_reply(g) for g in GENUINE)):
+            dovecot.append(user, "INBOX", message)
+        mailboxes = [dovecot.mailbox_section(user, timeout=30)]
+    else:
+        inbox = mailbox.Maildir(tmp_path / "inbox", create=True)
+        for message in (raw, *(genuine_reply(g) for g in GENUINE)):
+            inbox.add(message)
+        mailboxes = [{"name": "sales", "kind": "maildir", "path": str(tmp_path / "inbox")}]
+    cfg = write_config(tmp_path, sqlite_url, campaigns=[], mailboxes=mailboxes)
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email\n" + "\n".join([BIG_SENDER, *GENUINE]) + "\n")
+    assert run_measured(twoway_cmd(cfg, "leads", "import", str(leads)), tmp_path).returncode == 0
+
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+    status = leads_in(sqlite_url)
+    assert all(status[g] == "prospect" for g in GENUINE), status  # the replies behind it
+    reasons = inbound_reasons(sqlite_url)
+    note = f"truncated: message of {len(raw):,} bytes, only the first {MAX_MESSAGE_BYTES:,} read"
+    assert note in reasons[BIG_SENDER], reasons[BIG_SENDER]
+    assert "truncated" not in reasons[GENUINE[0]]
+
+    shown = run_measured(twoway_cmd(cfg, "leads", "show", BIG_SENDER), tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"[{note}]" in shown.stdout, shown.stdout
+
+
+def test_inspect_says_a_file_over_the_limit_was_truncated_as_the_worker_does(
+    tmp_path: Path,
+) -> None:
+    eml = tmp_path / "big.eml"
+    eml.write_bytes(big_reply())
+    run = run_measured([sys.executable, "-m", "worker", "inspect", "--json", str(eml)], tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    size = eml.stat().st_size
+    assert result["truncated"] is True
+    assert result["limits"][0] == (
+        f"truncated: message of {size:,} bytes, only the first {MAX_MESSAGE_BYTES:,} read"
+    )
+    assert result["kind"] == "reply"  # classified from what was read
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
+@pytest.mark.parametrize("kind", ["imap", "maildir"])
+def test_batches_fit_the_byte_budget_as_well_as_the_count(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    scale = 11 * 1024 * 1024 / (70 * 1024 * 1024)  # three 11 MB messages: 33 MB in all
+    messages = [hostile.big_attachment("p@example.org", "sales@example.com", scale)]
+    messages = messages * 3 + [genuine_reply(GENUINE[0])]
+    source: ImapSource | MaildirSource
+    if kind == "imap":
+        dovecot: DovecotServer = request.getfixturevalue("dovecot")
+        user = dovecot.fresh_user()
+        for raw in messages:
+            dovecot.append(user, "INBOX", raw)
+        source = ImapSource(dovecot.mailbox_config(user, timeout=30))
+    else:
+        inbox = mailbox.Maildir(tmp_path / "inbox", create=True)
+        for raw in messages:
+            inbox.add(raw)
+        source = MaildirSource(MailboxConfig(name="sales", kind="maildir", path=tmp_path / "inbox"))
+    source.connect()
+    try:
+        batches = [
+            [(m.uid, len(m.raw), m.size) for m in b] for b in source.fetch_new("INBOX", 0, 20)
+        ]
+    finally:
+        source.close()
+    assert [len(b) for b in batches] == [2, 2]  # 22 MB, then 11 MB and the small reply
+    assert all(sum(n for _, n, _ in b) <= MAX_BATCH_BYTES for b in batches)
+    assert all(size is None for b in batches for _, _, size in b)  # none over 16 MB: whole
+    assert [uid for b in batches for uid, _, _ in b] == [1, 2, 3, 4]

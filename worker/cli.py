@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -44,7 +45,7 @@ from worker.passwords import hash_password
 from worker.report import build_report
 from worker.samples import SamplesMissing, init_project
 from worker.status import collect_status, format_status
-from worker.terminal import printable
+from worker.terminal import one_line, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -339,9 +340,8 @@ def leads_list(
         echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
         for r in rows:
             score = "" if r["score"] is None else str(r["score"])
-            echo(
-                f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
-            )
+            owner, company = one_line(r["owner"] or "-"), one_line(r["company"] or "")
+            echo(f"{r['email']:36} {r['status']:12} {score:>5}  {owner:28} {company}")
 
 
 def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
@@ -399,12 +399,14 @@ def leads_show(state: _State, email: str, as_json: bool) -> None:
 
 
 def _format_lead(d: dict[str, Any]) -> str:
-    name = " ".join(x for x in (d["first_name"], d["last_name"]) if x) or "(no name)"
+    name = one_line(" ".join(x for x in (d["first_name"], d["last_name"]) if x) or "(no name)")
     lines = [
         f"{name} <{d['email']}>",
         f"  status {d['status']}   owner {d['owner'] or '-'}   score {d['score'] if d['score'] is not None else '-'}",
     ]
-    org = ", ".join(str(x) for x in (d["title"], d["company"], d["industry"], d["country"]) if x)
+    org = ", ".join(
+        one_line(x) for x in (d["title"], d["company"], d["industry"], d["country"]) if x
+    )
     if org:
         lines.append(f"  {org}")
     if d.get("referred_by"):
@@ -440,7 +442,9 @@ def _format_lead(d: dict[str, Any]) -> str:
                 if m["direction"] == "out"
                 else f" matched by {m['match'] or '-'}"
             )
-            lines.append(f"  {m['at']} {arrow} {what}: {m['subject'] or ''}{extra}")
+            cut = re.search(r"truncated: [^;]*", m.get("reason") or "")  # said where it shows
+            extra += f" [{cut.group(0)}]" if cut else ""
+            lines.append(f"  {m['at']} {arrow} {what}: {one_line(m['subject'] or '')}{extra}")
     lines.append("timeline:")
     for e in d["events"]:
         change = f" {e['from_status'] or '-'} -> {e['to_status']}" if e["to_status"] else ""

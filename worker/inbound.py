@@ -167,7 +167,7 @@ class Prepared:
 def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepared:
     """Parse and classify one message (pure: no database, no I/O); never raises."""
     try:
-        msg = parse(fetched.raw)
+        msg = parse(fetched.raw, fetched.size)
     except ParseError as e:
         return Prepared(fetched, error=f"cannot parse: {e}")
     try:

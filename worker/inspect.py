@@ -9,12 +9,13 @@ match each message to when a config is there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.classify import ClassifyContext, classify
-from worker.parsing import ParseError, parse
+from worker.parsing import MAX_MESSAGE_BYTES, ParseError, parse
 
 if TYPE_CHECKING:
     from worker.app import App
@@ -37,6 +38,8 @@ RESULT_KEYS = (
     "from",
     "subject",
     "date",
+    "truncated",
+    "limits",
 )
 
 
@@ -47,17 +50,22 @@ def _empty() -> dict[str, object]:
     return dict.fromkeys(RESULT_KEYS)
 
 
-def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, object]:
+def inspect_bytes(
+    raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX, size: int | None = None
+) -> dict[str, object]:
     """Classify one raw message into the stable JSON object.
 
     Keys: kind, reason, bounce ({"type", "reason", "recipients", "status", ...} or None),
     return_date (ISO date or None), reply_text, intent, referral_email,
     unsubscribe_token, message_id, in_reply_to (list), references (list), from, subject,
-    date (ISO or None). When the bytes are not an email, kind is None and "error" says why.
+    date (ISO or None), truncated (whether only the first MAX_MESSAGE_BYTES of a message
+    of `size` bytes were read, as the worker reads it) and limits (what parsing left out,
+    as the worker records it in the reason). When the bytes are not an email, kind is
+    None and "error" says why.
     """
     result = _empty()
     try:
-        msg = parse(raw)
+        msg = parse(raw, size)
     except ParseError as exc:
         result["error"] = f"not an email: {exc}"
         return result
@@ -76,6 +84,8 @@ def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, 
         references=list(msg.references),
         subject=msg.subject,
         date=msg.date.isoformat() if msg.date else None,
+        truncated=size is not None and size > len(raw),
+        limits=list(msg.limits),
     )
     result["from"] = msg.from_addr
     return result
@@ -88,6 +98,15 @@ def _files(path: Path) -> Iterator[Path]:
                 yield child
     else:
         yield path
+
+
+def _read(file: Path) -> tuple[bytes, int | None]:
+    """The first MAX_MESSAGE_BYTES of `file` (what the worker would read), and the file's
+    size when it is larger."""
+    with file.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(MAX_MESSAGE_BYTES)
+    return raw, size if size > len(raw) else None
 
 
 def inspect_paths(
@@ -107,7 +126,7 @@ def inspect_paths(
             continue
         for file in files:
             try:
-                raw = file.read_bytes()
+                raw, size = _read(file)
             except OSError as exc:
                 yield {
                     "file": str(file),
@@ -115,7 +134,7 @@ def inspect_paths(
                     "error": f"cannot read: {exc.strerror or exc}",
                 }
                 continue
-            yield {"file": str(file), **inspect_bytes(raw, ctx)}
+            yield {"file": str(file), **inspect_bytes(raw, ctx, size)}
 
 
 def inspect_files(paths: list[Path], app: App | None = None) -> list[dict[str, object]]:
@@ -138,7 +157,7 @@ def inspect_files(paths: list[Path], app: App | None = None) -> list[dict[str, o
             if r.get("kind") is None or not r.get("file"):
                 continue
             try:
-                msg = parse(Path(str(r["file"])).read_bytes())
+                msg = parse(*_read(Path(str(r["file"]))))
             except (OSError, ParseError):
                 continue
             m = match_message(s, msg, classify(msg, ctx), app.config)
@@ -172,6 +191,9 @@ def format_human(result: dict[str, object]) -> str:
         )
         if bounce.get("diagnostic"):
             lines.append(f"diagnostic:  {bounce['diagnostic']}")
+    limits = result.get("limits")
+    if isinstance(limits, list) and limits:
+        lines.append(f"bounded:     {'; '.join(str(x) for x in limits)}")
     if result.get("return_date"):
         lines.append(f"back on:     {result['return_date']}")
     if result.get("intent"):

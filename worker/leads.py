@@ -22,7 +22,6 @@ from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
 from worker.db import refresh_statistics
 from worker.models import (
-    LIVE_ENROLLMENT,
     Enrollment,
     EnrollmentState,
     InboundMessage,
@@ -30,9 +29,9 @@ from worker.models import (
     LeadEvent,
     LeadStatus,
     OutboundMessage,
-    OutboxState,
     company_key,
 )
+from worker.states import enrollments, outbox
 from worker.webhooks import on_status
 
 KNOWN_COLUMNS = (
@@ -558,7 +557,11 @@ def list_leads(
         q = q.where(Lead.status == parse_status(status))
     if limit is not None:
         q = q.limit(limit)
-    leads = list(session.scalars(q))
+    return lead_rows(session, list(session.scalars(q)))
+
+
+def lead_rows(session: Session, leads: list[Lead]) -> list[dict[str, Any]]:
+    """A row of `leads list --json` for each lead: its fields and its campaigns."""
     campaigns: dict[int, list[str]] = {}
     ids = [lead.id for lead in leads]
     for i in range(0, len(ids), _CHUNK):
@@ -721,9 +724,7 @@ def mark_lead(session: Session, email: str, status: str, now: datetime, reason: 
 def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int:
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
     session.execute(
-        update(Enrollment)
-        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(LIVE_ENROLLMENT))
-        .values(state=EnrollmentState.STOPPED, next_due=None, updated_at=now)
+        enrollments("stopped", Enrollment.lead_id == lead_id).values(next_due=None, updated_at=now)
     )
     return cancel_queued(session, lead_id, "nurture", why)
 
@@ -731,13 +732,9 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
 def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
     """Cancel a lead's queued sends of one kind (nurture, followup); returns how many."""
     res = session.execute(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.lead_id == lead_id,
-            OutboundMessage.kind == kind,
-            OutboundMessage.status == OutboxState.QUEUED,
-        )
-        .values(status=OutboxState.CANCELLED, last_error=why)
+        outbox(
+            "cancelled", OutboundMessage.lead_id == lead_id, OutboundMessage.kind == kind
+        ).values(last_error=why)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 

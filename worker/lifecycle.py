@@ -50,9 +50,7 @@ from worker.leads import (
 )
 from worker.match import Match, is_internal
 from worker.models import (
-    LIVE_ENROLLMENT,
     Enrollment,
-    EnrollmentState,
     Handoff,
     InboundMessage,
     Lead,
@@ -64,6 +62,7 @@ from worker.models import (
 from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.states import enrollments
 from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
@@ -293,9 +292,9 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         )
         return
     res = s.execute(
-        update(Enrollment)
-        .where(Enrollment.lead_id == lead.id, Enrollment.state.in_(LIVE_ENROLLMENT))
-        .values(state=EnrollmentState.PAUSED, paused_until=until, updated_at=now)
+        enrollments("paused", Enrollment.lead_id == lead.id).values(
+            paused_until=until, updated_at=now
+        )
     )
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
     record_event(
@@ -632,9 +631,8 @@ def _account_awareness(
         return []
     paused = set(
         s.scalars(
-            update(Enrollment)
-            .where(Enrollment.lead_id.in_(colleagues), Enrollment.state == EnrollmentState.ACTIVE)
-            .values(state=EnrollmentState.PAUSED, paused_until=None, updated_at=now)
+            enrollments("paused_for_account", Enrollment.lead_id.in_(colleagues))
+            .values(paused_until=None, updated_at=now)
             .returning(Enrollment.lead_id)
             .execution_options(synchronize_session=False)
         )

@@ -48,6 +48,7 @@ from worker.contexts import (
     RepCopyFacts,
     common,
     context_for,
+    original_facts,
     sender_block,
     unsubscribe_url,
 )
@@ -377,6 +378,11 @@ def _build(
     total = len(config.campaign(row.campaign).steps) if row.campaign else 1
     if row.kind == "handoff" and isinstance(facts.get("followup"), dict):
         facts["followup"] = _followup_preview(s, app, renderer, lead, dict(facts["followup"]))
+    original: bytes | None = None
+    if row.kind == "handoff":  # the briefing says whether the original is attached
+        inbound = s.get(InboundMessage, row.inbound_id) if row.inbound_id else None
+        original = inbound.raw if inbound is not None else None
+        facts.update(original_facts(original, MAX_ATTACHED_ORIGINAL))
     ctx = context_for(
         row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
     )
@@ -394,10 +400,8 @@ def _build(
         # the sales mailbox only. The reply-ready copy is the one route to the prospect.
         rep = facts.get("rep") or {}
         to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
-        if row.kind == "handoff" and row.inbound_id:
-            inbound = s.get(InboundMessage, row.inbound_id)
-            if inbound is not None and inbound.raw and len(inbound.raw) <= MAX_ATTACHED_ORIGINAL:
-                attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
+        if original is not None and facts.get("original_attached"):
+            attachments.append(Attachment("original-reply.eml", original, "message/rfc822"))
     elif row.kind == "followup":
         if facts.get("from_addr"):
             from_addr, from_name = str(facts["from_addr"]), str(facts.get("from_name", ""))

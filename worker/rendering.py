@@ -189,10 +189,9 @@ _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
 
 def _budget() -> _Budget:
     budget = _BUDGET.get()
-    if budget is None:  # rendering outside Renderer._render_part (never in twoway itself)
-        budget = _Budget(RenderLimits())
-        _BUDGET.set(budget)
-    return budget
+    # Outside Renderer._render_part (Jinja folding a constant while it compiles a template
+    # elsewhere): each call is checked on its own, and nothing is carried over.
+    return budget if budget is not None else _Budget(RenderLimits())
 
 
 # printf-style conversions: a width or precision that would pad a value to millions of
