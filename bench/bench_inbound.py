@@ -86,7 +86,7 @@ def child_full(spec: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     config = config_from_dict(data, Path(spec["workdir"]) / "twoway.yaml")
     app = App.open(config, _real_clock())
-    worker = Worker(app)
+    worker = Worker(app).start()
     profiler = None
     if spec.get("profile"):
         import cProfile

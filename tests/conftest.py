@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from sqlalchemy import create_engine, text
 
 from worker.app import App
 from worker.config import Config, config_from_dict
+from worker.runner import Worker
 
 pytest_plugins = ["tests.imap_server", "tests.smtp_server"]
 
@@ -48,8 +50,29 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def _pg_schema_url(base: str) -> Iterator[str]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+@pytest.fixture
+def start_worker() -> Iterator[Callable[[App], Worker]]:
+    """`start_worker(app)`: a started Worker on `app`. It and its app are closed when the
+    test ends, passed or failed, so a failing assert never leaks the SQLite lock, a lease
+    thread or a connection. (A test that needs a worker gone mid-way uses `with Worker`.)"""
+    started: list[Worker] = []
+
+    def start(app: App) -> Worker:
+        worker = Worker(app).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        worker.close()
+        worker.app.close()
+
+
+@contextmanager
+def pg_schema(base: str, prefix: str = "t") -> Iterator[str]:
+    """The URL of a new, empty schema in the PostgreSQL at `base`, dropped afterwards
+    (the tests' databases, and bench/bench_scale.py's)."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -70,7 +93,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL; .ci/run does)")
-    yield from _pg_schema_url(PG_URL)
+    with pg_schema(PG_URL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -167,3 +167,56 @@ ATTACKS: dict[str, Builder] = {
     "html_bomb": html_bomb,
     "big_attachment": big_attachment,
 }
+
+
+# --- template attacks (issue 12 item 9) -------------------------------------------------
+
+# The issue's attacks on `templates lint` and sending: each is one line inside the body
+# block of a copy of nurture/welcome (line 3 of the copy).
+TEMPLATE_ATTACKS = {
+    "nurture/loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}",
+    "nurture/three-gb": "{% for i in range(100000) %}{{ 'x' * 30000 }}{% endfor %}",
+    "nurture/thirty-mb": "{% for i in range(1000) %}{{ lead.email * 1000 }}{% endfor %}",
+}
+
+# Every way a template can grow a value, each with the reason the render stops with.
+TEMPLATE_GROWTH = {
+    "repeat": ("{{ 'x' * 1000000000 }}", "builds a repeated value of 1,000,000,000"),
+    "power": ("{% set n = 2 %}{{ n ** 100000000 }}", "computes a number of about"),
+    "doubling": (
+        "{% set s = 'xxxxxxxx' %}" + "{% set s = s ~ s %}" * 40 + "{{ s }}",
+        "builds a value of 1,048,576",
+    ),
+    "namespace": (
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "builds a value of 1,048,576",
+    ),
+    "center": ("{{ 'x'|center(1000000000) }}", "builds a centred value"),
+    "method": ("{{ 'x'.ljust(1000000000) }}", "builds a ljust() result"),
+    "format": ("{{ '{:>1000000000}'.format(1) }}", "builds a padded value"),
+    "printf": ("{{ '%*s' % (1000000000, 'x') }}", "builds a padded value"),
+    "replace": ("{% set a = 'x' * 100000 %}{{ a|replace('x', a) }}", "builds a replaced value"),
+    "join": ("{{ range(100000)|join('y' * 100000) }}", "builds a joined value"),
+    "macro": (
+        "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
+        "{% endmacro %}{{ m()|length }}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "set_block": (
+        "{% set b %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "many_values": (
+        "{{ ('x' * 1000000)|list|map('center', 1000)|list|length }}",
+        "writes or builds more than 5,000,000 characters",
+    ),
+    "recursion": (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
+        "does more than 1,000,000 steps",
+    ),
+    "lipsum": ("{{ lipsum(100000000) }}", "builds lorem ipsum"),
+    "slice": ("{{ [1]|slice(1000000000)|list }}", "asks slice() for 1,000,000,000 parts"),
+}

@@ -74,7 +74,12 @@ class SmtpServer:
     """A running aiosmtpd server plus what it has seen; fault switches for tests."""
 
     def __init__(
-        self, *, auth: bool = False, tls: ssl.SSLContext | None = None, implicit_tls: bool = False
+        self,
+        *,
+        auth: bool = False,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        size_limit: int | None = None,
     ) -> None:
         self.messages: list[ReceivedMessage] = []
         self.transactions: list[Transaction] = []
@@ -97,6 +102,8 @@ class SmtpServer:
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
         if tls is not None and not implicit_tls:
             kwargs.update(tls_context=tls, require_starttls=False)
+        if size_limit is not None:  # advertised as SIZE in EHLO (RFC 1870) and enforced
+            kwargs.update(data_size_limit=size_limit)
         self._controller = _Controller(
             self,
             _Handler(self),
@@ -361,7 +368,8 @@ def smtp_tls_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext
 
 @pytest.fixture
 def smtp_server_factory() -> Iterator[Callable[..., SmtpServer]]:
-    """Start SMTP servers with options: auth=True, tls=<server SSLContext>, implicit_tls=True."""
+    """Start SMTP servers with options: auth=True, tls=<server SSLContext>, implicit_tls=True,
+    size_limit=<bytes> (the SIZE the server advertises and enforces)."""
     started: list[SmtpServer] = []
 
     def make(**options: Any) -> SmtpServer:

@@ -45,8 +45,7 @@ def test_it_counts_each_step_and_lists_who_waits_for_a_rep(app: App) -> None:
     )
     with app.transaction() as s:
         import_leads(s, read_csv(csv), app.now(), campaign=app.config.campaign("welcome"))
-    worker = Worker(app)
-    try:
+    with Worker(app) as worker:
         worker.run_once()
         sent = outbox(app)
         later = app.now() + timedelta(minutes=5)
@@ -60,8 +59,6 @@ def test_it_counts_each_step_and_lists_who_waits_for_a_rep(app: App) -> None:
             )
         )
         worker.run_once()
-    finally:
-        worker.close()
 
     with app.transaction() as s:
         steps = funnel_steps(s, app.config, "welcome")

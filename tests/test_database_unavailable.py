@@ -174,12 +174,8 @@ def test_it_keeps_a_full_database_s_messages_for_when_there_is_room(tmp_path: Pa
         dbapi_conn.execute(f"PRAGMA max_page_count={pages}")
 
     app.engine.dispose()
-    worker = Worker(app)
-    try:
-        with pytest.raises(DatabaseUnavailable, match="full"):
-            worker.run_once()
-    finally:
-        worker.close()
+    with Worker(app) as worker, pytest.raises(DatabaseUnavailable, match="full"):
+        worker.run_once()
     event.remove(app.engine, "connect", _full)
     app.engine.dispose()
     assert counts(db_path) == (0, 0, 0)  # nothing half-applied, nothing quarantined
@@ -187,11 +183,8 @@ def test_it_keeps_a_full_database_s_messages_for_when_there_is_room(tmp_path: Pa
         st = s.scalar(select(MailboxState).where(MailboxState.folder == "INBOX"))
         assert st is None or st.last_uid == 0  # progress stays where it was
 
-    worker = Worker(app)
-    try:
+    with Worker(app) as worker:
         result = worker.run_once()
-    finally:
-        worker.close()
     assert result.inbound.processed == 5 and result.inbound.quarantined == 0
     assert counts(db_path) == (5, 0, 5)
     app.close()

@@ -7,6 +7,7 @@ import mailbox
 import os
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,10 @@ def test_it_reads_past_every_hostile_message_in_one_pass(sqlite_url: str, tmp_pa
 
 
 def test_it_keeps_every_line_it_sends_within_998_octets(
-    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+    sqlite_url: str,
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     """aiosmtpd answers `500 Line too long` past RFC 5321's limit, as real servers do."""
     config = base_config(
@@ -91,9 +95,8 @@ def test_it_keeps_every_line_it_sends_within_998_octets(
         "Preise für zwölf Plätze, bitte.\r\n".encode()
         * 60
     )
-    worker = Worker(app)
+    worker = start_worker(app)
     worker.run_once()
-    worker.close()
     got = {tuple(m.rcpts): m for m in smtp_server.messages}
     with app.transaction() as s:
         rows = Counter(s.execute(select(OutboundMessage.kind, OutboundMessage.status)).all())
@@ -118,11 +121,12 @@ def test_it_keeps_every_line_it_sends_within_998_octets(
         "application/octet-stream": "original-reply.eml",
         "message/rfc822": "original-reply.eml",
     }
-    app.close()
 
 
 def test_it_promotes_a_genuine_reply_with_a_nul_byte_on_every_database(
-    database_url: str, tmp_path: Path
+    database_url: str,
+    tmp_path: Path,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     """PostgreSQL text cannot hold NUL: the reply must not be quarantined for it."""
     config = base_config(database_url, tmp_path, campaigns=[])
@@ -134,15 +138,13 @@ def test_it_promotes_a_genuine_reply_with_a_nul_byte_on_every_database(
         b"Subject: Re: Wel\x00come\r\nMessage-ID: <nul.1@northwind.example>\r\n"
         b"Content-Type: text/plain\r\n\r\nYes, send me pricing\x00 please.\r\n"
     )
-    worker = Worker(app)
+    worker = start_worker(app)
     worker.run_once()
-    worker.close()
     with app.transaction() as s:
         assert s.scalars(select(Quarantine)).all() == []
         assert s.scalar(select(Lead.status)) == "prospect"
         row = s.scalars(select(InboundMessage)).one()
         assert row.subject == "Re: Welcome" and "pricing please" in (row.reply_text or "")
-    app.close()
 
 
 def forged_dsn(victim: str, n: int, auth: str = "") -> bytes:
@@ -161,7 +163,9 @@ def forged_dsn(victim: str, n: int, auth: str = "") -> bytes:
 
 
 def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
-    database_url: str, tmp_path: Path
+    database_url: str,
+    tmp_path: Path,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     config = base_config(database_url, tmp_path, campaigns=[])
     app = App.open(config, lambda: hostile.NOW_HINT)
@@ -193,9 +197,8 @@ def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
         f"From: lead@a.example\r\nTo: sales@example.com\r\n{failing}Subject: Hi\r\n"
         "Message-ID: <spoof@evil.example>\r\n\r\nYes, send me pricing.\r\n".encode()
     )
-    worker = Worker(app)
+    worker = start_worker(app)
     worker.run_once()
-    worker.close()
     with app.transaction() as s:
         status = dict(s.execute(select(Lead.email, Lead.status)).all())
         events = Counter(s.scalars(select(LeadEvent.type)))
@@ -206,11 +209,12 @@ def test_it_acts_only_on_bounces_and_replies_tied_to_what_it_sent(
         "mailed@d.example": "bounced",  # we mailed it and nothing fails the DSN: weaker rule
     }
     assert events["unverified_bounce"] == 3 and events["unverified_reply"] == 1  # on record
-    app.close()
 
 
 def test_it_keeps_two_peoples_replies_that_share_a_message_id(
-    database_url: str, tmp_path: Path
+    database_url: str,
+    tmp_path: Path,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     config = base_config(database_url, tmp_path, campaigns=[])
     app = App.open(config, lambda: hostile.NOW_HINT)
@@ -224,15 +228,13 @@ def test_it_keeps_two_peoples_replies_that_share_a_message_id(
             f"From: {sender}\r\nTo: sales+{tokens[sender]}@example.com\r\nSubject: Re: Hi\r\n"
             "Message-ID: <reused@mailer.example>\r\n\r\nYes, send me pricing.\r\n".encode()
         )
-    worker = Worker(app)
+    worker = start_worker(app)
     result = worker.run_once()
-    worker.close()
     with app.transaction() as s:
         status = dict(s.execute(select(Lead.email, Lead.status)).all())
         recorded = sorted(a or "" for a in s.scalars(select(InboundMessage.from_addr)))
     assert status == {"ana@a.example": "prospect", "bo@b.example": "prospect"}
     assert recorded == who and result.inbound.duplicates == 1
-    app.close()
 
 
 def test_run_once_takes_over_a_dead_workers_lease_and_reads_the_mailbox(
@@ -240,13 +242,13 @@ def test_run_once_takes_over_a_dead_workers_lease_and_reads_the_mailbox(
 ) -> None:
     from datetime import timedelta
 
-    from tests.conftest import PG_URL, _pg_schema_url
+    from tests.conftest import PG_URL, pg_schema
     from worker.leases import wall_clock
     from worker.models import MailboxLease
 
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL)")
-    for url in _pg_schema_url(PG_URL):
+    with pg_schema(PG_URL) as url:
         data = base_config_data("sqlite:///unused.db", tmp_path, campaigns=[])
         data["workers"] = {"lease_seconds": 15}
         cfg = tmp_path / "twoway.yaml"

@@ -58,7 +58,7 @@ def test_it_wakes_for_a_reply_in_any_folder_of_any_mailbox(
         leads = [
             (lead.email, lead.reply_token) for lead in s.scalars(select(Lead).order_by(Lead.id))
         ]
-    worker = Worker(app)
+    worker = Worker(app).start()
     loop = threading.Thread(target=worker.run_forever)
     loop.start()
     try:

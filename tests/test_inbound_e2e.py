@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -56,13 +57,17 @@ def count(app: App, model: Any) -> int:
 
 
 def test_it_reads_each_message_exactly_once_and_changes_no_flags(
-    database_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str
+    database_url: str,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     for i in range(30):
         dovecot.append(imap_user, "INBOX", human(i), flags=["\\Seen"] if i % 3 == 0 else [])
     flags = dovecot.flags(imap_user, "INBOX")
     app = imap_app(database_url, tmp_path, dovecot, imap_user, batch_size=7)
-    worker = Worker(app)
+    worker = start_worker(app)
     assert worker.run_once().inbound.processed == 30
     assert worker.run_once().inbound.processed == 0
     for i in range(30, 35):
@@ -73,19 +78,21 @@ def test_it_reads_each_message_exactly_once_and_changes_no_flags(
         **flags,
         **{u: () for u in dovecot.uids(imap_user, "INBOX") if u not in flags},
     }
-    worker.close()
-    app.close()
 
 
 def test_it_resyncs_without_duplicates_when_uidvalidity_changes(
-    database_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str
+    database_url: str,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     dovecot.create_folder(imap_user, "Leads")
     originals = [human(i) for i in range(10)]
     for raw in originals:
         dovecot.append(imap_user, "Leads", raw)
     app = imap_app(database_url, tmp_path, dovecot, imap_user, folders=["Leads"])
-    worker = Worker(app)
+    worker = start_worker(app)
     assert worker.run_once().inbound.processed == 10
     dovecot.delete_folder(imap_user, "Leads")
     dovecot.create_folder(imap_user, "Leads")  # a new UIDVALIDITY
@@ -94,8 +101,6 @@ def test_it_resyncs_without_duplicates_when_uidvalidity_changes(
     result = worker.run_once()
     assert (result.inbound.processed, result.inbound.duplicates) == (2, 10)
     assert count(app, InboundMessage) == 12
-    worker.close()
-    app.close()
 
 
 def test_it_loses_nothing_and_repeats_nothing_when_killed_mid_sync(
@@ -250,19 +255,22 @@ def test_it_classifies_or_quarantines_every_mutated_message_in_a_whole_pass(
     inbox = d / "inbox" / "new"
     for n, i in enumerate(picks):
         (inbox / f"{n}.eml").write_bytes(_mutate(CORPUS[i].read_bytes(), noise[n:] + noise[:n]))
-    worker = Worker(app)
     try:
-        result = worker.run_once()  # must not raise
+        with Worker(app) as worker:
+            result = worker.run_once()  # must not raise
+        r = result.inbound
+        assert r.processed + r.duplicates + r.quarantined == len(picks)
+        assert count(app, InboundMessage) + count(app, Quarantine) == r.processed + r.quarantined
     finally:
-        worker.close()
-    r = result.inbound
-    assert r.processed + r.duplicates + r.quarantined == len(picks)
-    assert count(app, InboundMessage) + count(app, Quarantine) == r.processed + r.quarantined
-    app.close()
+        app.close()
 
 
 def test_it_files_processed_mail_into_folders_only_when_configured(
-    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str
+    sqlite_url: str,
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    imap_user: str,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     from tests import mails
 
@@ -270,12 +278,10 @@ def test_it_files_processed_mail_into_folders_only_when_configured(
     dovecot.append(imap_user, "INBOX", human(1))
     dovecot.append(imap_user, "INBOX", mails.newsletter("sales@example.com", NOW))
     app = imap_app(sqlite_url, tmp_path, dovecot, imap_user, move_processed={"bulk": "Newsletters"})
-    worker = Worker(app)
+    worker = start_worker(app)
     result = worker.run_once()
-    worker.close()
     assert result.inbound.kinds == {"reply": 1, "bulk": 1}
     assert len(dovecot.uids(imap_user, "INBOX")) == 1  # the human's message stays put
     assert len(dovecot.uids(imap_user, "Newsletters")) == 1  # the newsletter was filed
     with app.transaction() as s:
         assert s.scalar(select(func.count()).select_from(InboundMessage)) == 2
-    app.close()

@@ -76,7 +76,7 @@ def world(
     app = App.open(config, lambda: clock[0])
     with app.transaction() as s:
         import_leads(s, lead_rows(), clock[0], campaign=config.campaign("welcome"))
-    worker = Worker(app)
+    worker = Worker(app).start()
 
     def run_pass(at: datetime) -> None:
         clock[0] = at

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,17 @@ def open_app(config: Config, clock: list[datetime]) -> App:
 
 
 def test_it_sends_each_step_once_and_only_to_leads_still_in_lead(
-    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+    database_url: str,
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     config = base_config(database_url, tmp_path, smtp=smtp_server.section())
     clock = [MONDAY]
     app = open_app(config, clock)
     with app.transaction() as s:
         import_leads(s, rows(200), clock[0], campaign=config.campaign("welcome"))
-    worker = Worker(app)
+    worker = start_worker(app)
 
     assert worker.run_once().sent == 200
     assert Counter(smtp_server.recipients()) == Counter(
@@ -68,8 +72,6 @@ def test_it_sends_each_step_once_and_only_to_leads_still_in_lead(
             select(OutboundMessage.to_addr).where(OutboundMessage.status == "cancelled")
         ).all()
     assert sorted(cancelled) == ["lead0@company0.example.org", "lead1@company1.example.org"]
-    worker.close()
-    app.close()
 
 
 def test_it_honours_the_send_window_in_each_leads_time_zone(
@@ -131,7 +133,10 @@ def test_it_honours_the_send_window_in_each_leads_time_zone(
 
 
 def test_it_retries_temporary_failures_and_never_a_permanent_one(
-    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+    database_url: str,
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     config = base_config(database_url, tmp_path, smtp=smtp_server.section(max_attempts=5))
     clock = [MONDAY]
@@ -142,7 +147,7 @@ def test_it_retries_temporary_failures_and_never_a_permanent_one(
     smtp_server.drop_next(2)
     smtp_server.fail_next(2, 421)
     smtp_server.fail_next(3, 451)
-    worker = Worker(app)
+    worker = start_worker(app)
     for minute in range(0, 240, 5):  # a few hours of passes; retries wait in the database
         clock[0] = MONDAY + timedelta(minutes=minute)
         worker.run_once()
@@ -157,8 +162,6 @@ def test_it_retries_temporary_failures_and_never_a_permanent_one(
         assert refused is not None and refused.status == "failed" and refused.attempts == 1
         attempts = s.scalars(select(OutboundMessage.attempts)).all()
         assert max(attempts) <= 5
-    worker.close()
-    app.close()
 
 
 def _run_once(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -295,7 +298,10 @@ def test_it_skips_public_holidays_in_the_leads_country(sqlite_url: str, tmp_path
 
 
 def test_it_sends_each_campaign_from_its_mailboxs_identity_and_caps(
-    database_url: str, tmp_path: Path, smtp_server_factory: Any
+    database_url: str,
+    tmp_path: Path,
+    smtp_server_factory: Any,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     """A rep's mailbox with its own sender, SMTP account and caps, beside the shared one."""
     import mailbox as maildir
@@ -326,7 +332,7 @@ def test_it_sends_each_campaign_from_its_mailboxs_identity_and_caps(
         more = [(i + 2, {"email": f"es{i}@empresa{i}.example.org"}) for i in range(5)]
         import_leads(s, more, clock[0], campaign=config.campaign("spain"))
         token = s.scalar(select(Lead.reply_token).where(Lead.email == "es0@empresa0.example.org"))
-    worker = Worker(app)
+    worker = start_worker(app)
     worker.run_once()
     assert len(shared.messages) == 5 and len(own.messages) == 3  # the rep's account: 3 a minute
     assert {str(m.parsed()["From"]) for m in shared.messages} == {"Acme Sales <sales@example.com>"}
@@ -347,5 +353,3 @@ def test_it_sends_each_campaign_from_its_mailboxs_identity_and_caps(
     with app.transaction() as s:
         lead = s.scalar(select(Lead).where(Lead.email == "es0@empresa0.example.org"))
         assert lead is not None and lead.status == "prospect"
-    worker.close()
-    app.close()

@@ -143,11 +143,10 @@ def captured_pass(app: App, tmp_path: Path, messages: list[bytes]) -> list[tuple
         statements.append((statement, params[0] if many and params else params))
 
     event.listen(app.engine, "before_cursor_execute", capture)
-    worker = Worker(app)
     try:
-        result = worker.run_once()
+        with Worker(app) as worker:
+            result = worker.run_once()
     finally:
-        worker.close()
         event.remove(app.engine, "before_cursor_execute", capture)
     assert result.inbound.processed == len(messages), result
     return statements

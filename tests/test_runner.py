@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
+import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,14 @@ import yaml
 from sqlalchemy import select
 
 from tests import mails
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, twoway_cmd, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import clock_from_env, load_config
 from worker.leads import import_leads
 from worker.models import Lead
+from worker.runner import Worker
 
 
 @pytest.fixture
@@ -66,29 +66,50 @@ def setup(
     }
 
 
+class Daemon:
+    """`twoway run --log-format json` in a subprocess, and the log lines it wrote so far."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def said(self, text: str, after: int = 0) -> bool:
+        """Whether a log line from the `after`-th on contains `text`."""
+        return any(text in line for line in self.lines[after:])
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit code; all its output read."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(5)
+        self._reader.join(5)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
 @pytest.fixture
-def daemon(setup: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "--config",
-            str(setup["cfg"]),
-            "run",
-            "--log-format",
-            "json",
-        ],
-        env=setup["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+def daemon(setup: dict[str, Any]) -> Iterator[Daemon]:
+    d = Daemon(twoway_cmd(setup["cfg"], "run", "--log-format", "json"), setup["env"])
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait(10)
     setup["app"].close()
+
+
+IDLING = "idle: waiting for mail"
+"""What the worker logs once it waits with every folder in IDLE (mail now is pushed to it)."""
 
 
 def status_of(app: App, email: str) -> str:
@@ -99,12 +120,12 @@ def status_of(app: App, email: str) -> str:
 
 
 def test_it_sees_a_reply_within_seconds_and_stops_cleanly(
-    setup: dict[str, Any], daemon: subprocess.Popen[str]
+    setup: dict[str, Any], daemon: Daemon
 ) -> None:
     smtp: SmtpServer = setup["smtp"]
     wait_for(lambda: len(smtp.messages) == 1, 30, "step 1")
     step1 = smtp.messages[0].parsed()
-    time.sleep(1.0)  # the worker is now idling on the mailbox (no signal of it to wait for)
+    wait_for(lambda: daemon.said(IDLING), 30, "the worker idling after step 1")
     setup["dovecot"].append(
         setup["user"],
         "INBOX",
@@ -114,22 +135,29 @@ def test_it_sees_a_reply_within_seconds_and_stops_cleanly(
     assert status_of(setup["app"], "maria@nube.example.org") == "prospect"
     assert took < 5
 
-    daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(5) == 0
-    out = daemon.stdout.read() if daemon.stdout else ""
-    assert "stopping" in out
-    assert setup["env"]["TEST_IMAP_PASSWORD"] not in out  # secrets never logged
+    assert daemon.stop() == 0
+    assert "stopping" in daemon.output
+    assert setup["env"]["TEST_IMAP_PASSWORD"] not in daemon.output  # secrets never logged
 
 
 def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
-    setup: dict[str, Any], daemon: subprocess.Popen[str]
+    setup: dict[str, Any], daemon: Daemon
 ) -> None:
     smtp: SmtpServer = setup["smtp"]
     wait_for(lambda: len(smtp.messages) == 1, 30, "step 1")
+    good = setup["cfg"].read_text()
+    assert "poll_interval: 30" in good
     setup["cfg"].write_text("campaigns: [this is not: valid\n")
-    daemon.send_signal(signal.SIGHUP)
-    time.sleep(1.5)
-    assert daemon.poll() is None  # still running
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.said("keeping the old one"), 10, "the broken config refused")
+    assert daemon.proc.poll() is None  # still running
+
+    # A good config is taken (the new worker takes over the old one's SQLite lock).
+    setup["cfg"].write_text(good.replace("poll_interval: 30", "poll_interval: 20"))
+    seen = len(daemon.lines)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.said("reloaded", seen), 10, "the good config taken")
+    assert not daemon.said("keeping the old one", seen), daemon.output
     step1 = smtp.messages[0].parsed()
     setup["dovecot"].append(
         setup["user"], "INBOX", mails.reply(step1, "Let's talk next week.", datetime.now(UTC))
@@ -137,18 +165,15 @@ def test_it_keeps_the_old_config_when_a_reload_brings_a_broken_one(
     wait_for(
         lambda: status_of(setup["app"], "maria@nube.example.org") == "prospect", 10, "promotion"
     )
-    daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(5) == 0
-    out = daemon.stdout.read() if daemon.stdout else ""
-    assert "keeping the old one" in out
+    assert daemon.stop() == 0
 
 
 def test_it_reads_a_reply_while_a_large_send_backlog_goes_out(
-    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer, start_worker: Callable[[App], Worker]
 ) -> None:
     """The daemon's passes are bounded: a backlog of sends never holds up reading mail."""
     from tests.conftest import base_config
-    from worker.runner import PASS_LIMIT, Worker
+    from worker.runner import PASS_LIMIT
 
     smtp = smtp_server.section()
     config = base_config(sqlite_url, tmp_path, smtp=smtp)
@@ -162,7 +187,7 @@ def test_it_reads_a_reply_while_a_large_send_backlog_goes_out(
         "Message-ID: <r1@c7.example.org>\r\n\r\nYes, send pricing please.\r\n"
     )
     (tmp_path / "inbox" / "new" / "1.reply").write_text(reply)
-    worker = Worker(app)
+    worker = start_worker(app)
     first = worker.run_once(limit=PASS_LIMIT)
     assert first.inbound.processed == 1 and first.sent == PASS_LIMIT and first.more
     assert status_of(app, "lead7@c7.example.org") == "prospect"
@@ -174,5 +199,3 @@ def test_it_reads_a_reply_while_a_large_send_backlog_goes_out(
     reps = ("ana@example.com", "ben@example.com", "chloe@example.com")
     assert sum(got.pop(r, 0) for r in reps) == 2
     assert len(got) == PASS_LIMIT * 3 - 1 and set(got.values()) == {1}
-    worker.close()
-    app.close()

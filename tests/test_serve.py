@@ -65,11 +65,10 @@ def run_once(cfg: Path, when: datetime) -> None:
     from worker.runner import Worker
 
     app = App.open(load_config(cfg, env={}), lambda: when)
-    worker = Worker(app)
     try:
-        assert not worker.run_once().errors
+        with Worker(app) as worker:
+            assert not worker.run_once().errors
     finally:
-        worker.close()
         app.close()
 
 
@@ -305,6 +304,24 @@ def test_it_refuses_a_forged_csrf_token(demo_served: tuple[Path, Served]) -> Non
     assert web.post("/logout", {"csrf": theirs}).status == 403
     assert web.post("/logout", {"csrf": web.csrf("/console")}).status == 303
     assert web.get("/console").status == 303  # logged out
+
+
+def test_it_previews_a_template_for_a_lead_with_the_leads_own_unsubscribe_link(
+    demo_served: tuple[Path, Served],
+) -> None:
+    cfg, served = demo_served
+    app = App.open(load_config(cfg, env={}), lambda: T0)
+    try:
+        with app.transaction() as s:
+            token = get_lead(s, "maria.garcia@nube.example").reply_token
+    finally:
+        app.close()
+    web = served.client()
+    assert web.login(TOKEN).status == 303
+    page = web.get("/console/templates?name=nurture/welcome&lead=maria.garcia%40nube.example")
+    assert page.status == 200 and "María" in page.body
+    assert f"https://acme.example/unsubscribe/{token}" in page.body
+    assert "k3x9q2m7" not in page.body  # not the sample's placeholder token
 
 
 def test_it_limits_failed_logins_per_address(demo_served: tuple[Path, Served]) -> None:

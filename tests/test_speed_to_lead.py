@@ -10,6 +10,7 @@ import json
 import mailbox
 import os
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
@@ -68,7 +69,8 @@ def sent(tmp_path: Path) -> dict[str, EmailMessage]:
     return {key: parser.parsebytes(m.as_bytes()) for key, m in box.items()}
 
 
-def start(app: App, tmp_path: Path) -> Worker:
+def start(worker: Worker, tmp_path: Path) -> Worker:
+    app = worker.app
     with app.transaction() as s:
         import_leads(
             s,
@@ -76,7 +78,6 @@ def start(app: App, tmp_path: Path) -> Worker:
             app.now(),
             campaign=app.config.campaign("welcome"),
         )
-    worker = Worker(app)
     worker.run_once()
     (step1,) = sent(tmp_path).values()
     reply = (
@@ -91,27 +92,23 @@ def start(app: App, tmp_path: Path) -> Worker:
 
 
 def test_it_reassigns_an_unanswered_prospect_once_to_the_next_rep(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, start_worker: Callable[[App], Worker]
 ) -> None:
     config = base_config(database_url, tmp_path, handoff={"sla": "1bh", "escalate_to": "reassign"})
     clock = [TUESDAY]
     app = App.open(config, lambda: clock[0])
     app.clock = clock  # type: ignore[attr-defined]
-    try:
-        worker = start(app, tmp_path)
-        before = set(sent(tmp_path))
-        clock[0] = TUESDAY + timedelta(hours=3)  # past the reminder (1bh) and escalation (2bh)
-        worker.run_once()
-        worker.run_once()  # a second pass does nothing more
-        new = [m for key, m in sent(tmp_path).items() if key not in before]
-        worker.close()
-        with app.transaction() as s:
-            lead = s.scalars(select(Lead).where(Lead.email == MARIA)).one()
-            rows = s.scalars(select(Handoff).order_by(Handoff.id)).all()
-            owner = lead.owner
-            shown = show_lead(s, MARIA)
-    finally:
-        app.close()
+    worker = start(start_worker(app), tmp_path)
+    before = set(sent(tmp_path))
+    clock[0] = TUESDAY + timedelta(hours=3)  # past the reminder (1bh) and escalation (2bh)
+    worker.run_once()
+    worker.run_once()  # a second pass does nothing more
+    new = [m for key, m in sent(tmp_path).items() if key not in before]
+    with app.transaction() as s:
+        lead = s.scalars(select(Lead).where(Lead.email == MARIA)).one()
+        rows = s.scalars(select(Handoff).order_by(Handoff.id)).all()
+        owner = lead.owner
+        shown = show_lead(s, MARIA)
     to = sorted((str(m["To"]), str(m["Subject"])) for m in new if "María" not in str(m["To"]))
     assert owner != "ana@example.com" and owner is not None
     assert [r.rep for r in rows] == ["ana@example.com", owner]
@@ -146,10 +143,9 @@ def test_it_lists_the_waiting_cancels_the_follow_up_and_reports_figures(
     clock = [TUESDAY]
     app = App.open(config, lambda: clock[0])
     app.clock = clock  # type: ignore[attr-defined]
-    try:
-        start(app, tmp_path).close()
-    finally:
-        app.close()
+    with Worker(app) as worker:  # gone before the commands below (SQLite: one worker)
+        start(worker, tmp_path)
+    app.close()
     later = TUESDAY + timedelta(hours=3)
     waiting = json.loads(twoway(cfg, "leads", "list", "--waiting", "--json", at=later).stdout)
     assert [(w["email"], w["rep"], w["breached"]) for w in waiting] == [

@@ -124,3 +124,40 @@ def test_it_renames_engaged_to_held_when_upgrading_a_database_from_0002(
         assert lead is not None and lead.status is LeadStatus.HELD
         assert event is not None and event.to_status is LeadStatus.HELD
     engine.dispose()
+
+
+def test_every_enrollment_and_outbox_move_names_real_states_and_refuses_others() -> None:
+    from worker.models import Enrollment, EnrollmentState, OutboundMessage, OutboxState
+    from worker.states import (
+        ENROLLMENT_MOVES,
+        OUTBOX_MOVES,
+        StateError,
+        enrollments,
+        move_enrollment,
+        move_outbox,
+    )
+
+    for moves in (ENROLLMENT_MOVES, OUTBOX_MOVES):
+        for move in moves.values():
+            assert move.sources and move.targets
+    # The bulk UPDATE's WHERE names exactly the move's sources.
+    sql = str(enrollments("resumed", Enrollment.lead_id == 1).compile())
+    assert "enrollments.state IN" in sql and "enrollments.lead_id =" in sql
+    done = Enrollment(id=1, state=EnrollmentState.COMPLETED)
+    try:
+        move_enrollment(done, "paused")
+    except StateError as e:
+        assert "paused cannot start from completed" in str(e)
+    else:
+        raise AssertionError("paused a completed enrollment")
+    assert done.state == EnrollmentState.COMPLETED
+    sent = OutboundMessage(id=2, status=OutboxState.SENT)
+    try:
+        move_outbox(sent, "cancelled")
+    except StateError:
+        pass
+    else:
+        raise AssertionError("cancelled a sent message")
+    queued = OutboundMessage(id=3, status=OutboxState.QUEUED)
+    move_outbox(queued, "claimed")
+    assert queued.status == OutboxState.SENDING

@@ -90,8 +90,13 @@ def test_it_shows_control_codes_from_csv_and_mail_without_obeying_them(
         "webinar": f"yes{CLIPBOARD}",
     }
     csv_file = tmp_path / "leads.csv"
+    # A quoted CSV field may hold a line break: in a listing it must not print a row.
+    spoof = {**{k: "" for k in fields}, "email": "zed@corp.example.org",
+             "company": "Zed\nmallory@evil.example          customer       99  ceo@corp"}  # fmt: skip
     csv_file.write_text(
-        ",".join(fields) + "\n" + ",".join(f'"{v}"' for v in fields.values()) + "\n",
+        ",".join(fields)
+        + "\n"
+        + "".join(",".join(f'"{v}"' for v in row.values()) + "\n" for row in (fields, spoof)),
         encoding="utf-8",
     )
     _run(cfg, "leads", "import", str(csv_file), "--campaign", "welcome")
@@ -122,6 +127,9 @@ def test_it_shows_control_codes_from_csv_and_mail_without_obeying_them(
     assert "CTO\\u000doverwritten" in show
     assert "Re: welcome \\u001b[2J\\u001b[Hyou have been hacked" in show
     assert "Corp\\u009b31m" in shown["leads list"]
+    rows = shown["leads list"].splitlines()
+    assert len(rows) == 3 and not any(r.startswith("mallory@") for r in rows), rows
+    assert "Zed\\u000amallory@evil.example" in shown["leads list"]
     assert "eve@corp.example.org" in shown["leads list --waiting"]
     assert "\\u001b]52;c;" in shown["inspect"]  # the reply text
 
@@ -135,3 +143,19 @@ def test_it_shows_control_codes_from_csv_and_mail_without_obeying_them(
     assert listed[0]["company"] == fields["company"]
     inspected = json.loads(_run(cfg, "inspect", str(tmp_path / "reply.eml"), "--json").stdout)
     assert CLIPBOARD in inspected["reply_text"]
+
+
+def test_export_shows_control_codes_on_a_terminal_and_keeps_them_in_a_file(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(base_config_data(sqlite_url, tmp_path)))
+    (tmp_path / "leads.csv").write_text(
+        f'email,company\neve@corp.example.org,"Corp{ESC_TITLE}"\n', encoding="utf-8"
+    )
+    _run(cfg, "leads", "import", str(tmp_path / "leads.csv"))
+    on_screen = _on_a_terminal(cfg, "export", "leads")
+    assert _unsafe_in(on_screen) == [], on_screen
+    assert "Corp\\u001b]0;pwned\\u0007" in on_screen
+    piped = _run(cfg, "export", "leads").stdout  # to a file or a CRM import: the data as is
+    assert f"Corp{ESC_TITLE}" in piped

@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
@@ -58,7 +58,10 @@ def test_it_signs_over_the_timestamp_and_the_body() -> None:
 
 
 def test_it_sends_the_conversion_record_on_promotion_and_later_changes(
-    database_url: str, tmp_path: Path, receiver: Receiver
+    database_url: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     secret = tmp_path / "hook.secret"
     secret.write_bytes(SECRET + b"\n")
@@ -74,7 +77,7 @@ def test_it_sends_the_conversion_record_on_promotion_and_later_changes(
             clock[0],
             campaign=config.campaign("welcome"),
         )  # fmt: skip
-    worker = Worker(app)
+    worker = start_worker(app)
     worker.run_once()
     outbox = mailbox.Maildir(tmp_path / "outbox")
     step1 = BytesParser(policy=policy.default).parsebytes(
@@ -107,12 +110,12 @@ def test_it_sends_the_conversion_record_on_promotion_and_later_changes(
     types = sorted(json.loads(b)["type"] for bodies in receiver.bodies.values() for b in bodies)
     assert types == ["lead.customer", "lead.promoted"]
     assert receiver.bad_signatures == 0
-    worker.close()
-    app.close()
 
 
 def test_it_dead_letters_a_broken_endpoint_and_retries_it_on_request(
-    database_url: str, tmp_path: Path
+    database_url: str,
+    tmp_path: Path,
+    start_worker: Callable[[App], Worker],
 ) -> None:
     broken = Receiver(SECRET, ["500"])
     secret = tmp_path / "hook.secret"
@@ -126,7 +129,7 @@ def test_it_dead_letters_a_broken_endpoint_and_retries_it_on_request(
     with app.transaction() as s:
         import_leads(s, [(2, {"email": "x@example.org"})], clock[0])
         mark_lead(s, "x@example.org", "disqualified", clock[0], "no budget")
-    worker = Worker(app)
+    worker = start_worker(app)
     for minutes in (0, 2, 5, 10, 20):  # backoff 60 s, 120 s, …: three attempts in all
         clock[0] = MONDAY + timedelta(minutes=minutes)
         worker.run_once()
@@ -141,8 +144,6 @@ def test_it_dead_letters_a_broken_endpoint_and_retries_it_on_request(
         assert retry_dead(s, clock[0]) == 1
     worker.run_once()
     assert broken.requests == 4
-    worker.close()
-    app.close()
     broken.stop()
 
 

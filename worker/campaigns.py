@@ -28,6 +28,7 @@ from worker.models import (
     LeadEvent,
     OutboundMessage,
 )
+from worker.states import move_enrollment, outbox
 
 _CHUNK = 900
 
@@ -318,12 +319,8 @@ def enroll_segment(
     revived: list[int] = []
     for lid, en in existing.items():
         if en.state == EnrollmentState.STOPPED and en.step < len(camp.steps):
-            en.state, en.next_due, en.waiting, en.updated_at = (
-                EnrollmentState.ACTIVE,
-                now,
-                None,
-                now,
-            )
+            move_enrollment(en, "continued")
+            en.next_due, en.waiting, en.updated_at = now, None, now
             revived.append(lid)
         else:
             result.already += 1
@@ -354,17 +351,17 @@ def unenroll_segment(
     ]
     lead_ids = [en.lead_id for en in stopped]
     for en in stopped:
-        en.state, en.next_due, en.waiting, en.updated_at = EnrollmentState.STOPPED, None, None, now
+        move_enrollment(en, "stopped")
+        en.next_due, en.waiting, en.updated_at = None, None, now
     for i in range(0, len(lead_ids), _CHUNK):
         s.execute(
-            update(OutboundMessage)
-            .where(
+            outbox(
+                "cancelled",
                 OutboundMessage.campaign == name,
                 OutboundMessage.kind == "nurture",
-                OutboundMessage.status == "queued",
                 OutboundMessage.lead_id.in_(lead_ids[i : i + _CHUNK]),
             )
-            .values(status="cancelled", last_error=f"unenrolled from {name}")
+            .values(last_error=f"unenrolled from {name}")
             .execution_options(synchronize_session=False)
         )
     _events(s, lead_ids, "unenrolled", f"{by}: campaigns unenroll {name}", now,

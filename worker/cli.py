@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,20 +15,37 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from worker import __version__
+from worker import __version__, db
 from worker.app import App
-from worker.config import ConfigError, clock_from_env, load_config, missing_templates
+from worker.compose import compose, new_message_id
+from worker.config import Config, ConfigError, clock_from_env, load_config, missing_templates
+from worker.console import quarantine_rows
+from worker.contexts import kinds_of, preview_context, samples
 from worker.db import (
     DatabaseError,
     DatabaseUrlError,
     as_unavailable,
     is_unavailable,
     open_engine,
-    refresh_statistics,
     url_problem,
 )
+from worker.handoffs import cancel_followup, waiting_leads
+from worker.health import check_health
+from worker.leads import (
+    LeadError,
+    get_lead,
+    import_file,
+    lead_fields,
+    list_leads,
+    mark_lead,
+    show_lead,
+)
 from worker.leases import WorkerLockError
-from worker.terminal import printable
+from worker.passwords import hash_password
+from worker.report import build_report
+from worker.samples import SamplesMissing, init_project
+from worker.status import collect_status, format_status
+from worker.terminal import one_line, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,8 +68,6 @@ def _die(message: str, code: int) -> NoReturn:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn the errors people can act on into a message and an exit code, never a traceback."""
-    from worker.leads import LeadError
-
     try:
         yield
     except ConfigError as e:
@@ -82,8 +99,6 @@ def _count_lines(path: Path) -> int:
 
 def _prog_name() -> str:
     """How to type this program again: `twoway` when that is on PATH, else its path."""
-    import shutil
-
     argv0 = Path(sys.argv[0])
     found = shutil.which("twoway")
     if argv0.name == "twoway" and (found is None or Path(found).resolve() != argv0.resolve()):
@@ -96,8 +111,9 @@ def _print_json(data: Any) -> None:
 
 
 class _State:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, verbose: bool = False) -> None:
         self.config_path = config_path
+        self.verbose = verbose
         self._app: App | None = None
 
     def app(self, *, migrate: bool = True) -> App:
@@ -152,21 +168,15 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """twoway: turns one-way leads into two-way prospects."""
-    # Logging is set up once per process: here, or by `run` itself (its level, --log-format).
-    if ctx.invoked_subcommand != "run" and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    # mail-parser logs every part type it does not render; our parser handles those.
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    if ctx.invoked_subcommand not in ("run", "serve"):  # those two set it up with their options
+        _setup_logging("human", verbose, daemon=False)
     # The database, reports, outbox and quarantine hold personal data and the tokens that
     # `leads mark` accepts: whatever twoway creates is for its own user only.
     # The mask is put back when the command ends, so a command run inside another program
     # (a test, a script calling main()) leaves that program's own files as it made them.
     previous = os.umask(0o077)
     ctx.call_on_close(lambda: os.umask(previous))
-    ctx.obj = _State(config_path)
+    ctx.obj = _State(config_path, verbose)
 
 
 # --- db ----------------------------------------------------------------------------------
@@ -181,8 +191,6 @@ def db_group() -> None:
 @pass_state
 def db_upgrade(state: _State) -> None:
     """Apply pending migrations (Alembic)."""
-    from worker import db
-
     with _errors():
         app = state.app(migrate=False)
         before = db.current_revision(app.engine)
@@ -233,8 +241,9 @@ def config_check(state: _State, connect: bool) -> None:
         )
 
 
-def _connect_checks(config: Any) -> list[str]:
-    from worker.mailbox import MailboxError, open_source, probe_imap
+def _connect_checks(config: Config) -> list[str]:
+    from worker.mailbox import probe
+    from worker.mailer import probe_smtp
 
     problems: list[str] = []
     try:
@@ -243,27 +252,9 @@ def _connect_checks(config: Any) -> list[str]:
         problems.append(str(e))
     except DatabaseUrlError:
         pass  # said already, without --connect
-    for m in config.mailboxes:
-        if m.kind == "maildir":
-            source = open_source(m)
-            try:
-                source.connect()
-                for folder in m.folders:
-                    source.select(folder)
-            except MailboxError as e:
-                problems.append(f"mailbox {m.name}: {e}")
-            finally:
-                source.close()
-            continue
-        found = probe_imap(m)
-        if found:
-            problems.append(f"mailbox {m.name}: {found}")
-    if config.smtp is not None:
-        from worker.mailer import probe_smtp
-
-        found = probe_smtp(config.smtp)
-        if found:
-            problems.append(f"smtp: {found}")
+    problems += [f"mailbox {m.name}: {p}" for m in config.mailboxes if (p := probe(m))]
+    if config.smtp is not None and (p := probe_smtp(config.smtp)):
+        problems.append(f"smtp: {p}")
     return problems
 
 
@@ -286,40 +277,22 @@ def leads_import(
     state: _State, file: Path, campaign: str | None, source: str | None, strict: bool, as_json: bool
 ) -> None:
     """Import or update leads from a CSV file (header row; `email` required)."""
-    from worker.leads import campaign_for, import_leads, read_csv
-
     with _errors():
         app = state.app()
-        camp = campaign_for(app.config, campaign)
-        rows = read_csv(file)
         total = _count_lines(file) if sys.stderr.isatty() and not as_json else 0
-        show_bar = total > 2000
-        with app.transaction() as session:
-            if show_bar:
-                with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
-                    done = [0]
+        if total > 2000:
+            with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+                done = [0]
 
-                    def tick(n: int) -> None:
-                        bar.update(n - done[0])
-                        done[0] = n
+                def tick(n: int) -> None:
+                    bar.update(n - done[0])
+                    done[0] = n
 
-                    result = import_leads(
-                        session,
-                        rows,
-                        app.now(),
-                        campaign=camp,
-                        source=source,
-                        strict=strict,
-                        progress=tick,
-                    )
-            else:
-                result = import_leads(
-                    session, rows, app.now(), campaign=camp, source=source, strict=strict
+                result = import_file(
+                    app, file, campaign, source=source, strict=strict, progress=tick
                 )
-            if result.strict_failed:
-                session.rollback()
-        if result.imported or result.updated:
-            refresh_statistics(app.engine)  # thousands of new rows change the plans
+        else:
+            result = import_file(app, file, campaign, source=source, strict=strict)
         if as_json:
             _print_json({"file": str(file), **result.as_json()})
         else:
@@ -328,8 +301,8 @@ def leads_import(
             summary = f"{result.imported} imported, {result.updated} updated, {len(result.rejected)} rejected"
             if result.suppressed:
                 summary += f", {result.suppressed} skipped (do-not-contact list)"
-            if camp is not None:
-                summary += f", {result.enrolled} enrolled in {camp.name}"
+            if campaign is not None:
+                summary += f", {result.enrolled} enrolled in {campaign}"
             if result.strict_failed:
                 summary = f"nothing imported (--strict): {len(result.rejected)} rejected row(s)"
             echo(summary)
@@ -351,8 +324,6 @@ def leads_list(
     state: _State, status: str | None, limit: int | None, waiting: bool, as_json: bool
 ) -> None:
     """List leads."""
-    from worker.leads import list_leads
-
     with _errors():
         app = state.app()
         if waiting:
@@ -369,14 +340,11 @@ def leads_list(
         echo(f"{'EMAIL':36} {'STATUS':12} {'SCORE':>5}  {'OWNER':28} COMPANY")
         for r in rows:
             score = "" if r["score"] is None else str(r["score"])
-            echo(
-                f"{r['email']:36} {r['status']:12} {score:>5}  {r['owner'] or '-':28} {r['company'] or ''}"
-            )
+            owner, company = one_line(r["owner"] or "-"), one_line(r["company"] or "")
+            echo(f"{r['email']:36} {r['status']:12} {score:>5}  {owner:28} {company}")
 
 
 def _list_waiting(app: App, limit: int | None, as_json: bool) -> None:
-    from worker.handoffs import waiting_leads
-
     with app.transaction() as session:
         rows = waiting_leads(session, app.now(), limit or 200)
     if as_json:
@@ -402,9 +370,6 @@ def followup_group() -> None:
 @pass_state
 def followup_cancel(state: _State, email: str) -> None:
     """Do not send EMAIL's queued follow-up (the rep answers them personally)."""
-    from worker.handoffs import cancel_followup
-    from worker.leads import get_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -423,8 +388,6 @@ def followup_cancel(state: _State, email: str) -> None:
 @pass_state
 def leads_show(state: _State, email: str, as_json: bool) -> None:
     """A lead's profile and whole story: enrollments, mail, transitions with causes."""
-    from worker.leads import show_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -436,12 +399,14 @@ def leads_show(state: _State, email: str, as_json: bool) -> None:
 
 
 def _format_lead(d: dict[str, Any]) -> str:
-    name = " ".join(x for x in (d["first_name"], d["last_name"]) if x) or "(no name)"
+    name = one_line(" ".join(x for x in (d["first_name"], d["last_name"]) if x) or "(no name)")
     lines = [
         f"{name} <{d['email']}>",
         f"  status {d['status']}   owner {d['owner'] or '-'}   score {d['score'] if d['score'] is not None else '-'}",
     ]
-    org = ", ".join(str(x) for x in (d["title"], d["company"], d["industry"], d["country"]) if x)
+    org = ", ".join(
+        one_line(x) for x in (d["title"], d["company"], d["industry"], d["country"]) if x
+    )
     if org:
         lines.append(f"  {org}")
     if d.get("referred_by"):
@@ -477,7 +442,9 @@ def _format_lead(d: dict[str, Any]) -> str:
                 if m["direction"] == "out"
                 else f" matched by {m['match'] or '-'}"
             )
-            lines.append(f"  {m['at']} {arrow} {what}: {m['subject'] or ''}{extra}")
+            cut = re.search(r"truncated: [^;]*", m.get("reason") or "")  # said where it shows
+            extra += f" [{cut.group(0)}]" if cut else ""
+            lines.append(f"  {m['at']} {arrow} {what}: {one_line(m['subject'] or '')}{extra}")
     lines.append("timeline:")
     for e in d["events"]:
         change = f" {e['from_status'] or '-'} -> {e['to_status']}" if e["to_status"] else ""
@@ -492,8 +459,6 @@ def _format_lead(d: dict[str, Any]) -> str:
 @pass_state
 def leads_mark(state: _State, email: str, status: str, reason: str | None) -> None:
     """Change a lead's status by hand (customer, disqualified, ...)."""
-    from worker.leads import mark_lead
-
     with _errors():
         app = state.app()
         with app.transaction() as session:
@@ -514,13 +479,9 @@ def leads_mark(state: _State, email: str, status: str, reason: str | None) -> No
 @pass_state
 def status_cmd(state: _State, as_json: bool, check: bool) -> None:
     """Funnel, outbox, mailbox health, quarantine and alarms."""
-    from worker.status import collect_status, format_status
-
     with _errors():
         app = state.app()
         if check:
-            from worker.health import check_health
-
             health = check_health(app)
             if as_json:
                 _print_json(health.as_json())
@@ -568,19 +529,27 @@ class _TextFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def _setup_logging(fmt: str, verbose: bool) -> None:
+def _setup_logging(fmt: str | None, verbose: bool, *, daemon: bool = True) -> None:
+    """The process's logging, set up once, at the entry point: to standard error, as
+    `human` lines or `json` objects (None: human on a terminal, json otherwise). The
+    daemons (`run`, `serve`) log from INFO; the other commands only warnings, and leave
+    logging alone when the program calling them has set it up. -v: from DEBUG."""
     root = logging.getLogger()
+    if not daemon and root.handlers:
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if (fmt or ("human" if sys.stderr.isatty() else "json")) == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("imapclient", "sqlalchemy", "alembic", "mail-parser", "mailparser"):
+    root.setLevel(logging.DEBUG if verbose else logging.INFO if daemon else logging.WARNING)
+    for noisy in ("imapclient", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # mail-parser logs every part type it does not render; our parser handles those.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
 @main.command("run")
@@ -604,95 +573,39 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
     is_flag=True,
     help="Also run `twoway serve` (serve.host, serve.port) in this process.",
 )
-@click.pass_context
+@pass_state
 def run_cmd(
-    ctx: click.Context, once: bool, log_format: str | None, as_json: bool, with_serve: bool
+    state: _State, once: bool, log_format: str | None, as_json: bool, with_serve: bool
 ) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
-    import signal
-    import threading
+    from worker.runner import Worker, run_daemon
 
-    from worker.runner import Worker
-
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
-    log = logging.getLogger("worker")
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
-        worker = Worker(app)
-        if once:
-            try:
-                result = worker.run_once_retrying()
-            finally:
-                worker.close()
-            summary = {
-                "processed": result.inbound.processed,
-                "duplicates": result.inbound.duplicates,
-                "quarantined": result.inbound.quarantined,
-                "kinds": result.inbound.kinds,
-                "queued": result.queued,
-                "sent": result.sent,
-                "delivered": result.delivered,
-                "errors": result.errors,
-            }
-            if as_json:
-                _print_json(summary)
-            else:
-                kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
-                echo(
-                    f"read {result.inbound.processed} message(s)"
-                    + (f" ({kinds})" if kinds else "")
-                    + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
-                )
-                for e in result.errors:
-                    echo(f"error: {e}", err=True)
-            if result.errors:
-                sys.exit(1)
-            return
-
-        stop = worker.stop
-        reload = threading.Event()
-
-        def _stop(signum: int, _frame: Any) -> None:
-            log.info(
-                "signal %s: finishing the message in flight, then stopping",
-                signal.Signals(signum).name,
+        if not once:
+            serve = app.config.serve
+            run_daemon(
+                app,
+                lambda: load_config(state.config_path),
+                (serve.host, serve.port) if with_serve else None,
             )
-            stop.set()
-
-        def _reload(_signum: int, _frame: Any) -> None:
-            reload.set()
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGHUP, _reload)
-        stop_serving = None
-        if with_serve:
-            from worker.web import serve_in_thread
-
-            stop_serving = serve_in_thread(app, app.config.serve.host, app.config.serve.port)
-        while True:
-            worker.run_forever()
-            if not reload.is_set():
-                break
-            reload.clear()
-            try:
-                new_config = load_config(state.config_path)
-                new_worker = Worker(App(new_config, app.engine, app.sessions, app.now), stop)
-            except Exception as e:  # a bad new config must not take the worker down
-                log.error(
-                    "SIGHUP: the new configuration is not usable, keeping the old one:\n%s", e
-                )
-            else:
-                worker.close()
-                worker = new_worker
-                log.info("SIGHUP: configuration and templates reloaded")
-            stop.clear()
-        worker.close()
-        if stop_serving is not None:
-            stop_serving()
+            return
+        with Worker(app) as worker:
+            result = worker.run_once_retrying()
+        if as_json:
+            _print_json(result.as_json())
+        else:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.inbound.kinds.items()))
+            echo(
+                f"read {result.inbound.processed} message(s)"
+                + (f" ({kinds})" if kinds else "")
+                + f", quarantined {result.inbound.quarantined}, queued {result.queued} step(s), sent {result.sent}"
+            )
+            for e in result.errors:
+                echo(f"error: {e}", err=True)
+        if result.errors:
+            sys.exit(1)
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -706,20 +619,14 @@ def run_cmd(
 @pass_state
 def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
     """Classify messages offline: kind, bounce details, return date, reply text, intent."""
-    from worker.classify import ClassifyContext
-    from worker.inspect import format_human, inspect_paths
+    from worker.inspect import format_human, inspect_files
 
-    ctx = ClassifyContext()
     app: App | None = None
     if state.config_path or Path("config/twoway.yaml").exists():
         with _errors():
             app = state.app()
-        from worker.inbound import classify_context
-
-        ctx = classify_context(app.config)
-    results = list(inspect_paths(list(paths), ctx))
-    if app is not None:
-        _add_matches(app, results, paths)
+    with _errors():
+        results = inspect_files(list(paths), app)
     single = len(paths) == 1 and paths[0].is_file()
     for r in results:
         if single and not as_json:
@@ -731,32 +638,6 @@ def inspect_cmd(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
         echo(f"twoway: {r['file']}: {r['error']}", err=True)
     if unreadable or (single and results and results[0].get("kind") is None):
         sys.exit(2)
-
-
-def _add_matches(app: App, results: list[dict[str, Any]], paths: tuple[Path, ...]) -> None:
-    from worker.classify import classify
-    from worker.inbound import classify_context
-    from worker.match import match_message
-    from worker.parsing import ParseError, parse
-
-    ctx = classify_context(app.config)
-    with app.transaction() as s:
-        for r in results:
-            if r.get("kind") is None or not r.get("file"):
-                continue
-            try:
-                msg = parse(Path(str(r["file"])).read_bytes())
-            except (OSError, ParseError):
-                continue
-            m = match_message(s, msg, classify(msg, ctx), app.config)
-            lead = None
-            if m.lead_id is not None:
-                from worker.models import Lead
-
-                row = s.get(Lead, m.lead_id)
-                lead = row.email if row else None
-            r["lead"] = lead
-            r["match"] = {"method": m.method, "explanation": m.explanation}
 
 
 # --- quarantine --------------------------------------------------------------------------
@@ -775,29 +656,10 @@ def quarantine_group() -> None:
 @pass_state
 def quarantine_list(state: _State, show_all: bool, as_json: bool) -> None:
     """List quarantined messages with their reason."""
-    from sqlalchemy import select
-
-    from worker.models import Quarantine
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
-            q = select(Quarantine).order_by(Quarantine.id)
-            if not show_all:
-                q = q.where(Quarantine.resolved_at.is_(None))
-            rows = [
-                {
-                    "id": r.id,
-                    "mailbox": r.mailbox,
-                    "folder": r.folder,
-                    "uid": r.uid,
-                    "size": len(r.raw),
-                    "reason": r.reason,
-                    "at": r.created_at.isoformat(),
-                    "resolved": r.resolved_at is not None,
-                }
-                for r in s.scalars(q)
-            ]
+            rows = quarantine_rows(s, resolved_too=show_all)
         if as_json:
             _print_json(rows)
         elif not rows:
@@ -845,7 +707,6 @@ def templates_group() -> None:
 @pass_state
 def templates_lint(state: _State, with_leads: bool) -> None:
     """Render every template against sample data (and enrolled leads); name file:line of each problem."""
-    from worker.contexts import samples, unsubscribe_url
     from worker.rendering import Renderer, lint_for
 
     with _errors():
@@ -854,32 +715,17 @@ def templates_lint(state: _State, with_leads: bool) -> None:
         names = renderer.names()
         problems = [str(e) for e in lint_for(renderer, config, names)]
         checked = len(names)
-        # A problem every lead shares (a syntax error) is said once; one of some leads'
-        # data (a custom field they lack) names them.
         by_lead: dict[str, list[str]] = {}
         if with_leads:
-            from sqlalchemy import select
-
-            from worker.leads import lead_fields
-            from worker.models import Enrollment, Lead
+            from worker.sequences import lint_enrolled
 
             app = state.app()
             with app.transaction() as s:
-                pairs = s.execute(
-                    select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id)
-                ).all()
-                for lead, en in pairs:
-                    try:
-                        camp = config.campaign(en.campaign)
-                    except KeyError:
-                        continue
-                    unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
-                    for i, step in enumerate(camp.steps):
-                        ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
-                        for e in renderer.lint(ctx["nurture"], list(step.templates)):
-                            if str(e) not in problems:
-                                by_lead.setdefault(str(e), []).append(lead.email)
-                        checked += 1
+                renders, by_lead = lint_enrolled(s, renderer, config)
+            checked += renders
+        # A problem every lead shares (a syntax error) is said once, as sample data found
+        # it; one of some leads' data (a custom field they lack) names them.
+        by_lead = {p: emails for p, emails in by_lead.items() if p not in problems}
         for p in dict.fromkeys(problems):
             echo(p, err=True)
         for p, emails in by_lead.items():
@@ -907,24 +753,18 @@ def templates_preview(
     state: _State, name: str, lead_email: str | None, html_file: Path | None
 ) -> None:
     """Print a template's subject and text as a lead would get them."""
-    from worker.contexts import kinds_of, samples, unsubscribe_url
     from worker.rendering import Renderer, TemplateError
 
     with _errors():
         config = load_config(state.config_path)
         renderer = Renderer(config.templates_path)
-        lead, unsubscribe = None, None
+        lead, token = None, None
         if lead_email:
-            from worker.leads import get_lead, lead_fields
-
-            app = state.app()
-            with app.transaction() as s:
+            with state.app().transaction() as s:
                 found = get_lead(s, lead_email)
-                lead = lead_fields(found)
-                unsubscribe = unsubscribe_url(config.sender, found.reply_token)
-        ctx = samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
+                lead, token = lead_fields(found), found.reply_token
         try:
-            out = renderer.render(name, ctx)
+            out = renderer.render(name, preview_context(config, name, lead, token))
         except TemplateError as e:
             _die(str(e), 2)
         echo(f"Subject: {out.subject}\n\n{out.text}")
@@ -941,8 +781,6 @@ def templates_preview(
 @pass_state
 def templates_send_test(state: _State, name: str, to_addr: str) -> None:
     """Send one rendering of a template (sample data) to an address, through the configured SMTP."""
-    from worker.compose import compose, new_message_id
-    from worker.contexts import kinds_of, samples
     from worker.mailer import Mailer
     from worker.rendering import Renderer, TemplateError
 
@@ -1002,8 +840,6 @@ def demo_cmd(workspace: Path | None) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def init_cmd(directory: Path) -> None:
     """Write a starting point into DIRECTORY: config/twoway.yaml, sample leads, templates/."""
-    from worker.samples import SamplesMissing, init_project
-
     try:
         written = init_project(directory)
     except FileExistsError as e:
@@ -1032,16 +868,12 @@ def init_cmd(directory: Path) -> None:
     default=None,
     help="Default: human on a terminal, json otherwise.",
 )
-@click.pass_context
-def serve_cmd(
-    ctx: click.Context, host: str | None, port: int | None, log_format: str | None
-) -> None:
+@pass_state
+def serve_cmd(state: _State, host: str | None, port: int | None, log_format: str | None) -> None:
     """The web side: /u/TOKEN unsubscribe, /healthz, /metrics and the console (login)."""
     from worker.web import serve
 
-    state: _State = ctx.obj
-    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
-    _setup_logging(log_format or ("human" if sys.stderr.isatty() else "json"), verbose)
+    _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
         cfg = app.config.serve
@@ -1054,8 +886,6 @@ def serve_cmd(
 @main.command("hash-password")
 def hash_password_cmd() -> None:
     """Print the hash of a console password (read from the terminal, or standard input)."""
-    from worker.passwords import hash_password
-
     if sys.stdin.isatty():
         password = click.prompt("Console password", hide_input=True, confirmation_prompt=True)
     else:
@@ -1124,8 +954,6 @@ def _settle(state: _State, message_id: str, action: str) -> None:
 @pass_state
 def report_cmd(state: _State, html_file: Path, days: int) -> None:
     """Write the funnel, daily activity and health as an HTML page; print its path."""
-    from worker.report import build_report
-
     # The folder is resolved, not the file: a symlink there is replaced, never followed.
     target = html_file.parent.resolve() / html_file.name
     if not target.parent.is_dir():

@@ -6,15 +6,31 @@ ones) in one transaction and prints the result; `worker.cli` registers them on `
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
-from worker.campaigns import Segment
+from worker.campaigns import (
+    Segment,
+    campaign_stats,
+    emails_of,
+    enroll_segment,
+    format_stats,
+    pause_campaign,
+    resume_campaign,
+    unenroll_segment,
+)
 from worker.cli import _die, _errors, _print_json, _State, echo, pass_state
-from worker.leads import LeadError
+from worker.export import rows, write
+from worker.leads import LeadError, read_csv
+from worker.suppression import import_suppressions, list_suppressions, remove_suppressions
+from worker.terminal import shown_on_terminal
+from worker.webhooks import retry_dead
 
 
 @click.group("campaigns")
@@ -27,8 +43,6 @@ def campaigns_group() -> None:
 @pass_state
 def campaigns_list(state: _State, as_json: bool) -> None:
     """Per campaign, step and variant: sent, replied, auto-replied, bounced, unsubscribed."""
-    from worker.campaigns import campaign_stats, format_stats
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -44,8 +58,6 @@ def campaigns_list(state: _State, as_json: bool) -> None:
 @pass_state
 def campaigns_pause(state: _State, name: str) -> None:
     """Stop sending a campaign's steps until it is resumed."""
-    from worker.campaigns import pause_campaign
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -58,8 +70,6 @@ def campaigns_pause(state: _State, name: str) -> None:
 @pass_state
 def campaigns_resume(state: _State, name: str) -> None:
     """Resume a paused campaign; what fell due goes out spread by the caps."""
-    from worker.campaigns import resume_campaign
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -73,7 +83,28 @@ def campaigns_resume(state: _State, name: str) -> None:
         echo(line)
 
 
-def _segment_options(f: click.decorators.FC) -> click.decorators.FC:
+def _segment_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The filters that choose leads (--status, --country, ..., --file), handed to the
+    command as one `segment` (with its LEADS arguments, when it takes some)."""
+
+    @functools.wraps(f)
+    def with_segment(
+        *args: Any,
+        statuses: tuple[str, ...],
+        countries: tuple[str, ...],
+        industries: tuple[str, ...],
+        sources: tuple[str, ...],
+        imported_since: str | None,
+        csv_file: Path | None,
+        **kwargs: Any,
+    ) -> None:
+        with _errors():
+            segment = _segment(
+                statuses, countries, industries, sources, imported_since, csv_file,
+                kwargs.pop("leads", ()),
+            )  # fmt: skip
+        f(*args, segment=segment, **kwargs)
+
     for opt in reversed(
         [
             click.option("--status", "statuses", multiple=True, help="Lead status (repeatable)."),
@@ -91,8 +122,8 @@ def _segment_options(f: click.decorators.FC) -> click.decorators.FC:
             ),
         ]
     ):
-        f = opt(f)
-    return f
+        with_segment = opt(with_segment)
+    return with_segment
 
 
 def _since(text: str | None, option: str) -> datetime | None:
@@ -114,9 +145,6 @@ def _segment(
     csv_file: Path | None,
     leads: tuple[str, ...] = (),
 ) -> Segment:
-    from worker.campaigns import emails_of
-    from worker.leads import read_csv
-
     emails = list(leads)
     if csv_file is not None:
         emails += [(raw.get("email") or "") for _, raw in read_csv(csv_file)]
@@ -135,22 +163,9 @@ def _segment(
 @_segment_options
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def campaigns_enroll(
-    state: _State,
-    name: str,
-    statuses: tuple[str, ...],
-    countries: tuple[str, ...],
-    industries: tuple[str, ...],
-    sources: tuple[str, ...],
-    imported_since: str | None,
-    csv_file: Path | None,
-    as_json: bool,
-) -> None:
+def campaigns_enroll(state: _State, name: str, segment: Segment, as_json: bool) -> None:
     """Enroll leads already in the database (default: every lead in status `lead`)."""
-    from worker.campaigns import enroll_segment
-
     with _errors():
-        segment = _segment(statuses, countries, industries, sources, imported_since, csv_file)
         app = state.app()
         with app.transaction() as s:
             r = enroll_segment(s, app.config, name, segment, app.now())
@@ -170,24 +185,9 @@ def campaigns_enroll(
 @click.argument("leads", nargs=-1)
 @_segment_options
 @pass_state
-def campaigns_unenroll(
-    state: _State,
-    name: str,
-    leads: tuple[str, ...],
-    statuses: tuple[str, ...],
-    countries: tuple[str, ...],
-    industries: tuple[str, ...],
-    sources: tuple[str, ...],
-    imported_since: str | None,
-    csv_file: Path | None,
-) -> None:
+def campaigns_unenroll(state: _State, name: str, segment: Segment) -> None:
     """Take leads (addresses, or the leads matching the filters) out of a campaign."""
-    from worker.campaigns import unenroll_segment
-
     with _errors():
-        segment = _segment(
-            statuses, countries, industries, sources, imported_since, csv_file, leads
-        )
         if segment.is_empty():
             _die("campaigns unenroll: name a lead or give a filter (--status, --file, …)", 2)
         app = state.app()
@@ -210,9 +210,6 @@ def suppress_group() -> None:
 @pass_state
 def suppress_import(state: _State, file: Path, as_json: bool) -> None:
     """Add a CSV (`email`: an address or @domain; optional `reason`) to the list."""
-    from worker.leads import read_csv
-    from worker.suppression import import_suppressions
-
     with _errors():
         app = state.app()
         rows = read_csv(file)
@@ -233,8 +230,6 @@ def suppress_import(state: _State, file: Path, as_json: bool) -> None:
 @pass_state
 def suppress_list(state: _State, as_json: bool) -> None:
     """Every entry with its reason."""
-    from worker.suppression import list_suppressions
-
     with _errors():
         app = state.app()
         with app.transaction() as s:
@@ -253,8 +248,6 @@ def suppress_list(state: _State, as_json: bool) -> None:
 @pass_state
 def suppress_remove(state: _State, entries: tuple[str, ...]) -> None:
     """Remove addresses or @domains from the list."""
-    from worker.suppression import remove_suppressions
-
     with _errors():
         app = state.app()
         try:
@@ -279,8 +272,6 @@ def webhooks_group() -> None:
 @pass_state
 def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None:
     """Give dead deliveries (by id, as `status` shows them, or --all) a fresh set of tries."""
-    from worker.webhooks import retry_dead
-
     if not ids and not retry_all:
         _die("webhooks retry: give delivery ids or --all", 2)
     with _errors():
@@ -302,11 +293,9 @@ def webhooks_retry(state: _State, ids: tuple[int, ...], retry_all: bool) -> None
 @pass_state
 def export_cmd(state: _State, kind: str, fmt: str, since: str | None) -> None:
     """Write prospects, leads or timeline events to standard output for a CRM import."""
-    from worker.export import rows, write
-
     with _errors():
         at = _since(since, "--since")
         app = state.app()
         with app.transaction() as s:
-            n = write(sys.stdout, rows(s, kind, at), kind, fmt)
+            n = write(shown_on_terminal(sys.stdout), rows(s, kind, at), kind, fmt)
         echo(f"{n} {kind} exported", err=True)

@@ -23,7 +23,7 @@ from email.utils import format_datetime
 from types import MappingProxyType
 from urllib.parse import quote
 
-from worker.config import SenderConfig
+from worker.config import SenderConfig, SmtpConfig
 
 LOOP_HEADER = "X-Twoway-Loop"
 
@@ -330,6 +330,22 @@ def as_wire_bytes(msg: EmailMessage) -> bytes:
     _WireGenerator(out, policy=msg.policy).flatten(msg)
     data = out.getvalue()
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+class MessageTooLarge(ValueError):
+    """A message is larger than the SMTP account takes; it must not be sent."""
+
+
+def check_size(raw: bytes, smtp: SmtpConfig | None) -> bytes:
+    """`raw`, unless it is over the account's smtp.max_message_bytes: MessageTooLarge."""
+    default = int(SmtpConfig.model_fields["max_message_bytes"].default)
+    limit = smtp.max_message_bytes if smtp is not None else default
+    if len(raw) > limit:
+        raise MessageTooLarge(
+            f"the message is {len(raw):,} bytes, over the {limit:,} bytes this SMTP account "
+            "sends (smtp.max_message_bytes); not sent"
+        )
+    return raw
 
 
 class _WireGenerator(BytesGenerator):

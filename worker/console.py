@@ -144,14 +144,13 @@ def search_leads(
     return rows, len(leads) > limit
 
 
-def quarantine_rows(s: Session) -> list[dict[str, Any]]:
-    """Messages waiting in the quarantine, oldest first (as `twoway quarantine list`)."""
-    return [
-        _quarantine(q)
-        for q in s.scalars(
-            select(Quarantine).where(Quarantine.resolved_at.is_(None)).order_by(Quarantine.id)
-        )
-    ]
+def quarantine_rows(s: Session, *, resolved_too: bool = False) -> list[dict[str, Any]]:
+    """Messages waiting in the quarantine (with `resolved_too`, also those retried since),
+    oldest first: the console's page and `twoway quarantine list`."""
+    q = select(Quarantine).order_by(Quarantine.id)
+    if not resolved_too:
+        q = q.where(Quarantine.resolved_at.is_(None))
+    return [_quarantine(row) for row in s.scalars(q)]
 
 
 def quarantine_item(s: Session, qid: int) -> tuple[dict[str, Any], str, bool] | None:

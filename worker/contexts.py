@@ -113,8 +113,37 @@ class HandoffFacts(TypedDict):
     adds its `text` and `sent` when the briefing is built."""
 
 
-class HandoffContext(Common, HandoffFacts):
+class OriginalFacts(TypedDict):
+    """Whether the prospect's original message goes with the briefing, and if not why:
+    set by the outbox when it builds the briefing (see `original_facts`)."""
+
+    original_attached: bool
+    original_size_mb: float | None
+    """Its size as received, in MB (one decimal); None when twoway did not keep it."""
+    original_limit_mb: float
+    """Originals larger than this are not attached (mail servers refuse big messages)."""
+
+
+class HandoffContext(Common, HandoffFacts, OriginalFacts):
     pass
+
+
+SAMPLE_ORIGINAL: OriginalFacts = {
+    "original_attached": True,
+    "original_size_mb": 0.1,
+    "original_limit_mb": 10.0,
+}
+
+
+def original_facts(raw: bytes | None, limit: int) -> OriginalFacts:
+    """What the briefing says of the original: attached when twoway kept its bytes and
+    they are at most `limit` bytes."""
+    mb = 1024 * 1024
+    return {
+        "original_attached": raw is not None and 0 < len(raw) <= limit,
+        "original_size_mb": round(len(raw) / mb, 1) if raw else None,
+        "original_limit_mb": round(limit / mb, 1),
+    }
 
 
 class FollowupReply(TypedDict):
@@ -433,12 +462,22 @@ def samples(
     total = len(campaign.steps) if campaign is not None else 3
     return {
         "nurture": nurture_context(base, campaign.name if campaign else "welcome", step, total),
-        "handoff": handoff_context(base, sample_handoff_facts(who)),
+        "handoff": handoff_context(base, {**sample_handoff_facts(who), **SAMPLE_ORIGINAL}),
         "followup": followup_context(base, sample_followup_facts()),
         "rep_copy": rep_copy_context(base, sample_rep_copy_facts(who)),
         "reminder": {**base, **sample_nudge_facts(who)},
         "escalation": {**base, **sample_nudge_facts(who)},
     }
+
+
+def preview_context(
+    config: Config, name: str, lead: LeadBlock | None = None, token: str | None = None
+) -> Context:
+    """What template `name` sees in a preview (`templates preview`, the console): the
+    sample context of the kind the config sends it as; with `lead` (a lead's fields)
+    and `token` (its reply token), that lead's data and its own unsubscribe link."""
+    unsubscribe = unsubscribe_url(config.sender, token) if token else None
+    return samples(config.sender, lead, unsubscribe=unsubscribe)[kinds_of(config, [name])[name]]
 
 
 def sample_followup_facts() -> FollowupFacts:

@@ -299,15 +299,16 @@ def run_demo(
         echo(
             f"1. Imported {result.imported} leads from leads.csv into the 3-step campaign 'welcome'."
         )
-        worker = Worker(app)
-        first = worker.run_once()
-        echo(f"2. Sent step 1 to {first.sent} leads (captured in mail/outbox, a local Maildir).")
-        dropped = drop_replies(ws, app.now() + timedelta(minutes=7))
-        echo(f"3. {len(dropped)} messages arrived in the sales inbox (mail/inbox):")
-        for d in dropped:
-            echo(f"   - {d}")
-        second = worker.run_once()
-        worker.close()
+        with Worker(app) as worker:
+            first = worker.run_once()
+            echo(
+                f"2. Sent step 1 to {first.sent} leads (captured in mail/outbox, a local Maildir)."
+            )
+            dropped = drop_replies(ws, app.now() + timedelta(minutes=7))
+            echo(f"3. {len(dropped)} messages arrived in the sales inbox (mail/inbox):")
+            for d in dropped:
+                echo(f"   - {d}")
+            second = worker.run_once()
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(second.inbound.kinds.items()))
         echo(
             f"4. The worker read them ({kinds}) and sent {second.sent} messages (handoffs to reps, follow-ups in the thread).\n"

@@ -13,11 +13,16 @@ nothing quarantined and the progress where it was, and the caller retries with b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +35,7 @@ from worker.db import as_unavailable, is_conflict, is_unavailable
 from worker.leads import buffer_events
 from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
-from worker.match import match_message
+from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, Quarantine
 from worker.parsing import ParsedMessage, ParseError, parse
 
@@ -85,6 +90,7 @@ def sync_mailbox(
     ctx: ClassifyContext,
     should_stop: Callable[[], bool] = lambda: False,
     limit: int | None = None,
+    preparer: Preparer | None = None,
 ) -> SyncResult:
     """Read every new message of every configured folder and process it once.
 
@@ -93,8 +99,10 @@ def sync_mailbox(
     A UIDVALIDITY change restarts the folder from UID 0, deduplicating by Message-ID.
     Raises DatabaseUnavailable when the database cannot be reached or written: nothing
     of the batch in flight is kept or quarantined and the folder's progress stays put.
+    `preparer` parses and classifies the batches (in-process when None).
     """
     result = SyncResult()
+    preparer = preparer or Preparer(ctx, 0)
     try:
         for folder in mb.folders:
             info = source.select(folder)
@@ -108,15 +116,26 @@ def sync_mailbox(
                         )  # fmt: skip
                     st.uidvalidity, st.last_uid = info.uidvalidity, 0
                 after = st.last_uid
-            for batch in source.fetch_new(folder, after, mb.batch_size):
-                seen = result.processed + result.duplicates + result.quarantined
-                if limit is not None:
-                    batch = batch[: max(0, limit - seen)]
-                process_batch(app, mb, batch, ctx, result)
-                seen = result.processed + result.duplicates + result.quarantined
-                if should_stop() or (limit is not None and seen >= limit):
-                    result.more = True
-                    return result
+            # Batch k+1 is fetched and handed to the preparer (parsed and classified,
+            # in the pool when there is one) before batch k's database work starts;
+            # batches still commit one after the other, in order.
+            ahead: tuple[list[FetchedMessage], Callable[[], list[Prepared]]] | None = None
+            taken = result.processed + result.duplicates + result.quarantined
+            fetched_batches = source.fetch_new(folder, after, mb.batch_size)
+            for batch in itertools.chain(fetched_batches, [None]):
+                following = None
+                if batch is not None:
+                    if limit is not None:
+                        batch = batch[: max(0, limit - taken)]
+                    taken += len(batch)
+                    following = (batch, preparer.submit(batch, app.now().date()))
+                if ahead is not None:
+                    process_batch(app, mb, ahead[0], ctx, result, prepared=ahead[1]())
+                    seen = result.processed + result.duplicates + result.quarantined
+                    if should_stop() or (limit is not None and seen >= limit):
+                        result.more = True  # the batch prepared ahead is read again later
+                        return result
+                ahead = following
             with app.transaction() as s:
                 st = _state(s, mb.name, folder)
                 st.last_sync, st.last_error = app.now(), None
@@ -132,6 +151,113 @@ def sync_mailbox(
 
 
 @dataclass
+class Prepared:
+    """A fetched message parsed and classified, before any database work."""
+
+    fetched: FetchedMessage
+    msg: ParsedMessage | None = None
+    cls: Classification | None = None
+    error: str | None = None
+    """Why it cannot be parsed (it is quarantined with this reason)."""
+    failure: Exception | None = None
+    """What classifying it raised; raised again where the message is processed, so it is
+    handled as any other failure of that message."""
+
+
+def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepared:
+    """Parse and classify one message (pure: no database, no I/O); never raises."""
+    try:
+        msg = parse(fetched.raw, fetched.size)
+    except ParseError as e:
+        return Prepared(fetched, error=f"cannot parse: {e}")
+    try:
+        return Prepared(fetched, msg, classify(msg, ctx, today=today))
+    except Exception as e:  # a poisoned message must never stop the batch
+        return Prepared(fetched, msg, failure=e)
+
+
+def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
+    """In a pool process: `prepare` each message with the context `_start_child` set."""
+    assert _CHILD_CTX is not None
+    return [prepare(f, _CHILD_CTX, today) for f in batch]
+
+
+_CHILD_CTX: ClassifyContext | None = None
+
+
+def _start_child(ctx: ClassifyContext) -> None:
+    """A pool process: the parent decides when to stop (SIGTERM and Ctrl-C are its to
+    handle: it finishes the batch in flight and shuts the pool down), and mail-parser's
+    warnings stay quiet as in the CLI."""
+    global _CHILD_CTX
+    _CHILD_CTX = ctx
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+
+
+POOL_MIN_BATCH = 64
+"""Smaller batches are prepared in-process: shipping them to another process costs
+about what parsing them does."""
+
+
+def default_parse_processes() -> int:
+    """One pool process when the machine has more than one core; none on one core."""
+    return 1 if (os.cpu_count() or 1) > 1 else 0
+
+
+class Preparer:
+    """Parses and classifies fetched batches for `process_batch`.
+
+    With `processes` > 0, batches of at least POOL_MIN_BATCH messages go to a small pool
+    of that many processes (started on the first such batch), so the next batch is
+    prepared while this one's database work runs; the queue is bounded by the caller
+    (one batch ahead). A pool that breaks (a child killed) or a result that cannot come
+    back is logged, and that batch and the rest are prepared in-process: the same
+    messages, the same answers.
+    """
+
+    def __init__(self, ctx: ClassifyContext, processes: int) -> None:
+        self.ctx = ctx
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, batch: list[FetchedMessage], today: date) -> Callable[[], list[Prepared]]:
+        """Start preparing `batch`; the returned call gives the result (in order)."""
+        if self.processes <= 0 or len(batch) < POOL_MIN_BATCH:
+            return lambda: [prepare(f, self.ctx, today) for f in batch]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork of our threads
+                initializer=_start_child,
+                initargs=(self.ctx,),
+            )
+        size = -(-len(batch) // (2 * self.processes))
+        futures = [
+            self._pool.submit(_prepare_many, batch[i : i + size], today)
+            for i in range(0, len(batch), size)
+        ]
+
+        def result() -> list[Prepared]:
+            try:
+                return [p for fut in futures for p in fut.result()]
+            except Exception as e:
+                logger.warning("the parsing pool failed (%s): parsing in this process", e)
+                self.close()
+                self.processes = 0
+                return [prepare(f, self.ctx, today) for f in batch]
+
+        return result
+
+    def close(self) -> None:
+        """Stop the pool's processes (queued work is dropped; nothing was committed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+@dataclass
 class _Outcome:
     fetched: FetchedMessage
     kind: str | None
@@ -144,14 +270,18 @@ def process_batch(
     batch: list[FetchedMessage],
     ctx: ClassifyContext,
     result: SyncResult,
+    prepared: list[Prepared] | None = None,
 ) -> None:
-    """Process a fetched batch in as few transactions as possible.
+    """Process a fetched batch in as few transactions as possible. `prepared`: the
+    batch already parsed and classified (`prepare`), in order.
 
     The messages' rows, their effects and the folder's progress commit together, one
     transaction per `BATCH_SECONDS` at most. When anything in a transaction fails, it is
     rolled back and its messages are replayed one per transaction (`process_message`),
     so only the bad message is quarantined. Raises DatabaseUnavailable (nothing kept).
     """
+    if prepared is None:
+        prepared = [prepare(f, ctx, app.now().date()) for f in batch]
     i = 0
     while i < len(batch):
         started = time.monotonic()
@@ -161,10 +291,12 @@ def process_batch(
                 buffer_events(s)  # one executemany of the batch's events
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
-                for fetched in batch[i:]:
-                    done.append(
-                        _Outcome(fetched, _process_in_batch(s, app, mb, fetched, ctx, seen, keep))
-                    )
+                known = prefetch(
+                    s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
+                )
+                for p in prepared[i:]:
+                    kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)
+                    done.append(_Outcome(p.fetched, kind))
                     if time.monotonic() - started >= BATCH_SECONDS:
                         break
                 _advance(s, mb.name, done[-1].fetched)
@@ -221,14 +353,17 @@ def _process_in_batch(
     s: Session,
     app: App,
     mb: MailboxConfig,
-    fetched: FetchedMessage,
+    prepared: Prepared,
     ctx: ClassifyContext,
     seen: set[str],
     keep: list[object],
+    known: Known,
 ) -> str | None:
-    now = app.now()
+    now, fetched = app.now(), prepared.fetched
     try:
-        kind = _process(s, app, mb, fetched, ctx, now, seen=seen, keep=keep)
+        kind = _process(
+            s, app, mb, fetched, ctx, now, seen=seen, keep=keep, prepared=prepared, known=known
+        )
     except _Quarantine as q:
         logger.warning(
             "quarantined %s/%s uid %s: %s", mb.name, fetched.folder, fetched.uid, q.reason
@@ -321,17 +456,23 @@ def _process(
     *,
     seen: set[str] | None = None,
     keep: list[object] | None = None,
+    prepared: Prepared | None = None,
+    known: Known | None = None,
 ) -> str | None:
     """Record and apply one message; None when it was already recorded (a duplicate).
 
     `seen`: keys already looked up for a whole batch (the batch's header Message-IDs
     found recorded); a key it does not cover is looked up here. Keys recorded by this
     call are added to it. `keep` holds the loaded lead for the rest of the transaction.
+    `prepared`: the message already parsed and classified; `known`: the batch's match
+    signals looked up at once.
     """
-    try:
-        msg = parse(fetched.raw)
-    except ParseError as e:
-        raise _Quarantine(f"cannot parse: {e}") from None
+    if prepared is None:
+        prepared = prepare(fetched, ctx, now.date())
+    if prepared.error is not None:
+        raise _Quarantine(prepared.error)
+    msg = prepared.msg
+    assert msg is not None
     key = message_key(msg, fetched.raw)
     if (seen is not None and key in seen) or (
         (seen is None or _header_key(fetched.raw) != key) and _sender_of(s, mb.name, key)
@@ -345,8 +486,11 @@ def _process(
             return None
     if seen is not None:
         seen.add(key)
-    cls: Classification = classify(msg, ctx, today=now.date())
-    match = match_message(s, msg, cls, app.config)
+    if prepared.failure is not None:
+        raise prepared.failure
+    cls = prepared.cls
+    assert cls is not None
+    match = match_message(s, msg, cls, app.config, known)
     if keep is not None and match.lead is not None:
         keep.append(match.lead)
     row = InboundMessage(

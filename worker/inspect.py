@@ -2,18 +2,25 @@
 
 `inspect_bytes` gives the stable JSON object of DESIGN.md for one message;
 `inspect_paths` walks files and directories and never stops on a bad file;
-`format_human` renders one result for people. No config, no database.
+`format_human` renders one result for people. No config, no database: but
+`inspect_files`, what `twoway inspect` prints, also says which lead the worker would
+match each message to when a config is there.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.classify import ClassifyContext, classify
-from worker.parsing import ParseError, parse
+from worker.parsing import MAX_MESSAGE_BYTES, ParseError, parse
 
-__all__ = ["RESULT_KEYS", "format_human", "inspect_bytes", "inspect_paths"]
+if TYPE_CHECKING:
+    from worker.app import App
+
+__all__ = ["RESULT_KEYS", "format_human", "inspect_bytes", "inspect_files", "inspect_paths"]
 
 # Every result carries these keys (None when not applicable), so scripts can rely on them.
 RESULT_KEYS = (
@@ -31,6 +38,8 @@ RESULT_KEYS = (
     "from",
     "subject",
     "date",
+    "truncated",
+    "limits",
 )
 
 
@@ -41,17 +50,22 @@ def _empty() -> dict[str, object]:
     return dict.fromkeys(RESULT_KEYS)
 
 
-def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, object]:
+def inspect_bytes(
+    raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX, size: int | None = None
+) -> dict[str, object]:
     """Classify one raw message into the stable JSON object.
 
     Keys: kind, reason, bounce ({"type", "reason", "recipients", "status", ...} or None),
     return_date (ISO date or None), reply_text, intent, referral_email,
     unsubscribe_token, message_id, in_reply_to (list), references (list), from, subject,
-    date (ISO or None). When the bytes are not an email, kind is None and "error" says why.
+    date (ISO or None), truncated (whether only the first MAX_MESSAGE_BYTES of a message
+    of `size` bytes were read, as the worker reads it) and limits (what parsing left out,
+    as the worker records it in the reason). When the bytes are not an email, kind is
+    None and "error" says why.
     """
     result = _empty()
     try:
-        msg = parse(raw)
+        msg = parse(raw, size)
     except ParseError as exc:
         result["error"] = f"not an email: {exc}"
         return result
@@ -70,6 +84,8 @@ def inspect_bytes(raw: bytes, ctx: ClassifyContext = _DEFAULT_CTX) -> dict[str, 
         references=list(msg.references),
         subject=msg.subject,
         date=msg.date.isoformat() if msg.date else None,
+        truncated=size is not None and size > len(raw),
+        limits=list(msg.limits),
     )
     result["from"] = msg.from_addr
     return result
@@ -82,6 +98,15 @@ def _files(path: Path) -> Iterator[Path]:
                 yield child
     else:
         yield path
+
+
+def _read(file: Path) -> tuple[bytes, int | None]:
+    """The first MAX_MESSAGE_BYTES of `file` (what the worker would read), and the file's
+    size when it is larger."""
+    with file.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(MAX_MESSAGE_BYTES)
+    return raw, size if size > len(raw) else None
 
 
 def inspect_paths(
@@ -101,7 +126,7 @@ def inspect_paths(
             continue
         for file in files:
             try:
-                raw = file.read_bytes()
+                raw, size = _read(file)
             except OSError as exc:
                 yield {
                     "file": str(file),
@@ -109,7 +134,37 @@ def inspect_paths(
                     "error": f"cannot read: {exc.strerror or exc}",
                 }
                 continue
-            yield {"file": str(file), **inspect_bytes(raw, ctx)}
+            yield {"file": str(file), **inspect_bytes(raw, ctx, size)}
+
+
+def inspect_files(paths: list[Path], app: App | None = None) -> list[dict[str, object]]:
+    """What `twoway inspect` prints: `inspect_paths`' results. With `app` they are
+    classified with the config's own addresses, and each message that classified gets
+    `lead` (the address, or None) and `match` ({"method", "explanation"}): the lead the
+    worker would match it to now."""
+    if app is None:
+        return list(inspect_paths(paths))
+    # The database side, and what it imports, only with a config: inspecting a file
+    # without one stays quick.
+    from worker.inbound import classify_context
+    from worker.match import match_message
+    from worker.models import Lead
+
+    ctx = classify_context(app.config)
+    results = list(inspect_paths(paths, ctx))
+    with app.transaction() as s:
+        for r in results:
+            if r.get("kind") is None or not r.get("file"):
+                continue
+            try:
+                msg = parse(*_read(Path(str(r["file"]))))
+            except (OSError, ParseError):
+                continue
+            m = match_message(s, msg, classify(msg, ctx), app.config)
+            lead = s.get(Lead, m.lead_id) if m.lead_id is not None else None
+            r["lead"] = lead.email if lead is not None else None
+            r["match"] = {"method": m.method, "explanation": m.explanation}
+    return results
 
 
 def format_human(result: dict[str, object]) -> str:
@@ -136,6 +191,9 @@ def format_human(result: dict[str, object]) -> str:
         )
         if bounce.get("diagnostic"):
             lines.append(f"diagnostic:  {bounce['diagnostic']}")
+    limits = result.get("limits")
+    if isinstance(limits, list) and limits:
+        lines.append(f"bounded:     {'; '.join(str(x) for x in limits)}")
     if result.get("return_date"):
         lines.append(f"back on:     {result['return_date']}")
     if result.get("intent"):

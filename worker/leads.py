@@ -17,10 +17,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
+from worker.db import refresh_statistics
 from worker.models import (
-    LIVE_ENROLLMENT,
     Enrollment,
     EnrollmentState,
     InboundMessage,
@@ -28,9 +29,9 @@ from worker.models import (
     LeadEvent,
     LeadStatus,
     OutboundMessage,
-    OutboxState,
     company_key,
 )
+from worker.states import enrollments, outbox
 from worker.webhooks import on_status
 
 KNOWN_COLUMNS = (
@@ -556,7 +557,11 @@ def list_leads(
         q = q.where(Lead.status == parse_status(status))
     if limit is not None:
         q = q.limit(limit)
-    leads = list(session.scalars(q))
+    return lead_rows(session, list(session.scalars(q)))
+
+
+def lead_rows(session: Session, leads: list[Lead]) -> list[dict[str, Any]]:
+    """A row of `leads list --json` for each lead: its fields and its campaigns."""
     campaigns: dict[int, list[str]] = {}
     ids = [lead.id for lead in leads]
     for i in range(0, len(ids), _CHUNK):
@@ -719,9 +724,7 @@ def mark_lead(session: Session, email: str, status: str, now: datetime, reason: 
 def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int:
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
     session.execute(
-        update(Enrollment)
-        .where(Enrollment.lead_id == lead_id, Enrollment.state.in_(LIVE_ENROLLMENT))
-        .values(state=EnrollmentState.STOPPED, next_due=None, updated_at=now)
+        enrollments("stopped", Enrollment.lead_id == lead_id).values(next_due=None, updated_at=now)
     )
     return cancel_queued(session, lead_id, "nurture", why)
 
@@ -729,13 +732,9 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
 def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
     """Cancel a lead's queued sends of one kind (nurture, followup); returns how many."""
     res = session.execute(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.lead_id == lead_id,
-            OutboundMessage.kind == kind,
-            OutboundMessage.status == OutboxState.QUEUED,
-        )
-        .values(status=OutboxState.CANCELLED, last_error=why)
+        outbox(
+            "cancelled", OutboundMessage.lead_id == lead_id, OutboundMessage.kind == kind
+        ).values(last_error=why)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
@@ -745,6 +744,36 @@ def status_counts(session: Session) -> dict[str, int]:
     for status, n in session.execute(select(Lead.status, func.count()).group_by(Lead.status)):
         counts[status] = n
     return counts
+
+
+def import_file(
+    app: App,
+    path: Path,
+    campaign: str | None = None,
+    *,
+    source: str | None = None,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """`twoway leads import`: `import_leads` over a CSV file in one transaction, enrolling
+    the leads in the campaign named `campaign`; with `strict`, nothing is kept when a row
+    is rejected. The planner's statistics are refreshed after a change."""
+    camp = campaign_for(app.config, campaign)
+    with app.transaction() as session:
+        result = import_leads(
+            session,
+            read_csv(path),
+            app.now(),
+            campaign=camp,
+            source=source,
+            strict=strict,
+            progress=progress,
+        )
+        if result.strict_failed:
+            session.rollback()
+    if result.imported or result.updated:
+        refresh_statistics(app.engine)  # thousands of new rows change the plans
+    return result
 
 
 def campaign_for(config: Config, name: str | None) -> Campaign | None:

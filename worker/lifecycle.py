@@ -50,9 +50,7 @@ from worker.leads import (
 )
 from worker.match import Match, is_internal
 from worker.models import (
-    LIVE_ENROLLMENT,
     Enrollment,
-    EnrollmentState,
     Handoff,
     InboundMessage,
     Lead,
@@ -64,6 +62,7 @@ from worker.models import (
 from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
 from worker.qualify import LeadFacts, qualify
+from worker.states import enrollments
 from worker.webhooks import emit
 
 logger = logging.getLogger(__name__)
@@ -304,9 +303,9 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         )
         return
     res = s.execute(
-        update(Enrollment)
-        .where(Enrollment.lead_id == lead.id, Enrollment.state.in_(LIVE_ENROLLMENT))
-        .values(state=EnrollmentState.PAUSED, paused_until=until, updated_at=now)
+        enrollments("paused", Enrollment.lead_id == lead.id).values(
+            paused_until=until, updated_at=now
+        )
     )
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
     record_event(
@@ -539,15 +538,17 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    # The latest THREAD_ITEMS each way: bounded however long the lead's history is.
-    for o in s.scalars(
-        select(OutboundMessage)
+    # The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
+    # columns shown only (not the rows: their contexts and raw mail are large).
+    out = OutboundMessage
+    for o in s.execute(
+        select(out.sent_at, out.created_at, out.subject, out.kind, out.step, out.campaign)
         .where(
-            OutboundMessage.lead_id == lead.id,
-            OutboundMessage.status == OutboxState.SENT,
-            OutboundMessage.kind.in_(("nurture", "followup")),
+            out.lead_id == lead.id,
+            out.status == OutboxState.SENT,
+            out.kind.in_(("nurture", "followup")),
         )
-        .order_by(OutboundMessage.id.desc())
+        .order_by(out.id.desc())
         .limit(THREAD_ITEMS)
     ):
         at = o.sent_at or o.created_at
@@ -558,10 +559,19 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    for m in s.scalars(
-        select(InboundMessage)
-        .where(InboundMessage.lead_id == lead.id)
-        .order_by(InboundMessage.id.desc())
+    inb = InboundMessage
+    for m in s.execute(
+        select(
+            inb.id,
+            inb.sent_date,
+            inb.received_at,
+            inb.kind,
+            inb.reason,
+            inb.reply_text,
+            inb.subject,
+        )
+        .where(inb.lead_id == lead.id)
+        .order_by(inb.id.desc())
         .limit(THREAD_ITEMS)
     ):
         at = m.sent_date or m.received_at
@@ -632,9 +642,8 @@ def _account_awareness(
         return []
     paused = set(
         s.scalars(
-            update(Enrollment)
-            .where(Enrollment.lead_id.in_(colleagues), Enrollment.state == EnrollmentState.ACTIVE)
-            .values(state=EnrollmentState.PAUSED, paused_until=None, updated_at=now)
+            enrollments("paused_for_account", Enrollment.lead_id.in_(colleagues))
+            .values(paused_until=None, updated_at=now)
             .returning(Enrollment.lead_id)
             .execution_options(synchronize_session=False)
         )

@@ -43,6 +43,12 @@ from imapclient.exceptions import (
 )
 
 from worker.config import MailboxConfig
+from worker.parsing import MAX_MESSAGE_BYTES
+
+__all__ = ["MAX_BATCH_BYTES", "MAX_MESSAGE_BYTES"]  # and the classes below
+
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+"""A batch (IMAP or Maildir) holds at most this many bytes of messages (and at least one)."""
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,9 @@ class FetchedMessage:
     uid: int
     raw: bytes
     flags: tuple[str, ...]
+    size: int | None = None
+    """The whole message's size when `raw` holds only its first MAX_MESSAGE_BYTES (the
+    rest is left on the server or disk); None when `raw` is the whole message."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +252,27 @@ def _new_mail_signalled(responses: Sequence[Any]) -> bool:
 
 def _server_said_bye(responses: Sequence[Any]) -> bool:
     return any(isinstance(r, tuple) and r and r[0] == b"BYE" for r in responses)
+
+
+_SIZES_PER_FETCH = 1000
+"""UIDs whose sizes one FETCH asks for (a few dozen bytes of answer each)."""
+
+
+def _groups(sizes: list[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """`sizes` ((uid, bytes) in order) cut into groups of at most `batch_size` messages
+    and MAX_BATCH_BYTES (counting each message as at most MAX_MESSAGE_BYTES, what is
+    fetched of it); a group holds at least one message."""
+    group: list[tuple[int, int]] = []
+    total = 0
+    for uid, size in sizes:
+        cost = min(size, MAX_MESSAGE_BYTES)
+        if group and (len(group) >= batch_size or total + cost > MAX_BATCH_BYTES):
+            yield group
+            group, total = [], 0
+        group.append((uid, size))
+        total += cost
+    if group:
+        yield group
 
 
 class ImapSource:
@@ -410,8 +440,12 @@ class ImapSource:
     ) -> Iterator[list[FetchedMessage]]:
         """Yield every message with uid > `after_uid`, ascending, `batch_size` at a time.
 
-        UIDs are searched first and bodies fetched one slice at a time, so only one batch
-        of bodies is in memory. ``UID n:*`` returns the highest UID even when it is below
+        UIDs are searched first, then their RFC822.SIZE, and bodies are fetched one group
+        at a time, each of at most `batch_size` messages and MAX_BATCH_BYTES, so only one
+        batch of bodies is in memory. Of a message over MAX_MESSAGE_BYTES only the start is
+        fetched (``BODY.PEEK[]<0.N>``), and its FetchedMessage has the whole `size`: it is
+        recorded as truncated and never holds up the messages behind it.
+        ``UID n:*`` returns the highest UID even when it is below
         n, so the result is filtered here. A message expunged between search and fetch is
         left out. If the folder's UIDVALIDITY changes mid-way, MailboxError(temporary)
         is raised and the caller resyncs.
@@ -426,23 +460,48 @@ class ImapSource:
         with self._call("IMAP", f"searching {folder!r}") as c:
             found = c.search(["UID", f"{after_uid + 1}:*"])
         uids = sorted(u for u in found if u > after_uid)
-        for start in range(0, len(uids), batch_size):
-            chunk = uids[start : start + batch_size]
-            self._ensure_examined(folder, info.uidvalidity)
-            with self._call("IMAP", f"fetching from {folder!r}") as c:
-                data = c.fetch(chunk, ["FLAGS", "BODY.PEEK[]"])
-            batch = []
-            for uid in chunk:
-                item = data.get(uid)
-                raw = item.get(b"BODY[]") if item else None
-                if raw is None:
-                    continue
-                # \Recent only says which session saw the message first: not a property
-                # of the message, and it would differ from one run to the next.
-                flags = tuple(_text(f) for f in item.get(b"FLAGS", ()) if f.upper() != b"\\RECENT")
-                batch.append(FetchedMessage(folder, info.uidvalidity, uid, bytes(raw), flags))
-            if batch:
-                yield batch
+        for start in range(0, len(uids), _SIZES_PER_FETCH):
+            sizes = self._sizes(folder, info.uidvalidity, uids[start : start + _SIZES_PER_FETCH])
+            for group in _groups(sizes, batch_size):
+                batch = self._bodies(folder, info.uidvalidity, group)
+                if batch:
+                    yield batch
+
+    def _sizes(self, folder: str, uidvalidity: int, uids: list[int]) -> list[tuple[int, int]]:
+        """(uid, RFC822.SIZE) of each message still there, in `uids`' order."""
+        self._ensure_examined(folder, uidvalidity)
+        with self._call("IMAP", f"fetching sizes from {folder!r}") as c:
+            data = c.fetch(uids, ["RFC822.SIZE"])
+        out = []
+        for uid in uids:
+            item = data.get(uid)
+            if item is not None:
+                size = item.get(b"RFC822.SIZE")
+                out.append((uid, int(size) if isinstance(size, int) else 0))
+        return out
+
+    def _bodies(
+        self, folder: str, uidvalidity: int, group: list[tuple[int, int]]
+    ) -> list[FetchedMessage]:
+        """Fetch one group: at most MAX_MESSAGE_BYTES of each message (a partial FETCH,
+        whatever RFC822.SIZE claimed), and its flags."""
+        self._ensure_examined(folder, uidvalidity)
+        part = f"BODY.PEEK[]<0.{MAX_MESSAGE_BYTES}>"
+        with self._call("IMAP", f"fetching from {folder!r}") as c:
+            data = c.fetch([uid for uid, _ in group], ["FLAGS", part])
+        batch = []
+        for uid, size in group:
+            item = data.get(uid)
+            raw = None if item is None else item.get(b"BODY[]<0>", item.get(b"BODY[]"))
+            if item is None or raw is None:
+                continue  # expunged meanwhile
+            # \Recent only says which session saw the message first: not a property
+            # of the message, and it would differ from one run to the next.
+            flags = tuple(_text(f) for f in item.get(b"FLAGS", ()) if f.upper() != b"\\RECENT")
+            raw = bytes(raw)
+            whole = size if size > len(raw) and len(raw) >= MAX_MESSAGE_BYTES else None
+            batch.append(FetchedMessage(folder, uidvalidity, uid, raw, flags, whole))
+        return batch
 
     def _ensure_examined(self, folder: str, uidvalidity: int) -> None:
         # The caller may use this source between two batches (a Sent-folder check, say);
@@ -610,12 +669,6 @@ class _MaildirIndex:
     messages: list[tuple[int, Path]]  # present files, ascending uid
 
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-"""Bytes of one Maildir message read into memory (the rest of a larger file is left)."""
-MAX_BATCH_BYTES = 32 * 1024 * 1024
-"""A Maildir batch ends once its messages add up to this many bytes."""
-
-
 class MaildirSource:
     """A `MailSource` over a local Maildir (kind ``maildir``; the demo and tests).
 
@@ -750,17 +803,21 @@ class MaildirSource:
             found = self._read(path)
             if found is None:
                 continue
-            raw, name = found
-            batch.append(FetchedMessage(folder, idx.uidvalidity, uid, raw, _flags(name)))
+            raw, name, whole = found
+            if batch and size + len(raw) > MAX_BATCH_BYTES:  # memory: bytes bound too
+                yield batch
+                batch, size = [], 0
+            batch.append(FetchedMessage(folder, idx.uidvalidity, uid, raw, _flags(name), whole))
             size += len(raw)
-            if len(batch) >= batch_size or size >= MAX_BATCH_BYTES:  # memory: bytes bound too
+            if len(batch) >= batch_size:
                 yield batch
                 batch, size = [], 0
         if batch:
             yield batch
 
     @staticmethod
-    def _read(path: Path) -> tuple[bytes, str] | None:
+    def _read(path: Path) -> tuple[bytes, str, int | None] | None:
+        """(the first MAX_MESSAGE_BYTES, the file name, the file's size when it is larger)."""
         candidates = [path]
         base = path.name.split(":", 1)[0]
         folder_dir = path.parent.parent
@@ -769,7 +826,9 @@ class MaildirSource:
                 with contextlib.suppress(FileNotFoundError), p.open("rb") as f:
                     # Past this, the rest of a message is never looked at (parsing reads
                     # 2 MB): reading it would only cost memory.
-                    return f.read(MAX_MESSAGE_BYTES), p.name
+                    size = os.fstat(f.fileno()).st_size
+                    raw = f.read(MAX_MESSAGE_BYTES)
+                    return raw, p.name, size if size > len(raw) else None
             candidates = [
                 folder_dir / sub / n
                 for sub in ("cur", "new")
@@ -884,6 +943,23 @@ def open_source(cfg: MailboxConfig) -> MailSource:
     if cfg.kind == "maildir":
         return MaildirSource(cfg)
     return ImapSource(cfg)
+
+
+def probe(cfg: MailboxConfig) -> str | None:
+    """`config check --connect` for one mailbox: None when it can be read, else why not
+    (an IMAP account as `probe_imap` says; a Maildir whose folders cannot be opened)."""
+    if cfg.kind != "maildir":
+        return probe_imap(cfg)
+    source = open_source(cfg)
+    try:
+        source.connect()
+        for folder in cfg.folders:
+            source.select(folder)
+    except MailboxError as e:
+        return str(e)
+    finally:
+        source.close()
+    return None
 
 
 def probe_imap(cfg: MailboxConfig) -> str | None:

@@ -258,6 +258,20 @@ def _login(conn: smtplib.SMTP, cfg: SmtpConfig) -> None:
         ) from None
 
 
+def _over_advertised_size(conn: smtplib.SMTP, size: int) -> str | None:
+    """Why a message of `size` bytes must not be sent when it is larger than the SIZE the
+    server advertised in its EHLO (RFC 1870; 0 or no number: no fixed limit); None when it
+    fits."""
+    advertised = conn.esmtp_features.get("size", "").strip()
+    limit = int(advertised) if advertised.isdigit() else 0
+    if not limit or size <= limit:
+        return None
+    return (
+        f"the message is {size:,} bytes, over the {limit:,} bytes the server takes "
+        "(SIZE in its EHLO, RFC 1870); not sent"
+    )
+
+
 def _abandon(conn: smtplib.SMTP) -> None:
     with contextlib.suppress(OSError):
         conn.close()
@@ -331,7 +345,7 @@ class Mailer:
         self._conn: smtplib.SMTP | None = None
         self._last_used = 0.0
         self._maildir: mailbox.Maildir | None = None
-        self._envelope: tuple[str, list[str], bool] = ("", [], False)
+        self._envelope: tuple[str, list[str], int, bool] = ("", [], 0, False)
         self._open = False  # the server holds our MAIL and RCPTs and waits for DATA
         self._refused: dict[str, tuple[int, str]] = {}
         self._retrying = Retrying(
@@ -379,25 +393,31 @@ class Mailer:
             if isinstance(msg, bytes)
             else _flatten(msg, _international(envelope_from, recipients))
         )
-        refused = self.begin(envelope_from, recipients, eight_bit=not raw.isascii())
+        refused = self.begin(envelope_from, recipients, size=len(raw), eight_bit=not raw.isascii())
         return refused if refused is not None else self.data(raw)
 
     def begin(
-        self, envelope_from: str, recipients: Sequence[str], *, eight_bit: bool = False
+        self,
+        envelope_from: str,
+        recipients: Sequence[str],
+        *,
+        size: int = 0,
+        eight_bit: bool = False,
     ) -> SendResult | None:
-        """Open the SMTP transaction of one message: MAIL FROM `envelope_from` (with
-        BODY=8BITMIME for an `eight_bit` message when the server offers it), RCPT TO each
-        of `recipients`.
+        """Open the SMTP transaction of one message of `size` bytes: MAIL FROM
+        `envelope_from` (with BODY=8BITMIME for an `eight_bit` message when the server
+        offers it), RCPT TO each of `recipients`.
 
         None: the server accepted the envelope for at least one recipient and waits for
         `data()` or `reset()`. Otherwise nothing was sent and the SendResult says why:
-        "permanent" (a 5xx to MAIL, or to every RCPT, in `refused`) or "temporary" (4xx
+        "permanent" (over the server's SIZE, a 5xx to MAIL, or to every RCPT, in
+        `refused`) or "temporary" (4xx
         or connection errors after the retries; a login or TLS problem at once, since it
         is a configuration problem, not this message's fault). A Maildir has no envelope
         step: always None.
         """
         self.reset()
-        self._envelope = (envelope_from, list(recipients), eight_bit)
+        self._envelope = (envelope_from, list(recipients), size, eight_bit)
         if not recipients:
             return SendResult("permanent", None, "no recipients")
         if self.cfg.kind == "maildir":
@@ -494,7 +514,10 @@ class Mailer:
         return self._mail_rcpt(self._connection())
 
     def _mail_rcpt(self, conn: smtplib.SMTP) -> SendResult | None:
-        envelope_from, recipients, eight_bit = self._envelope
+        envelope_from, recipients, size, eight_bit = self._envelope
+        too_large = _over_advertised_size(conn, size)
+        if too_large:
+            return SendResult("permanent", None, too_large)
         options = ["BODY=8BITMIME"] if eight_bit and conn.has_extn("8bitmime") else []
         if _international(envelope_from, recipients):
             options.append("SMTPUTF8")
@@ -580,7 +603,7 @@ class Mailer:
     def _to_maildir(self, raw: bytes) -> SendResult:
         """Deliver into the Maildir at cfg.path like a local MDA: Return-Path and
         X-Original-To headers record the envelope; mailbox writes tmp/ then moves to new/."""
-        envelope_from, recipients, _ = self._envelope
+        envelope_from, recipients, _, _ = self._envelope
         try:
             if self._maildir is None:
                 self._maildir = mailbox.Maildir(self.cfg.path or "", create=True)

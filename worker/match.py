@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -66,10 +67,95 @@ def is_internal(address: str | None, config: Config) -> bool:
     return address.rsplit("@", 1)[-1] in config.our_domains
 
 
+@dataclass
+class Known:
+    """What a batch of messages can match, read with one query per signal (`prefetch`).
+
+    A hit is what the single query would have found: reply tokens and addresses belong
+    to one lead for good, and no mail already received can name one of our Message-IDs
+    made after the lookup. A miss is looked up singly (a lead made earlier in the same
+    unit of work — a referral, an unknown sender — is found that way). Holds the leads,
+    so the session keeps them loaded for the unit of work.
+    """
+
+    by_token: dict[str, Lead] = field(default_factory=dict)
+    by_email: dict[str, Lead] = field(default_factory=dict)
+    by_message_id: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    """Our Message-ID -> (outbound id, lead id, Message-ID)."""
+    leads: dict[int, Lead] = field(default_factory=dict)
+
+
+_CHUNK = 500  # values per IN list: far below any database's bound-parameter limit
+
+
+def _signals(
+    msg: ParsedMessage, cls: Classification, config: Config
+) -> tuple[list[str], list[str], list[str]] | None:
+    """The reply tokens, Message-IDs and addresses `match_message` tries, in its order;
+    None when it matches nothing by design (our own mail)."""
+    if cls.kind == "ours":
+        return None
+    bounce = cls.bounce if cls.kind == "bounce" else None
+    if bounce is None and is_internal(msg.from_addr, config):
+        return None
+    tokens = ([cls.unsubscribe_token] if cls.unsubscribe_token else []) + _tokens(
+        msg.all_recipients(), config.reply_bases
+    )
+    ids = list(bounce.original_message_ids) if bounce else []
+    ids += list(msg.in_reply_to) + list(reversed(msg.references))
+    ids = list(dict.fromkeys(ids))[:50]
+    candidates = list(bounce.recipients) if bounce else [msg.from_addr, *msg.reply_to]
+    return tokens, ids, [a.lower() for a in candidates if a]
+
+
+def prefetch(
+    session: Session, items: list[tuple[ParsedMessage, Classification]], config: Config
+) -> Known:
+    """Look up every signal of a batch of messages at once (see `Known`)."""
+    tokens: set[str] = set()
+    ids: set[str] = set()
+    addresses: set[str] = set()
+    for msg, cls in items:
+        found = _signals(msg, cls, config)
+        if found is not None:
+            tokens.update(found[0])
+            ids.update(found[1])
+            addresses.update(found[2])
+    known = Known()
+    for chunk in _chunks(tokens):
+        for lead in session.scalars(select(Lead).where(Lead.reply_token.in_(chunk))):
+            known.by_token[lead.reply_token] = known.leads[lead.id] = lead
+    for chunk in _chunks(ids):
+        for row in session.execute(
+            select(OutboundMessage.id, OutboundMessage.lead_id, OutboundMessage.message_id).where(
+                OutboundMessage.message_id.in_(chunk)
+            )
+        ):
+            known.by_message_id[row.message_id] = (row.id, row.lead_id, row.message_id)
+    for chunk in _chunks(addresses):
+        for lead in session.scalars(select(Lead).where(Lead.email.in_(chunk))):
+            known.by_email[lead.email] = known.leads[lead.id] = lead
+    missing = {lead_id for _, lead_id, _ in known.by_message_id.values()} - known.leads.keys()
+    for chunk in _chunks(missing):
+        for lead in session.scalars(select(Lead).where(Lead.id.in_(chunk))):
+            known.leads[lead.id] = lead
+    return known
+
+
+def _chunks(values: set[str] | set[int]) -> list[list[Any]]:
+    ordered = sorted(values)
+    return [ordered[i : i + _CHUNK] for i in range(0, len(ordered), _CHUNK)]
+
+
 def match_message(
-    session: Session, msg: ParsedMessage, cls: Classification, config: Config
+    session: Session,
+    msg: ParsedMessage,
+    cls: Classification,
+    config: Config,
+    known: Known | None = None,
 ) -> Match:
-    """Find the lead `msg` concerns. Reads only; the caller records the result."""
+    """Find the lead `msg` concerns. Reads only; the caller records the result.
+    `known`: the batch's signals looked up at once (`prefetch`); misses are queried."""
     if cls.kind == "ours":
         return Match(None, None, "our own mail")
     bounce = cls.bounce if cls.kind == "bounce" else None
@@ -80,7 +166,9 @@ def match_message(
         msg.all_recipients(), config.reply_bases
     )
     for token in tokens:
-        lead = session.scalar(select(Lead).where(Lead.reply_token == token))
+        lead = known.by_token.get(token) if known is not None else None
+        if lead is None:
+            lead = session.scalar(select(Lead).where(Lead.reply_token == token))
         if lead is not None:
             return _checked(
                 Match(
@@ -95,22 +183,27 @@ def match_message(
     ids += list(msg.in_reply_to) + list(reversed(msg.references))
     if ids:
         ids = list(dict.fromkeys(ids))[:50]
-        row = session.execute(
-            select(OutboundMessage.id, OutboundMessage.lead_id, OutboundMessage.message_id)
-            .where(OutboundMessage.message_id.in_(ids))
-            .order_by(OutboundMessage.id.desc())
-            .limit(1)
-        ).first()
+        hits = [known.by_message_id[i] for i in ids if i in known.by_message_id] if known else []
+        row: Any = max(hits) if hits else None  # the latest of our emails it names
+        if row is None:
+            row = session.execute(
+                select(OutboundMessage.id, OutboundMessage.lead_id, OutboundMessage.message_id)
+                .where(OutboundMessage.message_id.in_(ids))
+                .order_by(OutboundMessage.id.desc())
+                .limit(1)
+            ).first()
         if row is not None:
-            lead = session.get(Lead, row.lead_id)
+            row_id, row_lead_id, row_message_id = row
+            lead = known.leads.get(row_lead_id) if known is not None else None
+            lead = lead if lead is not None else session.get(Lead, row_lead_id)
             if lead is not None:
                 where = "the returned message" if bounce else "In-Reply-To/References"
                 return _checked(
                     Match(
                         lead.id,
                         "message_id",
-                        f"our Message-ID <{row.message_id}> in {where}",
-                        row.id,
+                        f"our Message-ID <{row_message_id}> in {where}",
+                        row_id,
                         lead=lead,
                     ),
                     lead,
@@ -122,7 +215,9 @@ def match_message(
     for addr in candidates:
         if not addr:
             continue
-        lead = session.scalar(select(Lead).where(Lead.email == addr.lower()))
+        lead = known.by_email.get(addr.lower()) if known is not None else None
+        if lead is None:
+            lead = session.scalar(select(Lead).where(Lead.email == addr.lower()))
         if lead is not None:
             what = "the failed recipient" if bounce else "the sender's address"
             return Match(lead.id, "sender", f"{what} {addr} is this lead's", lead=lead)

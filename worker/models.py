@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
@@ -312,11 +313,29 @@ class Quarantine(Base):
     resolved_at: Mapped[datetime | None]
 
 
+UNVERIFIED_EVENTS = ("unverified_bounce", "unverified_reply", "unverified_unsubscribe")
+"""A bounce, reply or unsubscribe recorded on a lead and not acted on (lifecycle.untrusted)."""
+UNVERIFIED_WHERE = "type IN ('unverified_bounce', 'unverified_reply', 'unverified_unsubscribe')"
+"""The predicate of the partial index that counts them: a query must spell it exactly so
+for SQLite and PostgreSQL to use the index (a bound parameter would not match)."""
+
+
 class LeadEvent(Base):
     """The append-only timeline of a lead: every status change and notable fact."""
 
     __tablename__ = "lead_events"
-    __table_args__ = (Index("ix_lead_events_lead_type", "lead_id", "type", "at"),)
+    __table_args__ = (
+        Index("ix_lead_events_lead_type", "lead_id", "type", "at"),
+        # Only the rare unverified events: `status` counts them without a scan of the
+        # timeline, and other events cost no extra index write.
+        Index(
+            "ix_lead_events_unverified",
+            "type",
+            "at",
+            sqlite_where=text(UNVERIFIED_WHERE),
+            postgresql_where=text(UNVERIFIED_WHERE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id", ondelete="CASCADE"))

@@ -36,6 +36,7 @@ from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
     as_wire_bytes,
+    check_size,
     clean_text,
     compose,
     is_message_id,
@@ -52,6 +53,7 @@ from worker.contexts import (
     RepCopyFacts,
     common,
     context_for,
+    original_facts,
     sender_block,
     unsubscribe_url,
 )
@@ -283,6 +285,7 @@ def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) 
         try:
             message = _build(s, app, renderer, row, lead)
             raw = as_wire_bytes(message)  # a message that cannot be written fails here
+            check_size(raw, app.config.identity(row.mailbox).smtp)
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
@@ -437,6 +440,11 @@ def _build(
     total = len(config.campaign(row.campaign).steps) if row.campaign else 1
     if row.kind == "handoff" and isinstance(facts.get("followup"), dict):
         facts["followup"] = _followup_preview(s, app, renderer, lead, dict(facts["followup"]))
+    original: bytes | None = None
+    if row.kind == "handoff":  # the briefing says whether the original is attached
+        inbound = s.get(InboundMessage, row.inbound_id) if row.inbound_id else None
+        original = inbound.raw if inbound is not None else None
+        facts.update(original_facts(original, MAX_ATTACHED_ORIGINAL))
     ctx = context_for(
         row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
     )
@@ -454,10 +462,8 @@ def _build(
         # the sales mailbox only. The reply-ready copy is the one route to the prospect.
         rep = facts.get("rep") or {}
         to_name = str(rep.get("name", "")) if row.kind != "escalation" else ""
-        if row.kind == "handoff" and row.inbound_id:
-            inbound = s.get(InboundMessage, row.inbound_id)
-            if inbound is not None and inbound.raw and len(inbound.raw) <= MAX_ATTACHED_ORIGINAL:
-                attachments.append(Attachment("original-reply.eml", inbound.raw, "message/rfc822"))
+        if original is not None and facts.get("original_attached"):
+            attachments.append(Attachment("original-reply.eml", original, "message/rfc822"))
     elif row.kind == "followup":
         if facts.get("from_addr"):
             from_addr, from_name = str(facts["from_addr"]), str(facts.get("from_name", ""))
@@ -621,7 +627,8 @@ def send_due(
 def _send(app: App, mailer: Mailer, item: Prepared) -> SendResult | None:
     """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
     outcome recorded in its own transaction. None: another worker claimed it first."""
-    refused = mailer.begin(item.envelope_from, [item.to_addr], eight_bit=not item.raw.isascii())
+    size, eight_bit = len(item.raw), not item.raw.isascii()
+    refused = mailer.begin(item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit)
     if refused is not None:
         record(app, item, refused, claimed=False)
         return refused

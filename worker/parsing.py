@@ -41,6 +41,9 @@ _MAX_TEXT = 1_000_000
 # Bounds on the work one message may cause (issue: header bombs cost the `email` package
 # seconds to minutes). Past a bound the rest is left out, and `ParsedMessage.limits` says so.
 MAX_PARSE_BYTES = 2 * 1024 * 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Bytes of one message read into memory at all (IMAP, Maildir, `inspect`): the rest of a
+larger message stays where it is, and `parse(raw, size=...)` says it was truncated."""
 """Only this much of a message is parsed: headers, the text and the report parts come first."""
 MAX_LINES = 100_000
 """Lines parsed per message (the `email` parser's cost is per line and per part)."""
@@ -695,8 +698,17 @@ _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 _LEADING_JUNK = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:[ \t]*\r?\n)*")
 
 
-def parse(raw: bytes) -> ParsedMessage:
+def truncation_note(size: int, kept: int) -> str:
+    """What `limits` says of a message of `size` bytes of which only `kept` were read."""
+    return f"truncated: message of {size:,} bytes, only the first {kept:,} read"
+
+
+def parse(raw: bytes, size: int | None = None) -> ParsedMessage:
     """Parse raw RFC 5322 bytes into a `ParsedMessage`.
+
+    `size`: the whole message's size when `raw` is only its start (a message over
+    MAX_MESSAGE_BYTES); `limits` then begins with `truncation_note` and `raw_size` is
+    `size`.
 
     Raises `ParseError` (and nothing else) when the bytes are not an email at all: empty
     input, or no header block. Broken MIME, unknown charsets, missing headers, bad dates
@@ -716,8 +728,12 @@ def parse(raw: bytes) -> ParsedMessage:
     if not _HEADER_LINE.match(head):
         raise ParseError("no header block: the data does not start with 'Name: value' lines")
     limits: list[str] = []
+    whole = len(raw)
+    if size is not None and size > whole:
+        limits.append(truncation_note(size, whole))
+        whole = size
     try:
-        return _parse(_prebound(raw, limits), len(raw), limits)
+        return _parse(_prebound(raw, limits), whole, limits)
     except ParseError:
         raise
     except RecursionError as exc:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,9 +24,15 @@ from worker import handoffs
 from worker.app import App
 from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
-from worker.config import MailboxConfig, Rep
+from worker.config import Config, MailboxConfig, Rep
 from worker.db import as_unavailable, is_unavailable, refresh_statistics
-from worker.inbound import SyncResult, classify_context, sync_mailbox
+from worker.inbound import (
+    Preparer,
+    SyncResult,
+    classify_context,
+    default_parse_processes,
+    sync_mailbox,
+)
 from worker.leases import (
     SqliteLock,
     acquire_lease,
@@ -146,6 +154,19 @@ class PassResult:
     more: bool = False
     """True when a limit stopped the pass before everything was done."""
 
+    def as_json(self) -> dict[str, object]:
+        """What `twoway run --once --json` prints."""
+        return {
+            "processed": self.inbound.processed,
+            "duplicates": self.inbound.duplicates,
+            "quarantined": self.inbound.quarantined,
+            "kinds": self.inbound.kinds,
+            "queued": self.queued,
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "errors": self.errors,
+        }
+
     @property
     def found_work(self) -> bool:
         return bool(
@@ -162,31 +183,54 @@ class Worker:
     """Owns the mailbox connections, the SMTP connection and the renderer of one process."""
 
     def __init__(self, app: App, stop: threading.Event | None = None) -> None:
-        """Raises WorkerLockError when another worker already uses this SQLite database."""
+        """Builds what the worker needs without side effects: no lock, no connection, no
+        thread. `start()` (or `with Worker(app) as w:`) takes those, `close()` lets go."""
         self.app = app
         self.stop = stop or threading.Event()
+        self.idle = threading.Event()
+        """Set while the daemon loop waits for work with every IMAP folder it holds in IDLE
+        (mail arriving now is announced to it); cleared when a pass starts."""
         self.id = new_worker_id()
         self.started = wall_clock()
         self._lock: SqliteLock | None = None
         if app.engine.dialect.name == "sqlite":
-            self._lock = SqliteLock(app.config.database)
-            self._lock.acquire()
+            self._lock = SqliteLock(app.config.database)  # one worker per SQLite database
         self.renderer = Renderer(app.config.templates_path)
         self.ctx: ClassifyContext = classify_context(app.config)
+        n = app.config.workers.parse_processes
+        self.preparer = Preparer(self.ctx, default_parse_processes() if n is None else n)
         self.mailboxes = [_Mailbox(m, open_source(m)) for m in app.config.mailboxes]
+        self._running = False
         self._recovered = False
         self._fair = len(self.mailboxes)
-        self._limit: int | None = None
         self._mailers: dict[str, Mailer] = {}
         self._closing = threading.Event()
         self._db_failures = 0
+        self._said_idle = False
         self._stats_at = float("-inf")
         self._wake = threading.Event()
         self._watchers: dict[tuple[str, str], _Watcher] = {}
         self._renewer: threading.Thread | None = None
-        if self._lock is None and self.mailboxes:
+
+    def start(self) -> Worker:
+        """Take the SQLite lock (WorkerLockError when another worker holds it) or, on
+        PostgreSQL, start the thread that renews this worker's leases. Returns self."""
+        if self._running:
+            return self
+        if self._lock is not None:
+            self._lock.acquire()
+        elif self.mailboxes:
+            self._closing.clear()
             self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
             self._renewer.start()
+        self._running = True
+        return self
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- one pass -------------------------------------------------------------------
 
@@ -197,7 +241,8 @@ class Worker:
         a limit per mailbox and for sending, so a backlog on one side never holds up the
         other: a reply is read within a pass even while thousands of steps go out.
         """
-        self._limit = limit
+        if not self._running:
+            raise RuntimeError("Worker.start() first (or `with Worker(app) as worker:`)")
         self._wake.clear()  # mail announced from now on wakes the next wait
         result = PassResult()
         heartbeat(self.app, self.id, self.started)
@@ -213,13 +258,11 @@ class Worker:
         for mb in self.mailboxes:
             if self.stop.is_set():
                 break
-            self._sync(mb, result)
+            self._sync(mb, result, limit)
         if not self.stop.is_set():
-            self._send(result)
+            self._send(result, limit)
         if not self.stop.is_set():
-            result.delivered = deliver_due(
-                self.app, should_stop=self.stop.is_set, limit=self._limit
-            )
+            result.delivered = deliver_due(self.app, should_stop=self.stop.is_set, limit=limit)
         return result
 
     def _recover(self) -> None:
@@ -279,7 +322,7 @@ class Worker:
             mb.connected = False
         mb.leased = False
 
-    def _sync(self, mb: _Mailbox, result: PassResult) -> None:
+    def _sync(self, mb: _Mailbox, result: PassResult, limit: int | None) -> None:
         if time.monotonic() < mb.retry_at:
             return
         if not mb.leased and sum(m.leased for m in self.mailboxes) >= self._fair:
@@ -287,10 +330,10 @@ class Worker:
         ttl = self.app.config.workers.lease_seconds
         if not acquire_lease(
             self.app, mb.cfg.name, self.id, ttl, force=self._lock is not None
-        ) and not (self._limit is None and self._outwait_lease(mb, ttl)):
+        ) and not (limit is None and self._outwait_lease(mb, ttl)):
             if mb.leased:
                 logger.warning("mailbox %s: another worker took it over", mb.cfg.name)
-            if self._limit is None:  # `run --once` promises every message was read
+            if limit is None:  # `run --once` promises every message was read
                 result.errors.append(
                     f"{mb.cfg.name}: another worker that is alive reads this mailbox; "
                     "not read in this pass"
@@ -303,7 +346,7 @@ class Worker:
         try:
             self._connect(mb)
             got = sync_mailbox(
-                self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set, limit=self._limit
+                self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set, limit, self.preparer
             )
         except MailboxError as e:
             self._mailbox_failed(mb, str(e), temporary=e.temporary)
@@ -392,7 +435,7 @@ class Worker:
             for st in s.scalars(select(MailboxState).where(MailboxState.mailbox == mb.cfg.name)):
                 st.idle = st.folder in idle
 
-    def _send(self, result: PassResult) -> None:
+    def _send(self, result: PassResult, limit: int | None) -> None:
         result.queued = queue_due(self.app)
         result.queued += handoffs.run_due(self.app, self._handoff_to_new_rep)
         config = self.app.config
@@ -403,10 +446,10 @@ class Worker:
             self.renderer,
             self._mailer_for,
             self._sent_copy,
-            limit=self._limit,
+            limit=limit,
             should_stop=self.stop.is_set,
         )
-        if self._limit is not None and result.sent >= self._limit:
+        if limit is not None and result.sent >= limit:
             result.more = True
 
     def _handoff_to_new_rep(
@@ -463,7 +506,14 @@ class Worker:
         return min(times) if times else None
 
     def wait(self) -> None:
-        """Sleep until new mail may be there, something is due, or stop is requested."""
+        """Sleep until new mail may be there, something is due, or stop is requested;
+        `idle` is set while it waits (see there)."""
+        try:
+            self._wait()
+        finally:
+            self.idle.clear()
+
+    def _wait(self) -> None:
         poll = min((m.cfg.poll_interval for m in self.mailboxes), default=60.0)
         poll = min(poll, self.app.config.workers.lease_seconds / 3)  # renew leases in time
         due = self.next_due()
@@ -478,6 +528,9 @@ class Worker:
             deadline = time.monotonic() + timeout
             maildirs = [m for m in self.mailboxes if m.cfg.kind == "maildir" and m.connected]
             while not self.stop.is_set():
+                watchers = [w for w in self._watchers.values() if w.alive]
+                if not self.idle.is_set() and all(w.idling for w in watchers):
+                    self._idling(f"{len(watchers)} folder(s) in IDLE")
                 left = deadline - time.monotonic()
                 if left <= 0 or self._wake.wait(min(left, 0.5)):
                     return
@@ -494,12 +547,22 @@ class Worker:
             None,
         )
         if watcher is None or timeout <= 0:
+            if timeout > 0:
+                self._idling(f"next look in {timeout:.0f} s")
             self.stop.wait(timeout)
             return
+        self._idling(f"watching mailbox {watcher.cfg.name}")
         try:
             watcher.source.wait(timeout, self.stop)
         except MailboxError as e:
             self._mailbox_failed(watcher, str(e), temporary=e.temporary)
+
+    def _idling(self, how: str) -> None:
+        """Say (once after each spell of work) that the worker is waiting, and set `idle`."""
+        if not self._said_idle:
+            logger.info("idle: waiting for mail or the next due time (%s)", how)
+            self._said_idle = True
+        self.idle.set()
 
     def run_once_retrying(self) -> PassResult:
         """`run --once`: a whole pass, retried with backoff while the database cannot be
@@ -548,7 +611,9 @@ class Worker:
             if self._db_failures:
                 logger.warning("the database is back after %d failed pass(es)", self._db_failures)
                 self._db_failures = 0
-            if not result.found_work:
+            if result.found_work:
+                self._said_idle = False
+            else:
                 self.wait()
         logger.info("twoway worker stopped")
 
@@ -556,6 +621,7 @@ class Worker:
         """Close connections, hand the mailboxes back and drop the SQLite lock."""
         self._closing.set()
         self._stop_watchers()
+        self.preparer.close()
         if self._renewer is not None:
             self._renewer.join(5)
         for mailer in self._mailers.values():
@@ -569,4 +635,66 @@ class Worker:
             release_leases(self.app, self.id)
         if self._lock is not None:
             self._lock.release()
-            self._lock = None
+        self._running = False
+
+
+def run_daemon(
+    app: App, reload_config: Callable[[], Config], serve_at: tuple[str, int] | None = None
+) -> None:
+    """`twoway run`: the worker until SIGTERM or SIGINT (the message in flight finishes).
+
+    SIGHUP reloads the configuration and templates: `reload_config()` is called and a new
+    worker built from its result takes over between two passes; when the new config is
+    not usable the error is logged and the old worker goes on. With `serve_at` (host,
+    port) `twoway serve` runs in a thread of this process. Raises WorkerLockError when
+    another worker holds this SQLite database.
+    """
+    stop, reload = threading.Event(), threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info(
+            "signal %s: finishing the message in flight, then stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    def _reload(_signum: int, _frame: object) -> None:
+        reload.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)
+    worker = Worker(app, stop).start()
+    stop_serving: Callable[[], None] | None = None
+    try:
+        if serve_at is not None:
+            from worker.web import serve_in_thread  # Starlette and uvicorn only when serving
+
+            stop_serving = serve_in_thread(app, *serve_at)
+        while True:
+            worker.run_forever()
+            if not reload.is_set():
+                break
+            reload.clear()
+            stop.clear()
+            worker = _reloaded(worker, reload_config)
+    finally:
+        worker.close()
+        if stop_serving is not None:
+            stop_serving()
+
+
+def _reloaded(worker: Worker, reload_config: Callable[[], Config]) -> Worker:
+    """The worker to go on with after SIGHUP: a new one on the new config, or the old one
+    when that config is not usable. The new one is built before the old one closes (so a
+    bad config costs nothing) and started after (it takes the old one's SQLite lock)."""
+    app = worker.app
+    try:
+        new = Worker(App(reload_config(), app.engine, app.sessions, app.now), worker.stop)
+    except Exception as e:  # a bad new config must not take the worker down
+        logger.error("SIGHUP: the new configuration is not usable, keeping the old one:\n%s", e)
+        return worker
+    worker.close()
+    new.start()
+    logger.info("SIGHUP: configuration and templates reloaded")
+    return new

@@ -13,13 +13,14 @@ from datetime import date, datetime
 from functools import lru_cache
 
 import holidays as holiday_calendars
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.campaigns import paused_campaigns, pick_variant
 from worker.config import Campaign, Config
-from worker.leads import record_event
+from worker.contexts import samples, unsubscribe_url
+from worker.leads import lead_fields, record_event
 from worker.models import (
     Enrollment,
     EnrollmentState,
@@ -28,7 +29,9 @@ from worker.models import (
 )
 from worker.outbox import enqueue
 from worker.pacing import touch_wait
+from worker.rendering import Renderer
 from worker.schedule import add_delay, next_open_slot
+from worker.states import enrollments, move_enrollment
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
@@ -38,13 +41,9 @@ BATCH = 500
 def resume_paused(session: Session, now: datetime) -> int:
     """Paused enrollments whose resume time has come become active again; returns how many."""
     res = session.execute(
-        update(Enrollment)
-        .where(
-            Enrollment.state == EnrollmentState.PAUSED,
-            Enrollment.paused_until.is_not(None),
-            Enrollment.paused_until <= now,
-        )
-        .values(state=EnrollmentState.ACTIVE, paused_until=None, updated_at=now)
+        enrollments(
+            "resumed", Enrollment.paused_until.is_not(None), Enrollment.paused_until <= now
+        ).values(paused_until=None, updated_at=now)
     )
     return int(getattr(res, "rowcount", 0) or 0)
 
@@ -103,7 +102,8 @@ def queue_due(app: App, batch: int = BATCH) -> int:
 
 def _suppress(s: Session, en: Enrollment, lead: Lead, why: str, now: datetime) -> None:
     """A suppressed lead's enrollment stops (with an event) instead of queueing a step."""
-    en.state, en.next_due, en.waiting, en.updated_at = EnrollmentState.STOPPED, None, None, now
+    move_enrollment(en, "stopped")
+    en.next_due, en.waiting, en.updated_at = None, None, now
     record_event(s, lead, "suppressed", f"{en.campaign}: not sent, {why}", now,
                  detail={"campaign": en.campaign})  # fmt: skip
 
@@ -113,13 +113,16 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
         campaign = config.campaign(en.campaign)
     except KeyError:
         # The campaign left the config: keep the enrollment, but stop looking at it.
-        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
+        move_enrollment(en, "stopped")
+        en.next_due, en.updated_at = None, now
         return 0
     if lead.status != LeadStatus.LEAD:
-        en.state, en.next_due, en.updated_at = EnrollmentState.STOPPED, None, now
+        move_enrollment(en, "stopped")
+        en.next_due, en.updated_at = None, now
         return 0
     if en.step >= len(campaign.steps):
-        en.state, en.next_due, en.updated_at = EnrollmentState.COMPLETED, None, now
+        move_enrollment(en, "completed")
+        en.next_due, en.updated_at = None, now
         return 0
     tz = lead_zone(lead, campaign)
     days_off = public_holidays(lead.country, now.year) if campaign.skip_holidays else frozenset()
@@ -154,5 +157,29 @@ def _queue_one(s: Session, config: Config, en: Enrollment, lead: Lead, now: date
     if en.step < len(campaign.steps):
         en.next_due = add_delay(now, campaign.steps[en.step].delay, tz)
     else:
-        en.state, en.next_due = EnrollmentState.COMPLETED, None
+        move_enrollment(en, "completed")
+        en.next_due = None
     return 1
+
+
+def lint_enrolled(
+    s: Session, renderer: Renderer, config: Config
+) -> tuple[int, dict[str, list[str]]]:
+    """`templates lint --leads`: render every step of each enrolled lead's campaign with
+    that lead's own data and unsubscribe link. Returns the number of steps rendered and,
+    per problem, the addresses of the leads it concerns (in order, with repeats)."""
+    checked = 0
+    problems: dict[str, list[str]] = {}
+    pairs = s.execute(select(Lead, Enrollment).join(Enrollment, Enrollment.lead_id == Lead.id))
+    for lead, en in pairs.tuples():
+        try:
+            camp = config.campaign(en.campaign)
+        except KeyError:  # a campaign since removed from the config
+            continue
+        unsubscribe = unsubscribe_url(config.sender, lead.reply_token)
+        for i, step in enumerate(camp.steps):
+            ctx = samples(config.sender, lead_fields(lead), camp, i + 1, unsubscribe)
+            for e in renderer.lint(ctx["nurture"], list(step.templates)):
+                problems.setdefault(str(e), []).append(lead.email)
+            checked += 1
+    return checked, problems

@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from worker.app import App
 from worker.leads import iso, status_counts
 from worker.models import (
+    UNVERIFIED_EVENTS,
+    UNVERIFIED_WHERE,
     Enrollment,
     EnrollmentState,
     InboundMessage,
@@ -21,6 +23,23 @@ from worker.models import (
     OutboxState,
     Quarantine,
 )
+
+UNVERIFIED_DAYS = 30
+"""The window of the unverified counts in `status` (the trust window of lifecycle)."""
+
+
+def unverified_counts(s: Any, now: datetime) -> dict[str, int]:
+    """Bounces, replies and unsubscribes recorded on a lead in the last UNVERIFIED_DAYS and
+    not acted on, per kind. One read of the partial index ix_lead_events_unverified (it
+    holds only these events, so the cost follows their number, not the timeline's)."""
+    counts = {t.removeprefix("unverified_"): 0 for t in UNVERIFIED_EVENTS}
+    for kind, n in s.execute(
+        select(LeadEvent.type, func.count())
+        .where(text(UNVERIFIED_WHERE), LeadEvent.at >= now - timedelta(days=UNVERIFIED_DAYS))
+        .group_by(LeadEvent.type)
+    ):
+        counts[str(kind).removeprefix("unverified_")] = n
+    return counts
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -106,6 +125,7 @@ def collect_status(app: App) -> dict[str, Any]:
             key = str(reason or "other")  # bounces stored before reasons existed: "other"
             soft_bounces[key] = soft_bounces.get(key, 0) + n
         funnel = _funnel(s, app)
+        unverified = unverified_counts(s, now)
         alarms = _alarms(s, app, now)
         from worker.webhooks import webhook_status
 
@@ -133,6 +153,7 @@ def collect_status(app: App) -> dict[str, Any]:
         "recent_failures": failed,
         "inbound": {str(k): v for k, v in inbound.items()},
         "soft_bounces": dict(sorted(soft_bounces.items())),
+        "unverified": {"days": UNVERIFIED_DAYS, **unverified},
         "mailboxes": mailboxes,
         "quarantine": quarantine or 0,
         "alarms": alarms,
@@ -279,6 +300,13 @@ def format_status(d: dict[str, Any]) -> str:
     if d.get("soft_bounces"):
         counts = ", ".join(f"{why} {n}" for why, n in d["soft_bounces"].items())
         lines.append(f"soft bounces by reason: {counts}")
+    u = d.get("unverified") or {}
+    if any(u.get(k) for k in ("bounce", "reply", "unsubscribe")):
+        lines.append(
+            f"unverified in the last {u['days']} days (recorded on the lead, not acted on; "
+            f"see `twoway leads show`): bounce {u['bounce']}, reply {u['reply']}, "
+            f"unsubscribe {u['unsubscribe']}"
+        )
     lines.append(f"quarantine: {d['quarantine']} message(s)")
     w = d["webhooks"]
     if any(w[k] for k in ("pending", "sending", "delivered", "dead")):

@@ -10,7 +10,9 @@ text through.
 
 from __future__ import annotations
 
+import io
 import re
+from typing import TextIO, cast
 
 # C0 controls but tab and newline, DEL, the C1 controls (U+009B is a one-character CSI on
 # terminals that honour 8-bit controls) and the bidirectional embeddings, overrides and
@@ -30,3 +32,32 @@ def printable(text: str) -> str:
     length of `text`.
     """
     return _UNSAFE.sub(_escape, text)
+
+
+_BREAKS = re.compile("[\t\n\x0b\x0c\r\u2028\u2029]")
+
+
+def one_line(value: object) -> str:
+    """`value` as text for one cell of a one-line row: line breaks and tabs written as
+    `\\uXXXX` too, so a CSV field holding a newline cannot print a row of its own."""
+    return printable(_BREAKS.sub(_escape, str(value)))
+
+
+class _Shown(io.TextIOBase):
+    """A text stream that writes through `printable` (see `shown_on_terminal`)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        self._out.write(printable(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def shown_on_terminal(out: TextIO) -> TextIO:
+    """`out` itself when it is a file or a pipe (data such as `twoway export` must reach
+    it byte for byte), else a stream that passes what is written through `printable`."""
+    return cast(TextIO, _Shown(out)) if out.isatty() else out

@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.leads import cancel_queued, stop_nurture, transition
@@ -25,6 +25,7 @@ from worker.models import (
     OutboundMessage,
     OutboxState,
 )
+from worker.states import enrollments, outbox
 
 TOKEN = re.compile(r"[a-z2-7]{16}")
 LINK_CAUSE = "one-click unsubscribe link"
@@ -107,22 +108,15 @@ def undo_unsubscribe(s: Session, token: str, now: datetime, window: timedelta) -
     transition(s, lead, "unsubscribe_undone", UNDO_CAUSE, now, to=back)
     for e in detail.get("enrollments", []):
         s.execute(
-            update(Enrollment)
-            .where(Enrollment.id == e["id"], Enrollment.state == EnrollmentState.STOPPED)
-            .values(
-                state=e["state"],
-                next_due=_at(e["next_due"]),
-                paused_until=_at(e["paused_until"]),
-                updated_at=now,
+            enrollments(
+                "restored", Enrollment.id == e["id"], to=EnrollmentState(e["state"])
+            ).values(
+                next_due=_at(e["next_due"]), paused_until=_at(e["paused_until"]), updated_at=now
             )
         )
     ids = [int(i) for i in detail.get("cancelled_sends", [])]
     if ids:
-        s.execute(
-            update(OutboundMessage)
-            .where(OutboundMessage.id.in_(ids), OutboundMessage.status == OutboxState.CANCELLED)
-            .values(status=OutboxState.QUEUED, last_error=None)
-        )
+        s.execute(outbox("restored", OutboundMessage.id.in_(ids)).values(last_error=None))
     return True
 
 

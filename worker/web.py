@@ -40,12 +40,13 @@ from worker.console import (
     search_leads,
     waiting_prospects,
 )
+from worker.contexts import preview_context
 from worker.health import check_health
 from worker.leads import LeadError, get_lead, lead_fields, show_lead
 from worker.metrics import CONTENT_TYPE, render_metrics
 from worker.models import LeadStatus
 from worker.passwords import same_secret, verify_password
-from worker.rendering import Pages, Renderer, TemplateError, lint_for, sample_context
+from worker.rendering import Pages, Renderer, TemplateError, lint_for
 from worker.unsubscribe import undo_unsubscribe, unsubscribe_by_link
 
 logger = logging.getLogger(__name__)
@@ -284,13 +285,17 @@ def build_app(app: App) -> Starlette:
         request.session.update({"auth": True, "csrf": secrets.token_urlsafe(32)})
         return RedirectResponse(nxt, 303)
 
-    async def logout(request: Request) -> Response:
+    async def checked_form(request: Request) -> dict[str, str] | Response:
+        """The POSTed form when it carries this session's CSRF token, else the refusal."""
         try:
             form = await _form(request)
         except BodyTooLarge:
             return refused(413)
-        if not csrf_ok(request, form):
-            return refused()
+        return form if csrf_ok(request, form) else refused()
+
+    async def logout(request: Request) -> Response:
+        if isinstance(form := await checked_form(request), Response):
+            return form
         request.session.clear()
         return RedirectResponse("/login", 303)
 
@@ -311,12 +316,8 @@ def build_app(app: App) -> Starlette:
         """A POST: CSRF checked, `work` run in a thread, its message flashed, then `back`."""
 
         async def run(request: Request) -> Response:
-            try:
-                form = await _form(request)
-            except BodyTooLarge:
-                return refused(413)
-            if not csrf_ok(request, form):
-                return refused()
+            if isinstance(form := await checked_form(request), Response):
+                return form
             request.session["flash"] = await run_in_threadpool(work, request, form)
             return RedirectResponse(back, 303)
 
@@ -468,7 +469,7 @@ def build_app(app: App) -> Starlette:
 
     def preview(name: str, lead_key: str) -> tuple[Any, str, str | None]:
         renderer = Renderer(config.templates_path)
-        lead = None
+        lead, token = None, None
         whom = "the sample lead"
         if lead_key:
             with app.transaction() as s:
@@ -476,13 +477,9 @@ def build_app(app: App) -> Starlette:
                     row = get_lead(s, lead_key)
                 except LeadError as e:
                     return None, whom, str(e)
-                lead, whom = lead_fields(row), row.email
+                lead, token, whom = lead_fields(row), row.reply_token, row.email
         try:
-            return (
-                renderer.render(name, sample_context(sender=config.sender, lead=lead)),
-                whom,
-                None,
-            )
+            return renderer.render(name, preview_context(config, name, lead, token)), whom, None
         except TemplateError as e:
             return None, whom, str(e)
 
