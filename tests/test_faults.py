@@ -358,9 +358,8 @@ def test_it_finds_the_reply_ready_copy_in_the_sent_folder_by_the_id_it_went_out_
         lead = s.scalars(select(Lead)).one()
         reply = token_reply(lead, 0)
     dovecot.append(imap_user, "INBOX", reply)
-    worker = Worker(app)
-    worker.run_once()
-    worker.close()
+    with Worker(app) as worker:
+        worker.run_once()
     theirs = str(mails_message_id(reply))
     with app.transaction() as s:
         copy = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "rep_copy")).one()
@@ -374,9 +373,8 @@ def test_it_finds_the_reply_ready_copy_in_the_sent_folder_by_the_id_it_went_out_
     # worker files only mail sent from a mailbox's own identity).
     dovecot.append(imap_user, "Sent", on_wire.raw)
     delivered = len(smtp_server.messages)
-    worker = Worker(app)
-    worker.run_once()
-    worker.close()
+    with Worker(app) as worker:
+        worker.run_once()
     with app.transaction() as s:
         copy = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "rep_copy")).one()
         assert (copy.status, copy.last_error) == (

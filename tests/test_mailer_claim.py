@@ -235,8 +235,7 @@ def test_a_bounce_of_mail_to_the_team_leaves_the_prospects_address_alone(
 
     _, app = setup(database_url, tmp_path, smtp_server, 1)
     inbox = mailbox.Maildir(tmp_path / "inbox", create=False)
-    worker = Worker(app)
-    try:
+    with Worker(app) as worker:
         worker.run_once()
         [step1] = smtp_server.parsed()
         inbox.add(mails.reply(step1, "Could we see pricing and a demo?", NOW))
@@ -249,8 +248,6 @@ def test_a_bounce_of_mail_to_the_team_leaves_the_prospects_address_alone(
             original["Reply-To"] = m.envelope_from  # where mails.dsn addresses it
             inbox.add(mails.dsn(original, m.rcpts[0], "5.1.1", "550 5.1.1 unknown user", NOW))
         worker.run_once()
-    finally:
-        worker.close()
     with app.transaction() as s:
         lead = s.scalars(select(Lead)).one()
         events = list(s.scalars(select(LeadEvent.type).where(LeadEvent.lead_id == lead.id)))
