@@ -403,8 +403,90 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def child_stages(spec: dict[str, Any]) -> dict[str, Any]:
+    """Where a message's CPU goes, in-process and without IMAP, on the same mail and a
+    copy of the database: parse and classify timed apart, then the batches' database
+    work (`process_batch` on the prepared batches) once plainly and once under cProfile,
+    whose shares split that time into matching, the lifecycle, ORM flushes, the event
+    executemany and commits."""
+    import cProfile
+    import pstats
+
+    _quiet()
+    from worker.app import App
+    from worker.classify import classify
+    from worker.config import clock_from_env, config_from_dict
+    from worker.inbound import Prepared, SyncResult, _state, classify_context, process_batch
+    from worker.mailbox import FetchedMessage
+    from worker.parsing import parse
+
+    raws = list(inbound_mix(spec["messages"], [bench_lead(i) for i in range(TOUCHED)], seed=14))
+    fetched = [FetchedMessage("INBOX", 1, i + 1, r, ()) for i, r in enumerate(raws)]
+    n, size = len(fetched), spec["batch_size"]
+    out: dict[str, Any] = {"messages": n}
+    ms = {}
+
+    def one_pass(db: str, profile: cProfile.Profile | None) -> float:
+        data = base_config(db, mailboxes=[_mailbox(spec)])
+        app = App.open(config_from_dict(data, Path(spec["workdir"]) / "s.yaml"), clock_from_env({}))
+        mb, ctx, result = app.config.mailboxes[0], classify_context(app.config), SyncResult()
+        with app.transaction() as s:
+            _state(s, mb.name, "INBOX")
+        today = app.now().date()
+        started = time.process_time()
+        parsed = [parse(f.raw) for f in fetched]
+        ms["parse"] = (time.process_time() - started) * 1000 / n
+        started = time.process_time()
+        prepared = [
+            Prepared(f, m, classify(m, ctx, today=today))
+            for f, m in zip(fetched, parsed, strict=True)
+        ]
+        ms["classify"] = (time.process_time() - started) * 1000 / n
+        started = time.process_time()
+        if profile:
+            profile.enable()
+        for i in range(0, n, size):
+            process_batch(app, mb, fetched[i : i + size], ctx, result, prepared[i : i + size])
+        if profile:
+            profile.disable()
+        app.close()
+        return (time.process_time() - started) * 1000 / n
+
+    template = Path(spec["template"])
+    for label in ("plain", "profiled"):
+        db = Path(spec["workdir"]) / f"stages-{label}.db"
+        shutil.copyfile(template, db)
+        profile = cProfile.Profile() if label == "profiled" else None
+        database_ms = one_pass(f"sqlite:///{db}", profile)
+        if profile is None:
+            plain_ms = database_ms
+            out["ms_per_msg"] = {**{k: round(v, 3) for k, v in ms.items()},
+                                 "database work (all below)": round(database_ms, 3)}  # fmt: skip
+            continue
+        stats = pstats.Stats(profile)
+        total = sum(tt for (_f, _l, _n), (_c, _nc, tt, _ct, _cl) in stats.stats.items())
+        parts = {
+            "matching (prefetch + match_message)": ("match.py", ("prefetch", "match_message")),
+            "lifecycle (apply_inbound: promotions, handoffs, events, webhooks)": (
+                "lifecycle.py", ("apply_inbound",)),
+            "ORM flushes (row INSERTs and UPDATEs)": ("session.py", ("_flush",)),
+            "events executemany": ("leads.py", ("flush_events",)),
+            "commits": ("base.py", ("commit",)),
+        }  # fmt: skip
+        for name, (file, funcs) in parts.items():
+            cum = sum(
+                ct
+                for (f, _l, fn), (_c, _nc, _tt, ct, _cl) in stats.stats.items()
+                if f.endswith(file) and fn in funcs
+            )
+            out["ms_per_msg"][f"  {name}"] = round(plain_ms * cum / total, 3)
+    out["note"] = "the indented parts overlap (flushes happen inside the lifecycle)"
+    return out
+
+
 CHILDREN = {
     "build": child_build,
+    "stages": child_stages,
     "full": child_full,
     "ceiling": child_ceiling,
     "plain-parse": child_plain,
@@ -461,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baseline-src", help="also: the fewest leads with the worker of this checkout"
     )
+    ap.add_argument("--stages", action="store_true", help="also: CPU per stage, fewest leads")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -513,9 +596,18 @@ def main(argv: list[str] | None = None) -> int:
                 for label, src, procs in variants if n == min(sizes) else variants[:1]:
                     for suffix in ("", "-wal", "-shm"):
                         Path(f"{run_db}{suffix}").unlink(missing_ok=True)
-                    shutil.copyfile(template, run_db)
+                    if src:  # its own migrations: a database that checkout can open
+                        _spawn(
+                            "build", {**spec_build, "database": f"sqlite:///{run_db}"}, work, src
+                        )
+                    else:
+                        shutil.copyfile(template, run_db)
                     one = {**spec, "database": f"sqlite:///{run_db}", "parse_processes": procs}
                     full("sqlite", n, built, _spawn("full", one, work, src), label)
+                if args.stages and n == min(sizes):
+                    stages = {**spec, "template": str(template), "messages": args.messages}
+                    result["stages"] = _spawn("stages", stages, work)
+                    print(f"stages: {result['stages']}", file=sys.stderr, flush=True)
                 template.unlink()
             if args.pg_url and not args.no_pg:
                 from tests.conftest import pg_schema  # the tests' throwaway schema
@@ -523,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in pg_sizes:
                     for label, src, procs in variants if n == min(pg_sizes) else variants[:1]:
                         with pg_schema(args.pg_url, "bench_scale") as url:
-                            built = _spawn("build", {"database": url, "leads": n}, work)["seconds"]
+                            spec_build = {"database": url, "leads": n}
+                            built = _spawn("build", spec_build, work, src)["seconds"]
                             one = {**spec, "database": url, "parse_processes": procs}
                             full("postgresql", n, built, _spawn("full", one, work, src), label)
     finally:
@@ -583,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{c['speedup_of_twoway']}x as fast as {c['variant']} by wall clock, "
                     f"{c['cpu_speedup_of_twoway']}x by CPU"
                 )
+    if "stages" in result:
+        lines.append("  CPU per message by stage (in-process, sqlite, fewest leads):")
+        lines += [f"    {k:<72} {v:>7}" for k, v in result["stages"]["ms_per_msg"].items()]
     result["load_average"] = os.getloadavg()
     lines.append(f"  load average at the end: {result['load_average']}")
     emit(result, args.json, lines)
