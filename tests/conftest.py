@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,11 @@ def start_worker() -> Iterator[Callable[[App], Worker]]:
         worker.app.close()
 
 
-def _pg_schema_url(base: str) -> Iterator[str]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def pg_schema(base: str, prefix: str = "t") -> Iterator[str]:
+    """The URL of a new, empty schema in the PostgreSQL at `base`, dropped afterwards
+    (the tests' databases, and bench/bench_scale.py's)."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -89,7 +93,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL; .ci/run does)")
-    yield from _pg_schema_url(PG_URL)
+    with pg_schema(PG_URL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -54,10 +54,20 @@ class ReceivedMessage:
 
 
 @dataclass
+class Transaction:
+    """One SMTP transaction begun (a MAIL command): the recipients its RCPTs named, and
+    whether it ended with a message accepted."""
+
+    rcpts: list[str] = field(default_factory=list)
+    delivered: bool = False
+
+
+@dataclass
 class _Faults:
     replies: list[str] = field(default_factory=list)  # answered at end of DATA, in order
     drops: int = 0  # connections to abort at end of DATA, without an answer
     rejected: set[str] = field(default_factory=set)  # RCPT answered 550 5.1.1
+    deferred: Counter[str] = field(default_factory=Counter)  # RCPT answered 450, n times
 
 
 class SmtpServer:
@@ -72,12 +82,15 @@ class SmtpServer:
         size_limit: int | None = None,
     ) -> None:
         self.messages: list[ReceivedMessage] = []
-        self.transactions: list[list[str]] = []
-        """One per MAIL command (a transaction begun): the recipients its RCPTs named."""
+        self.transactions: list[Transaction] = []
+        """One per MAIL command (a transaction begun), in order."""
         self.connections = 0
         self.logins: list[str] = []
         self.failed_logins = 0
         self.faults = _Faults()
+        self.on_command: Callable[[str, str], None] | None = None
+        """Called in the server thread at each RCPT (with its address) and DATA (with the
+        first recipient), before the server answers: to look at the client's state then."""
         self.auth = auth
         self.security = "ssl" if implicit_tls else "starttls" if tls else "none"
         self._lock = threading.Lock()
@@ -147,13 +160,25 @@ class SmtpServer:
         """True when each of `addresses` (with repeats) can be paired with an SMTP
         transaction begun here: one whose RCPT named it, or one that ended before any RCPT
         (the client died between MAIL and RCPT)."""
-        return self.not_begun(addresses) == 0
-
-    def not_begun(self, addresses: list[str]) -> int:
-        """How many of `addresses` (with repeats) no SMTP transaction begun here accounts for."""
-        named = Counter(r for t in self.transactions for r in t)
-        blind = sum(1 for t in self.transactions if not t)
+        named = Counter(r for t in self.transactions for r in t.rcpts)
+        blind = sum(1 for t in self.transactions if not t.rcpts)
         missing = sum(max(0, n - named[a]) for a, n in Counter(addresses).items())
+        return missing <= blind
+
+    def not_begun(self, sends: list[tuple[str, str]]) -> int:
+        """How many of `sends` ((recipient, Message-ID) pairs, e.g. the rows left unknown)
+        no SMTP transaction begun here accounts for.
+
+        A send whose message arrived is accounted for. Each other one needs a transaction
+        of its own that delivered nothing: one whose RCPT named its recipient, or one that
+        ended before any RCPT (the client died between MAIL and RCPT).
+        """
+        arrived = {str(m.parsed()["Message-ID"]).strip().strip("<>") for m in self.messages}
+        rest = Counter(a for a, mid in sends if mid.strip().strip("<>") not in arrived)
+        open_ = [t for t in self.transactions if not t.delivered]
+        named = Counter(r for t in open_ for r in t.rcpts)
+        blind = sum(1 for t in open_ if not t.rcpts)
+        missing = sum(max(0, n - named[a]) for a, n in rest.items())
         return max(0, missing - blind)
 
     # --- faults -----------------------------------------------------------------------
@@ -178,6 +203,10 @@ class SmtpServer:
     def reject(self, *addresses: str) -> None:
         """Refuse these recipients at RCPT with 550 5.1.1 (user unknown)."""
         self.faults.rejected.update(a.lower() for a in addresses)
+
+    def defer(self, address: str, times: int = 1) -> None:
+        """Answer RCPT for `address` with 450 4.2.1 (mailbox busy) the next `times` times."""
+        self.faults.deferred[address.lower()] += times
 
     def drop_next(self, times: int = 1) -> None:
         """Abort the connection at the end of DATA, without any answer, `times` times."""
@@ -246,14 +275,22 @@ class _Handler:
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        self.owner.transactions.append([])
-        session.twoway_rcpts = self.owner.transactions[-1]  # type: ignore[attr-defined]
+        self.owner.transactions.append(Transaction())
+        session.twoway_transaction = self.owner.transactions[-1]  # type: ignore[attr-defined]
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        getattr(session, "twoway_rcpts", []).append(address)
+        began: Transaction | None = getattr(session, "twoway_transaction", None)
+        if began is not None:
+            began.rcpts.append(address)
+        if self.owner.on_command is not None:
+            self.owner.on_command("RCPT", address)
+        deferred = self.owner.faults.deferred
+        if deferred[address.lower()] > 0:
+            deferred[address.lower()] -= 1
+            return f"450 4.2.1 <{address}>: Mailbox busy, try again later"
         if address.lower() in self.owner.faults.rejected:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
@@ -261,6 +298,8 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         faults = self.owner.faults
+        if self.owner.on_command is not None:
+            self.owner.on_command("DATA", envelope.rcpt_tos[0] if envelope.rcpt_tos else "")
         if faults.drops > 0:
             faults.drops -= 1
             assert isinstance(server.transport, asyncio.Transport)
@@ -283,6 +322,9 @@ class _Handler:
                 login=login,
             )
         )
+        began: Transaction | None = getattr(session, "twoway_transaction", None)
+        if began is not None:
+            began.delivered = True
         return f"250 2.0.0 OK queued as {len(self.owner.messages)}"
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:

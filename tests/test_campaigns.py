@@ -390,3 +390,58 @@ def test_a_resume_at_night_waits_for_the_window_and_still_spreads(make_world: An
     assert w.run(saturday_night) == 0
     per_minute = [w.run(monday + timedelta(minutes=m, seconds=1 + m)) for m in range(4)]
     assert per_minute == [5, 5, 2, 0]
+
+
+def test_it_enrolls_and_unenrolls_from_the_command_line_by_filter_file_and_address(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    import json
+
+    import yaml
+    from click.testing import CliRunner, Result
+
+    from tests.conftest import base_config_data
+    from worker.cli import main
+
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(base_config_data(sqlite_url, tmp_path)))
+
+    def twoway(*args: str) -> Result:
+        env = {"TWOWAY_NOW": "2026-11-30T10:00:00Z"}
+        return CliRunner().invoke(main, ["--config", str(cfg), *args], env=env)
+
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email,country\nana@a.example,ES\nbo@b.example,DE\ncy@c.example,ES\n")
+    assert twoway("leads", "import", str(leads)).exit_code == 0
+    enrolled = twoway("campaigns", "enroll", "welcome", "--country", "ES", "--json")
+    assert enrolled.exit_code == 0, enrolled.output
+    assert json.loads(enrolled.output)["enrolled"] == 2
+    only = tmp_path / "only.csv"
+    only.write_text("email\nbo@b.example\n")
+    assert (
+        "1 enrolled in welcome"
+        in twoway("campaigns", "enroll", "welcome", "--file", str(only)).output
+    )
+    gone = twoway("campaigns", "unenroll", "welcome", "ana@a.example")
+    assert gone.exit_code == 0 and "1 lead(s) unenrolled from welcome" in gone.output
+    assert (
+        "1 lead(s) unenrolled"
+        in twoway("campaigns", "unenroll", "welcome", "--country", "DE").output
+    )
+    states = {
+        email: [
+            e["state"]
+            for e in json.loads(twoway("leads", "show", email, "--json").output)["enrollments"]
+        ]
+        for email in ("ana@a.example", "bo@b.example", "cy@c.example")
+    }
+    assert states == {
+        "ana@a.example": ["stopped"],
+        "bo@b.example": ["stopped"],
+        "cy@c.example": ["active"],
+    }
+    bad = twoway("campaigns", "enroll", "welcome", "--imported-since", "last week")
+    assert bad.exit_code == 2 and "--imported-since: 'last week'" in bad.output
+    assert "Traceback" not in bad.output
+    unnamed = twoway("campaigns", "unenroll", "welcome")
+    assert unnamed.exit_code == 2 and "name a lead or give a filter" in unnamed.output

@@ -123,15 +123,13 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
         distinct = s.scalar(select(func.count(func.distinct(InboundMessage.message_id))))
         prospects = s.scalar(select(func.count()).where(Lead.status == "prospect"))
         rows_out = s.execute(
-            select(OutboundMessage.message_id, OutboundMessage.status, OutboundMessage.kind)
+            select(
+                OutboundMessage.message_id,
+                OutboundMessage.status,
+                OutboundMessage.kind,
+                OutboundMessage.to_addr,
+            )
         ).all()
-        by_rcpt = Counter(
-            s.execute(
-                select(OutboundMessage.to_addr).where(
-                    OutboundMessage.status.in_(("sent", "unknown"))
-                )
-            ).scalars()
-        )
         still_leads = s.scalar(select(func.count()).where(Lead.status == "lead"))
         steps = Counter(
             s.execute(
@@ -145,23 +143,24 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
     assert inbound == distinct == replies + newsletters  # nothing lost, nothing twice
     assert prospects == replies
     delivered = Counter(str(m.parsed()["Message-ID"]).strip("<>") for m in smtp_server.messages)
-    assert max(delivered.values()) == 1  # zero duplicate deliveries
-    statuses = Counter(st for _, st, _ in rows_out)
+    statuses = Counter(st for _, st, _, _ in rows_out)
     assert set(statuses) <= {"sent", "unknown", "cancelled"}, statuses
-    for message_id, st, kind in rows_out:
-        if kind == "rep_copy":
-            continue  # it goes out under the prospect's own Message-ID (see README, For reps)
-        assert delivered[message_id] == (1 if st == "sent" else delivered[message_id])
+    # Every message delivered is one of ours, at most once; every row `sent` exactly once.
+    assert set(delivered) <= {mid for mid, _, _, _ in rows_out}
+    assert max(delivered.values()) == 1  # zero duplicate deliveries
+    for message_id, st, _, _ in rows_out:
         if st == "sent":
-            assert delivered[message_id] == 1
-    assert Counter(k for _, _, k in rows_out)["handoff"] == replies  # one per promotion
-    # A kill strands at most the one message in flight: a row is `unknown` because its SMTP
-    # transaction had begun (the server saw its RCPT), or because the kill fell in the short
-    # window between the claim's commit and MAIL FROM (the mailer is connected by then).
-    not_begun = smtp_server.not_begun(list(by_rcpt.elements()))
-    print(f"{statuses[OutboxState.UNKNOWN]} unknown, {not_begun} of them before MAIL FROM")
-    assert statuses[OutboxState.UNKNOWN] <= kills
-    assert not_begun <= statuses[OutboxState.UNKNOWN]
+            assert delivered[message_id] == 1, message_id
+        elif st == "cancelled":
+            assert delivered[message_id] == 0, message_id
+    assert Counter(k for _, _, k, _ in rows_out)["handoff"] == replies  # one per promotion
+    # A kill strands at most the one message in flight, and only once the server holds its
+    # transaction: every `unknown` row is one whose MAIL FROM and RCPT TO had reached the
+    # server (or whose message arrived), each with a transaction of its own.
+    unknown = [(to, mid) for mid, st, _, to in rows_out if st == OutboxState.UNKNOWN]
+    print(f"{len(unknown)} unknown, {len(smtp_server.transactions)} SMTP transactions begun")
+    assert len(unknown) <= kills
+    assert smtp_server.not_begun(unknown) == 0
     # Every lead still in the funnel got both steps (sent, or unknown mid-SMTP).
     assert steps[OutboxState.SENT] + steps[OutboxState.UNKNOWN] == 2 * (still_leads or 0), steps
     status = subprocess.run(
@@ -338,6 +337,59 @@ def test_it_settles_a_send_interrupted_by_a_crash_with_the_sent_folder(
         states = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.status)).all())
     assert states == {"a@a.example.org": "sent", "b@b.example.org": "unknown"}
     assert smtp_server.messages == []  # neither was sent again
+
+
+def test_it_finds_the_reply_ready_copy_in_the_sent_folder_by_the_id_it_went_out_with(
+    sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
+) -> None:
+    """The rep's copy goes out under the prospect's Message-ID; its row carries that id, so
+    a crash after DATA is settled by the Sent folder instead of ending `unknown`."""
+    from tests.conftest import base_config
+    from worker.runner import Worker
+
+    dovecot.create_folder(imap_user, "Sent")
+    config = base_config(
+        sqlite_url, tmp_path, smtp=smtp_server.section(),
+        mailboxes=[dovecot.mailbox_section(imap_user, sent_folder="Sent")],
+    )  # fmt: skip
+    app = App.open(config, lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "maya@northwind.example"})], NOW)
+        lead = s.scalars(select(Lead)).one()
+        reply = token_reply(lead, 0)
+    dovecot.append(imap_user, "INBOX", reply)
+    with Worker(app) as worker:
+        worker.run_once()
+    theirs = str(mails_message_id(reply))
+    with app.transaction() as s:
+        copy = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "rep_copy")).one()
+        assert copy.status == "sent"
+        assert copy.message_id == theirs  # the row's id is the prospect's...
+        copy.status = OutboxState.SENDING  # ...so when a crash hits after DATA:
+    [on_wire] = [
+        m for m in smtp_server.messages if str(m.parsed()["Message-ID"]).strip("<>") == theirs
+    ]
+    # The copy the server kept, as a provider that files submitted mail in Sent does (the
+    # worker files only mail sent from a mailbox's own identity).
+    dovecot.append(imap_user, "Sent", on_wire.raw)
+    delivered = len(smtp_server.messages)
+    with Worker(app) as worker:
+        worker.run_once()
+    with app.transaction() as s:
+        copy = s.scalars(select(OutboundMessage).where(OutboundMessage.kind == "rep_copy")).one()
+        assert (copy.status, copy.last_error) == (
+            "sent",
+            "confirmed in the Sent folder after a restart",
+        )
+    assert len(smtp_server.messages) == delivered  # and nothing was sent again
+    app.close()
+
+
+def mails_message_id(raw: bytes) -> str:
+    """The bare Message-ID of a raw message."""
+    from email import message_from_bytes
+
+    return str(message_from_bytes(raw)["Message-ID"]).strip().strip("<>")
 
 
 @pytest.fixture

@@ -242,13 +242,13 @@ def test_run_once_takes_over_a_dead_workers_lease_and_reads_the_mailbox(
 ) -> None:
     from datetime import timedelta
 
-    from tests.conftest import PG_URL, _pg_schema_url
+    from tests.conftest import PG_URL, pg_schema
     from worker.leases import wall_clock
     from worker.models import MailboxLease
 
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL)")
-    for url in _pg_schema_url(PG_URL):
+    with pg_schema(PG_URL) as url:
         data = base_config_data("sqlite:///unused.db", tmp_path, campaigns=[])
         data["workers"] = {"lease_seconds": 15}
         cfg = tmp_path / "twoway.yaml"

@@ -28,7 +28,8 @@ from tests import hostile
 from tests.conftest import ROOT, base_config_data, twoway_cmd
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
-from worker.mailbox import MAX_BATCH_BYTES, ImapSource
+from worker.config import MailboxConfig
+from worker.mailbox import MAX_BATCH_BYTES, ImapSource, MaildirSource
 from worker.models import InboundMessage, Lead, OutboundMessage, Quarantine
 from worker.parsing import MAX_MESSAGE_BYTES
 from worker.rendering import Renderer, RenderLimits, TemplateError
@@ -410,15 +411,25 @@ def test_inspect_says_a_file_over_the_limit_was_truncated_as_the_worker_does(
     assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
 
 
-def test_imap_batches_fit_the_byte_budget_as_well_as_the_count(
-    dovecot: DovecotServer,
+@pytest.mark.parametrize("kind", ["imap", "maildir"])
+def test_batches_fit_the_byte_budget_as_well_as_the_count(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    user = dovecot.fresh_user()
     scale = 11 * 1024 * 1024 / (70 * 1024 * 1024)  # three 11 MB messages: 33 MB in all
-    for i in range(3):
-        dovecot.append(user, "INBOX", hostile.big_attachment(f"p{i}@example.org", user, scale))
-    dovecot.append(user, "INBOX", genuine_reply(GENUINE[0]))
-    source = ImapSource(dovecot.mailbox_config(user, timeout=30))
+    messages = [hostile.big_attachment("p@example.org", "sales@example.com", scale)]
+    messages = messages * 3 + [genuine_reply(GENUINE[0])]
+    source: ImapSource | MaildirSource
+    if kind == "imap":
+        dovecot: DovecotServer = request.getfixturevalue("dovecot")
+        user = dovecot.fresh_user()
+        for raw in messages:
+            dovecot.append(user, "INBOX", raw)
+        source = ImapSource(dovecot.mailbox_config(user, timeout=30))
+    else:
+        inbox = mailbox.Maildir(tmp_path / "inbox", create=True)
+        for raw in messages:
+            inbox.add(raw)
+        source = MaildirSource(MailboxConfig(name="sales", kind="maildir", path=tmp_path / "inbox"))
     source.connect()
     try:
         batches = [

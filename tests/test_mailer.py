@@ -272,3 +272,77 @@ def test_it_reports_an_unwritable_maildir(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     problem = probe_smtp(SmtpConfig(kind="maildir", path=blocker / "outbox"))
     assert problem is not None and problem.startswith("maildir failed:")
+
+
+def test_it_opens_the_transaction_first_and_sends_the_message_on_data(
+    smtp_server: SmtpServer,
+) -> None:
+    raw = message().as_bytes()
+    with Mailer(smtp_server.config()) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"]) is None
+        assert [(t.rcpts, t.delivered) for t in smtp_server.transactions] == [
+            (["maya@northwind.example"], False)
+        ]  # the server holds the envelope, and nothing has arrived yet
+        assert smtp_server.messages == []
+        assert mailer.data(raw) == SendResult("sent", 250, "accepted")
+    assert [m.rcpts for m in smtp_server.messages] == [("maya@northwind.example",)]
+    assert smtp_server.transactions[0].delivered
+
+
+def test_it_sends_nothing_for_a_transaction_it_resets(smtp_server: SmtpServer) -> None:
+    with Mailer(smtp_server.config()) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"]) is None
+        mailer.reset()
+        after = mailer.send(message("next@example.net"), BOUNCES, ["next@example.net"])
+    assert after.status == "sent"
+    assert smtp_server.recipients() == ["next@example.net"]
+    assert smtp_server.connections == 1  # RSET keeps the connection good
+
+
+def test_it_retries_a_deferred_recipient_before_the_transaction_is_open(
+    smtp_server: SmtpServer,
+) -> None:
+    sleeps = Sleeps()
+    smtp_server.defer("maya@northwind.example", times=2)
+    with Mailer(smtp_server.config(), retries=3, sleep=sleeps) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"]) is None
+        result = mailer.data(message().as_bytes())
+    assert result.status == "sent"
+    assert len(sleeps.delays) == 2
+    assert smtp_server.recipients() == ["maya@northwind.example"]
+
+
+def test_it_reports_a_recipient_refused_at_rcpt_before_any_data(smtp_server: SmtpServer) -> None:
+    smtp_server.reject("gone@example.net")
+    with Mailer(smtp_server.config(), sleep=Sleeps()) as mailer:
+        refused = mailer.begin(BOUNCES, ["gone@example.net"])
+    assert refused is not None
+    assert (refused.status, refused.code, refused.enhanced_status) == ("permanent", 550, "5.1.1")
+    assert refused.refused == ("gone@example.net",)
+    assert smtp_server.messages == []
+
+
+def test_it_opens_the_transaction_again_when_the_connection_dies_before_data(
+    smtp_server: SmtpServer,
+) -> None:
+    sleeps = Sleeps()
+    with Mailer(smtp_server.config(), sleep=sleeps) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"]) is None
+        smtp_server.drop_connections()
+        result = mailer.data(message().as_bytes())
+    assert result.status == "sent"
+    assert len(sleeps.delays) == 1  # the message's own attempt: a backoff, then again
+    assert [(t.rcpts, t.delivered) for t in smtp_server.transactions] == [
+        (["maya@northwind.example"], False),
+        (["maya@northwind.example"], True),
+    ]
+    assert [m.connection for m in smtp_server.messages] == [2]
+
+
+def test_it_needs_no_envelope_step_for_a_maildir(tmp_path: Path) -> None:
+    with Mailer(SmtpConfig(kind="maildir", path=tmp_path / "outbox")) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"]) is None
+        assert list((tmp_path / "outbox").glob("*/*")) == []
+        assert mailer.data(message().as_bytes()).status == "sent"
+    [stored] = list(mailbox.Maildir(tmp_path / "outbox", create=False))
+    assert stored["Return-Path"] == f"<{BOUNCES}>"

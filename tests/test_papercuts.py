@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import date, timedelta
 from pathlib import Path
 
 import yaml
 from click.testing import CliRunner, Result
 
-from tests.conftest import ROOT, base_config_data
+from tests.conftest import ROOT, base_config_data, twoway_cmd
 from worker.cli import main
 
 NOW = {"TWOWAY_NOW": "2026-12-01T10:00:00Z"}
@@ -230,3 +231,25 @@ def test_it_tells_in_the_demo_what_matched_and_when_the_lead_is_away(tmp_path: P
     assert "it carries our reply token" in out.stdout
     away = next(line for line in out.stdout.splitlines() if "out-of-office" in line)
     assert "away until" in away and "back on" not in away
+    # What `inspect` says of that out-of-office agrees: back the day after "away until".
+    cfg = tmp_path / "ws" / "twoway.yaml"
+    until = date.fromisoformat(away.rsplit("away until ", 1)[1].strip())
+    seen = subprocess.run(
+        twoway_cmd(cfg, "inspect", str(tmp_path / "ws" / "mail" / "inbox")),
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    results = [json.loads(line) for line in seen.stdout.splitlines()]
+    (ooo,) = [r for r in results if r["from"] == "tom.becker@kraftwerk.example"]
+    assert ooo["kind"] == "auto_reply" and ooo["return_date"] == str(until + timedelta(days=1))
+    # The case study asks only a logistics lead about its vehicles, never about a "fleet".
+    for email, vehicles in (
+        ("emma.wilson@brightline.example", True),  # logistics
+        ("raj.mehta@finlytics.example", False),  # fintech
+        ("maria.garcia@nube.example", False),  # software
+    ):
+        shown = subprocess.run(
+            twoway_cmd(cfg, "templates", "preview", "nurture/case-study", "--lead", email),
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert ("vehicles" in shown.stdout) is vehicles and "fleet" not in shown.stdout, email

@@ -22,7 +22,7 @@ import yaml
 from sqlalchemy import func, select
 
 from tests import mails
-from tests.conftest import PG_URL, ROOT, _pg_schema_url, twoway_cmd, wait_for
+from tests.conftest import PG_URL, ROOT, pg_schema, twoway_cmd, wait_for
 from tests.imap_server import DovecotServer
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -39,7 +39,8 @@ LEASE = 5
 def pg_url() -> Iterator[str]:
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL; .ci/run does)")
-    yield from _pg_schema_url(PG_URL)
+    with pg_schema(PG_URL) as url:
+        yield url
 
 
 def test_it_shares_the_work_between_workers_and_survives_one_dying(

@@ -6,9 +6,12 @@ ones) in one transaction and prints the result; `worker.cli` registers them on `
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -80,7 +83,28 @@ def campaigns_resume(state: _State, name: str) -> None:
         echo(line)
 
 
-def _segment_options(f: click.decorators.FC) -> click.decorators.FC:
+def _segment_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The filters that choose leads (--status, --country, ..., --file), handed to the
+    command as one `segment` (with its LEADS arguments, when it takes some)."""
+
+    @functools.wraps(f)
+    def with_segment(
+        *args: Any,
+        statuses: tuple[str, ...],
+        countries: tuple[str, ...],
+        industries: tuple[str, ...],
+        sources: tuple[str, ...],
+        imported_since: str | None,
+        csv_file: Path | None,
+        **kwargs: Any,
+    ) -> None:
+        with _errors():
+            segment = _segment(
+                statuses, countries, industries, sources, imported_since, csv_file,
+                kwargs.pop("leads", ()),
+            )  # fmt: skip
+        f(*args, segment=segment, **kwargs)
+
     for opt in reversed(
         [
             click.option("--status", "statuses", multiple=True, help="Lead status (repeatable)."),
@@ -98,8 +122,8 @@ def _segment_options(f: click.decorators.FC) -> click.decorators.FC:
             ),
         ]
     ):
-        f = opt(f)
-    return f
+        with_segment = opt(with_segment)
+    return with_segment
 
 
 def _since(text: str | None, option: str) -> datetime | None:
@@ -139,20 +163,9 @@ def _segment(
 @_segment_options
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def campaigns_enroll(
-    state: _State,
-    name: str,
-    statuses: tuple[str, ...],
-    countries: tuple[str, ...],
-    industries: tuple[str, ...],
-    sources: tuple[str, ...],
-    imported_since: str | None,
-    csv_file: Path | None,
-    as_json: bool,
-) -> None:
+def campaigns_enroll(state: _State, name: str, segment: Segment, as_json: bool) -> None:
     """Enroll leads already in the database (default: every lead in status `lead`)."""
     with _errors():
-        segment = _segment(statuses, countries, industries, sources, imported_since, csv_file)
         app = state.app()
         with app.transaction() as s:
             r = enroll_segment(s, app.config, name, segment, app.now())
@@ -172,22 +185,9 @@ def campaigns_enroll(
 @click.argument("leads", nargs=-1)
 @_segment_options
 @pass_state
-def campaigns_unenroll(
-    state: _State,
-    name: str,
-    leads: tuple[str, ...],
-    statuses: tuple[str, ...],
-    countries: tuple[str, ...],
-    industries: tuple[str, ...],
-    sources: tuple[str, ...],
-    imported_since: str | None,
-    csv_file: Path | None,
-) -> None:
+def campaigns_unenroll(state: _State, name: str, segment: Segment) -> None:
     """Take leads (addresses, or the leads matching the filters) out of a campaign."""
     with _errors():
-        segment = _segment(
-            statuses, countries, industries, sources, imported_since, csv_file, leads
-        )
         if segment.is_empty():
             _die("campaigns unenroll: name a lead or give a filter (--status, --file, …)", 2)
         app = state.app()

@@ -491,6 +491,9 @@ class Workers(_Model):
     busy_timeout: float = Field(default=30, gt=0, le=3600)
     """SQLite: seconds a statement waits for another process's lock; past it the pass
     fails temporarily and is retried with backoff (nothing is quarantined)."""
+    parse_processes: int | None = Field(default=None, ge=0, le=16)
+    """Processes that parse and classify fetched mail one batch ahead of the database
+    work; None: one when the machine has more than one core, none on one core; 0: off."""
 
 
 class Webhook(_Model):

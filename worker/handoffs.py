@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Config, Delay, Rep
 from worker.contexts import Kind, NudgeFacts
-from worker.leads import cancel_queued, iso, lead_fields, record_event
-from worker.models import Enrollment, Lead, LeadStatus
+from worker.leads import cancel_queued, iso, lead_fields, lead_rows, record_event
 from worker.models import Handoff as HandoffRow
+from worker.models import Lead, LeadStatus
 from worker.schedule import add_delay, next_open_slot
 
 logger = logging.getLogger(__name__)
@@ -316,34 +316,15 @@ def waiting(s: Session, now: datetime, limit: int = 200) -> list[dict[str, Any]]
 def waiting_leads(s: Session, now: datetime, limit: int = 200) -> list[dict[str, Any]]:
     """`leads list --waiting --json`: the waiting prospects with their lead fields."""
     rows = waiting(s, now, limit)
-    leads = {
-        lead.email: lead
-        for lead in s.scalars(select(Lead).where(Lead.email.in_([r["email"] for r in rows])))
-    }
-    campaigns: dict[int, list[str]] = {}
-    for lead_id, name in s.execute(
-        select(Enrollment.lead_id, Enrollment.campaign).where(
-            Enrollment.lead_id.in_([lead.id for lead in leads.values()])
-        )
-    ):
-        campaigns.setdefault(lead_id, []).append(name)
-    out = []
-    for r in rows:
-        lead = leads[r["email"]]
-        out.append(
-            {
-                "email": lead.email,
-                "status": str(lead.status),
-                "owner": lead.owner,
-                "score": lead.score,
-                "first_name": lead.first_name,
-                "last_name": lead.last_name,
-                "company": lead.company,
-                "campaigns": sorted(campaigns.get(lead.id, [])),
-                **{k: v for k, v in r.items() if k not in ("email", "name", "company")},
-            }
-        )
-    return out
+    leads = s.scalars(select(Lead).where(Lead.email.in_([r["email"] for r in rows])))
+    fields = {f["email"]: f for f in lead_rows(s, list(leads))}
+    return [
+        {
+            **fields[r["email"]],
+            **{k: v for k, v in r.items() if k not in ("email", "name", "company")},
+        }
+        for r in rows
+    ]
 
 
 def answered(s: Session, lead_id: int) -> bool:

@@ -13,9 +13,14 @@ nothing quarantined and the progress where it was, and the caller retries with b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -85,6 +90,7 @@ def sync_mailbox(
     ctx: ClassifyContext,
     should_stop: Callable[[], bool] = lambda: False,
     limit: int | None = None,
+    preparer: Preparer | None = None,
 ) -> SyncResult:
     """Read every new message of every configured folder and process it once.
 
@@ -93,8 +99,10 @@ def sync_mailbox(
     A UIDVALIDITY change restarts the folder from UID 0, deduplicating by Message-ID.
     Raises DatabaseUnavailable when the database cannot be reached or written: nothing
     of the batch in flight is kept or quarantined and the folder's progress stays put.
+    `preparer` parses and classifies the batches (in-process when None).
     """
     result = SyncResult()
+    preparer = preparer or Preparer(ctx, 0)
     try:
         for folder in mb.folders:
             info = source.select(folder)
@@ -108,15 +116,26 @@ def sync_mailbox(
                         )  # fmt: skip
                     st.uidvalidity, st.last_uid = info.uidvalidity, 0
                 after = st.last_uid
-            for batch in source.fetch_new(folder, after, mb.batch_size):
-                seen = result.processed + result.duplicates + result.quarantined
-                if limit is not None:
-                    batch = batch[: max(0, limit - seen)]
-                process_batch(app, mb, batch, ctx, result)
-                seen = result.processed + result.duplicates + result.quarantined
-                if should_stop() or (limit is not None and seen >= limit):
-                    result.more = True
-                    return result
+            # Batch k+1 is fetched and handed to the preparer (parsed and classified,
+            # in the pool when there is one) before batch k's database work starts;
+            # batches still commit one after the other, in order.
+            ahead: tuple[list[FetchedMessage], Callable[[], list[Prepared]]] | None = None
+            taken = result.processed + result.duplicates + result.quarantined
+            fetched_batches = source.fetch_new(folder, after, mb.batch_size)
+            for batch in itertools.chain(fetched_batches, [None]):
+                following = None
+                if batch is not None:
+                    if limit is not None:
+                        batch = batch[: max(0, limit - taken)]
+                    taken += len(batch)
+                    following = (batch, preparer.submit(batch, app.now().date()))
+                if ahead is not None:
+                    process_batch(app, mb, ahead[0], ctx, result, prepared=ahead[1]())
+                    seen = result.processed + result.duplicates + result.quarantined
+                    if should_stop() or (limit is not None and seen >= limit):
+                        result.more = True  # the batch prepared ahead is read again later
+                        return result
+                ahead = following
             with app.transaction() as s:
                 st = _state(s, mb.name, folder)
                 st.last_sync, st.last_error = app.now(), None
@@ -157,6 +176,87 @@ def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepa
         return Prepared(fetched, msg, failure=e)
 
 
+def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
+    """In a pool process: `prepare` each message with the context `_start_child` set."""
+    assert _CHILD_CTX is not None
+    return [prepare(f, _CHILD_CTX, today) for f in batch]
+
+
+_CHILD_CTX: ClassifyContext | None = None
+
+
+def _start_child(ctx: ClassifyContext) -> None:
+    """A pool process: the parent decides when to stop (SIGTERM and Ctrl-C are its to
+    handle: it finishes the batch in flight and shuts the pool down), and mail-parser's
+    warnings stay quiet as in the CLI."""
+    global _CHILD_CTX
+    _CHILD_CTX = ctx
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+
+
+POOL_MIN_BATCH = 64
+"""Smaller batches are prepared in-process: shipping them to another process costs
+about what parsing them does."""
+
+
+def default_parse_processes() -> int:
+    """One pool process when the machine has more than one core; none on one core."""
+    return 1 if (os.cpu_count() or 1) > 1 else 0
+
+
+class Preparer:
+    """Parses and classifies fetched batches for `process_batch`.
+
+    With `processes` > 0, batches of at least POOL_MIN_BATCH messages go to a small pool
+    of that many processes (started on the first such batch), so the next batch is
+    prepared while this one's database work runs; the queue is bounded by the caller
+    (one batch ahead). A pool that breaks (a child killed) or a result that cannot come
+    back is logged, and that batch and the rest are prepared in-process: the same
+    messages, the same answers.
+    """
+
+    def __init__(self, ctx: ClassifyContext, processes: int) -> None:
+        self.ctx = ctx
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, batch: list[FetchedMessage], today: date) -> Callable[[], list[Prepared]]:
+        """Start preparing `batch`; the returned call gives the result (in order)."""
+        if self.processes <= 0 or len(batch) < POOL_MIN_BATCH:
+            return lambda: [prepare(f, self.ctx, today) for f in batch]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork of our threads
+                initializer=_start_child,
+                initargs=(self.ctx,),
+            )
+        size = -(-len(batch) // (2 * self.processes))
+        futures = [
+            self._pool.submit(_prepare_many, batch[i : i + size], today)
+            for i in range(0, len(batch), size)
+        ]
+
+        def result() -> list[Prepared]:
+            try:
+                return [p for fut in futures for p in fut.result()]
+            except Exception as e:
+                logger.warning("the parsing pool failed (%s): parsing in this process", e)
+                self.close()
+                self.processes = 0
+                return [prepare(f, self.ctx, today) for f in batch]
+
+        return result
+
+    def close(self) -> None:
+        """Stop the pool's processes (queued work is dropped; nothing was committed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 @dataclass
 class _Outcome:
     fetched: FetchedMessage
@@ -170,15 +270,18 @@ def process_batch(
     batch: list[FetchedMessage],
     ctx: ClassifyContext,
     result: SyncResult,
+    prepared: list[Prepared] | None = None,
 ) -> None:
-    """Process a fetched batch in as few transactions as possible.
+    """Process a fetched batch in as few transactions as possible. `prepared`: the
+    batch already parsed and classified (`prepare`), in order.
 
     The messages' rows, their effects and the folder's progress commit together, one
     transaction per `BATCH_SECONDS` at most. When anything in a transaction fails, it is
     rolled back and its messages are replayed one per transaction (`process_message`),
     so only the bad message is quarantined. Raises DatabaseUnavailable (nothing kept).
     """
-    prepared = [prepare(f, ctx, app.now().date()) for f in batch]
+    if prepared is None:
+        prepared = [prepare(f, ctx, app.now().date()) for f in batch]
     i = 0
     while i < len(batch):
         started = time.monotonic()

@@ -557,7 +557,11 @@ def list_leads(
         q = q.where(Lead.status == parse_status(status))
     if limit is not None:
         q = q.limit(limit)
-    leads = list(session.scalars(q))
+    return lead_rows(session, list(session.scalars(q)))
+
+
+def lead_rows(session: Session, leads: list[Lead]) -> list[dict[str, Any]]:
+    """A row of `leads list --json` for each lead: its fields and its campaigns."""
     campaigns: dict[int, list[str]] = {}
     ids = [lead.id for lead in leads]
     for i in range(0, len(ids), _CHUNK):

@@ -202,6 +202,17 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         "recipients": list(b.recipients),
     }
     code = f"{b.status} " if b.status else ""
+    ours = s.get(OutboundMessage, ev.match.outbound_id) if ev.match.outbound_id else None
+    failed = {r.lower() for r in b.recipients}
+    if (ours is not None and ours.to_addr != lead.email) or (failed and lead.email not in failed):
+        # Mail about the lead to someone else bounced (the rep's briefing, or the reply-ready
+        # copy: it carries her Message-ID and token): the lead's address is not at fault.
+        to = ours.to_addr if ours is not None else ", ".join(sorted(failed))
+        record_event(
+            s, lead, "team_bounce", f"{_cause(row)}: our mail to {to} bounced {code}({b.reason})",
+            now, detail=detail, inbound_id=row.id,
+        )  # fmt: skip
+        return
     if b.type == "hard":
         bounce_lead(s, lead, now, f"{_cause(row)}: hard bounce {code}({b.reason})", row.id)
         return
@@ -452,7 +463,7 @@ def _queue_handoff(
         enqueue(
             s, app.config, "rep_copy", f"rep_copy:{key}{ev.row.id}", lead,
             app.config.handoff.reply_template, ev.at, to_addr=rep["email"], facts=copy,
-            inbound_id=ev.row.id,
+            inbound_id=ev.row.id, message_id=msg.message_id,
         )  # fmt: skip
     what = "new reply" if again else "handoff"
     record_event(

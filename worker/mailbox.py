@@ -804,9 +804,12 @@ class MaildirSource:
             if found is None:
                 continue
             raw, name, whole = found
+            if batch and size + len(raw) > MAX_BATCH_BYTES:  # memory: bytes bound too
+                yield batch
+                batch, size = [], 0
             batch.append(FetchedMessage(folder, idx.uidvalidity, uid, raw, _flags(name), whole))
             size += len(raw)
-            if len(batch) >= batch_size or size >= MAX_BATCH_BYTES:  # memory: bytes bound too
+            if len(batch) >= batch_size:
                 yield batch
                 batch, size = [], 0
         if batch:

@@ -1,16 +1,18 @@
 """Outbound transport: SMTP (implicit TLS, STARTTLS or plain on loopback) or a local Maildir.
 
 This is the only module that imports smtplib and tenacity. A Mailer keeps one SMTP
-connection open across a batch and reconnects when the server drops it. Within one
-`send()`, temporary failures (connection errors, 4xx replies) are retried a bounded number
-of times with exponential backoff and jitter; a 5xx is never retried. What happens after
-that (attempt counters, the next attempt time) is the caller's business and lives in the
-database, not in a sleeping stack frame.
+connection open across a batch and reconnects when the server drops it. A message goes
+out in two steps, `begin()` (MAIL FROM, RCPT TO) and `data()` (DATA), so the outbox can
+claim its row in between. Within a step, 4xx replies and connection errors are retried a
+bounded number of times with exponential backoff and jitter; a 5xx is never retried. What
+happens after that (attempt counters, the next attempt time) is the caller's business and
+lives in the database, not in a sleeping stack frame.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import mailbox
 import re
@@ -20,14 +22,17 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from email.generator import BytesGenerator
 from email.message import EmailMessage
+from email.policy import EmailPolicy
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
+    retry_if_result,
     stop_after_attempt,
     wait_exponential_jitter,
 )
@@ -59,28 +64,12 @@ class SendResult:
     enhanced_status: str | None = None
 
 
-class _Outcome(Exception):
-    """Carries the SendResult of an attempt that did not deliver."""
-
-    def __init__(self, result: SendResult) -> None:
-        super().__init__(result.message)
-        self.result = result
-
-
-class _Temporary(_Outcome):
-    """An attempt failed in a way worth retrying within this send()."""
-
-
-class _Disconnected(_Outcome):
-    """The connection broke during the transaction."""
-
-
-class _Final(_Outcome):
-    """Opening the connection failed in a way retrying now will not fix."""
-
-
 class _StepError(Exception):
-    """Opening the connection failed at `step` (DNS, connect, TLS, auth)."""
+    """Opening the connection failed at `step` (DNS, connect, TLS, auth).
+
+    `retry` is False for what retrying now cannot fix (a refused login, an untrusted
+    certificate, a missing secret): a configuration problem, not a passing one.
+    """
 
     def __init__(
         self, step: str, detail: str, hint: str, *, code: int | None = None, retry: bool = True
@@ -94,6 +83,12 @@ class _StepError(Exception):
 
     def describe(self) -> str:
         return f"{self.step} failed: {self.detail}. Hint: {self.hint}"
+
+    def result(self) -> SendResult:
+        """What this means for the message: temporary, unless the server refused us with
+        a 5xx greeting (it will not take mail from here)."""
+        final = self.code is not None and self.code >= 500 and self.step == "connect"
+        return SendResult("permanent" if final else "temporary", self.code, self.describe())
 
 
 def _text(resp: bytes | str) -> str:
@@ -263,13 +258,13 @@ def _login(conn: smtplib.SMTP, cfg: SmtpConfig) -> None:
         ) from None
 
 
-def _over_advertised_size(conn: smtplib.SMTP, msg: EmailMessage | bytes) -> str | None:
-    """Why `msg` must not be sent when it is larger than the SIZE the server advertised in
-    its EHLO (RFC 1870; 0 or no number: no fixed limit); None when it fits."""
+def _over_advertised_size(conn: smtplib.SMTP, size: int) -> str | None:
+    """Why a message of `size` bytes must not be sent when it is larger than the SIZE the
+    server advertised in its EHLO (RFC 1870; 0 or no number: no fixed limit); None when it
+    fits."""
     advertised = conn.esmtp_features.get("size", "").strip()
     limit = int(advertised) if advertised.isdigit() else 0
-    size = len(msg) if isinstance(msg, bytes) else None
-    if not limit or size is None or size <= limit:
+    if not limit or size <= limit:
         return None
     return (
         f"the message is {size:,} bytes, over the {limit:,} bytes the server takes "
@@ -306,13 +301,33 @@ def probe_smtp(cfg: SmtpConfig) -> str | None:
     return None
 
 
+def _is_temporary_reply(result: SendResult | None) -> bool:
+    return result is not None and result.status == "temporary"
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """A broken or refused connection worth another try (smtplib's errors are OSErrors)."""
+    if isinstance(e, _StepError):
+        return e.retry and e.result().status == "temporary"
+    return isinstance(e, OSError)
+
+
+_T = TypeVar("_T")
+
+
 class Mailer:
     """Sends messages through one reused SMTP connection (or into a Maildir).
 
-    Use it as a context manager around a batch. `retries` is how many times one send()
-    retries a temporary failure (so at most retries + 1 attempts), waiting an exponential,
-    jittered delay between `base_delay` and `max_delay` seconds through `sleep`. Not
-    thread-safe: one Mailer per worker thread.
+    One message goes out in two steps, so that the caller can record its claim between
+    them: `begin()` opens the SMTP transaction (MAIL FROM, RCPT TO) and `data()` hands the
+    message over (DATA); `reset()` abandons a transaction begun. `send()` does both.
+
+    Within each step, a 4xx reply or a connection error is retried: at most `retries` + 1
+    attempts, reconnecting between them after an exponential, jittered delay between
+    `base_delay` and `max_delay` seconds (waited through `sleep`). A 5xx is never retried.
+    A kept connection the server has closed meanwhile is replaced at once, without
+    spending an attempt. Use it as a context manager around a batch. Not thread-safe: one
+    Mailer per worker thread.
     """
 
     def __init__(
@@ -330,13 +345,17 @@ class Mailer:
         self._conn: smtplib.SMTP | None = None
         self._last_used = 0.0
         self._maildir: mailbox.Maildir | None = None
+        self._envelope: tuple[str, list[str], int, bool] = ("", [], 0, False)
+        self._open = False  # the server holds our MAIL and RCPTs and waits for DATA
+        self._refused: dict[str, tuple[int, str]] = {}
         self._retrying = Retrying(
+            retry=retry_if_result(_is_temporary_reply) | retry_if_exception(_is_connection_error),
             stop=stop_after_attempt(retries + 1),
             wait=wait_exponential_jitter(initial=base_delay, max=max_delay, jitter=base_delay),
-            retry=retry_if_exception_type(_Temporary),
             sleep=sleep,
-            before_sleep=self._before_retry,
-            reraise=True,
+            before_sleep=self._reconnect,
+            # Out of attempts: the last outcome stands (a result, or its exception).
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
 
     def __enter__(self) -> Mailer:
@@ -353,6 +372,7 @@ class Mailer:
     def close(self) -> None:
         """Say QUIT and close the connection, if one is open. The Mailer stays usable."""
         conn, self._conn = self._conn, None
+        self._open = False
         if conn is None:
             return
         try:
@@ -360,182 +380,230 @@ class Mailer:
         except (OSError, smtplib.SMTPException):
             _abandon(conn)
 
-    def connect(self) -> None:
-        """Open the connection now if none is open (nothing to do for a Maildir). A failure
-        is not raised: the next send() retries it and reports it in its SendResult."""
-        if self.cfg.kind != "maildir":
-            with contextlib.suppress(_Outcome):
-                self._connection()
-
     def send(
         self, msg: EmailMessage | bytes, envelope_from: str, recipients: Sequence[str]
     ) -> SendResult:
         """Hand `msg` (a message, or its bytes as written once by the caller) to the server
-        for `recipients` with MAIL FROM `envelope_from`.
+        for `recipients` with MAIL FROM `envelope_from`: `begin()`, then `data()`.
 
-        Never raises for a delivery problem: the SendResult says what happened. A partial
-        refusal (some recipients accepted) is "sent", with the permanently refused ones in
-        `refused`; it is not retried, because that would send the message twice to those
-        who got it. A login or TLS-verification failure is "temporary" without in-call
-        retries: it is a configuration problem, not this message's fault.
+        Never raises for a delivery problem: the SendResult says what happened.
         """
+        raw = (
+            msg
+            if isinstance(msg, bytes)
+            else _flatten(msg, _international(envelope_from, recipients))
+        )
+        refused = self.begin(envelope_from, recipients, size=len(raw), eight_bit=not raw.isascii())
+        return refused if refused is not None else self.data(raw)
+
+    def begin(
+        self,
+        envelope_from: str,
+        recipients: Sequence[str],
+        *,
+        size: int = 0,
+        eight_bit: bool = False,
+    ) -> SendResult | None:
+        """Open the SMTP transaction of one message of `size` bytes: MAIL FROM
+        `envelope_from` (with BODY=8BITMIME for an `eight_bit` message when the server
+        offers it), RCPT TO each of `recipients`.
+
+        None: the server accepted the envelope for at least one recipient and waits for
+        `data()` or `reset()`. Otherwise nothing was sent and the SendResult says why:
+        "permanent" (over the server's SIZE, a 5xx to MAIL, or to every RCPT, in
+        `refused`) or "temporary" (4xx
+        or connection errors after the retries; a login or TLS problem at once, since it
+        is a configuration problem, not this message's fault). A Maildir has no envelope
+        step: always None.
+        """
+        self.reset()
+        self._envelope = (envelope_from, list(recipients), size, eight_bit)
         if not recipients:
             return SendResult("permanent", None, "no recipients")
         if self.cfg.kind == "maildir":
-            return self._to_maildir(msg, envelope_from, recipients)
+            return None
+        return self._run(self._begin_attempt)
+
+    def data(self, raw: bytes) -> SendResult:
+        """Send `raw` (CRLF lines) in the transaction `begin()` opened. Never raises for a
+        delivery problem.
+
+        A 4xx or a broken connection is retried from MAIL FROM on a fresh connection. A
+        partial refusal at RCPT (some recipients accepted) is "sent", with the permanently
+        refused ones in `refused`.
+        """
+        if self.cfg.kind == "maildir":
+            return self._to_maildir(raw)
+        return self._run(lambda: self._data_attempt(raw))
+
+    def reset(self) -> None:
+        """Abandon the transaction `begin()` opened (RSET), if one is open: nothing is sent."""
+        if not self._open or self._conn is None:
+            return
+        self._open = False
         try:
-            return self._retrying(self._attempt, msg, envelope_from, list(recipients))
-        except _Temporary as e:
-            return e.result
+            if self._conn.rset()[0] == 250:
+                return
+        except OSError:
+            pass
+        self._drop()
 
     # --- internals ---------------------------------------------------------------------
 
-    def _before_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
+    def _run(self, attempt: Callable[[], _T]) -> _T | SendResult:
+        """`attempt` under the retry policy; a connection problem that outlasts the
+        retries (or must not be retried) becomes a temporary SendResult."""
+        try:
+            return self._retrying(attempt)
+        except _StepError as e:
+            return e.result()
+        except OSError as e:  # smtplib's disconnects, resets and timeouts
+            self._drop()
+            return SendResult("temporary", None, f"connection lost: {e or type(e).__name__}")
+
+    def _reconnect(self, state: RetryCallState) -> None:
+        """Between attempts: drop the connection, so the next one starts afresh (after a
+        421 the server hangs up; after a failed DATA the session's state is unsure)."""
+        outcome = state.outcome
+        why = outcome.exception() if outcome and outcome.failed else None
+        if why is None and outcome is not None:
+            why = getattr(outcome.result(), "message", None)
         logger.info(
             "SMTP attempt %d failed (%s); retrying in %.1fs",
             state.attempt_number,
-            exc,
+            why,
             state.upcoming_sleep,
         )
+        self._drop()
 
     def _connection(self) -> smtplib.SMTP:
+        """The open connection (checked with a NOOP when idle long) or a new one; raises
+        _StepError when a new one cannot be opened."""
         conn = self._conn
         if conn is not None and time.monotonic() - self._last_used > _IDLE_CHECK_SECONDS:
             try:
                 alive = conn.noop()[0] == 250
-            except (OSError, smtplib.SMTPException):
+            except OSError:
                 alive = False
             if not alive:
                 self._drop()
                 conn = None
         if conn is None:
-            try:
-                conn = _open(self.cfg)
-            except _StepError as e:
-                result = SendResult(
-                    "permanent"
-                    if e.code is not None and e.code >= 500 and e.step == "connect"
-                    else "temporary",
-                    e.code,
-                    e.describe(),
-                    enhanced_status=None,
-                )
-                if e.retry and result.status == "temporary":
-                    raise _Temporary(result) from None
-                raise _Final(result) from None
+            conn = _open(self.cfg)
             logger.debug("connected to %s:%s", self.cfg.host, self.cfg.effective_port)
-            self._conn = conn
+            self._conn, self._open = conn, False
             self._last_used = time.monotonic()
         return conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        self._open = False
         if conn is not None:
             _abandon(conn)
 
-    def _attempt(
-        self, msg: EmailMessage | bytes, envelope_from: str, recipients: list[str]
-    ) -> SendResult:
+    def _begin_attempt(self) -> SendResult | None:
         reused = self._conn is not None
         try:
-            return self._transmit(msg, envelope_from, recipients)
-        except _Disconnected as e:
+            return self._mail_rcpt(self._connection())
+        except OSError:
             if not reused:
-                raise _Temporary(e.result) from None
+                raise
         # The server had closed the connection we kept (an idle timeout, a cap on messages
         # per connection): open a fresh one at once instead of spending an attempt on it.
-        try:
-            return self._transmit(msg, envelope_from, recipients)
-        except _Disconnected as e:
-            raise _Temporary(e.result) from None
+        self._drop()
+        return self._mail_rcpt(self._connection())
 
-    def _transmit(
-        self, msg: EmailMessage | bytes, envelope_from: str, recipients: list[str]
-    ) -> SendResult:
-        try:
-            conn = self._connection()
-        except _Final as e:
-            return e.result
-        too_large = _over_advertised_size(conn, msg)
+    def _mail_rcpt(self, conn: smtplib.SMTP) -> SendResult | None:
+        envelope_from, recipients, size, eight_bit = self._envelope
+        too_large = _over_advertised_size(conn, size)
         if too_large:
             return SendResult("permanent", None, too_large)
+        options = ["BODY=8BITMIME"] if eight_bit and conn.has_extn("8bitmime") else []
+        if _international(envelope_from, recipients):
+            options.append("SMTPUTF8")
         try:
-            if isinstance(msg, bytes):
-                eight_bit = not msg.isascii() and conn.has_extn("8bitmime")
-                options = ["BODY=8BITMIME"] if eight_bit else []
-                refused = conn.sendmail(envelope_from, recipients, msg, options)
-            else:
-                refused = conn.send_message(msg, envelope_from, recipients)
-        except smtplib.SMTPRecipientsRefused as e:
-            return self._all_refused(e.recipients)
-        except smtplib.SMTPResponseException as e:
-            # SMTPSenderRefused, SMTPDataError, and replies to RSET/MAIL alike.
-            return self._reply(e.smtp_code, _text(e.smtp_error))
+            code, resp = conn.mail(envelope_from, options)
         except smtplib.SMTPNotSupportedError as e:
-            # e.g. the message needs SMTPUTF8 and the server lacks it: retrying cannot help.
-            self._last_used = time.monotonic()
+            # A non-ASCII address and no SMTPUTF8 at the server: retrying cannot help.
             return SendResult("permanent", None, f"the server cannot take this message: {e}")
-        except (OSError, smtplib.SMTPException) as e:
-            # SMTPServerDisconnected, resets, timeouts: the connection is gone.
-            self._drop()
-            raise _Disconnected(
-                SendResult("temporary", None, f"connection lost: {e or type(e).__name__}")
-            ) from None
         self._last_used = time.monotonic()
+        if code != 250:
+            self._rset(conn)
+            return self._reply(code, resp)
+        refused: dict[str, tuple[int, str]] = {}
+        for rcpt in recipients:
+            code, resp = conn.rcpt(rcpt)
+            if code not in (250, 251):
+                refused[rcpt] = (code, _text(resp))
+        if len(refused) == len(recipients):
+            self._rset(conn)
+            return self._all_refused(refused)
+        self._open, self._refused = True, refused
+        return None
+
+    def _rset(self, conn: smtplib.SMTP) -> None:
+        """RSET after a refused MAIL or RCPTs, so the kept connection starts clean."""
+        try:
+            conn.rset()
+        except OSError:
+            self._drop()
+
+    def _data_attempt(self, raw: bytes) -> SendResult:
+        conn = self._connection()
+        if not self._open:  # a retry: the last attempt's transaction went with its connection
+            not_open = self._mail_rcpt(conn)
+            if not_open is not None:
+                return not_open
+        self._open = False  # whatever DATA answers, the transaction ends with it
+        reply: tuple[int, bytes | str]
+        try:
+            reply = conn.data(raw)
+        except smtplib.SMTPDataError as e:  # DATA itself refused (no 354)
+            reply = (e.smtp_code, e.smtp_error)
+        self._last_used = time.monotonic()
+        if reply[0] != 250:
+            return self._reply(*reply)
+        refused = self._refused
         if not refused:
             return SendResult("sent", 250, "accepted")
-        permanent = tuple(r for r, (code, _) in refused.items() if code >= 500)
-        first = next(iter(refused.values()))
-        detail = "; ".join(f"{r}: {c} {_text(t)}" for r, (c, t) in refused.items())
+        detail = "; ".join(f"{r}: {c} {t}" for r, (c, t) in refused.items())
         return SendResult(
             "sent",
             250,
             f"accepted, but refused for {detail}",
-            refused=permanent,
-            enhanced_status=_enhanced(_text(first[1])),
+            refused=tuple(r for r, (c, _) in refused.items() if c >= 500),
+            enhanced_status=_enhanced(next(iter(refused.values()))[1]),
         )
 
-    def _reply(self, code: int, text: str) -> SendResult:
-        """Classify an error reply: 4xx is retried (after reconnecting), 5xx is final."""
-        if 400 <= code < 500:
-            # Reconnect for the next attempt: after a 421 the server hangs up, and after a
-            # failed DATA we cannot be sure what state the session is in.
-            self._drop()
-            raise _Temporary(
-                SendResult("temporary", code, f"{code} {text}", enhanced_status=_enhanced(text))
-            )
-        self._last_used = time.monotonic()
-        return SendResult("permanent", code, f"{code} {text}", enhanced_status=_enhanced(text))
+    def _reply(self, code: int, resp: bytes | str) -> SendResult:
+        """An error reply: 4xx is temporary (retried), anything else permanent."""
+        text = _text(resp)
+        status: Literal["temporary", "permanent"] = (
+            "temporary" if 400 <= code < 500 else "permanent"
+        )
+        return SendResult(status, code, f"{code} {text}", enhanced_status=_enhanced(text))
 
-    def _all_refused(self, refused: dict[str, tuple[int, bytes]]) -> SendResult:
-        self._last_used = time.monotonic()
-        detail = "; ".join(f"{r}: {c} {_text(t)}" for r, (c, t) in refused.items())
+    def _all_refused(self, refused: dict[str, tuple[int, str]]) -> SendResult:
+        """Every RCPT refused: temporary if any refusal was a 4xx, else permanent."""
+        detail = "; ".join(f"{r}: {c} {t}" for r, (c, t) in refused.items())
         codes = [c for c, _ in refused.values()]
-        first_text = _text(next(iter(refused.values()))[1])
+        enhanced = _enhanced(next(iter(refused.values()))[1])
         if any(400 <= c < 500 for c in codes):
-            self._drop()
-            raise _Temporary(
-                SendResult(
-                    "temporary",
-                    min(codes),
-                    f"refused for {detail}",
-                    enhanced_status=_enhanced(first_text),
-                )
+            return SendResult(
+                "temporary", min(codes), f"refused for {detail}", enhanced_status=enhanced
             )
         return SendResult(
             "permanent",
             codes[0],
             f"refused for {detail}",
             refused=tuple(refused),
-            enhanced_status=_enhanced(first_text),
+            enhanced_status=enhanced,
         )
 
-    def _to_maildir(
-        self, msg: EmailMessage | bytes, envelope_from: str, recipients: Sequence[str]
-    ) -> SendResult:
+    def _to_maildir(self, raw: bytes) -> SendResult:
         """Deliver into the Maildir at cfg.path like a local MDA: Return-Path and
         X-Original-To headers record the envelope; mailbox writes tmp/ then moves to new/."""
+        envelope_from, recipients, _, _ = self._envelope
         try:
             if self._maildir is None:
                 self._maildir = mailbox.Maildir(self.cfg.path or "", create=True)
@@ -543,8 +611,22 @@ class Mailer:
             envelope = f"Return-Path: <{_one_line(envelope_from)}>\n" + "".join(
                 f"X-Original-To: {_one_line(r)}\n" for r in recipients
             )
-            raw = msg if isinstance(msg, bytes) else msg.as_bytes()
             key = self._maildir.add(envelope.encode("ascii", "replace") + raw)
         except OSError as e:
             return SendResult("temporary", None, f"cannot write to maildir {self.cfg.path}: {e}")
         return SendResult("sent", None, f"delivered to maildir {self.cfg.path} as {key}")
+
+
+def _international(envelope_from: str, recipients: Sequence[str]) -> bool:
+    """Whether an address needs SMTPUTF8 (RFC 6531)."""
+    return not (envelope_from.isascii() and all(r.isascii() for r in recipients))
+
+
+def _flatten(msg: EmailMessage, utf8: bool) -> bytes:
+    """`msg` as it goes on the wire (CRLF lines), as smtplib's send_message writes it."""
+    out = io.BytesIO()
+    policy = msg.policy
+    if utf8 and isinstance(policy, EmailPolicy):
+        policy = policy.clone(utf8=True)
+    BytesGenerator(out, policy=policy).flatten(msg, linesep="\r\n")
+    return out.getvalue()

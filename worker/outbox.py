@@ -2,12 +2,17 @@
 
 States: queued -> sending -> sent | failed | cancelled, and `unknown` for a row found in
 `sending` after a crash that the Sent folder cannot settle (never silently resent).
-Eligibility is decided first (caps, pause, per-domain cap, the lead's status); then one
-row at a time is claimed with a conditional UPDATE (after `FOR UPDATE SKIP LOCKED` on
-PostgreSQL) in its own short transaction, right before its SMTP call, so a crash strands
-only the message whose SMTP transaction had begun. The SMTP call happens outside any
-transaction; its outcome is recorded in another. Temporary failures wait in the row
-(`attempts`, `next_attempt_at`).
+
+One row at a time, each step its own short transaction, none open across SMTP:
+1. `prepare`: lock the row (`FOR UPDATE SKIP LOCKED` on PostgreSQL), decide (cancel, or
+   wait for a cap, a pause, the per-domain cap) and build the message; nothing claimed.
+2. `Mailer.begin`: MAIL FROM and RCPT TO. A refusal is recorded like any failed attempt.
+3. `claim`: one conditional UPDATE `queued -> sending`; lost to another worker: RSET.
+4. `Mailer.data`: DATA; then `record` the outcome.
+So a row is `sending` only once the server holds its transaction: a crash strands at most
+the message in flight, and only one whose SMTP transaction had begun; a crash before the
+claim leaves the row queued. Temporary failures wait in the row (`attempts`,
+`next_attempt_at`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ logger = logging.getLogger(__name__)
 MAX_ATTACHED_ORIGINAL = 10 * 1024 * 1024
 """A prospect's original larger than this is not attached to the handoff (SMTP size caps)."""
 CLAIM_BATCH = 20
+MESSAGE_ID_LENGTH = 255
+"""The outbox's `message_id` column (ours are about 60 characters)."""
 
 MailerFor = Callable[[str], Mailer | None]
 """The Mailer of one SMTP account ("default" or a mailbox's name); None: there is none."""
@@ -82,15 +89,21 @@ SentCopy = Callable[[str | None, bytes], None]
 
 @dataclass
 class Prepared:
+    """A due row that may go out now, built but not yet claimed (still `queued`)."""
+
     row_id: int
     lead_id: int
     kind: str
     to_addr: str
     mailbox: str | None
-    message: EmailMessage
+    subject: str
     raw: bytes
     """The message as it goes to SMTP, written once before the claim."""
     envelope_from: str
+    attempts: int
+    """The row's `attempts` when it was prepared: the claim checks nobody moved it since."""
+    reserved_until: datetime | None
+    """Several workers (PostgreSQL): the row was held back from the others until then."""
     transport: str = "default"
     """Which SMTP account sends it: "default" (the top-level smtp) or a mailbox's own."""
 
@@ -114,6 +127,7 @@ def enqueue(
     variant: int | None = None,
     in_reply_to: str | None = None,
     inbound_id: int | None = None,
+    message_id: str | None = None,
 ) -> OutboundMessage:
     """Queue one email: the only way a row enters the outbox (the caller's transaction).
 
@@ -122,7 +136,19 @@ def enqueue(
     attempt. It goes to the lead unless `to_addr` says otherwise, from `mailbox`'s identity,
     not before `due` (default: `at`). `facts` is the handoff's or follow-up's part of its
     template context (worker.contexts); a nurture step's is built when it is sent.
+
+    `message_id` is the Message-ID the message goes out with when it is not one of ours
+    (the reply-ready copy keeps the prospect's): the row carries it, so a send cut short
+    by a crash is found in the Sent folder by it. It is used only if it fits the column
+    and no other row has it (a second copy of one message: a reassignment, or the same
+    message in two mailboxes); otherwise the row gets one of ours, as by default.
     """
+    if message_id is not None:
+        message_id = message_id.strip().strip("<>")
+        if not (is_message_id(message_id) and len(message_id) <= MESSAGE_ID_LENGTH) or s.scalar(
+            select(OutboundMessage.id).where(OutboundMessage.message_id == message_id)
+        ):
+            message_id = None
     row = OutboundMessage(
         idempotency_key=key,
         kind=kind,
@@ -133,7 +159,7 @@ def enqueue(
         template=template,
         variant=variant,
         mailbox=mailbox,
-        message_id=new_message_id(config.sender.domain),
+        message_id=message_id or new_message_id(config.sender.domain),
         # Mail to the team carries no reply token (a reply to it is the rep's own mail),
         # except the reply-ready copy: its Reply-To brings the rep's answer back to us.
         reply_token=lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
@@ -188,8 +214,8 @@ def _mailbox_filter(mailboxes: tuple[str | None, ...]) -> ColumnElement[bool]:
     return cond
 
 
-def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[tuple[int, str | None]]:
-    """(id, mailbox) of up to `limit` due rows whose SMTP account still has budget.
+def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[int]:
+    """The ids of up to `limit` due rows whose SMTP account still has budget.
 
     Fills `budgets` (transport -> how many more its caps allow). Rows of an account whose
     cap is reached are moved to the next minute in one UPDATE, without being claimed.
@@ -210,24 +236,23 @@ def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[tuple[int,
                 .values(next_attempt_at=now + timedelta(minutes=1))
                 .execution_options(synchronize_session=False)
             )
-        rows = s.execute(
-            select(OutboundMessage.id, OutboundMessage.mailbox)
+        rows = s.scalars(
+            select(OutboundMessage.id)
             .where(*due)
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
             .limit(limit)
         )
-        return [(i, mb) for i, mb in rows]
+        return list(rows)
 
 
-def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) -> Prepared | None:
-    """Decide whether row `row_id` goes out now and, if so, claim it; its own transaction.
+def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) -> Prepared | None:
+    """Decide whether row `row_id` goes out now and, if so, build it; its own transaction.
 
-    Called right before the SMTP call, for one row at a time: a row is `sending` only
-    while its SMTP transaction is about to begin or under way, so a crash strands at
-    most that one. A row that must not go out any more is cancelled; one that must wait
-    (paused enrollment, domain cap, account cap) gets a later `next_attempt_at`; one whose
-    message cannot be built fails with the reason — none of them is claimed. The claim
-    is one conditional UPDATE: None when another worker took the row first.
+    A row that must not go out any more is cancelled; one that must wait (paused
+    enrollment, domain cap, account cap) gets a later `next_attempt_at`; one whose
+    message cannot be built fails with the reason. None of them is claimed: a row that
+    may go out is returned still `queued`, for `claim` once its SMTP transaction has begun.
+    None also when the row was taken, settled or rescheduled meanwhile.
     """
     now = app.now()
     with app.transaction() as s:
@@ -241,7 +266,7 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
             .with_for_update(skip_locked=True)
         ).first()
         if row is None:
-            return None  # taken, settled or rescheduled meanwhile
+            return None
         lead = s.get(Lead, row.lead_id)
         if lead is None:
             row.status, row.last_error = OutboxState.CANCELLED, "the lead was deleted"
@@ -271,24 +296,61 @@ def claim(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) ->
         envelope = me.address
         if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
             envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
+        reserved = None
+        if s.get_bind().dialect.name != "sqlite":
+            # Other workers walk the same due rows: hold this one back from them while its
+            # SMTP transaction opens, so they do not build and open it too only to lose the
+            # claim. Still `queued`: if this worker dies now, it is due again after the lease.
+            reserved = now + timedelta(seconds=app.config.workers.lease_seconds)
+            row.next_attempt_at = reserved
+        return Prepared(
+            row.id, lead.id, row.kind, row.to_addr, row.mailbox, str(message["Subject"]), raw,
+            envelope, row.attempts, reserved, transport,
+        )  # fmt: skip
+
+
+def claim(app: App, item: Prepared) -> bool:
+    """Claim a prepared row whose SMTP transaction has begun (the server holds its MAIL FROM
+    and RCPT TO): `queued -> sending`, one conditional UPDATE in its own transaction.
+
+    So a row is `sending` only once the server has seen its transaction, and a crash
+    strands at most that one. False: another worker took or settled the row meanwhile
+    (or, with touch caps, claimed another email to the same person first).
+    """
+    now = app.now()
+    sender = app.config.sender
+    with app.transaction() as s:
+        if item.kind == "nurture" and (sender.max_touches or sender.min_gap):
+            # The touch check again, under the person's lock: two workers may have
+            # prepared two emails to one person at once (see _campaign_wait).
+            if s.get_bind().dialect.name != "sqlite":
+                mine = select(Lead.id).where(Lead.id == item.lead_id)
+                if s.scalar(mine.with_for_update(skip_locked=True)) is None:
+                    return False  # being decided elsewhere: the next pass looks again
+            if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
+                return False
         claimed = s.execute(
             update(OutboundMessage)
-            .where(OutboundMessage.id == row.id, OutboundMessage.status == OutboxState.QUEUED)
+            .where(
+                OutboundMessage.id == item.row_id,
+                OutboundMessage.status == OutboxState.QUEUED,
+                OutboundMessage.attempts == item.attempts,
+                *(
+                    [OutboundMessage.next_attempt_at == item.reserved_until]
+                    if item.reserved_until
+                    else []
+                ),
+            )
             .values(
                 status=OutboxState.SENDING,
-                attempts=OutboundMessage.attempts + 1,
-                subject=str(message["Subject"]),
+                attempts=item.attempts + 1,
+                subject=item.subject,
                 # A claim is a lease: past it, another worker settles the row (never resends).
                 next_attempt_at=now + timedelta(seconds=app.config.workers.lease_seconds),
             )
             .execution_options(synchronize_session=False)
         )
-        if getattr(claimed, "rowcount", 0) != 1:
-            return None
-        budgets[transport] -= 1
-        return Prepared(
-            row.id, lead.id, row.kind, row.to_addr, row.mailbox, message, raw, envelope, transport
-        )
+        return getattr(claimed, "rowcount", 0) == 1
 
 
 def _why(e: Exception) -> str:
@@ -463,15 +525,24 @@ def _followup_preview(
     return {**followup, "text": text.strip(), "sent": row.status != "queued"}
 
 
-def record(app: App, item: Prepared, result: SendResult) -> None:
-    """Write the outcome of one SMTP attempt (its own transaction)."""
+def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True) -> None:
+    """Write the outcome of one SMTP attempt (its own transaction).
+
+    `claimed` False: the server refused the envelope before the claim (`result` is
+    temporary or permanent); the attempt counts all the same, unless another worker has
+    moved the row meanwhile (then it is theirs and nothing is written).
+    """
     now = app.now()
     smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5
     with app.transaction() as s:
-        row = s.get(OutboundMessage, item.row_id)
+        row = s.get(OutboundMessage, item.row_id, with_for_update=not claimed)
         if row is None:
             return
+        if not claimed:
+            if row.status != OutboxState.QUEUED or row.attempts != item.attempts:
+                return
+            row.attempts += 1
         if result.status == "sent":
             row.status, row.sent_at, row.last_error = OutboxState.SENT, now, None
             return
@@ -517,32 +588,30 @@ def send_due(
     """Send everything due now (respecting the caps); returns how many were sent.
 
     `mailer_for(transport)` gives the Mailer of one SMTP account ("default" or a
-    mailbox's name). Each row is claimed right before its SMTP call, so `should_stop`
-    (asked between messages) leaves the rest queued and untouched.
+    mailbox's name). Each row is claimed once its SMTP transaction has begun, so
+    `should_stop` (asked between messages) leaves the rest queued and untouched.
     """
     sent = 0
     seen: set[int] = set()  # a row another worker holds right now comes back: skip it
     while (limit is None or sent < limit) and not should_stop():
         budgets: dict[str, int] = {}
         size = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
-        batch = [(i, mb) for i, mb in _due_batch(app, size, budgets) if i not in seen]
+        batch = [i for i in _due_batch(app, size, budgets) if i not in seen]
         if not batch:
             break
-        for row_id, mailbox in batch:
+        for row_id in batch:
             if should_stop() or (limit is not None and sent >= limit):
                 break
             seen.add(row_id)
-            mailer = mailer_for(app.config.identity(mailbox).transport)
-            if mailer is not None:
-                # Connect before the claim, so a claimed row's SMTP transaction starts at
-                # once; a failure to connect is left for send() to retry and report.
-                mailer.connect()
-            item = claim(app, renderer, row_id, budgets)
+            item = prepare(app, renderer, row_id, budgets)
             if item is None:
                 continue
+            mailer = mailer_for(item.transport)
             assert mailer is not None  # rows of an account that does not exist get no budget
-            result = mailer.send(item.raw, item.envelope_from, [item.to_addr])
-            record(app, item, result)
+            result = _send(app, mailer, item)
+            if result is None:
+                continue
+            budgets[item.transport] -= 1
             if result.status == "sent":
                 sent += 1
                 if sent_copy is not None:
@@ -555,6 +624,22 @@ def send_due(
     return sent
 
 
+def _send(app: App, mailer: Mailer, item: Prepared) -> SendResult | None:
+    """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
+    outcome recorded in its own transaction. None: another worker claimed it first."""
+    size, eight_bit = len(item.raw), not item.raw.isascii()
+    refused = mailer.begin(item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit)
+    if refused is not None:
+        record(app, item, refused, claimed=False)
+        return refused
+    if not claim(app, item):
+        mailer.reset()
+        return None
+    result = mailer.data(item.raw)
+    record(app, item, result)
+    return result
+
+
 def recover_sending(
     app: App, in_sent_folder: Callable[[str | None, str], bool | None] | None, all_rows: bool
 ) -> tuple[int, int]:
@@ -565,26 +650,46 @@ def recover_sending(
     at; otherwise only rows whose lease expired. Returns (found sent, marked unknown).
     """
     now = app.now()
-    found = unknown = 0
+    stranded = [OutboundMessage.status == OutboxState.SENDING]
+    if not all_rows:
+        stranded.append(OutboundMessage.next_attempt_at < now)
     with app.transaction() as s:
-        q = select(OutboundMessage).where(OutboundMessage.status == OutboxState.SENDING)
-        if not all_rows:
-            q = q.where(OutboundMessage.next_attempt_at < now)
-        rows = s.scalars(q).all()
-        for row in rows:
-            answer = in_sent_folder(row.mailbox, row.message_id) if in_sent_folder else None
-            if answer:
-                row.status, row.sent_at = OutboxState.SENT, now
-                row.last_error = "confirmed in the Sent folder after a restart"
-                found += 1
-            else:
-                row.status = OutboxState.UNKNOWN
-                row.last_error = (
-                    "the worker stopped during the SMTP call; not in the Sent folder"
-                    if answer is False
-                    else "the worker stopped during the SMTP call; no Sent folder to check"
-                )
-                unknown += 1
+        rows = s.execute(
+            select(OutboundMessage.id, OutboundMessage.mailbox, OutboundMessage.message_id).where(
+                *stranded
+            )
+        ).all()
+    # The Sent folder is asked outside any transaction; each row is then settled on its
+    # own, and only if it is still stranded (no other worker settled it meanwhile).
+    found = unknown = 0
+    for row_id, mailbox, message_id in rows:
+        answer = in_sent_folder(mailbox, message_id) if in_sent_folder else None
+        if answer:
+            values = {
+                "status": OutboxState.SENT,
+                "sent_at": now,
+                "last_error": "confirmed in the Sent folder after a restart",
+            }
+        else:
+            values = {
+                "status": OutboxState.UNKNOWN,
+                "last_error": "the worker stopped during the SMTP call; not in the Sent folder"
+                if answer is False
+                else "the worker stopped during the SMTP call; no Sent folder to check",
+            }
+        with app.transaction() as s:
+            settled = s.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id == row_id, *stranded)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        if getattr(settled, "rowcount", 0) != 1:
+            continue
+        if answer:
+            found += 1
+        else:
+            unknown += 1
     if found or unknown:
         logger.warning("after a restart: %d send(s) confirmed sent, %d unknown", found, unknown)
     return found, unknown

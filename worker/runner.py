@@ -26,7 +26,13 @@ from worker.campaigns import paused_campaigns
 from worker.classify import ClassifyContext
 from worker.config import Config, MailboxConfig, Rep
 from worker.db import as_unavailable, is_unavailable, refresh_statistics
-from worker.inbound import SyncResult, classify_context, sync_mailbox
+from worker.inbound import (
+    Preparer,
+    SyncResult,
+    classify_context,
+    default_parse_processes,
+    sync_mailbox,
+)
 from worker.leases import (
     SqliteLock,
     acquire_lease,
@@ -191,6 +197,8 @@ class Worker:
             self._lock = SqliteLock(app.config.database)  # one worker per SQLite database
         self.renderer = Renderer(app.config.templates_path)
         self.ctx: ClassifyContext = classify_context(app.config)
+        n = app.config.workers.parse_processes
+        self.preparer = Preparer(self.ctx, default_parse_processes() if n is None else n)
         self.mailboxes = [_Mailbox(m, open_source(m)) for m in app.config.mailboxes]
         self._running = False
         self._recovered = False
@@ -337,7 +345,9 @@ class Worker:
             mb.leased = True
         try:
             self._connect(mb)
-            got = sync_mailbox(self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set, limit=limit)
+            got = sync_mailbox(
+                self.app, mb.source, mb.cfg, self.ctx, self.stop.is_set, limit, self.preparer
+            )
         except MailboxError as e:
             self._mailbox_failed(mb, str(e), temporary=e.temporary)
             result.errors.append(f"{mb.cfg.name}: {e}")
@@ -611,6 +621,7 @@ class Worker:
         """Close connections, hand the mailboxes back and drop the SQLite lock."""
         self._closing.set()
         self._stop_watchers()
+        self.preparer.close()
         if self._renewer is not None:
             self._renewer.join(5)
         for mailer in self._mailers.values():

@@ -285,13 +285,17 @@ def build_app(app: App) -> Starlette:
         request.session.update({"auth": True, "csrf": secrets.token_urlsafe(32)})
         return RedirectResponse(nxt, 303)
 
-    async def logout(request: Request) -> Response:
+    async def checked_form(request: Request) -> dict[str, str] | Response:
+        """The POSTed form when it carries this session's CSRF token, else the refusal."""
         try:
             form = await _form(request)
         except BodyTooLarge:
             return refused(413)
-        if not csrf_ok(request, form):
-            return refused()
+        return form if csrf_ok(request, form) else refused()
+
+    async def logout(request: Request) -> Response:
+        if isinstance(form := await checked_form(request), Response):
+            return form
         request.session.clear()
         return RedirectResponse("/login", 303)
 
@@ -312,12 +316,8 @@ def build_app(app: App) -> Starlette:
         """A POST: CSRF checked, `work` run in a thread, its message flashed, then `back`."""
 
         async def run(request: Request) -> Response:
-            try:
-                form = await _form(request)
-            except BodyTooLarge:
-                return refused(413)
-            if not csrf_ok(request, form):
-                return refused()
+            if isinstance(form := await checked_form(request), Response):
+                return form
             request.session["flash"] = await run_in_threadpool(work, request, form)
             return RedirectResponse(back, 303)
 

@@ -1,0 +1,256 @@
+"""The send path's order against a real SMTP server (aiosmtpd): a row is claimed only once
+the server holds its envelope (MAIL FROM, RCPT TO), and its message follows (DATA).
+
+So a crash strands only a row whose SMTP transaction had begun; a recipient refused at
+RCPT is recorded without any claim; a claim lost to another worker abandons its envelope.
+Rows a crash left `sending` are settled without holding the database across the search
+of the Sent folder.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import sqlite3
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tests import mails
+from tests.conftest import base_config
+from tests.smtp_server import SmtpServer
+from worker.app import App
+from worker.config import Config
+from worker.leads import import_leads
+from worker.mailer import Mailer
+from worker.models import Lead, LeadEvent, OutboundMessage, OutboxState
+from worker.outbox import claim, enqueue, prepare, recover_sending, send_due
+from worker.rendering import Renderer
+from worker.sequences import queue_due
+
+NOW = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+
+
+class Sleeps:
+    """Records the waits the mailer asks for, instead of waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def setup(
+    database_url: str, tmp_path: Path, smtp: SmtpServer, n: int, clock: list[datetime] | None = None
+) -> tuple[Config, App]:
+    config = base_config(database_url, tmp_path, smtp=smtp.section())
+    now = clock if clock is not None else [NOW]
+    app = App.open(config, lambda: now[0])
+    with app.transaction() as s:
+        leads = [(i + 2, {"email": f"lead{i}@company{i}.example.org"}) for i in range(n)]
+        import_leads(s, leads, NOW, campaign=config.campaign("welcome"))
+    assert queue_due(app) == n
+    return config, app
+
+
+def states(app: App) -> dict[str, tuple[str, int]]:
+    with app.transaction() as s:
+        rows = s.execute(
+            select(OutboundMessage.to_addr, OutboundMessage.status, OutboundMessage.attempts)
+        ).all()
+    return {to: (str(st), n) for to, st, n in rows}
+
+
+def test_it_claims_a_row_only_once_the_server_holds_its_envelope(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 3)
+    seen: list[tuple[str, str, str]] = []
+
+    def look(command: str, address: str) -> None:  # runs while the worker waits for us
+        seen.append((command, address, states(app)[address][0]))
+
+    smtp_server.on_command = look
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 3
+    leads = [f"lead{i}@company{i}.example.org" for i in range(3)]
+    # At RCPT the row is still queued (a crash now leaves it to be sent again); by DATA it
+    # is claimed (a crash now leaves it `unknown`, with its transaction begun).
+    assert seen == [
+        (c, a, st) for a in leads for c, st in (("RCPT", "queued"), ("DATA", "sending"))
+    ]
+    assert states(app) == {a: ("sent", 1) for a in leads}
+    assert [t.rcpts for t in smtp_server.transactions] == [[a] for a in leads]
+    app.close()
+
+
+def test_it_records_a_recipient_refused_at_rcpt_without_claiming_it(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 3)
+    gone = "lead1@company1.example.org"
+    smtp_server.reject(gone)
+    seen: list[str] = []
+    smtp_server.on_command = lambda command, address: seen.append(states(app)[address][0])
+    sleeps = Sleeps()
+    assert config.smtp is not None
+    with Mailer(config.smtp, sleep=sleeps) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 2
+    got = states(app)
+    assert got[gone] == ("failed", 1)  # one attempt, refused for good, never `sending`
+    assert "queued" in seen and sleeps.delays == []  # a 5xx is not retried
+    with app.transaction() as s:
+        error = s.scalar(select(OutboundMessage.last_error).where(OutboundMessage.to_addr == gone))
+        lead = s.scalar(select(Lead).where(Lead.email == gone))
+        assert lead is not None and lead.status == "bounced"  # 5.1.1: the address is dead
+    assert error is not None and error.startswith("permanent: 550") and "5.1.1" in error
+    assert sorted(smtp_server.recipients()) == sorted(a for a in got if a != gone)
+    assert smtp_server.connections == 1  # the connection served the next message
+    app.close()
+
+
+def test_it_retries_a_recipient_deferred_at_rcpt_and_sends_it_once(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 1)
+    busy = "lead0@company0.example.org"
+    smtp_server.defer(busy, times=4)  # more than one send's retries
+    sleeps = Sleeps()
+    assert config.smtp is not None
+    renderer = Renderer(config.templates_path)
+    with Mailer(config.smtp, retries=3, sleep=sleeps) as mailer:
+        assert send_due(app, renderer, lambda _t: mailer) == 0
+        assert states(app) == {busy: ("queued", 1)}  # temporary: back in the queue, counted
+        assert len(sleeps.delays) == 3
+        with app.transaction() as s:
+            row = s.scalars(select(OutboundMessage)).one()
+            assert row.last_error is not None and row.last_error.startswith("temporary: 450")
+            row.next_attempt_at = NOW - timedelta(seconds=1)  # its backoff has run out
+        assert send_due(app, renderer, lambda _t: mailer) == 1
+    assert states(app) == {busy: ("sent", 2)}
+    assert smtp_server.recipients() == [busy]
+    app.close()
+
+
+def test_it_abandons_the_envelope_when_another_worker_claims_the_row_first(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    clock = [NOW]
+    config, app = setup(database_url, tmp_path, smtp_server, 1, clock)
+    renderer = Renderer(config.templates_path)
+    with app.transaction() as s:
+        row_id = s.scalars(select(OutboundMessage.id)).one()
+    budgets = {"default": 5}
+    mine = prepare(app, renderer, row_id, budgets)
+    if app.engine.dialect.name != "sqlite":  # several workers: the row is held back a while
+        assert prepare(app, renderer, row_id, budgets) is None
+    # Another worker decides the same row (on PostgreSQL, once the hold on it has run out).
+    clock[0] += timedelta(seconds=config.workers.lease_seconds + 1)
+    theirs = prepare(app, renderer, row_id, budgets)
+    assert mine is not None and theirs is not None
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        assert mailer.begin(mine.envelope_from, [mine.to_addr]) is None
+        assert claim(app, theirs)  # the other worker's claim commits first
+        assert not claim(app, mine)
+        mailer.reset()
+        assert smtp_server.messages == []  # nothing of ours went out
+        result = mailer.send(
+            b"Subject: next\r\n\r\nstill usable\r\n", "a@example.com", ["b@x.test"]
+        )
+    assert result.status == "sent"
+    assert [t.delivered for t in smtp_server.transactions] == [False, True]
+    assert smtp_server.connections == 1
+    assert Counter(st for st, _ in states(app).values()) == Counter({"sending": 1})
+    app.close()
+
+
+def test_it_asks_the_sent_folder_outside_any_transaction_and_settles_only_stranded_rows(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    _, app = setup(sqlite_url, tmp_path, smtp_server, 3)
+    with app.transaction() as s:
+        rows = list(s.scalars(select(OutboundMessage).order_by(OutboundMessage.id)))
+        for row in rows:
+            row.status = OutboxState.SENDING  # as if the worker died during the SMTP call
+        ids = [row.message_id for row in rows]
+    path = sqlite_url.removeprefix("sqlite:///")
+    writable: list[bool] = []
+
+    def in_sent_folder(mailbox: str | None, message_id: str) -> bool | None:
+        # Meanwhile the database takes writes (no transaction is held across the search)...
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            writable.append(True)
+            if message_id == ids[0]:  # ...and another worker settles the third row.
+                other.execute(
+                    "UPDATE outbound_messages SET status = 'queued' WHERE message_id = ?",
+                    (ids[2],),
+                )
+            other.execute("COMMIT")
+        except sqlite3.OperationalError:
+            writable.append(False)
+        finally:
+            other.close()
+        return message_id == ids[1]
+
+    assert recover_sending(app, in_sent_folder, all_rows=True) == (1, 1)
+    assert writable == [True, True, True]
+    with app.transaction() as s:
+        got = dict(s.execute(select(OutboundMessage.message_id, OutboundMessage.status)).all())
+    assert got == {ids[0]: "unknown", ids[1]: "sent", ids[2]: "queued"}
+    app.close()
+
+
+def test_it_keeps_a_foreign_message_id_only_when_it_fits_and_no_other_row_has_it(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 1)
+    theirs = "CAF=x9k2@mail.gmail.com"
+    too_long = "a" * 250 + "@example.net"
+    with app.transaction() as s:
+        lead = s.scalars(select(Lead)).one()
+        ids = [
+            enqueue(s, config, "rep_copy", f"copy:{i}", lead, "handoff/reply", NOW,
+                    to_addr="ana@example.com", message_id=mid).message_id
+            for i, mid in enumerate([f"<{theirs}>", theirs, too_long, "two@at@example.net"])
+        ]  # fmt: skip
+    assert ids[0] == theirs  # the copy of her message goes out, and is found, by her id
+    assert ids[1] != theirs  # a second copy (a reassignment) gets one of ours...
+    assert all(i.startswith("twoway.") and i.endswith("@example.com") for i in ids[1:])
+    assert len(set(ids)) == 4  # ...as do ids the column or a header cannot hold
+    app.close()
+
+
+def test_a_bounce_of_mail_to_the_team_leaves_the_prospects_address_alone(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """The reply-ready copy carries the prospect's Message-ID, so a DSN for it (the rep's
+    address is gone) names her message: it must not mark her address dead."""
+    from worker.runner import Worker
+
+    _, app = setup(database_url, tmp_path, smtp_server, 1)
+    inbox = mailbox.Maildir(tmp_path / "inbox", create=False)
+    with Worker(app) as worker:
+        worker.run_once()
+        [step1] = smtp_server.parsed()
+        inbox.add(mails.reply(step1, "Could we see pricing and a demo?", NOW))
+        worker.run_once()
+        team = [m for m in smtp_server.messages if m.rcpts != (str(step1["To"]),)]
+        assert len(team) == 2  # the briefing and the reply-ready copy
+        for m in team:  # each DSN goes to the envelope sender (RFC 5321 4.5.5)
+            original = m.parsed()
+            del original["Reply-To"]
+            original["Reply-To"] = m.envelope_from  # where mails.dsn addresses it
+            inbox.add(mails.dsn(original, m.rcpts[0], "5.1.1", "550 5.1.1 unknown user", NOW))
+        worker.run_once()
+    with app.transaction() as s:
+        lead = s.scalars(select(Lead)).one()
+        events = list(s.scalars(select(LeadEvent.type).where(LeadEvent.lead_id == lead.id)))
+        assert lead.status == "prospect"
+    assert events.count("team_bounce") == 2
+    app.close()

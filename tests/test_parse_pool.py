@@ -1,0 +1,177 @@
+"""The parsing pool (`workers.parse_processes`): the same records as parsing in-process,
+in order, and a clean stop on SIGTERM with nothing lost or repeated."""
+
+from __future__ import annotations
+
+import mailbox
+import multiprocessing
+import os
+import signal
+import subprocess
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import func, select
+
+from tests.conftest import base_config_data, twoway_cmd, wait_for
+from worker.app import App
+from worker.config import config_from_dict
+from worker.models import InboundMessage, Quarantine
+from worker.runner import Worker
+
+NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+N = 300  # three batches of 100: more than POOL_MIN_BATCH each
+
+
+def _mail(i: int) -> bytes:
+    """Replies, out-of-office answers, newsletters and, every 37th, bytes that are no email."""
+    if i % 37 == 5:
+        return b"\x00\x01 not an email at all\r\n"
+    msg = EmailMessage()
+    msg["From"] = f"Person {i} <person{i}@company{i % 40}.example.org>"
+    msg["To"] = "sales@example.com"
+    msg["Date"] = format_datetime(NOW)
+    msg["Message-ID"] = f"<m{i}@company{i % 40}.example.org>"
+    if i % 5 == 1:
+        msg["Subject"] = "Automatic reply: Question"
+        msg["Auto-Submitted"] = "auto-replied"
+        msg.set_content(f"I am out of the office until December {10 + i % 15}, 2026.")
+    elif i % 5 == 2:
+        msg["Subject"] = f"Issue {i}"
+        msg["List-Id"] = "News <news.example.org>"
+        msg["Precedence"] = "bulk"
+        msg.set_content("This week: five ideas. " * 40)
+    else:
+        msg["Subject"] = f"Re: Question {i}"
+        msg.set_content(
+            f"Could you send pricing for {i} seats?\n\nBest,\nPerson {i}\n\n"
+            "On Mon, 30 Nov 2026, Acme Sales <sales@example.com> wrote:\n> Hello\n> there\n"
+        )
+    return msg.as_bytes()
+
+
+def _config(tmp_path: Path, processes: int) -> dict[str, Any]:
+    inbox = tmp_path / "inbox"
+    data = base_config_data(f"sqlite:///{tmp_path / 'twoway.db'}", tmp_path, campaigns=[])
+    data["mailboxes"] = [
+        {"name": "sales", "kind": "maildir", "path": str(inbox), "batch_size": 100}
+    ]
+    data["workers"] = {"parse_processes": processes}
+    box = mailbox.Maildir(inbox, create=True)
+    for i in range(N):
+        box.add(_mail(i))
+    return data
+
+
+def _records(app: App) -> list[tuple[Any, ...]]:
+    with app.transaction() as s:
+        rows = s.execute(
+            select(
+                InboundMessage.message_id,
+                InboundMessage.kind,
+                InboundMessage.reason,
+                InboundMessage.reply_text,
+                InboundMessage.return_date,
+                InboundMessage.from_addr,
+            ).order_by(InboundMessage.id)
+        ).all()
+        quarantined = s.scalars(select(Quarantine.reason).order_by(Quarantine.id)).all()
+    return [tuple(r) for r in rows] + [("quarantined", q) for q in quarantined]
+
+
+def _run(tmp_path: Path, processes: int) -> tuple[list[tuple[Any, ...]], int]:
+    tmp_path.mkdir()
+    data = _config(tmp_path, processes)
+    app = App.open(config_from_dict(data, tmp_path / "twoway.yaml"), lambda: NOW)
+    worker = Worker(app).start()
+    try:
+        result = worker.run_once()
+        pool_processes = len(multiprocessing.active_children())
+    finally:
+        worker.close()
+    assert result.inbound.processed + result.inbound.quarantined == N
+    records = _records(app)
+    app.close()
+    return records, pool_processes
+
+
+def test_the_pool_records_what_parsing_in_process_records(tmp_path: Path) -> None:
+    in_process, none = _run(tmp_path / "in-process", 0)
+    pooled, children = _run(tmp_path / "pool", 1)
+    assert none == 0 and children == 1, "the second run parses in a pool process"
+    assert len(in_process) == N
+    ooo = sum(1 for i in range(N) if i % 5 == 1 and i % 37 != 5)
+    assert [r[1] for r in in_process].count("auto_reply") == ooo
+    assert pooled == in_process  # same rows, same order, same quarantine reasons
+    assert not multiprocessing.active_children(), "closing the worker stops the pool"
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_worker_and_its_pool_losing_and_repeating_nothing(
+    tmp_path: Path,
+) -> None:
+    data = _config(tmp_path, 1)
+    for i in range(N, 4 * N):  # enough mail that SIGTERM lands mid-sync
+        mailbox.Maildir(tmp_path / "inbox").add(_mail(i))
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    app = App.open(config_from_dict(data, tmp_path / "twoway.yaml"), lambda: NOW)
+
+    def recorded() -> int:
+        with app.transaction() as s:
+            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
+
+    proc = subprocess.Popen(
+        twoway_cmd(cfg, "run"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: recorded() >= 100 and bool(_children(proc.pid)), 120, "the pool at work")
+        pool = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd stops a service
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    logged = proc.stderr.read().decode()
+    assert "Traceback" not in logged and "pool failed" not in logged, logged[-2000:]
+    wait_for(lambda: not any(_alive(p) for p in pool), 30, "the pool processes gone")
+    assert recorded() < 4 * N, "SIGTERM landed mid-sync"
+    assert subprocess.run(twoway_cmd(cfg, "run", "--once"), env=env).returncode == 0
+    with app.transaction() as s:
+        rows = s.scalar(select(func.count()).select_from(InboundMessage))
+        distinct = s.scalar(select(func.count(func.distinct(InboundMessage.message_id))))
+        quarantined = s.scalar(select(func.count()).select_from(Quarantine))
+    assert rows == distinct and (rows or 0) + (quarantined or 0) == 4 * N
+    app.close()
