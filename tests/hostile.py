@@ -202,15 +202,15 @@ TEMPLATE_GROWTH = {
     "macro": (
         "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
         "{% endmacro %}{{ m()|length }}",
-        "writes or builds more than 5,000,000 characters",
+        "writes or builds more than 2,000,000 characters",
     ),
     "set_block": (
         "{% set b %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}",
-        "writes or builds more than 5,000,000 characters",
+        "writes or builds more than 2,000,000 characters",
     ),
     "many_values": (
         "{{ ('x' * 1000000)|list|map('center', 1000)|list|length }}",
-        "writes or builds more than 5,000,000 characters",
+        "writes or builds more than 2,000,000 characters",
     ),
     "recursion": (
         "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"

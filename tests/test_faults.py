@@ -175,6 +175,66 @@ def test_it_loses_and_repeats_nothing_when_killed_at_random_points(
     app.close()
 
 
+def test_it_strands_only_a_send_the_server_had_begun_when_killed_inside_smtp(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """SIGKILL the worker at the worst moments, from inside the SMTP server: at RCPT (the
+    envelope is open, the row not yet claimed) and at DATA (claimed, the message not yet
+    accepted). Only the second may leave `unknown`; the first is sent on the next run."""
+    data: dict[str, Any] = {
+        "database": sqlite_url,
+        "templates_dir": str(ROOT / "templates"),
+        "smtp": smtp_server.section(),
+        "sender": {"from": "Acme Sales <sales@example.com>"},
+        "campaigns": [
+            {"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}
+        ],
+    }
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    config = load_config(cfg, env={})
+    app = App.open(config, lambda: NOW)
+    leads = [f"lead{i}@c{i}.example.org" for i in range(10)]
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(leads)], NOW,
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    running: list[subprocess.Popen[bytes]] = []
+    at: list[str] = []  # the command to kill at in this run
+    killed: dict[str, str] = {}  # command -> the recipient whose transaction it cut
+    seen: Counter[str] = Counter()
+
+    def kill_inside(command: str, address: str) -> None:
+        if at and command == at[0]:
+            seen[command] += 1
+            if seen[command] == 3:  # the third message of the run
+                killed[command] = address
+                os.kill(running[-1].pid, signal.SIGKILL)
+                running[-1].wait(10)  # dead before the server answers
+
+    smtp_server.on_command = kill_inside
+    for command in ("RCPT", "DATA", None):
+        at[:] = [command] if command else []
+        running.append(run_once(cfg, env))
+        code = running[-1].wait(120)
+        assert code == (-signal.SIGKILL if command else 0), command
+    with app.transaction() as s:
+        states = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.status)).all())
+        ids = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.message_id)).all())
+    assert set(killed) == {"RCPT", "DATA"}
+    # Killed at RCPT: not claimed yet, so sent once on the next run. Killed at DATA:
+    # claimed, so `unknown` (reported, never resent), with its transaction begun.
+    assert states[killed["RCPT"]] == "sent"
+    assert {a for a, st in states.items() if st != "sent"} == {killed["DATA"]}
+    assert states[killed["DATA"]] == "unknown"
+    assert smtp_server.not_begun([(killed["DATA"], ids[killed["DATA"]])]) == 0
+    # The server had the whole message when the worker died waiting for its 250: it
+    # arrived once, and the row says `unknown` rather than guess. Nothing went twice.
+    got = Counter(r for m in smtp_server.messages for r in m.rcpts)
+    assert got == Counter({a: 1 for a in leads})
+    app.close()
+
+
 def test_it_survives_dovecot_restarting_mid_sync(
     sqlite_url: str, tmp_path: Path, dovecot: DovecotServer, imap_user: str, smtp_server: SmtpServer
 ) -> None:

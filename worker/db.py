@@ -323,7 +323,7 @@ def ensure_schema(engine: Engine) -> None:
         current = current_revision(engine)
         has_tables = bool(inspect(engine).get_table_names())
     except Exception as e:  # connection failures come in many driver-specific types
-        raise DatabaseError(f"cannot open the database: {e.__class__.__name__}: {e}") from e
+        raise cannot_open(engine.url, e) from e
     head = head_revision()
     if current == head:
         return

@@ -411,10 +411,9 @@ class Mailer:
         None: the server accepted the envelope for at least one recipient and waits for
         `data()` or `reset()`. Otherwise nothing was sent and the SendResult says why:
         "permanent" (over the server's SIZE, a 5xx to MAIL, or to every RCPT, in
-        `refused`) or "temporary" (4xx
-        or connection errors after the retries; a login or TLS problem at once, since it
-        is a configuration problem, not this message's fault). A Maildir has no envelope
-        step: always None.
+        `refused`) or "temporary" (4xx or connection errors after the retries; a login or
+        TLS problem at once, since it is a configuration problem, not this message's
+        fault). A Maildir has no envelope step: always None.
         """
         self.reset()
         self._envelope = (envelope_from, list(recipients), size, eight_bit)

@@ -106,16 +106,19 @@ class RenderLimits:
     `chars`: characters written, counted where each piece of output is written (text a
     macro or `super()` re-emits counts again), plus the length of every string or list a
     call, filter or operator returns (what the render allocates); `value`: the length of
-    any one string, list or mapping a template builds; `int_bits`: the size of a number it computes; `seconds`:
-    wall-clock time; `file_bytes`: the size of a template file.
+    any one string, list or mapping a template builds; `int_bits`: the size of a number it
+    computes; `seconds`: wall-clock time; `file_bytes`: the size of a template file;
+    `subject_chars`: the rendered subject (one header line: folding a longer one costs
+    time that grows with the square of its length).
     """
 
     steps: int = 1_000_000
-    chars: int = 5_000_000
+    chars: int = 2_000_000
     value: int = 1_000_000
     int_bits: int = 10_000
     seconds: float = 5.0
     file_bytes: int = 1_000_000
+    subject_chars: int = 998
 
 
 class RenderLimitExceeded(Exception):
@@ -548,9 +551,12 @@ class Renderer:
         """Render template folder `name` with `context`; raise TemplateError on any problem."""
         if not name or name.startswith(("/", ".")) or ".." in name.split("/"):
             raise TemplateError(name or "<empty>", None, "not a template name")
-        subject = self._render_part(f"{name}/subject.txt", context)
+        subject = _clean_subject(self._render_part(f"{name}/subject.txt", context))
+        problem = self._subject_problem(f"{name}/subject.txt", subject)
+        if problem is not None and subject:  # an empty subject is lint's warning only
+            raise problem
         return RenderedEmail(
-            subject=_clean_subject(subject),
+            subject=subject,
             text=self._render_part(f"{name}/body.txt", context),
             html=self._render_part(f"{name}/body.html", context),
         )
@@ -577,8 +583,10 @@ class Renderer:
                 except TemplateError as e:
                     problems.append(e)
                     continue
-                if part == "subject.txt" and not _clean_subject(out):
-                    problems.append(TemplateError(where, None, "the subject is empty"))
+                if part == "subject.txt":
+                    problem = self._subject_problem(f"{name}/{part}", _clean_subject(out))
+                    if problem is not None:
+                        problems.append(problem)
                 for label, text in (must_show or {}).items() if part != "subject.txt" else ():
                     if text and text not in out and html.escape(text) not in out:
                         problems.append(
@@ -590,6 +598,19 @@ class Renderer:
         return problems
 
     # --- internals ---------------------------------------------------------------------
+
+    def _subject_problem(self, template: str, subject: str) -> TemplateError | None:
+        where = self._display(template)
+        if not subject:
+            return TemplateError(where, None, "the subject is empty")
+        if len(subject) > self.limits.subject_chars:
+            return TemplateError(
+                where,
+                None,
+                f"exceeds a render limit: the subject is {len(subject):,} characters "
+                f"(at most {self.limits.subject_chars:,})",
+            )
+        return None
 
     def _display(self, template: str) -> str:
         """A template's path as a person would type it: relative to the cwd when possible."""
