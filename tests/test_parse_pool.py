@@ -175,3 +175,25 @@ def test_sigterm_stops_the_worker_and_its_pool_losing_and_repeating_nothing(
         quarantined = s.scalar(select(func.count()).select_from(Quarantine))
     assert rows == distinct and (rows or 0) + (quarantined or 0) == 4 * N
     app.close()
+
+
+def test_the_pool_does_not_outlive_a_killed_worker(tmp_path: Path) -> None:
+    data = _config(tmp_path, 1)
+    for i in range(N, 4 * N):
+        mailbox.Maildir(tmp_path / "inbox").add(_mail(i))
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    proc = subprocess.Popen(
+        twoway_cmd(cfg, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: bool(_children(proc.pid)), 120, "the pool at work")
+        pool = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    wait_for(lambda: not any(_alive(p) for p in pool), 30, "the orphaned pool processes gone")

@@ -83,26 +83,19 @@ def campaigns_resume(state: _State, name: str) -> None:
         echo(line)
 
 
+_FILTERS = ("statuses", "countries", "industries", "sources", "imported_since", "csv_file")
+"""The parameters of `_segment_options` (and `_segment`)."""
+
+
 def _segment_options(f: Callable[..., None]) -> Callable[..., None]:
     """The filters that choose leads (--status, --country, ..., --file), handed to the
     command as one `segment` (with its LEADS arguments, when it takes some)."""
 
     @functools.wraps(f)
-    def with_segment(
-        *args: Any,
-        statuses: tuple[str, ...],
-        countries: tuple[str, ...],
-        industries: tuple[str, ...],
-        sources: tuple[str, ...],
-        imported_since: str | None,
-        csv_file: Path | None,
-        **kwargs: Any,
-    ) -> None:
+    def with_segment(*args: Any, **kwargs: Any) -> None:
+        filters = {name: kwargs.pop(name) for name in _FILTERS}
         with _errors():
-            segment = _segment(
-                statuses, countries, industries, sources, imported_since, csv_file,
-                kwargs.pop("leads", ()),
-            )  # fmt: skip
+            segment = _segment(**filters, leads=kwargs.pop("leads", ()))
         f(*args, segment=segment, **kwargs)
 
     for opt in reversed(
@@ -137,6 +130,7 @@ def _since(text: str | None, option: str) -> datetime | None:
 
 
 def _segment(
+    *,
     statuses: tuple[str, ...],
     countries: tuple[str, ...],
     industries: tuple[str, ...],

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -185,7 +186,7 @@ def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
 _CHILD_CTX: ClassifyContext | None = None
 
 
-def _start_child(ctx: ClassifyContext) -> None:
+def _start_child(ctx: ClassifyContext, parent: int) -> None:
     """A pool process: the parent decides when to stop (SIGTERM and Ctrl-C are its to
     handle: it finishes the batch in flight and shuts the pool down), and mail-parser's
     warnings stay quiet as in the CLI."""
@@ -194,6 +195,17 @@ def _start_child(ctx: ClassifyContext) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A pool process outlives no worker: when its parent (`parent`, the pid the worker
+    passed, so a parent dead before this process started counts too) dies of SIGKILL or
+    a crash, it is reparented and exits within a second (it holds both ends of its task
+    queue, so it would never see the queue close)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 POOL_MIN_BATCH = 64
@@ -231,7 +243,7 @@ class Preparer:
                 self.processes,
                 mp_context=multiprocessing.get_context("spawn"),  # no fork of our threads
                 initializer=_start_child,
-                initargs=(self.ctx,),
+                initargs=(self.ctx, os.getpid()),
             )
         size = -(-len(batch) // (2 * self.processes))
         futures = [

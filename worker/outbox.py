@@ -71,6 +71,7 @@ from worker.models import (
 )
 from worker.pacing import touch_wait
 from worker.rendering import Renderer
+from worker.states import move_outbox, outbox
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
@@ -269,14 +270,16 @@ def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) 
             return None
         lead = s.get(Lead, row.lead_id)
         if lead is None:
-            row.status, row.last_error = OutboxState.CANCELLED, "the lead was deleted"
+            move_outbox(row, "cancelled")
+            row.last_error = "the lead was deleted"
             return None
         transport = app.config.identity(row.mailbox).transport
         wait_until = _must_wait(s, app, row, lead, now)
         if wait_until is None and budgets.get(transport, 0) <= 0:
             wait_until = now + timedelta(minutes=1)  # this account's cap is reached
         if isinstance(wait_until, str):
-            row.status, row.last_error = OutboxState.CANCELLED, wait_until
+            move_outbox(row, "cancelled")
+            row.last_error = wait_until
             logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
             return None
         if wait_until is not None:
@@ -289,7 +292,8 @@ def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) 
         except SQLAlchemyError:
             raise  # the database, not this message: the pass fails and is retried
         except Exception as e:  # one bad message (RecursionError too) must not stop others
-            row.status, row.last_error = OutboxState.FAILED, f"cannot build the message: {_why(e)}"
+            move_outbox(row, "failed")
+            row.last_error = f"cannot build the message: {_why(e)}"
             logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
             return None
         me = app.config.identity(row.mailbox)
@@ -330,10 +334,9 @@ def claim(app: App, item: Prepared) -> bool:
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
         claimed = s.execute(
-            update(OutboundMessage)
-            .where(
+            outbox(
+                "claimed",
                 OutboundMessage.id == item.row_id,
-                OutboundMessage.status == OutboxState.QUEUED,
                 OutboundMessage.attempts == item.attempts,
                 *(
                     [OutboundMessage.next_attempt_at == item.reserved_until]
@@ -342,7 +345,6 @@ def claim(app: App, item: Prepared) -> bool:
                 ),
             )
             .values(
-                status=OutboxState.SENDING,
                 attempts=item.attempts + 1,
                 subject=item.subject,
                 # A claim is a lease: past it, another worker settles the row (never resends).
@@ -544,13 +546,15 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
                 return
             row.attempts += 1
         if result.status == "sent":
-            row.status, row.sent_at, row.last_error = OutboxState.SENT, now, None
+            move_outbox(row, "sent")
+            row.sent_at, row.last_error = now, None
             return
         detail = f"{result.code or ''} {result.message}".strip()
         if result.status == "temporary" and row.attempts < max_attempts:
             # Exponential backoff with jitter, kept in the row (not in a sleeping frame).
             wait = min(60 * 2 ** (row.attempts - 1), 3600) * random.uniform(0.8, 1.2)
-            row.status, row.last_error = OutboxState.QUEUED, f"temporary: {detail}"
+            move_outbox(row, "deferred")
+            row.last_error = f"temporary: {detail}"
             row.next_attempt_at = now + timedelta(seconds=wait)
             logger.warning(
                 "temporary failure sending to %s (attempt %d): %s",
@@ -559,7 +563,7 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
                 detail,
             )
             return
-        row.status = OutboxState.FAILED
+        move_outbox(row, "failed")
         row.last_error = ("permanent: " if result.status == "permanent" else "gave up: ") + detail
         logger.error("failed to send %s to %s: %s", row.kind, row.to_addr, detail)
         status = result.enhanced_status or ""
@@ -665,22 +669,25 @@ def recover_sending(
     for row_id, mailbox, message_id in rows:
         answer = in_sent_folder(mailbox, message_id) if in_sent_folder else None
         if answer:
-            values = {
-                "status": OutboxState.SENT,
-                "sent_at": now,
-                "last_error": "confirmed in the Sent folder after a restart",
-            }
+            move, values = (
+                "confirmed",
+                {
+                    "sent_at": now,
+                    "last_error": "confirmed in the Sent folder after a restart",
+                },
+            )
         else:
-            values = {
-                "status": OutboxState.UNKNOWN,
-                "last_error": "the worker stopped during the SMTP call; not in the Sent folder"
-                if answer is False
-                else "the worker stopped during the SMTP call; no Sent folder to check",
-            }
+            move, values = (
+                "lost",
+                {
+                    "last_error": "the worker stopped during the SMTP call; not in the Sent folder"
+                    if answer is False
+                    else "the worker stopped during the SMTP call; no Sent folder to check",
+                },
+            )
         with app.transaction() as s:
             settled = s.execute(
-                update(OutboundMessage)
-                .where(OutboundMessage.id == row_id, *stranded)
+                outbox(move, OutboundMessage.id == row_id, *stranded)
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
@@ -717,10 +724,12 @@ def resolve_unknown(s: Session, message_id: str, action: str, now: datetime) -> 
     if row is None:
         raise LookupError(f"no send in state unknown has the Message-ID {message_id}")
     if action == "sent":
-        row.status, row.sent_at = OutboxState.SENT, row.sent_at or now
+        move_outbox(row, "marked_sent")
+        row.sent_at = row.sent_at or now
         row.last_error = "marked as sent by a user"
     else:
-        row.status, row.next_attempt_at, row.attempts = OutboxState.QUEUED, now, 0
+        move_outbox(row, "resent")
+        row.next_attempt_at, row.attempts = now, 0
         row.last_error = "sent again by a user"
     lead = s.get(Lead, row.lead_id)
     if lead is not None:

@@ -66,13 +66,16 @@ _O = OutboxState
 OUTBOX_MOVES: dict[str, Move[OutboxState]] = {
     # Its SMTP transaction begins (worker.outbox: claimed once, by one worker).
     "claimed": Move(frozenset({_O.QUEUED}), frozenset({_O.SENDING})),
-    # The server took it; or the Sent folder shows it after a crash. A row found `unknown`
-    # meanwhile (its claim expired under a slow server) is settled by what SMTP said.
+    # The server took it. A row found `unknown` meanwhile (its claim expired under a slow
+    # server) is settled by what SMTP said.
     "sent": Move(frozenset({_O.SENDING, _O.UNKNOWN}), frozenset({_O.SENT})),
-    # A temporary failure: tried again at `next_attempt_at`.
-    "deferred": Move(frozenset({_O.SENDING, _O.UNKNOWN}), frozenset({_O.QUEUED})),
+    # A temporary failure: tried again at `next_attempt_at` (also when the server refused
+    # the envelope before the claim: the row is still `queued`).
+    "deferred": Move(frozenset({_O.QUEUED, _O.SENDING, _O.UNKNOWN}), frozenset({_O.QUEUED})),
     # A permanent refusal, too many attempts, or a message that cannot be built.
     "failed": Move(frozenset({_O.QUEUED, _O.SENDING, _O.UNKNOWN}), frozenset({_O.FAILED})),
+    # Found `sending` after a crash, and in the Sent folder.
+    "confirmed": Move(frozenset({_O.SENDING}), frozenset({_O.SENT})),
     # It must not go out any more (the lead left, unsubscribed, was unenrolled, ...).
     "cancelled": Move(frozenset({_O.QUEUED}), frozenset({_O.CANCELLED})),
     # Found `sending` after a crash and not in the Sent folder: a person decides.
