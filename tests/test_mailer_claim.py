@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from tests import mails
 from tests.conftest import base_config
+from tests.imap_server import free_port
 from tests.smtp_server import SmtpServer
 from worker.app import App
 from worker.config import Config
@@ -253,4 +254,31 @@ def test_a_bounce_of_mail_to_the_team_leaves_the_prospects_address_alone(
         events = list(s.scalars(select(LeadEvent.type).where(LeadEvent.lead_id == lead.id)))
         assert lead.status == "prospect"
     assert events.count("team_bounce") == 2
+    app.close()
+
+
+def test_it_tries_an_unreachable_server_once_a_pass_not_once_a_message(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 5)
+    down = Config.model_validate(
+        {**config.model_dump(), "smtp": smtp_server.section(port=free_port())}
+    )
+    sleeps = Sleeps()
+    assert down.smtp is not None
+    with Mailer(down.smtp, sleep=sleeps) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 0
+    got = states(app)
+    # One message spent its retries on the dead server; the other four were not tried
+    # (no attempt counted) and wait, queued, for the next pass instead of each retrying.
+    assert sorted(got.values()) == [("queued", 0)] * 4 + [("queued", 1)]
+    assert len(sleeps.delays) == 3  # one send's retries, not five sends' worth
+    with app.transaction() as s:
+        waits = s.scalars(select(OutboundMessage.next_attempt_at)).all()
+    assert all(w.replace(tzinfo=UTC) > NOW for w in waits)  # none is due again this instant
+    with Mailer(config.smtp or down.smtp, sleep=sleeps) as mailer:  # the server is back
+        app_later = App.open(config, lambda: NOW + timedelta(hours=2))
+        assert send_due(app_later, Renderer(config.templates_path), lambda _t: mailer) == 5
+        app_later.close()
+    assert sorted(smtp_server.recipients()) == sorted(got)
     app.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -215,18 +215,21 @@ def _mailbox_filter(mailboxes: tuple[str | None, ...]) -> ColumnElement[bool]:
     return cond
 
 
-def _due_batch(app: App, limit: int, budgets: dict[str, int]) -> list[int]:
+def _due_batch(
+    app: App, limit: int, budgets: dict[str, int], down: Collection[str] = ()
+) -> list[int]:
     """The ids of up to `limit` due rows whose SMTP account still has budget.
 
-    Fills `budgets` (transport -> how many more its caps allow). Rows of an account whose
-    cap is reached are moved to the next minute in one UPDATE, without being claimed.
+    Fills `budgets` (transport -> how many more its caps allow; none for an account in
+    `down`, found unreachable in this pass). Rows of an account whose cap is reached or
+    that is down are moved to the next minute in one UPDATE, without being claimed.
     """
     now = app.now()
     with app.transaction() as s:
         transports = {"default", *(m.name for m in app.config.mailboxes if m.smtp is not None)}
         waiting: list[ColumnElement[bool]] = []
         for transport in sorted(transports):
-            budgets[transport] = _budget(s, app, transport, now)
+            budgets[transport] = 0 if transport in down else _budget(s, app, transport, now)
             if budgets[transport] <= 0:
                 waiting.append(_mailbox_filter(app.config.transport_mailboxes(transport)))
         due = (OutboundMessage.status == OutboxState.QUEUED, OutboundMessage.next_attempt_at <= now)
@@ -597,10 +600,11 @@ def send_due(
     """
     sent = 0
     seen: set[int] = set()  # a row another worker holds right now comes back: skip it
+    down: set[str] = set()  # SMTP accounts that could not be reached in this pass
     while (limit is None or sent < limit) and not should_stop():
         budgets: dict[str, int] = {}
         size = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
-        batch = [i for i in _due_batch(app, size, budgets) if i not in seen]
+        batch = [i for i in _due_batch(app, size, budgets, down) if i not in seen]
         if not batch:
             break
         for row_id in batch:
@@ -616,6 +620,16 @@ def send_due(
             if result is None:
                 continue
             budgets[item.transport] -= 1
+            if _account_down(result):
+                # The server, not this message: one try per pass is enough. The account's
+                # other rows wait a minute unclaimed instead of each spending its retries.
+                down.add(item.transport)
+                budgets[item.transport] = 0
+                logger.warning(
+                    "SMTP account %s is unavailable (%s): its other messages wait",
+                    item.transport,
+                    result.message,
+                )
             if result.status == "sent":
                 sent += 1
                 if sent_copy is not None:
@@ -626,6 +640,14 @@ def send_due(
     if sent:
         logger.info("sent %d message(s)", sent)
     return sent
+
+
+def _account_down(result: SendResult) -> bool:
+    """A temporary failure of the connection itself (no reply, 421 "service not
+    available", or a refused login or TLS handshake) rather than of one message."""
+    return result.status == "temporary" and (
+        result.code is None or result.code == 421 or result.code >= 500
+    )
 
 
 def _send(app: App, mailer: Mailer, item: Prepared) -> SendResult | None:
