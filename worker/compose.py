@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import email.policy
 import io
+import random
 import re
+import sys
 import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import quoprimime
 from email.generator import BytesGenerator
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
@@ -38,6 +41,10 @@ _DOMAIN = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ":"
+_ASCII_CONTROLS = {**dict.fromkeys(range(0x20), " "), 0x7F: " "}
+_VISIBLE_ASCII = re.compile(r"^[!-~]+$")  # no space, no control character
+# RFC 5322 dot-atom: the local parts the stdlib's address parser takes as they are.
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _MSGID = re.compile(r"^[^\s<>@\x00-\x1f\x7f]+@[^\s<>@\x00-\x1f\x7f]+$")
 # Headers compose() owns: an extra header of the same name would duplicate or override them.
 _RESERVED = frozenset(
@@ -64,7 +71,12 @@ class Attachment:
 def clean_text(value: str) -> str:
     """One header-safe line: every control character (CR, LF, NUL, ...) becomes a space,
     whitespace runs collapse, the ends are stripped."""
-    value = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in value)
+    if value.isascii():  # the ASCII control characters are \x00-\x1f and \x7f
+        value = value.translate(_ASCII_CONTROLS)
+    else:
+        value = "".join(
+            " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in value
+        )
     return " ".join(value.split())
 
 
@@ -78,8 +90,9 @@ def check_address(value: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"not an email address: {value!r}")
     stripped = value.strip()
-    if not stripped or any(
-        unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch.isspace() for ch in stripped
+    if not _VISIBLE_ASCII.match(stripped) and (
+        not stripped
+        or any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch.isspace() for ch in stripped)
     ):
         raise ValueError(f"not a single email address: {value!r}")
     if any(ch in stripped for ch in ',;<>()[]\\"') or stripped.count("@") != 1:
@@ -93,6 +106,8 @@ def check_address(value: str) -> str:
         raise ValueError(f"not a valid email domain: {value!r}") from None
     if not _DOMAIN.match(domain):
         raise ValueError(f"not a valid email domain: {value!r}")
+    if _DOT_ATOM.match(local):
+        return f"{local}@{domain}"  # what the stdlib's parser makes of a plain local part
     try:
         parsed = Address(addr_spec=f"{local}@{domain}")
     except (ValueError, IndexError):
@@ -182,8 +197,21 @@ def _mailbox(name: str, address: str) -> Address:
     return Address(display_name=clean_text(name), username=local, domain=domain)
 
 
-def _set_folded(msg: EmailMessage, name: str, items: Sequence[str], separator: str = "") -> None:
-    """Set header `name` to `items` (checked ASCII tokens without whitespace) joined by
+_HeaderValue = str | Address | list[Address]
+
+
+@dataclass(frozen=True)
+class _Header:
+    """One header compose() sets: `value` as given to EmailMessage, or, when `raw`, a
+    value already folded by _folded (it goes out as written)."""
+
+    name: str
+    value: _HeaderValue
+    raw: bool = False
+
+
+def _folded(name: str, items: Sequence[str], separator: str = "") -> _Header:
+    """Header `name` of `items` (checked ASCII tokens without whitespace) joined by
     `separator` and a space, folded between items so lines stay within 78 characters."""
     lines: list[str] = []
     current = ""
@@ -196,7 +224,7 @@ def _set_folded(msg: EmailMessage, name: str, items: Sequence[str], separator: s
         else:
             current = f"{current} {token}" if current else token
     lines.append(current)
-    msg.set_raw(name, "\n".join(lines))
+    return _Header(name, "\n".join(lines), raw=True)
 
 
 def _body_cte(text: str) -> str:
@@ -243,7 +271,98 @@ def compose(
     that is not exactly one valid address raises ValueError, as does a naive `date`, a
     malformed Message-ID or an extra header that would replace one of ours.
     """
+    headers = _headers(
+        from_addr=from_addr, from_name=from_name, to_addr=to_addr, to_name=to_name,
+        subject=subject, message_id=message_id, domain=domain, reply_to=reply_to,
+        in_reply_to=in_reply_to, references=references, unsubscribe_url=unsubscribe_url,
+        unsubscribe_mailto=unsubscribe_mailto, auto_submitted=auto_submitted, date=date,
+        extra_headers=extra_headers,
+    )  # fmt: skip
     msg = EmailMessage(policy=_POLICY)
+    for h in headers:
+        if h.raw:
+            msg.set_raw(h.name, str(h.value))
+        else:
+            msg[h.name] = h.value
+    msg.set_content(text, cte=_body_cte(text))
+    msg.add_alternative(html, subtype="html", cte=_body_cte(html))
+    for att in attachments:
+        _attach(msg, att)
+    return msg
+
+
+def compose_wire(
+    *,
+    from_addr: str,
+    from_name: str,
+    to_addr: str,
+    to_name: str,
+    subject: str,
+    text: str,
+    html: str,
+    message_id: str,
+    domain: str,
+    reply_to: str | Sequence[tuple[str, str]] | None = None,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
+    unsubscribe_url: str | None = None,
+    unsubscribe_mailto: str | None = None,
+    auto_submitted: bool = False,
+    attachments: Sequence[Attachment] = (),
+    date: datetime | None = None,
+    extra_headers: Mapping[str, str] = _NO_HEADERS,
+) -> bytes:
+    """`as_wire_bytes(compose(...))` with the same arguments, checks and bytes (but for the
+    random MIME boundary), written directly: the stdlib's header objects and generator
+    cost milliseconds a message. Its header classes fold only the headers that need
+    folding or encoding; a message with attachments or extra headers is built by compose.
+    """
+    if attachments or extra_headers:
+        return as_wire_bytes(
+            compose(
+                from_addr=from_addr, from_name=from_name, to_addr=to_addr, to_name=to_name,
+                subject=subject, text=text, html=html, message_id=message_id, domain=domain,
+                reply_to=reply_to, in_reply_to=in_reply_to, references=references,
+                unsubscribe_url=unsubscribe_url, unsubscribe_mailto=unsubscribe_mailto,
+                auto_submitted=auto_submitted, attachments=attachments, date=date,
+                extra_headers=extra_headers,
+            )
+        )  # fmt: skip
+    headers = _headers(
+        from_addr=from_addr, from_name=from_name, to_addr=to_addr, to_name=to_name,
+        subject=subject, message_id=message_id, domain=domain, reply_to=reply_to,
+        in_reply_to=in_reply_to, references=references, unsubscribe_url=unsubscribe_url,
+        unsubscribe_mailto=unsubscribe_mailto, auto_submitted=auto_submitted, date=date,
+        extra_headers=extra_headers,
+    )  # fmt: skip
+    parts = [_text_part(text, "plain", first=True), _text_part(html, "html", first=False)]
+    boundary = _boundary("\n".join(parts))
+    out = "".join(map(_wire_header, headers))
+    out += f'MIME-Version: 1.0\nContent-Type: multipart/alternative;\n boundary="{boundary}"\n\n'
+    out += f"--{boundary}\n" + f"\n--{boundary}\n".join(parts) + f"\n--{boundary}--\n"
+    data = out.encode("ascii", "surrogateescape")
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _headers(
+    *,
+    from_addr: str,
+    from_name: str,
+    to_addr: str,
+    to_name: str,
+    subject: str,
+    message_id: str,
+    domain: str,
+    reply_to: str | Sequence[tuple[str, str]] | None,
+    in_reply_to: str | None,
+    references: Sequence[str],
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    auto_submitted: bool,
+    date: datetime | None,
+    extra_headers: Mapping[str, str],
+) -> list[_Header]:
+    """compose()'s headers in order, every value checked and neutralised."""
     when = date if date is not None else datetime.now(UTC)
     if when.tzinfo is None or when.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
@@ -251,44 +370,104 @@ def compose(
     if not _DOMAIN.match(loop_domain):
         raise ValueError(f"not a domain: {domain!r}")
 
-    msg["Date"] = format_datetime(when)
-    _set_folded(msg, "Message-ID", [_bracketed(message_id)])
-    msg["From"] = _mailbox(from_name, from_addr)
-    msg["To"] = _mailbox(to_name, to_addr)
-    msg["Subject"] = clean_text(subject)
+    out = [
+        _Header("Date", format_datetime(when)),
+        _folded("Message-ID", [_bracketed(message_id)]),
+        _Header("From", _mailbox(from_name, from_addr)),
+        _Header("To", _mailbox(to_name, to_addr)),
+        _Header("Subject", clean_text(subject)),
+    ]
     if isinstance(reply_to, str):
-        msg["Reply-To"] = check_address(reply_to)
+        out.append(_Header("Reply-To", check_address(reply_to)))
     elif reply_to:
-        msg["Reply-To"] = [_mailbox(name, address) for name, address in reply_to]
+        out.append(_Header("Reply-To", [_mailbox(name, address) for name, address in reply_to]))
     parent = _reference(in_reply_to) if in_reply_to else None
     if parent:
-        _set_folded(msg, "In-Reply-To", [parent])
+        out.append(_folded("In-Reply-To", [parent]))
     refs = [r for r in map(_reference, references) if r]
     if refs:
-        _set_folded(msg, "References", refs)
+        out.append(_folded("References", refs))
     targets = []
     if unsubscribe_url:
         targets.append(f"<{_check_url(unsubscribe_url)}>")
     if unsubscribe_mailto:
         targets.append(f"<mailto:{check_address(unsubscribe_mailto.removeprefix('mailto:'))}>")
     if targets:
-        _set_folded(msg, "List-Unsubscribe", targets, separator=",")
+        out.append(_folded("List-Unsubscribe", targets, separator=","))
     if unsubscribe_url and unsubscribe_url.lower().startswith("https://"):
         # RFC 8058 one-click needs an https URL; a mailto alone does not qualify.
-        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        out.append(_Header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
     if auto_submitted:
-        msg["Auto-Submitted"] = "auto-generated"
-    msg[LOOP_HEADER] = loop_domain
+        out.append(_Header("Auto-Submitted", "auto-generated"))
+    out.append(_Header(LOOP_HEADER, loop_domain))
     for name, value in extra_headers.items():
         if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
             raise ValueError(f"cannot set header {name!r} through extra_headers")
-        msg[name] = clean_text(value)
+        out.append(_Header(name, clean_text(value)))
+    return out
 
-    msg.set_content(text, cte=_body_cte(text))
-    msg.add_alternative(html, subtype="html", cte=_body_cte(html))
-    for att in attachments:
-        _attach(msg, att)
-    return msg
+
+# Values the stdlib writes exactly as given (within a line): printable ASCII words, no
+# encoded-word look-alikes; display names of atext words only (others it quotes).
+_PLAIN_TEXT = re.compile(r"^[!-~]+(?: [!-~]+)*$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+
+
+def subject_text(subject: str) -> str:
+    """The Subject of a message composed with `subject`, as a reader sees it (decoded)."""
+    text = clean_text(subject)
+    # The stdlib reads "=?charset?...?=" in a value as an encoded word, as a reader's
+    # client will: the column keeps what they see.
+    return str(_POLICY.header_factory("Subject", text)) if "=?" in text else text
+
+
+def _plain(value: _HeaderValue) -> str | None:
+    """`value` as one header line's text when the stdlib would write it unchanged."""
+    if isinstance(value, str):
+        return value if _PLAIN_TEXT.match(value) and "=?" not in value else None
+    if isinstance(value, list):
+        each = [_plain(a) for a in value]
+        return ", ".join(x for x in each if x is not None) if None not in each else None
+    if not _DOT_ATOM.match(value.username) or not _DOMAIN.match(value.domain):
+        return None
+    name = value.display_name
+    if not name:
+        return value.addr_spec
+    return f"{name} <{value.addr_spec}>" if _PLAIN_NAME.match(name) and "=?" not in name else None
+
+
+def _wire_header(h: _Header) -> str:
+    """One header as the generator writes it ("\n" line ends)."""
+    if h.raw:
+        return f"{h.name}: {h.value}\n"
+    plain = _plain(h.value)
+    if plain is not None and len(h.name) + 2 + len(plain) <= _MAX_LINE:
+        return f"{h.name}: {plain}\n"
+    return str(_POLICY.header_factory(h.name, h.value).fold(policy=_POLICY))
+
+
+def _text_part(text: str, subtype: str, *, first: bool) -> str:
+    """A text part as EmailMessage.set_content / add_alternative and the generator write
+    it: utf-8, 7bit or quoted-printable, lines ending "\n"."""
+    cte = _body_cte(text)
+    data = b"\n".join(text.encode("utf-8").splitlines()) + b"\n"
+    if cte == "7bit":
+        body = data.decode("ascii")
+    else:
+        body = quoprimime.body_encode(data.decode("latin-1"), _MAX_LINE)  # the policy's
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\nContent-Transfer-Encoding: {cte}\n'
+    # add_alternative makes the HTML part an EmailMessage of its own, with MIME-Version.
+    return head + ("" if first else "MIME-Version: 1.0\n") + "\n" + body
+
+
+def _boundary(text: str) -> str:
+    """A multipart boundary as the stdlib's generator makes it: random, not in `text`."""
+    boundary = "=" * 15 + f"{random.randrange(sys.maxsize):019d}" + "=="
+    found, counter = boundary, 0
+    while f"--{found}" in text:  # the stdlib looks for whole lines; anywhere is stricter
+        found = f"{boundary}.{counter}"
+        counter += 1
+    return found
 
 
 def _attach(msg: EmailMessage, att: Attachment) -> None:

@@ -340,6 +340,14 @@ def answered(s: Session, lead_id: int) -> bool:
     )
 
 
+def answered_among(s: Session, lead_ids: list[int]) -> set[int]:
+    """Which of these leads' reps have answered (`answered`, for many leads at once)."""
+    found = select(HandoffRow.lead_id).where(
+        HandoffRow.lead_id.in_(sorted(set(lead_ids))), HandoffRow.answered_at.is_not(None)
+    )
+    return set(s.scalars(found))
+
+
 # --- what the prospect asked -------------------------------------------------------------
 
 # Words by which a reply asks for something, in the languages our corpus covers; matched

@@ -17,6 +17,7 @@ claim leaves the row queued. Temporary failures wait in the row (`attempts`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable, Collection
@@ -25,7 +26,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -35,13 +36,14 @@ from worker.bounces import address_is_dead
 from worker.campaigns import paused_campaigns
 from worker.compose import (
     Attachment,
-    as_wire_bytes,
     check_size,
     clean_text,
     compose,
+    compose_wire,
     is_message_id,
     new_message_id,
     reply_address,
+    subject_text,
     unsubscribe_targets,
 )
 from worker.config import Config
@@ -61,13 +63,17 @@ from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
     SUPPRESSED,
+    CampaignState,
     Enrollment,
     EnrollmentState,
+    Handoff,
     InboundMessage,
     Lead,
     LeadStatus,
     OutboundMessage,
     OutboxState,
+    Suppression,
+    UTCDateTime,
 )
 from worker.pacing import touch_wait
 from worker.rendering import Renderer
@@ -249,71 +255,168 @@ def _due_batch(
         return list(rows)
 
 
-def prepare(app: App, renderer: Renderer, row_id: int, budgets: dict[str, int]) -> Prepared | None:
-    """Decide whether row `row_id` goes out now and, if so, build it; its own transaction.
+@dataclass
+class _Due:
+    """What a batch of due rows is decided on, read in one transaction (`_load`): the rows
+    still queued and due, their leads and enrollments, which of their addresses are
+    suppressed, the paused campaigns and the leads whose rep has answered.
+
+    The rows' own state is checked again by every write (conditional UPDATEs), and what
+    must stop a send (the lead, its enrollment, its campaign, a suppression) again by the
+    claim itself, right before DATA: a snapshot a batch old decides nothing alone.
+    """
+
+    rows: dict[int, OutboundMessage]
+    leads: dict[int, Lead]
+    enrollments: dict[int, Enrollment]
+    blocked: dict[str, str]
+    paused: set[str]
+    answered: set[int]
+
+
+def _load(app: App, ids: list[int]) -> _Due:
+    now = app.now()
+    with app.transaction() as s:
+        rows = {
+            r.id: r
+            for r in s.scalars(
+                select(OutboundMessage).where(
+                    OutboundMessage.id.in_(ids),
+                    OutboundMessage.status == OutboxState.QUEUED,
+                    OutboundMessage.next_attempt_at <= now,
+                )
+            )
+        }
+        lead_ids = sorted({r.lead_id for r in rows.values()})
+        leads = {x.id: x for x in s.scalars(select(Lead).where(Lead.id.in_(lead_ids)))}
+        en_ids = sorted({r.enrollment_id for r in rows.values() if r.enrollment_id})
+        ens = {e.id: e for e in s.scalars(select(Enrollment).where(Enrollment.id.in_(en_ids)))}
+        checked = [r.to_addr for r in rows.values() if r.kind in ("nurture", "followup")]
+        blocked = suppressed(s, checked) if checked else {}
+        nudged = [r.lead_id for r in rows.values() if r.kind in _UNLESS_ANSWERED]
+        answered = handoffs.answered_among(s, nudged) if nudged else set()
+        return _Due(rows, leads, ens, blocked, paused_campaigns(s), answered)
+
+
+_UNLESS_ANSWERED = ("followup", "reminder", "escalation")
+"""Kinds that must not go out once the rep has answered the prospect."""
+
+
+def prepare(
+    app: App, renderer: Renderer, row_id: int, budgets: dict[str, int], due: _Due | None = None
+) -> Prepared | None:
+    """Decide whether row `row_id` goes out now and, if so, build it.
 
     A row that must not go out any more is cancelled; one that must wait (paused
     enrollment, domain cap, account cap) gets a later `next_attempt_at`; one whose
-    message cannot be built fails with the reason. None of them is claimed: a row that
+    message cannot be built fails with the reason; each such write is its own transaction
+    and applies only if the row is as it was read. None of them is claimed: a row that
     may go out is returned still `queued`, for `claim` once its SMTP transaction has begun.
-    None also when the row was taken, settled or rescheduled meanwhile.
+    None also when the row was taken, settled or rescheduled meanwhile. `due`: the
+    batch's facts read by `_load` (default: read for this row alone).
     """
     now = app.now()
-    with app.transaction() as s:
-        row = s.scalars(
-            select(OutboundMessage)
-            .where(
-                OutboundMessage.id == row_id,
-                OutboundMessage.status == OutboxState.QUEUED,
-                OutboundMessage.next_attempt_at <= now,
-            )
-            .with_for_update(skip_locked=True)
-        ).first()
-        if row is None:
-            return None
-        lead = s.get(Lead, row.lead_id)
-        if lead is None:
-            move_outbox(row, "cancelled")
-            row.last_error = "the lead was deleted"
-            return None
-        transport = app.config.identity(row.mailbox).transport
-        wait_until = _must_wait(s, app, row, lead, now)
-        if wait_until is None and budgets.get(transport, 0) <= 0:
-            wait_until = now + timedelta(minutes=1)  # this account's cap is reached
-        if isinstance(wait_until, str):
-            move_outbox(row, "cancelled")
-            row.last_error = wait_until
-            logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
-            return None
-        if wait_until is not None:
-            row.next_attempt_at = wait_until
-            return None
-        try:
-            message = _build(s, app, renderer, row, lead)
-            raw = as_wire_bytes(message)  # a message that cannot be written fails here
-            check_size(raw, app.config.identity(row.mailbox).smtp)
-        except SQLAlchemyError:
-            raise  # the database, not this message: the pass fails and is retried
-        except Exception as e:  # one bad message (RecursionError too) must not stop others
-            move_outbox(row, "failed")
-            row.last_error = f"cannot build the message: {_why(e)}"
-            logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
-            return None
-        me = app.config.identity(row.mailbox)
-        envelope = me.address
-        if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
-            envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
-        reserved = None
-        if s.get_bind().dialect.name != "sqlite":
-            # Other workers walk the same due rows: hold this one back from them while its
-            # SMTP transaction opens, so they do not build and open it too only to lose the
-            # claim. Still `queued`: if this worker dies now, it is due again after the lease.
-            reserved = now + timedelta(seconds=app.config.workers.lease_seconds)
-            row.next_attempt_at = reserved
-        return Prepared(
-            row.id, lead.id, row.kind, row.to_addr, row.mailbox, str(message["Subject"]), raw,
-            envelope, row.attempts, reserved, transport,
-        )  # fmt: skip
+    if due is None:
+        due = _load(app, [row_id])
+    row = due.rows.get(row_id)
+    if row is None:
+        return None
+    lead = due.leads.get(row.lead_id)
+    if lead is None:
+        _settle(app, row, "cancelled", "the lead was deleted")
+        return None
+    transport = app.config.identity(row.mailbox).transport
+    wait_until = _must_wait(app, due, row, lead, now)
+    if wait_until is None and budgets.get(transport, 0) <= 0:
+        wait_until = now + timedelta(minutes=1)  # this account's cap is reached
+    if isinstance(wait_until, str):
+        _settle(app, row, "cancelled", wait_until)
+        logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
+        return None
+    if wait_until is not None:
+        _reschedule(app, row, wait_until)
+        return None
+    reserved = None
+    if app.engine.dialect.name != "sqlite":
+        # Other workers walk the same due rows: hold this one back from them while its
+        # SMTP transaction opens, so they do not build and open it too only to lose the
+        # claim. Still `queued`: if this worker dies now, it is due again after the lease.
+        reserved = now + timedelta(seconds=app.config.workers.lease_seconds)
+        if not _reschedule(app, row, reserved):
+            return None  # another worker holds it
+    try:
+        if row.kind == "handoff":  # the original and the follow-up it announces
+            with app.transaction() as s:
+                subject, raw = _build_wire(s, app, renderer, row, lead)
+        else:
+            subject, raw = _build_wire(None, app, renderer, row, lead)
+        check_size(raw, app.config.identity(row.mailbox).smtp)
+    except SQLAlchemyError:
+        raise  # the database, not this message: the pass fails and is retried
+    except Exception as e:  # one bad message (RecursionError too) must not stop others
+        _settle(app, row, "failed", f"cannot build the message: {_why(e)}", reserved)
+        logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
+        return None
+    me = app.config.identity(row.mailbox)
+    envelope = me.address
+    if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
+        envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
+    return Prepared(
+        row.id, lead.id, row.kind, row.to_addr, row.mailbox, subject, raw,
+        envelope, row.attempts, reserved, transport,
+    )  # fmt: skip
+
+
+# The send path's statements are built once (building one costs more than running it)
+# and run with each row's values; on a Connection, as they touch no loaded object.
+
+
+@functools.cache
+def _unchanged_sql(reserved: bool) -> tuple[ColumnElement[bool], ...]:
+    """The row (`row_id`) still queued, due and untried (`tries`) since `_load` read it,
+    or, `reserved`, still held by this worker (`held`): nobody took, moved or reserved it."""
+    return (
+        OutboundMessage.id == bindparam("row_id"),
+        OutboundMessage.status == OutboxState.QUEUED,
+        OutboundMessage.attempts == bindparam("tries"),
+        OutboundMessage.next_attempt_at == bindparam("held", type_=UTCDateTime())
+        if reserved
+        else OutboundMessage.next_attempt_at <= bindparam("now", type_=UTCDateTime()),
+    )
+
+
+def _unchanged(
+    row: OutboundMessage, now: datetime, reserved: datetime | None = None
+) -> dict[str, Any]:
+    return {"row_id": row.id, "tries": row.attempts, "held": reserved, "now": now}
+
+
+@functools.cache
+def _settle_sql(move: str, reserved: bool) -> Update:
+    return outbox(move, *_unchanged_sql(reserved)).values(last_error=bindparam("why"))
+
+
+@functools.cache
+def _reschedule_sql() -> Update:
+    at = bindparam("at", type_=UTCDateTime())
+    return update(OutboundMessage).where(*_unchanged_sql(False)).values(next_attempt_at=at)
+
+
+def _settle(
+    app: App, row: OutboundMessage, move: str, why: str, reserved: datetime | None = None
+) -> None:
+    """Cancel or fail a row that was not claimed (its own transaction), if unchanged."""
+    with app.engine.begin() as conn:
+        values = {**_unchanged(row, app.now(), reserved), "why": why}
+        conn.execute(_settle_sql(move, reserved is not None), values)
+
+
+def _reschedule(app: App, row: OutboundMessage, at: datetime) -> bool:
+    """Move an unclaimed row to `at` (its own transaction), if unchanged. False: it was
+    taken, moved or reserved meanwhile."""
+    with app.engine.begin() as conn:
+        moved = conn.execute(_reschedule_sql(), {**_unchanged(row, app.now()), "at": at})
+        return moved.rowcount == 1
 
 
 def claim(app: App, item: Prepared) -> bool:
@@ -321,41 +424,83 @@ def claim(app: App, item: Prepared) -> bool:
     and RCPT TO): `queued -> sending`, one conditional UPDATE in its own transaction.
 
     So a row is `sending` only once the server has seen its transaction, and a crash
-    strands at most that one. False: another worker took or settled the row meanwhile
-    (or, with touch caps, claimed another email to the same person first).
+    strands at most that one. The UPDATE also checks, at that instant, what must stop the
+    send (the lead's status, its enrollment, its campaign paused, the address suppressed,
+    the rep's answer). False: another worker took or settled the row meanwhile, or one of
+    those changed (the next pass decides the row again), or, with touch caps, another
+    email to the same person was claimed first.
     """
     now = app.now()
     sender = app.config.sender
-    with app.transaction() as s:
-        if item.kind == "nurture" and (sender.max_touches or sender.min_gap):
+    statement = _claim_sql(item.kind, item.reserved_until is not None)
+    values = {
+        "row_id": item.row_id,
+        "tries": item.attempts,
+        "held": item.reserved_until,
+        "addr": item.to_addr,
+        "at_domain": "@" + item.to_addr.rsplit("@", 1)[-1],
+        "tried": item.attempts + 1,
+        "subj": item.subject,
+        # A claim is a lease: past it, another worker settles the row (never resends).
+        "lease": now + timedelta(seconds=app.config.workers.lease_seconds),
+    }
+    if item.kind == "nurture" and (sender.max_touches or sender.min_gap):
+        with app.transaction() as s:
             # The touch check again, under the person's lock: two workers may have
-            # prepared two emails to one person at once (see _campaign_wait).
+            # prepared two emails to one person at once (see _touch_wait).
             if s.get_bind().dialect.name != "sqlite":
                 mine = select(Lead.id).where(Lead.id == item.lead_id)
                 if s.scalar(mine.with_for_update(skip_locked=True)) is None:
                     return False  # being decided elsewhere: the next pass looks again
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
-        claimed = s.execute(
-            outbox(
-                "claimed",
-                OutboundMessage.id == item.row_id,
-                OutboundMessage.attempts == item.attempts,
-                *(
-                    [OutboundMessage.next_attempt_at == item.reserved_until]
-                    if item.reserved_until
-                    else []
-                ),
-            )
-            .values(
-                attempts=item.attempts + 1,
-                subject=item.subject,
-                # A claim is a lease: past it, another worker settles the row (never resends).
-                next_attempt_at=now + timedelta(seconds=app.config.workers.lease_seconds),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        return getattr(claimed, "rowcount", 0) == 1
+            return s.connection().execute(statement, values).rowcount == 1
+    with app.engine.begin() as conn:
+        return conn.execute(statement, values).rowcount == 1
+
+
+@functools.cache
+def _claim_sql(kind: str, reserved: bool) -> Update:
+    where = [
+        OutboundMessage.id == bindparam("row_id"),
+        OutboundMessage.attempts == bindparam("tries"),
+        *([OutboundMessage.next_attempt_at == bindparam("held", type_=UTCDateTime())]
+          if reserved else []),
+        *_still_wanted(kind),
+    ]  # fmt: skip
+    return outbox("claimed", *where).values(
+        attempts=bindparam("tried"),
+        subject=bindparam("subj"),
+        next_attempt_at=bindparam("lease", type_=UTCDateTime()),
+    )
+
+
+def _still_wanted(kind: str) -> list[ColumnElement[bool]]:
+    """The claim's own check of what `_must_not_send` and `_must_wait` decided from the
+    batch's snapshot: the lead, its enrollment, its campaign, suppression (of `addr` or
+    `at_domain`) and whether the rep has answered, as they are at the claim."""
+    row, lead = OutboundMessage, Lead
+    unanswered = (
+        ~select(Handoff.id)
+        .where(Handoff.lead_id == row.lead_id, Handoff.answered_at.is_not(None))
+        .exists()
+    )
+    if kind not in ("nurture", "followup"):
+        return [unanswered] if kind in _UNLESS_ANSWERED else []
+    listed = Suppression.pattern.in_([bindparam("addr"), bindparam("at_domain")])
+    cond: list[ColumnElement[bool]] = [~select(Suppression.id).where(listed).exists()]
+    if kind == "followup":
+        wanted = select(lead.id).where(lead.id == row.lead_id, lead.status.not_in(SUPPRESSED))
+        return [*cond, wanted.exists(), unanswered]
+    live = select(Enrollment.id).where(  # a completed one still sends its last step
+        Enrollment.id == row.enrollment_id,
+        Enrollment.state.not_in((EnrollmentState.STOPPED, EnrollmentState.PAUSED)),
+    )
+    paused = select(CampaignState.campaign).where(
+        CampaignState.campaign == row.campaign, CampaignState.paused.is_(True)
+    )
+    status = select(lead.id).where(lead.id == row.lead_id, lead.status == LeadStatus.LEAD)
+    return [*cond, status.exists(), live.exists(), ~paused.exists()]
 
 
 def _why(e: Exception) -> str:
@@ -366,40 +511,44 @@ def _why(e: Exception) -> str:
 
 
 def _must_wait(
-    s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
+    app: App, due: _Due, row: OutboundMessage, lead: Lead, now: datetime
 ) -> datetime | str | None:
     """None: the row may go out now. A datetime: not before then. A str: never (why)."""
-    why_not = _must_not_send(s, row, lead)
+    why_not = _must_not_send(due, row, lead)
     if why_not:
         return why_not
     if row.kind in ("nurture", "followup"):
-        blocked = suppressed(s, [row.to_addr]).get(row.to_addr)
+        blocked = due.blocked.get(row.to_addr)
         if blocked:
             return blocked
-    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+    en = due.enrollments.get(row.enrollment_id) if row.enrollment_id else None
     if row.kind == "nurture" and en is not None and en.state == EnrollmentState.PAUSED:
         return en.paused_until or now + timedelta(days=1)
-    if row.kind == "nurture":
-        later = _campaign_wait(s, app, row, lead, now)
-        if later is not None:
-            return later
+    if row.kind == "nurture" and row.campaign in due.paused:
+        return now + timedelta(hours=1)  # `campaigns resume` gives it its slot
+    sender = app.config.sender
     campaign = next((c for c in app.config.campaigns if c.name == row.campaign), None)
-    if row.kind == "nurture" and campaign and campaign.max_per_domain_per_day:
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        if _sent_since(s, day, lead.domain) >= campaign.max_per_domain_per_day:
-            return day + timedelta(days=1)
+    touches = sender.max_touches is not None or sender.min_gap is not None
+    per_domain = campaign.max_per_domain_per_day if campaign else None
+    if row.kind != "nurture" or not (touches or per_domain):
+        return None
+    with app.transaction() as s:  # the caps count what was sent, up to this instant
+        if touches:
+            later = _touch_wait(s, app, row, lead, now)
+            if later is not None:
+                return later
+        if per_domain:
+            day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            if _sent_since(s, day, lead.domain) >= per_domain:
+                return day + timedelta(days=1)
     return None
 
 
-def _campaign_wait(
+def _touch_wait(
     s: Session, app: App, row: OutboundMessage, lead: Lead, now: datetime
 ) -> datetime | None:
-    """A nurture row of a paused campaign, or one that would break the touch cap or gap."""
-    if row.campaign in paused_campaigns(s):
-        return now + timedelta(hours=1)  # `campaigns resume` gives it its slot
+    """A nurture row that would break the touch cap or gap: when it may go."""
     sender = app.config.sender
-    if sender.max_touches is None and sender.min_gap is None:
-        return None
     if s.get_bind().dialect.name != "sqlite":
         # One claim at a time per person, so two workers cannot both see room under the cap.
         mine = select(Lead.id).where(Lead.id == lead.id).with_for_update(skip_locked=True)
@@ -408,30 +557,51 @@ def _campaign_wait(
     wait = touch_wait(s, sender, lead.id, now, exclude_row=row.id, sent_only=True)
     if wait is None:
         return None
-    en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
-    if en is not None:
-        en.waiting = f"{wait[1]}: waits until {wait[0].isoformat()}"
+    if row.enrollment_id:
+        s.execute(
+            update(Enrollment)
+            .where(Enrollment.id == row.enrollment_id)
+            .values(waiting=f"{wait[1]}: waits until {wait[0].isoformat()}")
+            .execution_options(synchronize_session=False)
+        )
     return wait[0]
 
 
-def _must_not_send(s: Session, row: OutboundMessage, lead: Lead) -> str | None:
+def _must_not_send(due: _Due, row: OutboundMessage, lead: Lead) -> str | None:
     """Why this row must never go out (None: it may). Checked right before SMTP."""
     if row.kind == "nurture":
         if lead.status != LeadStatus.LEAD:
             return f"the lead is now {lead.status}"
-        en = s.get(Enrollment, row.enrollment_id) if row.enrollment_id else None
+        en = due.enrollments.get(row.enrollment_id) if row.enrollment_id else None
         if en is None or en.state == EnrollmentState.STOPPED:
             return "the enrollment was stopped"
     elif row.kind == "followup" and lead.status in SUPPRESSED:
         return f"the lead is now {lead.status}"
-    if row.kind in ("followup", "reminder", "escalation") and handoffs.answered(s, lead.id):
+    if row.kind in _UNLESS_ANSWERED and lead.id in due.answered:
         return "the rep answered the prospect"
     return None
 
 
 def _build(
-    s: Session, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+    s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
 ) -> EmailMessage:
+    """The row's message (for a look at its parts; the send path writes `_build_wire`)."""
+    return compose(**_message(s, app, renderer, row, lead))
+
+
+def _build_wire(
+    s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+) -> tuple[str, bytes]:
+    """The row's subject and its message as it goes to SMTP, written once before the claim."""
+    args = _message(s, app, renderer, row, lead)
+    return subject_text(str(args["subject"])), compose_wire(**args)
+
+
+def _message(
+    s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+) -> dict[str, Any]:
+    """compose()'s arguments for the row: its templates rendered, its headers chosen. `s`
+    is needed for a handoff only (the original it attaches, the follow-up it announces)."""
     config = app.config
     sender = config.sender
     facts: dict[str, Any] = dict(row.context or {})
@@ -443,10 +613,12 @@ def _build(
         unsubscribe_url(sender, token),
     )
     total = len(config.campaign(row.campaign).steps) if row.campaign else 1
-    if row.kind == "handoff" and isinstance(facts.get("followup"), dict):
+    if row.kind == "handoff" and s is None:
+        raise ValueError("a handoff is built in a transaction")
+    if s is not None and row.kind == "handoff" and isinstance(facts.get("followup"), dict):
         facts["followup"] = _followup_preview(s, app, renderer, lead, dict(facts["followup"]))
     original: bytes | None = None
-    if row.kind == "handoff":  # the briefing says whether the original is attached
+    if s is not None and row.kind == "handoff":  # the briefing says whether it is attached
         inbound = s.get(InboundMessage, row.inbound_id) if row.inbound_id else None
         original = inbound.raw if inbound is not None else None
         facts.update(original_facts(original, MAX_ATTACHED_ORIGINAL))
@@ -490,7 +662,7 @@ def _build(
         irt = facts.get("reply_in_reply_to")
         in_reply_to = str(irt) if irt and is_message_id(str(irt)) else None
         refs = [r for r in refs if is_message_id(r)]
-    return compose(
+    return dict(
         from_addr=from_addr,
         from_name=from_name,
         to_addr=row.to_addr,
@@ -538,6 +710,12 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
     moved the row meanwhile (then it is theirs and nothing is written).
     """
     now = app.now()
+    if claimed and result.status == "sent":
+        with app.engine.begin() as conn:
+            done = conn.execute(_sent_sql(), {"row_id": item.row_id, "at": now}).rowcount
+        if done == 1:
+            return
+        # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
     smtp = app.config.identity(item.mailbox).smtp
     max_attempts = smtp.max_attempts if smtp else 5
     with app.transaction() as s:
@@ -584,6 +762,13 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
                 bounce_lead(s, lead, now, f"SMTP refused {row.to_addr}: {detail}")
 
 
+@functools.cache
+def _sent_sql() -> Update:
+    return outbox("sent", OutboundMessage.id == bindparam("row_id")).values(
+        sent_at=bindparam("at", type_=UTCDateTime()), last_error=None
+    )
+
+
 def send_due(
     app: App,
     renderer: Renderer,
@@ -607,11 +792,12 @@ def send_due(
         batch = [i for i in _due_batch(app, size, budgets, down) if i not in seen]
         if not batch:
             break
+        due = _load(app, batch)
         for row_id in batch:
             if should_stop() or (limit is not None and sent >= limit):
                 break
             seen.add(row_id)
-            item = prepare(app, renderer, row_id, budgets)
+            item = prepare(app, renderer, row_id, budgets, due)
             if item is None:
                 continue
             mailer = mailer_for(item.transport)
