@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.policy
+import random
 import re
+import weakref
 from datetime import UTC, datetime
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
@@ -16,6 +18,7 @@ from worker.compose import (
     Attachment,
     as_wire_bytes,
     compose,
+    compose_wire,
     new_message_id,
     reply_address,
     unsubscribe_targets,
@@ -50,12 +53,31 @@ def build(**overrides: Any) -> EmailMessage:
         "date": WHEN,
     }
     args.update(overrides)
-    return compose(**args)
+    try:
+        msg = compose(**args)
+    except ValueError:
+        with pytest.raises(ValueError):  # the send path refuses it alike
+            compose_wire(**args)
+        raise
+    _SENT[msg] = compose_wire(**args)
+    return msg
+
+
+_SENT: weakref.WeakKeyDictionary[EmailMessage, bytes] = weakref.WeakKeyDictionary()
+"""What the send path writes (compose_wire) for each message `build` made."""
+_BOUNDARY = re.compile(rb"===============\d{19}==(?:\.\d+)?")
+
+
+def same_but_boundary(a: bytes, b: bytes) -> bool:
+    return _BOUNDARY.sub(b"B", a) == _BOUNDARY.sub(b"B", b)
 
 
 def wire(msg: EmailMessage) -> bytes:
-    """The bytes a server receives (CRLF line ends, as smtplib sends them)."""
-    return as_wire_bytes(msg)
+    """The bytes a server receives (CRLF line ends, as smtplib sends them): what the send
+    path writes, which must be compose's message byte for byte, but for the boundary."""
+    sent = _SENT[msg]
+    assert same_but_boundary(sent, as_wire_bytes(msg))
+    return sent
 
 
 def received(msg: EmailMessage) -> EmailMessage:
@@ -233,15 +255,14 @@ def test_it_refuses_malformed_ids_urls_headers_and_dates(
 
 
 def test_it_threads_on_any_writable_id_and_leaves_out_the_rest() -> None:
-    msg = received(
-        build(
-            in_reply_to="<a@b>\r\nBcc: x@y.z",
-            references=["ok@acme.example", "bad\n@x", "two@at@signs.example", "x" * 950],
-        )
+    built = build(
+        in_reply_to="<a@b>\r\nBcc: x@y.z",
+        references=["ok@acme.example", "bad\n@x", "two@at@signs.example", "x" * 950],
     )
+    msg = received(built)
     assert msg["In-Reply-To"] is None and msg["Bcc"] is None  # never an injected header
     assert str(msg["References"]).split() == ["<ok@acme.example>", "<two@at@signs.example>"]
-    assert all(len(line) <= 998 for line in wire(msg).split(b"\r\n"))
+    assert all(len(line) <= 998 for line in wire(built).split(b"\r\n"))
 
 
 def test_it_neutralises_extra_header_values() -> None:
@@ -305,3 +326,29 @@ def test_it_fills_the_token_into_the_unsubscribe_targets() -> None:
     )
     bare = SenderConfig.model_validate({"from": "sales@example.com"})
     assert unsubscribe_targets(bare, "k3x9") == (None, None)
+
+
+def test_it_writes_for_smtp_exactly_the_message_compose_describes() -> None:
+    # Names, subjects and bodies a lead or a template may bring: words the stdlib quotes or
+    # encodes, encoded-word look-alikes, long lines, controls, non-ASCII, trailing blanks.
+    pieces = ["Maya", "O'Hara", "Dr. Jane", "a,b", '"q"', "(c)", "=?utf-8?q?x?=", "Zoë",
+              "—", "x" * 90, "\t", "\r\n", " ", "end ", "日本", "<p>", "&amp;", "=", "."]  # fmt: skip
+    rng = random.Random(12)
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, n)))
+
+    for _ in range(300):
+        msg = build(
+            from_name=text(4),
+            to_name=text(6),
+            subject=text(12) or "x",
+            text=text(60),
+            html=text(80),
+            reply_to=rng.choice([None, "sales+k3x9@acme.example", [(text(3), "a@b.example")]]),
+            in_reply_to=rng.choice([None, "<CAF=x.1@mail.example>"]),
+            references=[f"<a.{i}@x.example>" for i in range(rng.randint(0, 12))],
+            unsubscribe_url=rng.choice([None, "https://acme.example/u/k3x9"]),
+            auto_submitted=rng.random() < 0.5,
+        )
+        wire(msg)  # asserts the send path's bytes are compose's

@@ -22,6 +22,7 @@ from tests.conftest import base_config
 from tests.imap_server import free_port
 from tests.smtp_server import SmtpServer
 from worker.app import App
+from worker.campaigns import pause_campaign
 from worker.config import Config
 from worker.leads import import_leads
 from worker.mailer import Mailer
@@ -29,6 +30,7 @@ from worker.models import Lead, LeadEvent, OutboundMessage, OutboxState
 from worker.outbox import claim, enqueue, prepare, recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
+from worker.suppression import import_suppressions
 
 NOW = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
 
@@ -85,6 +87,59 @@ def test_it_claims_a_row_only_once_the_server_holds_its_envelope(
     ]
     assert states(app) == {a: ("sent", 1) for a in leads}
     assert [t.rcpts for t in smtp_server.transactions] == [[a] for a in leads]
+    app.close()
+
+
+def test_it_does_not_send_to_an_address_suppressed_while_its_envelope_opens(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 3)
+    late = "lead1@company1.example.org"
+
+    def suppress_at_rcpt(command: str, address: str) -> None:  # the worker waits for us
+        if command == "RCPT" and address == late:
+            with app.transaction() as s:  # `twoway suppress import`, from another process
+                import_suppressions(s, [(2, {"email": late, "reason": "asked by phone"})], NOW)
+
+    smtp_server.on_command = suppress_at_rcpt
+    assert config.smtp is not None
+    renderer = Renderer(config.templates_path)
+    with Mailer(config.smtp) as mailer:
+        # The pass had decided its batch before the suppression: the claim looks again.
+        assert send_due(app, renderer, lambda _t: mailer) == 2
+        assert late not in smtp_server.recipients()
+        assert states(app)[late] == ("queued", 0)  # not claimed, not tried
+        smtp_server.on_command = None
+        assert send_due(app, renderer, lambda _t: mailer) == 0  # the next pass decides it
+    assert sorted(smtp_server.recipients()) == sorted(a for a in states(app) if a != late)
+    assert [t.delivered for t in smtp_server.transactions] == [True, False, True]
+    with app.transaction() as s:
+        row = s.scalars(select(OutboundMessage).where(OutboundMessage.to_addr == late)).one()
+        assert row.status == "cancelled" and row.attempts == 0
+        assert row.last_error is not None and "asked by phone" in row.last_error
+    app.close()
+
+
+def test_it_sends_nothing_more_of_a_campaign_paused_during_the_pass(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config, app = setup(database_url, tmp_path, smtp_server, 4)
+    paused: list[str] = []
+
+    def pause_at_second_rcpt(command: str, address: str) -> None:
+        if command == "RCPT" and len(smtp_server.transactions) == 2 and not paused:
+            with app.transaction() as s:
+                pause_campaign(s, config, "welcome", NOW)
+            paused.append(address)
+
+    smtp_server.on_command = pause_at_second_rcpt
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 1
+    assert len(smtp_server.recipients()) == 1  # the first, sent before the pause
+    got = states(app)
+    assert sorted(got.values()) == [("queued", 0)] * 3 + [("sent", 1)]
+    assert paused and got[paused[0]] == ("queued", 0)  # its envelope opened, then RSET
     app.close()
 
 

@@ -4,6 +4,7 @@ the right people, and never twice whatever fails."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -256,6 +257,43 @@ def test_it_stops_between_messages_and_leaves_the_rest_queued(
     with Mailer(config.smtp) as mailer:
         assert send_due(app, renderer, lambda _: mailer) == 7
     assert len(set(smtp_server.recipients())) == len(smtp_server.recipients()) == 10
+    app.close()
+
+
+def test_a_running_worker_sends_a_template_edited_since_its_last_pass(
+    sqlite_url: str,
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    start_worker: Callable[[App], Worker],
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    config = base_config(
+        sqlite_url, tmp_path, smtp=smtp_server.section(), templates_dir=str(templates)
+    )
+    clock = [MONDAY]
+    app = open_app(config, clock)
+    with app.transaction() as s:
+        import_leads(s, rows(2, first_name="Maya"), clock[0], campaign=config.campaign("welcome"))
+    worker = start_worker(app)
+    worker.run_once()
+    # An admin edits a subject and the body's layout while the worker runs.
+    subject = templates / "nurture" / "case-study" / "subject.txt"
+    subject.write_text("Edited: how {{ lead.first_name or 'a team' }} could plan faster\n")
+    layout = templates / "layout.txt"
+    layout.write_text(layout.read_text().replace("Not useful right now?", "Edited footer."))
+    later = time.time() + 2  # a new modification time, however coarse the file system's
+    os.utime(subject, (later, later))
+    os.utime(layout, (later, later))
+    clock[0] += timedelta(days=3, hours=1)
+    worker.run_once()
+    sent = [m.parsed() for m in smtp_server.messages]
+    assert len(sent) == 4
+    assert not any(str(m["Subject"]).startswith("Edited") for m in sent[:2])
+    assert [str(m["Subject"]) for m in sent[2:]] == ["Edited: how Maya could plan faster"] * 2
+    for m in sent[2:]:
+        text = m.get_body(("plain",))
+        assert text is not None and "Edited footer." in str(text.get_content())
     app.close()
 
 

@@ -600,12 +600,11 @@ class Renderer:
     # --- internals ---------------------------------------------------------------------
 
     def _subject_problem(self, template: str, subject: str) -> TemplateError | None:
-        where = self._display(template)
         if not subject:
-            return TemplateError(where, None, "the subject is empty")
+            return TemplateError(self._display(template), None, "the subject is empty")
         if len(subject) > self.limits.subject_chars:
             return TemplateError(
-                where,
+                self._display(template),
                 None,
                 f"exceeds a render limit: the subject is {len(subject):,} characters "
                 f"(at most {self.limits.subject_chars:,})",
