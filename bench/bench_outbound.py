@@ -14,6 +14,10 @@ The whole send path is measured too (rounds alternate with the plain loop): N le
 step 1 in a SQLite database, queued by `queue_due`, then `send_due` (each row claimed right
 before its SMTP call, rendered from the templates, sent by a Mailer, its outcome
 recorded) against the same plain smtplib loop over N pre-built messages (target >= 0.9).
+With `--pg-url URL` (default $TWOWAY_TEST_PG_URL when `--pg` is given) the whole send
+path runs on PostgreSQL too, each round in a throwaway schema of that database:
+
+    .venv/bin/python bench/bench_outbound.py --json --pg
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import smtplib
 import sys
 import time
@@ -102,15 +107,19 @@ def run_mailer(port: int, messages: list[tuple[EmailMessage, str]]) -> float:
     return time.perf_counter() - start
 
 
-def run_send_due(port: int, n: int) -> float:
-    """`send_due` over N queued step-1 emails in a fresh SQLite database; seconds taken."""
+def run_send_due(port: int, n: int, pg_url: str | None = None) -> float:
+    """`send_due` over N queued step-1 emails in a fresh SQLite database (or a fresh
+    schema of the PostgreSQL at `pg_url`); seconds taken."""
+    import contextlib
     import tempfile
     from datetime import UTC, datetime
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import base_config
+    from _common import ROOT, base_config
 
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import pg_schema  # the tests' throwaway schema
     from worker.app import App
     from worker.config import config_from_dict
     from worker.leads import import_leads
@@ -118,9 +127,10 @@ def run_send_due(port: int, n: int) -> float:
     from worker.rendering import Renderer
     from worker.sequences import queue_due
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
+        url = stack.enter_context(pg_schema(pg_url, "bench_out")) if pg_url else None
         data = base_config(
-            f"sqlite:///{d}/out.db",
+            url or f"sqlite:///{d}/out.db",
             smtp={"kind": "smtp", "host": HOST, "port": port, "security": "none"},
             sender={"from": "Acme Sales <sales@acme.example>",
                     "unsubscribe_url": "https://acme.example/u/{token}"},
@@ -153,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--messages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--pg", action="store_true", help="the send path on PostgreSQL too")
+    parser.add_argument("--pg-url", default=os.environ.get("TWOWAY_TEST_PG_URL"))
     args = parser.parse_args(argv)
+    if args.pg and not args.pg_url:
+        parser.error("--pg needs --pg-url or TWOWAY_TEST_PG_URL")
 
     sink = _Sink()
     controller = _SinkController(sink, hostname=HOST, port=0)
@@ -169,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             plain2.append(run_plain(controller.port, messages))
             due_times.append(run_send_due(controller.port, args.messages))
+        pg_times, plain3 = [], []
+        for _ in range(args.rounds if args.pg else 0):
+            plain3.append(run_plain(controller.port, messages))
+            pg_times.append(run_send_due(controller.port, args.messages, args.pg_url))
     finally:
         controller.stop()
 
@@ -187,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         "send_due_ratio": round(min(plain2) / min(due_times), 3),
         "received": sink.count,
     }
+    if pg_times:
+        result["send_due_pg_msgs_per_s"] = round(n / min(pg_times), 1)
+        result["plain_smtplib_msgs_per_s_3"] = round(n / min(plain3), 1)
+        result["send_due_pg_ratio"] = round(min(plain3) / min(pg_times), 3)
     if args.json:
         print(json.dumps(result))
     else:
@@ -197,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"send_due:      {result['send_due_msgs_per_s']:8.1f} msgs/s (claim, render, send,")
         print(f"               record) vs plain {result['plain_smtplib_msgs_per_s_2']:8.1f}: ")
         print(f"               ratio {result['send_due_ratio']:.3f} (target >= 0.9)")
+        if pg_times:
+            print(f"send_due (pg): {result['send_due_pg_msgs_per_s']:8.1f} msgs/s vs plain "
+                  f"{result['plain_smtplib_msgs_per_s_3']:8.1f}: ratio "
+                  f"{result['send_due_pg_ratio']:.3f}")  # fmt: skip
     return 0
 
 
