@@ -312,14 +312,9 @@ def render() -> str:
             notes.append(
                 f"**The whole send path is at {x['send_due_ratio']} of a plain smtplib loop** "
                 "(target 0.9; the Mailer alone is at "
-                f"{x['ratio']}). Each email is two transactions (the claim, made right "
-                "before its SMTP call, and the outcome) of about eight statements (the row "
-                "with FOR UPDATE SKIP LOCKED, its lead and enrollment, paused campaigns, "
-                "suppressions, the claiming UPDATE, the outcome) plus rendering its "
-                "templates: about 10 ms of CPU a message here against about 5 ms for "
-                "smtplib's whole send. Closing the gap needs claims and outcomes for several "
-                "rows per transaction, which the claim-only-what-will-be-sent rule (issue "
-                "12) trades away; left to the outbox's owners."
+                f"{x['ratio']}). Each email is two commits that issue 12 keeps apart (the "
+                "claim, right after RCPT, and the outcome; three on PostgreSQL with the hold "
+                "that keeps other workers off the row), plus rendering and composing it."
             )
         if "send_due_ratio" in x:
             rows.append(
