@@ -643,6 +643,8 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     except Exception as exc:
         raise ParseError(f"not readable as an email: {exc}") from exc
     _bound_tree(message, limits)
+    if _lone_text_body(message):
+        return message, ()  # mail-parser lists no attachment here; it costs half of parse
     names: tuple[str, ...] = ()
     try:
         parsed = mailparser.MailParser(message)
@@ -650,6 +652,17 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     except Exception:  # mail-parser raises assorted errors on odd mail
         names = ()
     return message, names
+
+
+def _lone_text_body(message: Message) -> bool:
+    """Whether `message` is one text/plain or text/html part with no file name, no
+    Content-ID and no Content-Disposition: mail-parser calls a part an attachment only
+    when it has one of those, or is RTF, so it finds none in such a message."""
+    if message.is_multipart() or _content_type(message) not in ("text/plain", "text/html"):
+        return False
+    if message.get("content-disposition") is not None or message.get("content-id") is not None:
+        return False
+    return not any("name" in str(v).lower() for v in message.get_all("content-type") or ())
 
 
 _TAIL_FIELDS = frozenset({"from", "sender", "reply-to", "return-path"})
