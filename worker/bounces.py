@@ -41,6 +41,7 @@ _ADDR_RE = re.compile(
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
 _SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)")
+_THREE_DIGITS_RE = re.compile(r"[45]\d\d")  # in every match of the above
 
 _DAEMON_RE = re.compile(
     r"(?i)^\"?(?:mailer[-_.]?daemon|post[-_.]?master|mdaemon|mail[-_.]?delivery[-_.]?system|"
@@ -725,6 +726,8 @@ def _smtp_error(human: str) -> bool:
     where MTAs write one, with a status code or the word SMTP, "said:" or "error".
     (A postmaster "Re: ..." with one is a bounce dressed as a reply.)"""
     head = human[:5000]
+    if not _THREE_DIGITS_RE.search(head):
+        return False  # no reply code at all: one quick scan instead of the one below
     return bool(_SMTP_CODE_RE.search(head)) and bool(
         _STATUS_RE.search(head) or re.search(r"(?i)smtp|said:|error", head)
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import calendar
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
@@ -534,6 +535,25 @@ def _resolve(day: int, month: int, year: int | None, today: date) -> date | None
     return None
 
 
+_DIGIT_RE = re.compile(r"\d")
+
+
+def _date_matches(style: str, regex: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
+    """What `regex.finditer(text)` yields. Every date but "Mdy" starts with a digit, so
+    those are tried only where a digit is, not at every position of the text."""
+    if style == "Mdy":
+        yield from regex.finditer(text)
+        return
+    pos = 0
+    while (digit := _DIGIT_RE.search(text, pos)) is not None:
+        match = regex.match(text, digit.start())  # its lookbehind still sees the text before
+        if match is None:
+            pos = digit.start() + 1
+        else:
+            yield match
+            pos = match.end()
+
+
 def find_return_date(text: str, today: date) -> date | None:
     """The date an out-of-office says its author is back, or None.
 
@@ -544,7 +564,7 @@ def find_return_date(text: str, today: date) -> date | None:
     """
     found: list[tuple[int, date, str]] = []
     for style, regex in _DATE_RES:
-        for match in regex.finditer(text):
+        for match in _date_matches(style, regex, text):
             groups = match.groups()
             try:
                 if style == "cjk":
