@@ -178,9 +178,12 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     return data.decode("latin-1")
 
 
+_ESCAPED_BYTE_RE = re.compile("[\udc80-\udcff]")
+
+
 def _unsurrogate(value: str) -> str:
     """Turn raw 8-bit header bytes (kept by `email` as surrogate escapes) into text."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+    if not _ESCAPED_BYTE_RE.search(value):  # one C scan, not a Python loop per character
         return value
     return decode_bytes(value.encode("ascii", "surrogateescape"))
 
