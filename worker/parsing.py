@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import email.errors
 import email.header
 import email.utils
 import re
@@ -646,8 +647,8 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     except Exception as exc:
         raise ParseError(f"not readable as an email: {exc}") from exc
     _bound_tree(message, limits)
-    if _lone_text_body(message):
-        return message, ()  # mail-parser lists no attachment here; it costs half of parse
+    if _attachment_free(message):
+        return message, ()  # mail-parser would list none; it re-reads the whole message
     names: tuple[str, ...] = ()
     try:
         parsed = mailparser.MailParser(message)
@@ -657,15 +658,29 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     return message, names
 
 
-def _lone_text_body(message: Message) -> bool:
-    """Whether `message` is one text/plain or text/html part with no file name, no
-    Content-ID and no Content-Disposition: mail-parser calls a part an attachment only
-    when it has one of those, or is RTF, so it finds none in such a message."""
-    if message.is_multipart() or _content_type(message) not in ("text/plain", "text/html"):
+def _attachment_free(message: Message) -> bool:
+    """Whether mail-parser is sure to list no attachment in `message`.
+
+    mail-parser lists a part that has a file name, a Content-ID, a Content-Disposition of
+    "attachment" or an RTF type (any subtype within "rtf", as it tests), and the parts it
+    recovers from an epilogue after a missing start boundary. A message none of whose
+    parts has a Content-Disposition, a Content-ID, a "name" parameter, such a subtype or
+    such a defect has none. False when in doubt (the test itself failing).
+    """
+    try:
+        for part in message.walk():
+            if part.get("content-disposition") is not None or part.get("content-id") is not None:
+                return False
+            if any("name" in str(v).lower() for v in part.get_all("content-type") or ()):
+                return False
+            if not part.is_multipart() and part.get_content_subtype() in "rtf":
+                return False
+            defects = part.defects
+            if any(isinstance(d, email.errors.StartBoundaryNotFoundDefect) for d in defects):
+                return False
+    except Exception:
         return False
-    if message.get("content-disposition") is not None or message.get("content-id") is not None:
-        return False
-    return not any("name" in str(v).lower() for v in message.get_all("content-type") or ())
+    return True
 
 
 _TAIL_FIELDS = frozenset({"from", "sender", "reply-to", "return-path"})

@@ -217,6 +217,8 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
             if nxt < len(lines) and _FIELD_RE.match(unquoted[nxt]):
                 end = _block_end(unquoted, nxt)
             spans.setdefault(i, end)
+        elif ":" not in unquoted[i] and "：" not in unquoted[i]:
+            continue  # both header tests below need a colon
         elif _ONE_LINE_OUTLOOK_RE.match(unquoted[i]):
             spans.setdefault(i, _block_end(unquoted, i))
         elif _FIELD_RE.match(unquoted[i]) and (i == 0 or not _FIELD_RE.match(unquoted[i - 1])):
