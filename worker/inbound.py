@@ -33,11 +33,12 @@ from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import as_unavailable, is_conflict, is_unavailable
-from worker.leads import buffer_events
+from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, Quarantine
+from worker.outbox import know_message_ids
 from worker.parsing import ParsedMessage, ParseError, parse
 
 logger = logging.getLogger(__name__)
@@ -306,6 +307,8 @@ def process_batch(
                 known = prefetch(
                     s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
                 )
+                prefetch_lead_facts(s, known.leads)
+                know_message_ids(s, known.message_ids_checked, set(known.by_message_id))
                 for p in prepared[i:]:
                     kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)
                     done.append(_Outcome(p.fetched, kind))
@@ -527,8 +530,13 @@ def _process(
         received_at=now,
     )
     s.add(row)
+    s.flush()  # its id: the effects' events, handoffs and queued emails name it
+    # The effects go to the database in one flush at the end (one UPDATE of the lead,
+    # one INSERT per table): nothing the lifecycle reads depends on its own unflushed
+    # writes (events are buffered and read with `pending_events`).
+    with s.no_autoflush:
+        apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     s.flush()
-    apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     return cls.kind
 
 

@@ -38,6 +38,8 @@ from worker.leads import (
     bounce_lead,
     cancel_queued,
     enroll,
+    has_event,
+    lead_campaigns,
     lead_fields,
     new_token,
     normalise_email,
@@ -256,12 +258,7 @@ def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
-    has_soft = pending_events(s, lead.id, "soft_bounce") or s.scalar(
-        select(LeadEvent.id)
-        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
-        .limit(1)
-    )
-    if has_soft:
+    if has_event(s, lead.id, "soft_bounce"):
         record_event(
             s,
             lead,
@@ -321,14 +318,7 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
 def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
     cause = ev.cause
-    first = not (
-        pending_events(s, lead.id, "engaged")
-        or s.scalar(
-            select(LeadEvent.id)
-            .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
-            .limit(1)
-        )
-    )
+    first = not has_event(s, lead.id, "engaged")
     if first:
         record_event(
             s, lead, "engaged", f"{cause}: two-way — {match.explanation}", now,
@@ -616,7 +606,7 @@ def _account_awareness(
     colleague something actually changed for. Returns those colleagues (name, email,
     title), for the handoff to show.
     """
-    campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
+    campaigns = set(lead_campaigns(s, lead.id))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return []
@@ -726,7 +716,7 @@ def _referral(s: Session, app: App, referrer: Lead, email: str, ev: Inbound) -> 
     s.add(new)
     s.flush()
     record_created(s, new, f"referred by {referrer.email} in {_cause(row)}", now, row.id)
-    for name in s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == referrer.id)):
+    for name in lead_campaigns(s, referrer.id):
         try:
             enroll(s, [new.id], app.config.campaign(name), now)
         except KeyError:

@@ -157,7 +157,6 @@ def emit(
     inbound_id: int | None = None,
 ) -> None:
     """Record one conversion event (its body fixed now) in the caller's transaction."""
-    s.flush()  # the record reads the lead's rows written so far in this unit of work
     key = f"evt_{secrets.token_hex(16)}"
     body = {
         "id": key,
