@@ -32,12 +32,12 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
-from worker.db import as_unavailable, is_conflict, is_unavailable
+from worker.db import as_unavailable, defer_inserts, is_conflict, is_unavailable, write_deferred
 from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
-from worker.models import InboundMessage, MailboxState, Quarantine
+from worker.models import InboundMessage, MailboxState, OutboundMessage, Quarantine
 from worker.outbox import know_message_ids
 from worker.parsing import ParsedMessage, ParseError, parse
 
@@ -302,6 +302,7 @@ def process_batch(
         try:
             with app.transaction() as s:
                 buffer_events(s)  # one executemany of the batch's events
+                defer_inserts(s)  # and of its conversion events; queued emails by message
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
                 known = prefetch(
@@ -417,6 +418,7 @@ def process_message(
         try:
             with app.transaction() as s:
                 buffer_events(s)
+                defer_inserts(s)
                 kind = _process(s, app, mb, fetched, ctx, now)
                 _advance(s, mb.name, fetched)
             _count(mb, fetched, kind, result)
@@ -536,6 +538,7 @@ def _process(
     # writes (events are buffered and read with `pending_events`).
     with s.no_autoflush:
         apply_inbound(s, app, Inbound(row, msg, cls, match, now))
+    write_deferred(s, OutboundMessage)  # the next message may cancel or read them
     s.flush()
     return cls.kind
 

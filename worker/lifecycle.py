@@ -14,7 +14,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from worker import handoffs
@@ -522,25 +522,35 @@ def _why_two_way(match: Match, cls: Classification) -> str:
 
 THREAD_ITEMS = 20
 _THREAD_TEXT = 2000
+# The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
+# columns shown only (not the rows: their contexts and raw mail are large). Built once:
+# they run for every reply, and building a statement costs about what running it does.
+_OUT, _IN = OutboundMessage, InboundMessage
+_THREAD_OUT = (
+    select(_OUT.sent_at, _OUT.created_at, _OUT.subject, _OUT.kind, _OUT.step, _OUT.campaign)
+    .where(
+        _OUT.lead_id == bindparam("lead_id"),
+        _OUT.status == OutboxState.SENT,
+        _OUT.kind.in_(("nurture", "followup")),
+    )
+    .order_by(_OUT.id.desc())
+    .limit(THREAD_ITEMS)
+)
+_THREAD_IN = (
+    select(
+        _IN.id, _IN.sent_date, _IN.received_at, _IN.kind, _IN.reason, _IN.reply_text, _IN.subject
+    )
+    .where(_IN.lead_id == bindparam("lead_id"))
+    .order_by(_IN.id.desc())
+    .limit(THREAD_ITEMS)
+)
 
 
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    # The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
-    # columns shown only (not the rows: their contexts and raw mail are large).
-    out = OutboundMessage
-    for o in s.execute(
-        select(out.sent_at, out.created_at, out.subject, out.kind, out.step, out.campaign)
-        .where(
-            out.lead_id == lead.id,
-            out.status == OutboxState.SENT,
-            out.kind.in_(("nurture", "followup")),
-        )
-        .order_by(out.id.desc())
-        .limit(THREAD_ITEMS)
-    ):
+    for o in s.execute(_THREAD_OUT, {"lead_id": lead.id}):
         at = o.sent_at or o.created_at
         summary = (
             f"step {(o.step or 0) + 1} of {o.campaign}"
@@ -549,21 +559,7 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    inb = InboundMessage
-    for m in s.execute(
-        select(
-            inb.id,
-            inb.sent_date,
-            inb.received_at,
-            inb.kind,
-            inb.reason,
-            inb.reply_text,
-            inb.subject,
-        )
-        .where(inb.lead_id == lead.id)
-        .order_by(inb.id.desc())
-        .limit(THREAD_ITEMS)
-    ):
+    for m in s.execute(_THREAD_IN, {"lead_id": lead.id}):
         at = m.sent_date or m.received_at
         is_current = m.id == current.id
         seen_current = seen_current or is_current
@@ -596,6 +592,13 @@ ACCOUNT_MAX_LEADS = 50
 one person's reply there neither pauses nor reassigns their colleagues."""
 
 
+_SAME_DOMAIN = (
+    select(Lead.id, Lead.status)
+    .where(Lead.domain == bindparam("domain"), Lead.id != bindparam("lead_id"))
+    .limit(ACCOUNT_MAX_LEADS + 1)
+)
+
+
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
 ) -> list[Colleague]:
@@ -612,11 +615,7 @@ def _account_awareness(
         return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
-    same = s.execute(
-        select(Lead.id, Lead.status)
-        .where(Lead.domain == lead.domain, Lead.id != lead.id)
-        .limit(ACCOUNT_MAX_LEADS + 1)
-    ).all()
+    same = s.execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
     if not same:
         return []
     if len(same) > ACCOUNT_MAX_LEADS:

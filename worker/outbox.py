@@ -57,6 +57,7 @@ from worker.contexts import (
     sender_block,
     unsubscribe_url,
 )
+from worker.db import deferring, insert_row
 from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
@@ -129,7 +130,7 @@ def enqueue(
     in_reply_to: str | None = None,
     inbound_id: int | None = None,
     message_id: str | None = None,
-) -> OutboundMessage:
+) -> OutboundMessage | None:
     """Queue one email: the only way a row enters the outbox (the caller's transaction).
 
     `key` is the row's idempotency key (unique: `nurture:<enrollment>:<step>`,
@@ -155,29 +156,33 @@ def enqueue(
     if known is not None:
         known[0].add(message_id)
         known[1].add(message_id)
-    row = OutboundMessage(
-        idempotency_key=key,
-        kind=kind,
-        lead_id=lead.id,
-        enrollment_id=enrollment_id,
-        campaign=campaign,
-        step=step,
-        template=template,
-        variant=variant,
-        mailbox=mailbox,
-        message_id=message_id,
+    values: dict[str, Any] = {
+        "idempotency_key": key,
+        "kind": kind,
+        "lead_id": lead.id,
+        "enrollment_id": enrollment_id,
+        "campaign": campaign,
+        "step": step,
+        "template": template,
+        "variant": variant,
+        "mailbox": mailbox,
+        "message_id": message_id,
         # Mail to the team carries no reply token (a reply to it is the rep's own mail),
         # except the reply-ready copy: its Reply-To brings the rep's answer back to us.
-        reply_token=lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
-        to_addr=to_addr or lead.email,
-        in_reply_to=in_reply_to,
-        inbound_id=inbound_id,
-        status=OutboxState.QUEUED,
-        attempts=0,
-        next_attempt_at=due or at,
-        context=dict(facts or {}),
-        created_at=at,
-    )
+        "reply_token": lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
+        "to_addr": to_addr or lead.email,
+        "in_reply_to": in_reply_to,
+        "inbound_id": inbound_id,
+        "status": OutboxState.QUEUED,
+        "attempts": 0,
+        "next_attempt_at": due or at,
+        "context": dict(facts or {}),
+        "created_at": at,
+    }
+    if deferring(s):  # an inbound batch: written with the message's other emails
+        insert_row(s, OutboundMessage, values)
+        return None
+    row = OutboundMessage(**values)
     s.add(row)
     return row
 

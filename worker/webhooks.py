@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.config import Config, Webhook
+from worker.db import insert_row
 from worker.models import (
     CrmEvent,
     Enrollment,
@@ -166,8 +167,9 @@ def emit(
         "lead": {"email": lead.email, "status": lead.status, "owner": lead.owner},
         **conversion_record(s, lead, inbound_id),
     }
-    s.execute(
-        insert(CrmEvent),
+    insert_row(
+        s,
+        CrmEvent,
         {
             "key": key,
             "type": type_,
