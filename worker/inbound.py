@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
 from sqlalchemy import select, update
@@ -179,9 +179,17 @@ def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepa
 
 
 def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
-    """In a pool process: `prepare` each message with the context `_start_child` set."""
+    """In a pool process: `prepare` each message with the context `_start_child` set.
+    The raw bytes do not travel back: the parent has them (`_with_fetched`)."""
     assert _CHILD_CTX is not None
-    return [prepare(f, _CHILD_CTX, today) for f in batch]
+    return [replace(prepare(f, _CHILD_CTX, today), fetched=_NO_FETCHED) for f in batch]
+
+
+_NO_FETCHED = FetchedMessage("", 0, 0, b"", ())
+
+
+def _with_fetched(batch: list[FetchedMessage], prepared: list[Prepared]) -> list[Prepared]:
+    return [replace(p, fetched=f) for f, p in zip(batch, prepared, strict=True)]
 
 
 _CHILD_CTX: ClassifyContext | None = None
@@ -254,7 +262,7 @@ class Preparer:
 
         def result() -> list[Prepared]:
             try:
-                return [p for fut in futures for p in fut.result()]
+                return _with_fetched(batch, [p for fut in futures for p in fut.result()])
             except Exception as e:
                 logger.warning("the parsing pool failed (%s): parsing in this process", e)
                 self.close()
