@@ -34,7 +34,7 @@ from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import as_unavailable, defer_inserts, is_conflict, is_unavailable, write_deferred
 from worker.leads import buffer_events, prefetch_lead_facts
-from worker.lifecycle import Inbound, apply_inbound
+from worker.lifecycle import Inbound, apply_inbound, lock_leads
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, OutboundMessage, Quarantine
@@ -316,6 +316,7 @@ def process_batch(
                 known = prefetch(
                     s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
                 )
+                lock_leads(s, known.leads)
                 prefetch_lead_facts(s, known.leads)
                 know_message_ids(s, known.message_ids_checked, set(known.by_message_id))
                 for p in prepared[i:]:

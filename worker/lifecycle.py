@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
@@ -94,6 +95,28 @@ def _cause(row: InboundMessage) -> str:
     return f"inbound message <{row.message_id}> ({row.kind})"
 
 
+_LOCKED = "twoway.locked_leads"
+
+
+def lock_leads(s: Session, lead_ids: Iterable[int]) -> None:
+    """PostgreSQL: lock and re-read an inbound batch's leads at once, in id order (so two
+    workers' batches queue behind each other instead of deadlocking), for the rest of
+    the unit of work; `apply_inbound` then needs no lock of its own for them. SQLite's
+    BEGIN IMMEDIATE already serialises writers."""
+    if s.get_bind().dialect.name == "sqlite":
+        return
+    ids = sorted(set(lead_ids))
+    for i in range(0, len(ids), 500):
+        s.scalars(
+            select(Lead)
+            .where(Lead.id.in_(ids[i : i + 500]))
+            .order_by(Lead.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+    s.info[_LOCKED] = set(ids)
+
+
 def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
     row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
@@ -107,7 +130,9 @@ def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     if match.lead_id is not None:
         # PostgreSQL: re-read under a row lock. SQLite's BEGIN IMMEDIATE already
         # serialises writers, so the copy matching loaded is current.
-        locking = s.get_bind().dialect.name != "sqlite"
+        locking = s.get_bind().dialect.name != "sqlite" and match.lead_id not in s.info.get(
+            _LOCKED, ()
+        )
         lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
