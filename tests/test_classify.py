@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import date
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from worker.bounces import address_is_dead, bounce_reason
-from worker.classify import ClassifyContext, classify, extract_reply_text, find_return_date
+from worker.classify import (
+    _DATE_RES,
+    ClassifyContext,
+    _date_matches,
+    classify,
+    extract_reply_text,
+    find_return_date,
+)
 from worker.inspect import format_human, inspect_bytes, inspect_paths
 from worker.parsing import parse
+from worker.replytext import _ends_like_attribution
 
 EMAILS = Path(__file__).parent / "emails"
 LABELS: dict[str, dict[str, object]] = json.loads((EMAILS / "labels.json").read_text("utf-8"))
@@ -259,3 +271,33 @@ def test_it_classifies_hostile_bodies_in_bounded_work(body: str) -> None:
 def test_it_shows_the_bounce_reason_in_the_human_inspect_output() -> None:
     result = inspect_bytes((EMAILS / "bounce_reason_mailbox_full_8.eml").read_bytes(), CTX)
     assert "bounce:      soft (mailbox_full) 5.2.2 -> quota@example.net" in format_human(result)
+
+
+# The shortcuts that make classification cheap must answer exactly as the scans they
+# replaced: each is checked against that scan on text built from the characters it reads.
+_DATE_TEXT = st.lists(
+    st.sampled_from([*"0123456789 ./-,\n", "年", "月", "日", "월", "일", "号", "º", "x"])
+    | st.sampled_from(["December", "dez", "of ", "de ", "2026", "14th", "Dec.", "12"]),
+    max_size=14,
+).map("".join)
+_ENDING_TEXT = st.lists(
+    st.sampled_from(["wrote", "WROTE", "wRote", "schrieb", "ſchrieb", " ", "-", "\t", "\xa0"])
+    | st.sampled_from([":", "：", "x", "e", ".", "\x1c", "İ", "ı"]),
+    max_size=8,
+).map("".join)
+_OLD_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(_DATE_TEXT)
+def test_it_finds_the_same_dates_trying_digits_only(text: str) -> None:
+    for style, regex in _DATE_RES:
+        expected = [(m.span(), m.groups()) for m in regex.finditer(text)]
+        assert [(m.span(), m.groups()) for m in _date_matches(style, regex, text)] == expected
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(_ENDING_TEXT)
+def test_it_tests_an_attribution_ending_as_the_search_it_replaced(text: str) -> None:
+    line = text.strip()  # it reads unquoted lines, which are stripped
+    assert _ends_like_attribution(line) == bool(_OLD_ATTR_END_RE.search(line))

@@ -273,11 +273,12 @@ def test_it_keeps_a_foreign_message_id_only_when_it_fits_and_no_other_row_has_it
     too_long = "a" * 250 + "@example.net"
     with app.transaction() as s:
         lead = s.scalars(select(Lead)).one()
-        ids = [
-            enqueue(s, config, "rep_copy", f"copy:{i}", lead, "handoff/reply", NOW,
-                    to_addr="ana@example.com", message_id=mid).message_id
-            for i, mid in enumerate([f"<{theirs}>", theirs, too_long, "two@at@example.net"])
-        ]  # fmt: skip
+        ids = []
+        for i, mid in enumerate([f"<{theirs}>", theirs, too_long, "two@at@example.net"]):
+            row = enqueue(s, config, "rep_copy", f"copy:{i}", lead, "handoff/reply", NOW,
+                          to_addr="ana@example.com", message_id=mid)  # fmt: skip
+            assert row is not None  # not deferred: the ORM row
+            ids.append(row.message_id)
     assert ids[0] == theirs  # the copy of her message goes out, and is found, by her id
     assert ids[1] != theirs  # a second copy (a reassignment) gets one of ours...
     assert all(i.startswith("twoway.") and i.endswith("@example.com") for i in ids[1:])

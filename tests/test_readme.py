@@ -81,3 +81,21 @@ def token_of(workspace: Path, email: str) -> str:
 def test_it_documents_the_daemon_command() -> None:
     result = CliRunner().invoke(main, ["run", "--help"])
     assert result.exit_code == 0 and "--once" in result.output
+
+
+def test_no_file_holds_an_unresolved_merge() -> None:
+    """A merge left half-done once published both sides of two README paragraphs."""
+    marker = re.compile(r"^(<{7}|>{7}) |^={7}$", re.M)
+    tracked = [
+        p
+        for pattern in ("*.md", "*.py", "*.yaml", "*.yml", "*.toml", "*.txt", "*.html", "*.j2")
+        for p in ROOT.rglob(pattern)
+        if not {".venv", ".git", "node_modules"} & set(p.relative_to(ROOT).parts)
+    ]
+    bad = [
+        str(p.relative_to(ROOT))
+        for p in tracked
+        if marker.search(p.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert len(tracked) > 50
+    assert not bad, f"unresolved merge in {bad}"

@@ -41,6 +41,7 @@ _ADDR_RE = re.compile(
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
 _SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)")
+_THREE_DIGITS_RE = re.compile(r"[45]\d\d")  # in every match of the above
 
 _DAEMON_RE = re.compile(
     r"(?i)^\"?(?:mailer[-_.]?daemon|post[-_.]?master|mdaemon|mail[-_.]?delivery[-_.]?system|"
@@ -720,6 +721,18 @@ _LOOP_RE = re.compile(
 )
 
 
+def _smtp_error(human: str) -> bool:
+    """An SMTP error in the first 5,000 characters of a report's words: a reply code
+    where MTAs write one, with a status code or the word SMTP, "said:" or "error".
+    (A postmaster "Re: ..." with one is a bounce dressed as a reply.)"""
+    head = human[:5000]
+    if not _THREE_DIGITS_RE.search(head):
+        return False  # no reply code at all: one quick scan instead of the one below
+    return bool(_SMTP_CODE_RE.search(head)) and bool(
+        _STATUS_RE.search(head) or re.search(r"(?i)smtp|said:|error", head)
+    )
+
+
 def _from_text(msg: ParsedMessage) -> BounceReport | None:
     subject = msg.subject
     is_report = msg.report_type == "delivery-status" or (
@@ -736,14 +749,18 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
         # decide alone (the test below): skip scanning the body of every reply.
         return None
     human = _human_part(msg.text)
+    if not (is_report or daemon or list_manager or subject_hit) and not (
+        _smtp_error(human) or _STRONG_FAILURE_RE.search(human[:5000])
+    ):
+        # Unthreaded mail from a person: only the last test below could pass, and it
+        # needs SMTP evidence or delivery software's wording in the first 5,000
+        # characters. Without either, skip the failure words over the whole text.
+        return None
     body_hit = bool(_FAILURE_BODY_RE.search(human))
     delay_hit = bool(_DELAY_RE.search(subject)) or bool(_DELAY_RE.search(human[:3000]))
     strong_delay = _STRONG_DELAY_RE.search(human[:3000])
     qmail_list = re.search(r"(?m)^\s*<[^<>\s]+@[^<>\s]+>\s*:\s*$", human)
-    # A postmaster "Re: ..." with an SMTP error in its words is a bounce dressed as a reply.
-    smtp_error = bool(_SMTP_CODE_RE.search(human[:5000])) and bool(
-        _STATUS_RE.search(human[:5000]) or re.search(r"(?i)smtp|said:|error", human[:5000])
-    )
+    smtp_error = _smtp_error(human)
     list_reject = (daemon or list_manager) and bool(_LIST_REJECT_RE.search(human[:5000]))
     loop = daemon and bool(_LOOP_RE.search(f"{subject}\n{human[:5000]}"))
     if list_reject or loop:

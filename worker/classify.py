@@ -12,7 +12,9 @@ No I/O, no database, no config: what the worker knows about itself comes in a
 from __future__ import annotations
 
 import calendar
+import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
@@ -533,6 +535,25 @@ def _resolve(day: int, month: int, year: int | None, today: date) -> date | None
     return None
 
 
+_DIGIT_RE = re.compile(r"\d")
+
+
+def _date_matches(style: str, regex: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
+    """What `regex.finditer(text)` yields. Every date but "Mdy" starts with a digit, so
+    those are tried only where a digit is, not at every position of the text."""
+    if style == "Mdy":
+        yield from regex.finditer(text)
+        return
+    pos = 0
+    while (digit := _DIGIT_RE.search(text, pos)) is not None:
+        match = regex.match(text, digit.start())  # its lookbehind still sees the text before
+        if match is None:
+            pos = digit.start() + 1
+        else:
+            yield match
+            pos = match.end()
+
+
 def find_return_date(text: str, today: date) -> date | None:
     """The date an out-of-office says its author is back, or None.
 
@@ -543,7 +564,7 @@ def find_return_date(text: str, today: date) -> date | None:
     """
     found: list[tuple[int, date, str]] = []
     for style, regex in _DATE_RES:
-        for match in regex.finditer(text):
+        for match in _date_matches(style, regex, text):
             groups = match.groups()
             try:
                 if style == "cjk":
@@ -735,7 +756,11 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
     ):
         return Classification(kind="notification", reason="read receipt (disposition-notification)")
 
-    reply_text = extract_reply_text("" if msg.text_from_html else msg.text, msg.html)
+    @functools.cache
+    def reply_text() -> str:
+        # The costliest step of all, and most machine mail never needs it: on first use.
+        return extract_reply_text("" if msg.text_from_html else msg.text, msg.html)
+
     body = msg.text
 
     # Mail to our unsubscribe address (or Apple Mail's unsubscribe message, which is
@@ -748,19 +773,19 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
             return Classification(
                 kind="unsubscribe",
                 reason=f"sent to the unsubscribe address {addr}",
-                reply_text=reply_text,
+                reply_text=reply_text(),
                 unsubscribe_token=token,
             )
     if (msg.header("x-apple-unsubscribe") or "").strip().lower() == "true":
         return Classification(
-            kind="unsubscribe", reason="X-Apple-Unsubscribe: true", reply_text=reply_text
+            kind="unsubscribe", reason="X-Apple-Unsubscribe: true", reply_text=reply_text()
         )
 
     # 3. auto-reply
     signal = (
         _auto_reply_signal(msg)
         or _subject_auto_reply(msg, body)
-        or _body_auto_reply(msg, reply_text)
+        or _body_auto_reply(msg, reply_text())
     )
     if signal is not None:
         return Classification(
@@ -771,10 +796,9 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
 
     # 4. notification: other machine mail
     read_subject = re.match(r"(?i)\s*(?:read|gelesen|lu|leído|letto|lido|gelezen)\s*:", msg.subject)
-    read_body = re.search(
+    if read_subject and re.search(
         r"(?i)was\s+read|wurde\s+gelesen|a\s+été\s+lu|fue\s+leído|è\s+stato\s+letto", body
-    )
-    if read_subject and read_body:
+    ):
         return Classification(kind="notification", reason="read receipt (subject)")
     noreply = msg.from_addr and re.match(
         r"(?i)^(?:no[-_.]?reply|do[-_.]?not[-_.]?reply|donotreply)", msg.from_addr
@@ -784,7 +808,7 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
 
     # 5. unsubscribe (the unsubscribe address was read above)
     # What someone asks for is in the first pages they wrote: bound the intent scans.
-    words = new_words(reply_text)[:20_000]
+    words = new_words(reply_text())[:20_000]
     subject_words = re.sub(r"(?i)^\s*(?:(?:re|aw|sv|antw|fwd?|wg)\s*:\s*)+", "", msg.subject)
     bulk = _bulk_signal(msg)
     list_reply = bulk is not None and _threads_to_us(msg, ctx) and bool(msg.in_reply_to)
@@ -794,7 +818,7 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
         wants_unsubscribe(words) or wants_unsubscribe(subject_words)
     ):
         return Classification(
-            kind="unsubscribe", reason="asks to unsubscribe in words", reply_text=reply_text
+            kind="unsubscribe", reason="asks to unsubscribe in words", reply_text=reply_text()
         )
 
     # 6. bulk
@@ -810,7 +834,7 @@ def _classify(msg: ParsedMessage, ctx: ClassifyContext, today: date) -> Classifi
     return Classification(
         kind="reply",
         reason=reason,
-        reply_text=reply_text,
+        reply_text=reply_text(),
         intent=intent,
         referral_email=referral if intent == "referral" else None,
     )

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, insert, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -261,6 +261,43 @@ def refresh_statistics(engine: Engine) -> None:
         logger.warning("could not refresh the database statistics: %s", e)
 
 
+_DEFERRED = "twoway.deferred_rows"
+
+
+def defer_inserts(session: Session) -> None:
+    """Let this unit of work collect rows written with `insert_row` and write them
+    together: one executemany a table (`write_deferred`, and before it commits), ids in
+    the order the rows were given. For rows nothing in the unit of work reads back
+    before they are written."""
+    session.info.setdefault(_DEFERRED, {})
+
+
+def deferring(session: Session) -> bool:
+    """Whether this unit of work defers inserts (`defer_inserts`)."""
+    return _DEFERRED in session.info
+
+
+def insert_row(session: Session, model: Any, row: dict[str, Any]) -> None:
+    """INSERT one row of `model` (Core, every column named): now, or with the others of
+    its table when the unit of work defers inserts."""
+    pending: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)
+    if pending is None:
+        session.execute(insert(model), row)
+    else:
+        pending.setdefault(model, []).append(row)
+
+
+def write_deferred(session: Session, *models: Any) -> None:
+    """Write the deferred rows of `models` (all of them when none is named)."""
+    pending: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)
+    if not pending:
+        return
+    for model in models or list(pending):
+        rows = pending.pop(model, None)
+        if rows:
+            session.connection().execute(insert(model), rows)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions for `engine`; whatever a unit of work kept for its commit (the reps'
     assignment counters, buffered timeline events) is written just before it commits."""
@@ -272,6 +309,7 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
         from worker.leads import flush_events
 
         flush_events(session)
+        write_deferred(session)
         write_assignments(session)
 
     return factory

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
 from sqlalchemy import select, update
@@ -32,12 +32,13 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
-from worker.db import as_unavailable, is_conflict, is_unavailable
-from worker.leads import buffer_events
-from worker.lifecycle import Inbound, apply_inbound
+from worker.db import as_unavailable, defer_inserts, is_conflict, is_unavailable, write_deferred
+from worker.leads import buffer_events, prefetch_lead_facts
+from worker.lifecycle import Inbound, apply_inbound, lock_leads
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
-from worker.models import InboundMessage, MailboxState, Quarantine
+from worker.models import InboundMessage, MailboxState, OutboundMessage, Quarantine
+from worker.outbox import know_message_ids
 from worker.parsing import ParsedMessage, ParseError, parse
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,17 @@ def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepa
 
 
 def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
-    """In a pool process: `prepare` each message with the context `_start_child` set."""
+    """In a pool process: `prepare` each message with the context `_start_child` set.
+    The raw bytes do not travel back: the parent has them (`_with_fetched`)."""
     assert _CHILD_CTX is not None
-    return [prepare(f, _CHILD_CTX, today) for f in batch]
+    return [replace(prepare(f, _CHILD_CTX, today), fetched=_NO_FETCHED) for f in batch]
+
+
+_NO_FETCHED = FetchedMessage("", 0, 0, b"", ())
+
+
+def _with_fetched(batch: list[FetchedMessage], prepared: list[Prepared]) -> list[Prepared]:
+    return [replace(p, fetched=f) for f, p in zip(batch, prepared, strict=True)]
 
 
 _CHILD_CTX: ClassifyContext | None = None
@@ -253,7 +262,7 @@ class Preparer:
 
         def result() -> list[Prepared]:
             try:
-                return [p for fut in futures for p in fut.result()]
+                return _with_fetched(batch, [p for fut in futures for p in fut.result()])
             except Exception as e:
                 logger.warning("the parsing pool failed (%s): parsing in this process", e)
                 self.close()
@@ -301,11 +310,15 @@ def process_batch(
         try:
             with app.transaction() as s:
                 buffer_events(s)  # one executemany of the batch's events
+                defer_inserts(s)  # and of its conversion events; queued emails by message
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
                 known = prefetch(
                     s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
                 )
+                lock_leads(s, known.leads)
+                prefetch_lead_facts(s, known.leads)
+                know_message_ids(s, known.message_ids_checked, set(known.by_message_id))
                 for p in prepared[i:]:
                     kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)
                     done.append(_Outcome(p.fetched, kind))
@@ -414,6 +427,7 @@ def process_message(
         try:
             with app.transaction() as s:
                 buffer_events(s)
+                defer_inserts(s)
                 kind = _process(s, app, mb, fetched, ctx, now)
                 _advance(s, mb.name, fetched)
             _count(mb, fetched, kind, result)
@@ -527,8 +541,14 @@ def _process(
         received_at=now,
     )
     s.add(row)
+    s.flush()  # its id: the effects' events, handoffs and queued emails name it
+    # The effects go to the database in one flush at the end (one UPDATE of the lead,
+    # one INSERT per table): nothing the lifecycle reads depends on its own unflushed
+    # writes (events are buffered and read with `pending_events`).
+    with s.no_autoflush:
+        apply_inbound(s, app, Inbound(row, msg, cls, match, now))
+    write_deferred(s, OutboundMessage)  # the next message may cancel or read them
     s.flush()
-    apply_inbound(s, app, Inbound(row, msg, cls, match, now))
     return cls.kind
 
 

@@ -158,6 +158,70 @@ def pending_events(session: Session, lead_id: int, type_: str) -> list[dict[str,
     return [r for r in pending if r["lead_id"] == lead_id and r["type"] == type_]
 
 
+_BATCH_FACTS = "twoway.batch_facts"
+BATCH_EVENT_TYPES = ("engaged", "soft_bounce")
+"""The event types whose presence the inbound lifecycle asks about for nearly every message."""
+
+
+@dataclass
+class _BatchFacts:
+    lead_ids: set[int]
+    events: set[tuple[int, str]]
+    campaigns: dict[int, list[str]]
+
+
+def prefetch_lead_facts(session: Session, lead_ids: Iterable[int]) -> None:
+    """Look up, for the leads of an inbound batch, which of BATCH_EVENT_TYPES each already
+    has and the campaigns it is enrolled in: one query each, kept for this unit of work
+    (`has_event`, `lead_campaigns`), instead of one query per message. Events only get
+    added while it lasts (and those are buffered, see `pending_events`); a lead enrolled
+    during it is a new lead, which is not among these."""
+    ids = sorted(set(lead_ids))
+    facts = _BatchFacts(set(ids), set(), {})
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        facts.events.update(
+            (lead_id, type_)
+            for lead_id, type_ in session.execute(
+                select(LeadEvent.lead_id, LeadEvent.type)
+                .where(LeadEvent.lead_id.in_(chunk), LeadEvent.type.in_(BATCH_EVENT_TYPES))
+                .distinct()
+            )
+        )
+        for lead_id, campaign in session.execute(
+            select(Enrollment.lead_id, Enrollment.campaign)
+            .where(Enrollment.lead_id.in_(chunk))
+            .order_by(Enrollment.id)
+        ):
+            facts.campaigns.setdefault(lead_id, []).append(campaign)
+    session.info[_BATCH_FACTS] = facts
+
+
+def has_event(session: Session, lead_id: int, type_: str) -> bool:
+    """Whether the lead's timeline holds an event of this type (written or buffered)."""
+    if pending_events(session, lead_id, type_):
+        return True
+    facts: _BatchFacts | None = session.info.get(_BATCH_FACTS)
+    if facts is not None and lead_id in facts.lead_ids and type_ in BATCH_EVENT_TYPES:
+        return (lead_id, type_) in facts.events
+    found = session.scalar(
+        select(LeadEvent.id).where(LeadEvent.lead_id == lead_id, LeadEvent.type == type_).limit(1)
+    )
+    return found is not None
+
+
+def lead_campaigns(session: Session, lead_id: int) -> list[str]:
+    """The campaigns the lead is enrolled in, oldest enrollment first."""
+    facts: _BatchFacts | None = session.info.get(_BATCH_FACTS)
+    if facts is not None and lead_id in facts.lead_ids:
+        return list(facts.campaigns.get(lead_id, []))
+    return list(
+        session.scalars(
+            select(Enrollment.campaign).where(Enrollment.lead_id == lead_id).order_by(Enrollment.id)
+        )
+    )
+
+
 def flush_events(session: Session) -> None:
     """Write the buffered events (see `buffer_events`); a no-op when none are pending."""
     pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)

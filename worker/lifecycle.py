@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from worker import handoffs
@@ -38,6 +39,8 @@ from worker.leads import (
     bounce_lead,
     cancel_queued,
     enroll,
+    has_event,
+    lead_campaigns,
     lead_fields,
     new_token,
     normalise_email,
@@ -92,6 +95,28 @@ def _cause(row: InboundMessage) -> str:
     return f"inbound message <{row.message_id}> ({row.kind})"
 
 
+_LOCKED = "twoway.locked_leads"
+
+
+def lock_leads(s: Session, lead_ids: Iterable[int]) -> None:
+    """PostgreSQL: lock and re-read an inbound batch's leads at once, in id order (so two
+    workers' batches queue behind each other instead of deadlocking), for the rest of
+    the unit of work; `apply_inbound` then needs no lock of its own for them. SQLite's
+    BEGIN IMMEDIATE already serialises writers."""
+    if s.get_bind().dialect.name == "sqlite":
+        return
+    ids = sorted(set(lead_ids))
+    for i in range(0, len(ids), 500):
+        s.scalars(
+            select(Lead)
+            .where(Lead.id.in_(ids[i : i + 500]))
+            .order_by(Lead.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+    s.info[_LOCKED] = set(ids)
+
+
 def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
     row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
@@ -105,7 +130,9 @@ def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     if match.lead_id is not None:
         # PostgreSQL: re-read under a row lock. SQLite's BEGIN IMMEDIATE already
         # serialises writers, so the copy matching loaded is current.
-        locking = s.get_bind().dialect.name != "sqlite"
+        locking = s.get_bind().dialect.name != "sqlite" and match.lead_id not in s.info.get(
+            _LOCKED, ()
+        )
         lead = s.get(Lead, match.lead_id, with_for_update=locking, populate_existing=locking)
     if lead is None:
         if cls.kind == "reply" and app.config.unknown_senders == "create_lead" and msg.from_addr:
@@ -256,12 +283,7 @@ def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
     """Genuine mail from the address proves it works: soft bounces start counting again."""
     if lead.status not in NURTURED:
         return  # soft bounces only count towards suppressing a lead still being nurtured
-    has_soft = pending_events(s, lead.id, "soft_bounce") or s.scalar(
-        select(LeadEvent.id)
-        .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce")
-        .limit(1)
-    )
-    if has_soft:
+    if has_event(s, lead.id, "soft_bounce"):
         record_event(
             s,
             lead,
@@ -321,14 +343,7 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
 def _reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     msg, cls, match, row, now = ev.msg, ev.cls, ev.match, ev.row, ev.at
     cause = ev.cause
-    first = not (
-        pending_events(s, lead.id, "engaged")
-        or s.scalar(
-            select(LeadEvent.id)
-            .where(LeadEvent.lead_id == lead.id, LeadEvent.type == "engaged")
-            .limit(1)
-        )
-    )
+    first = not has_event(s, lead.id, "engaged")
     if first:
         record_event(
             s, lead, "engaged", f"{cause}: two-way — {match.explanation}", now,
@@ -532,25 +547,35 @@ def _why_two_way(match: Match, cls: Classification) -> str:
 
 THREAD_ITEMS = 20
 _THREAD_TEXT = 2000
+# The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
+# columns shown only (not the rows: their contexts and raw mail are large). Built once:
+# they run for every reply, and building a statement costs about what running it does.
+_OUT, _IN = OutboundMessage, InboundMessage
+_THREAD_OUT = (
+    select(_OUT.sent_at, _OUT.created_at, _OUT.subject, _OUT.kind, _OUT.step, _OUT.campaign)
+    .where(
+        _OUT.lead_id == bindparam("lead_id"),
+        _OUT.status == OutboxState.SENT,
+        _OUT.kind.in_(("nurture", "followup")),
+    )
+    .order_by(_OUT.id.desc())
+    .limit(THREAD_ITEMS)
+)
+_THREAD_IN = (
+    select(
+        _IN.id, _IN.sent_date, _IN.received_at, _IN.kind, _IN.reason, _IN.reply_text, _IN.subject
+    )
+    .where(_IN.lead_id == bindparam("lead_id"))
+    .order_by(_IN.id.desc())
+    .limit(THREAD_ITEMS)
+)
 
 
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    # The latest THREAD_ITEMS each way: bounded however long the lead's history is. The
-    # columns shown only (not the rows: their contexts and raw mail are large).
-    out = OutboundMessage
-    for o in s.execute(
-        select(out.sent_at, out.created_at, out.subject, out.kind, out.step, out.campaign)
-        .where(
-            out.lead_id == lead.id,
-            out.status == OutboxState.SENT,
-            out.kind.in_(("nurture", "followup")),
-        )
-        .order_by(out.id.desc())
-        .limit(THREAD_ITEMS)
-    ):
+    for o in s.execute(_THREAD_OUT, {"lead_id": lead.id}):
         at = o.sent_at or o.created_at
         summary = (
             f"step {(o.step or 0) + 1} of {o.campaign}"
@@ -559,21 +584,7 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    inb = InboundMessage
-    for m in s.execute(
-        select(
-            inb.id,
-            inb.sent_date,
-            inb.received_at,
-            inb.kind,
-            inb.reason,
-            inb.reply_text,
-            inb.subject,
-        )
-        .where(inb.lead_id == lead.id)
-        .order_by(inb.id.desc())
-        .limit(THREAD_ITEMS)
-    ):
+    for m in s.execute(_THREAD_IN, {"lead_id": lead.id}):
         at = m.sent_date or m.received_at
         is_current = m.id == current.id
         seen_current = seen_current or is_current
@@ -606,6 +617,13 @@ ACCOUNT_MAX_LEADS = 50
 one person's reply there neither pauses nor reassigns their colleagues."""
 
 
+_SAME_DOMAIN = (
+    select(Lead.id, Lead.status)
+    .where(Lead.domain == bindparam("domain"), Lead.id != bindparam("lead_id"))
+    .limit(ACCOUNT_MAX_LEADS + 1)
+)
+
+
 def _account_awareness(
     s: Session, app: App, lead: Lead, rep_email: str | None, now: datetime
 ) -> list[Colleague]:
@@ -616,17 +634,13 @@ def _account_awareness(
     colleague something actually changed for. Returns those colleagues (name, email,
     title), for the handoff to show.
     """
-    campaigns = set(s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == lead.id)))
+    campaigns = set(lead_campaigns(s, lead.id))
     aware = [c for c in app.config.campaigns if c.name in campaigns and c.account_awareness]
     if not aware or lead.domain in CONSUMER_DOMAINS:  # colleagues at gmail.com are no account
         return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
-    same = s.execute(
-        select(Lead.id, Lead.status)
-        .where(Lead.domain == lead.domain, Lead.id != lead.id)
-        .limit(ACCOUNT_MAX_LEADS + 1)
-    ).all()
+    same = s.execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
     if not same:
         return []
     if len(same) > ACCOUNT_MAX_LEADS:
@@ -726,7 +740,7 @@ def _referral(s: Session, app: App, referrer: Lead, email: str, ev: Inbound) -> 
     s.add(new)
     s.flush()
     record_created(s, new, f"referred by {referrer.email} in {_cause(row)}", now, row.id)
-    for name in s.scalars(select(Enrollment.campaign).where(Enrollment.lead_id == referrer.id)):
+    for name in lead_campaigns(s, referrer.id):
         try:
             enroll(s, [new.id], app.config.campaign(name), now)
         except KeyError:

@@ -83,6 +83,9 @@ class Known:
     by_message_id: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     """Our Message-ID -> (outbound id, lead id, Message-ID)."""
     leads: dict[int, Lead] = field(default_factory=dict)
+    message_ids_checked: set[str] = field(default_factory=set)
+    """Every Message-ID looked up in the outbox: the signals' and the messages' own (a
+    reply-ready copy goes out under the prospect's Message-ID, unless a row has it)."""
 
 
 _CHUNK = 500  # values per IN list: far below any database's bound-parameter limit
@@ -121,7 +124,10 @@ def prefetch(
             tokens.update(found[0])
             ids.update(found[1])
             addresses.update(found[2])
-    known = Known()
+    ids.update(
+        m for msg, _ in items if msg.message_id and (m := msg.message_id.strip().strip("<>"))
+    )
+    known = Known(message_ids_checked=ids)
     for chunk in _chunks(tokens):
         for lead in session.scalars(select(Lead).where(Lead.reply_token.in_(chunk))):
             known.by_token[lead.reply_token] = known.leads[lead.id] = lead

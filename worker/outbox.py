@@ -59,6 +59,7 @@ from worker.contexts import (
     sender_block,
     unsubscribe_url,
 )
+from worker.db import deferring, insert_row
 from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
@@ -135,7 +136,7 @@ def enqueue(
     in_reply_to: str | None = None,
     inbound_id: int | None = None,
     message_id: str | None = None,
-) -> OutboundMessage:
+) -> OutboundMessage | None:
     """Queue one email: the only way a row enters the outbox (the caller's transaction).
 
     `key` is the row's idempotency key (unique: `nurture:<enrollment>:<step>`,
@@ -152,35 +153,62 @@ def enqueue(
     """
     if message_id is not None:
         message_id = message_id.strip().strip("<>")
-        if not (is_message_id(message_id) and len(message_id) <= MESSAGE_ID_LENGTH) or s.scalar(
-            select(OutboundMessage.id).where(OutboundMessage.message_id == message_id)
+        if not (is_message_id(message_id) and len(message_id) <= MESSAGE_ID_LENGTH) or (
+            _message_id_taken(s, message_id)
         ):
             message_id = None
-    row = OutboundMessage(
-        idempotency_key=key,
-        kind=kind,
-        lead_id=lead.id,
-        enrollment_id=enrollment_id,
-        campaign=campaign,
-        step=step,
-        template=template,
-        variant=variant,
-        mailbox=mailbox,
-        message_id=message_id or new_message_id(config.sender.domain),
+    message_id = message_id or new_message_id(config.sender.domain)
+    known: tuple[set[str], set[str]] | None = s.info.get(_OUTBOUND_IDS)
+    if known is not None:
+        known[0].add(message_id)
+        known[1].add(message_id)
+    values: dict[str, Any] = {
+        "idempotency_key": key,
+        "kind": kind,
+        "lead_id": lead.id,
+        "enrollment_id": enrollment_id,
+        "campaign": campaign,
+        "step": step,
+        "template": template,
+        "variant": variant,
+        "mailbox": mailbox,
+        "message_id": message_id,
         # Mail to the team carries no reply token (a reply to it is the rep's own mail),
         # except the reply-ready copy: its Reply-To brings the rep's answer back to us.
-        reply_token=lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
-        to_addr=to_addr or lead.email,
-        in_reply_to=in_reply_to,
-        inbound_id=inbound_id,
-        status=OutboxState.QUEUED,
-        attempts=0,
-        next_attempt_at=due or at,
-        context=dict(facts or {}),
-        created_at=at,
-    )
+        "reply_token": lead.reply_token if kind in ("nurture", "followup", "rep_copy") else None,
+        "to_addr": to_addr or lead.email,
+        "in_reply_to": in_reply_to,
+        "inbound_id": inbound_id,
+        "status": OutboxState.QUEUED,
+        "attempts": 0,
+        "next_attempt_at": due or at,
+        "context": dict(facts or {}),
+        "created_at": at,
+    }
+    if deferring(s):  # an inbound batch: written with the message's other emails
+        insert_row(s, OutboundMessage, values)
+        return None
+    row = OutboundMessage(**values)
     s.add(row)
     return row
+
+
+_OUTBOUND_IDS = "twoway.outbound_message_ids"
+
+
+def know_message_ids(s: Session, checked: set[str], taken: set[str]) -> None:
+    """For this unit of work: the outbox was searched for every Message-ID in `checked`
+    at once (an inbound batch's), and rows have those in `taken`. `enqueue` asks these
+    instead of the database, and adds the ones it gives out."""
+    s.info[_OUTBOUND_IDS] = (set(checked), set(taken))
+
+
+def _message_id_taken(s: Session, message_id: str) -> bool:
+    known: tuple[set[str], set[str]] | None = s.info.get(_OUTBOUND_IDS)
+    if known is not None and message_id in known[0]:
+        return message_id in known[1]
+    found = s.scalar(select(OutboundMessage.id).where(OutboundMessage.message_id == message_id))
+    return found is not None
 
 
 def _sent_since(

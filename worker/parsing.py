@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import email.errors
 import email.header
 import email.utils
 import re
@@ -178,9 +179,12 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     return data.decode("latin-1")
 
 
+_ESCAPED_BYTE_RE = re.compile("[\udc80-\udcff]")
+
+
 def _unsurrogate(value: str) -> str:
     """Turn raw 8-bit header bytes (kept by `email` as surrogate escapes) into text."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+    if not _ESCAPED_BYTE_RE.search(value):  # one C scan, not a Python loop per character
         return value
     return decode_bytes(value.encode("ascii", "surrogateescape"))
 
@@ -643,6 +647,8 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     except Exception as exc:
         raise ParseError(f"not readable as an email: {exc}") from exc
     _bound_tree(message, limits)
+    if _attachment_free(message):
+        return message, ()  # mail-parser would list none; it re-reads the whole message
     names: tuple[str, ...] = ()
     try:
         parsed = mailparser.MailParser(message)
@@ -650,6 +656,31 @@ def _message_from_bytes(raw: bytes, limits: list[str]) -> tuple[Message, tuple[s
     except Exception:  # mail-parser raises assorted errors on odd mail
         names = ()
     return message, names
+
+
+def _attachment_free(message: Message) -> bool:
+    """Whether mail-parser is sure to list no attachment in `message`.
+
+    mail-parser lists a part that has a file name, a Content-ID, a Content-Disposition of
+    "attachment" or an RTF type (any subtype within "rtf", as it tests), and the parts it
+    recovers from an epilogue after a missing start boundary. A message none of whose
+    parts has a Content-Disposition, a Content-ID, a "name" parameter, such a subtype or
+    such a defect has none. False when in doubt (the test itself failing).
+    """
+    try:
+        for part in message.walk():
+            if part.get("content-disposition") is not None or part.get("content-id") is not None:
+                return False
+            if any("name" in str(v).lower() for v in part.get_all("content-type") or ()):
+                return False
+            if not part.is_multipart() and part.get_content_subtype() in "rtf":
+                return False
+            defects = part.defects
+            if any(isinstance(d, email.errors.StartBoundaryNotFoundDefect) for d in defects):
+                return False
+    except Exception:
+        return False
+    return True
 
 
 _TAIL_FIELDS = frozenset({"from", "sender", "reply-to", "return-path"})

@@ -56,7 +56,7 @@ _STRONG_START_RE = re.compile(
     r"в|у|在|于|el\s+\w+,|στις|في|wiadomość|pe|den|dne|dňa)(?:\s|,)|^\d"
 )
 _SENTENCE_END_RE = re.compile(r"(?<![^\W\d_])[^\W\d_]{2,}[.!?]$")
-_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
+_ATTR_VERB_END_RE = re.compile(r"(?i:wrote|schrieb)$")
 # Gmail's date-first attributions: "2016-10-24 15:36 GMT+02:00 Name <a@b>:" and kin.
 _DATE_FIRST_RE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b.*(?:GMT|@)")
 
@@ -132,11 +132,19 @@ def _unquote(line: str) -> str:
     return text
 
 
-def _is_attribution(window: list[str]) -> bool:
-    """Whether these lines, read as one, are an attribution ("On <date>, X wrote:")."""
-    parts = [_unquote(line) for line in window]
+def _ends_like_attribution(text: str) -> bool:
+    """Whether `text` (one line, unquoted) ends as an attribution does: with a colon, or
+    with "wrote" or "schrieb" and then spaces and dashes. It tests the end of the line
+    only, where a search for the same ending would try every position of it."""
+    if text.endswith((":", "：")):
+        return True
+    return bool(_ATTR_VERB_END_RE.search(text.rstrip("-").rstrip()[-7:]))
+
+
+def _is_attribution(parts: list[str]) -> bool:
+    """Whether these unquoted lines, read as one, are an attribution ("On <date>, X wrote:")."""
     joined = " ".join(p for p in parts if p)
-    if not joined or len(joined) > 400 or not _ATTR_END_RE.search(joined):
+    if not joined or len(joined) > 400 or not _ends_like_attribution(joined):
         return False
     for part in parts[:-1]:
         if _SENTENCE_END_RE.search(part):
@@ -150,15 +158,16 @@ def _is_attribution(window: list[str]) -> bool:
 
 def _header_spans(lines: list[str]) -> dict[int, int]:
     """Start index -> end index (exclusive) of every quoted-history header in `lines`."""
+    unquoted = [_unquote(line) for line in lines]  # every test below reads these
     spans: dict[int, int] = {}
     n = len(lines)
     covered = -1
     for end in range(n):
         if end <= covered or not lines[end].strip():
             continue
-        # Every window tried below ends with this line, and an attribution ends like
-        # _ATTR_END_RE: one test here spares six joins and regex runs per line.
-        if not _ATTR_END_RE.search(_unquote(lines[end])):
+        # Every window tried below ends with this line, and an attribution ends so:
+        # one test here spares six joins and regex runs per line.
+        if not _ends_like_attribution(unquoted[end]):
             continue
         found_start = None
         for size in range(1, 7):
@@ -167,7 +176,7 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
                 break
             if not lines[start].strip():
                 continue
-            if _is_attribution(lines[start : end + 1]):
+            if _is_attribution(unquoted[start : end + 1]):
                 found_start = start
                 break
         if found_start is None:
@@ -175,14 +184,14 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
         # Extend upwards to where a wrapped attribution really begins ("Le 4 janv.,\n<a@b>\na écrit :").
         probe = found_start - 1
         while probe > covered and end - probe < 6:
-            text = _unquote(lines[probe])
+            text = unquoted[probe]
             if text and _SENTENCE_END_RE.search(text):
                 break
             if (
                 text
                 and _STRONG_START_RE.match(text)
                 and re.search(r"\d|@", text)  # "Le 4 janv.," - not "Il est signalé ..."
-                and _is_attribution(lines[probe : end + 1])
+                and _is_attribution(unquoted[probe : end + 1])
             ):
                 found_start = probe
             probe -= 1
@@ -198,23 +207,23 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
         text = line.strip()
         if not text:
             continue
-        if _DATE_FIRST_RE.match(_unquote(line)) and len(text) < 200:
+        if _DATE_FIRST_RE.match(unquoted[i]) and len(text) < 200:
             spans.setdefault(i, i + 1)
         elif _SEPARATOR_RE.match(line) or _FORWARD_INTRO_RE.match(line):
             end = i + 1
             nxt = end
             while nxt < len(lines) and not lines[nxt].strip():
                 nxt += 1
-            if nxt < len(lines) and _FIELD_RE.match(_unquote(lines[nxt])):
-                end = _block_end(lines, nxt)
+            if nxt < len(lines) and _FIELD_RE.match(unquoted[nxt]):
+                end = _block_end(unquoted, nxt)
             spans.setdefault(i, end)
-        elif _ONE_LINE_OUTLOOK_RE.match(_unquote(line)):
-            spans.setdefault(i, _block_end(lines, i))
-        elif _FIELD_RE.match(_unquote(line)) and (
-            i == 0 or not _FIELD_RE.match(_unquote(lines[i - 1]))
-        ):
-            end = _block_end(lines, i)
-            block = [_unquote(x) for x in lines[i:end]]
+        elif ":" not in unquoted[i] and "：" not in unquoted[i]:
+            continue  # both header tests below need a colon
+        elif _ONE_LINE_OUTLOOK_RE.match(unquoted[i]):
+            spans.setdefault(i, _block_end(unquoted, i))
+        elif _FIELD_RE.match(unquoted[i]) and (i == 0 or not _FIELD_RE.match(unquoted[i - 1])):
+            end = _block_end(unquoted, i)
+            block = unquoted[i:end]
             fields = [b for b in block if _FIELD_RE.match(b)]
             if len(fields) >= 2 and any(_FROM_FIELD_RE.match(b) for b in block):
                 spans.setdefault(i, end)
@@ -225,7 +234,7 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
             prev -= 1
         if prev < 0 or prev in spans or start - prev > 2:
             continue
-        text = _unquote(lines[prev])
+        text = unquoted[prev]
         if (
             len(text) < 300
             and _STRONG_START_RE.match(text)
@@ -236,10 +245,10 @@ def _header_spans(lines: list[str]) -> dict[int, int]:
     return dict(sorted(spans.items()))
 
 
-def _block_end(lines: list[str], start: int) -> int:
+def _block_end(unquoted: list[str], start: int) -> int:
     """End of a run of non-empty lines (an Outlook header block with its wrapped values)."""
     end = start
-    while end < len(lines) and _unquote(lines[end]) and end - start < 12:
+    while end < len(unquoted) and unquoted[end] and end - start < 12:
         end += 1
     return end
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.config import Config, Webhook
+from worker.db import insert_row
 from worker.models import (
     CrmEvent,
     Enrollment,
@@ -157,7 +158,6 @@ def emit(
     inbound_id: int | None = None,
 ) -> None:
     """Record one conversion event (its body fixed now) in the caller's transaction."""
-    s.flush()  # the record reads the lead's rows written so far in this unit of work
     key = f"evt_{secrets.token_hex(16)}"
     body = {
         "id": key,
@@ -167,8 +167,9 @@ def emit(
         "lead": {"email": lead.email, "status": lead.status, "owner": lead.owner},
         **conversion_record(s, lead, inbound_id),
     }
-    s.execute(
-        insert(CrmEvent),
+    insert_row(
+        s,
+        CrmEvent,
         {
             "key": key,
             "type": type_,
