@@ -318,7 +318,7 @@ def process_batch(
                 )
                 lock_leads(s, known.leads)
                 prefetch_lead_facts(s, known.leads)
-                know_message_ids(s, known.message_ids_checked, set(known.by_message_id))
+                know_message_ids(s, known.message_ids_checked, known.by_message_id)
                 for p in prepared[i:]:
                     kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)
                     done.append(_Outcome(p.fetched, kind))

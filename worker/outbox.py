@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -196,7 +196,7 @@ def enqueue(
 _OUTBOUND_IDS = "twoway.outbound_message_ids"
 
 
-def know_message_ids(s: Session, checked: set[str], taken: set[str]) -> None:
+def know_message_ids(s: Session, checked: Iterable[str], taken: Iterable[str]) -> None:
     """For this unit of work: the outbox was searched for every Message-ID in `checked`
     at once (an inbound batch's), and rows have those in `taken`. `enqueue` asks these
     instead of the database, and adds the ones it gives out."""
