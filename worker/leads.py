@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.app import App
@@ -785,22 +785,42 @@ def mark_lead(session: Session, email: str, status: str, now: datetime, reason: 
     return lead
 
 
+# Built once (they run for nearly every reply) and run on the connection: the ORM's
+# update path costs several times the statement. `forget_loaded` stands in for the ORM's
+# synchronisation of the rows a session has loaded.
+_STOP_NURTURE = enrollments("stopped", Enrollment.lead_id == bindparam("lead")).values(
+    next_due=None, updated_at=bindparam("at")
+)
+_CANCEL_QUEUED = outbox(
+    "cancelled",
+    OutboundMessage.lead_id == bindparam("lead"),
+    OutboundMessage.kind == bindparam("of_kind"),
+).values(last_error=bindparam("why"))
+
+
 def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int:
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
-    session.execute(
-        enrollments("stopped", Enrollment.lead_id == lead_id).values(next_due=None, updated_at=now)
-    )
+    if session.connection().execute(_STOP_NURTURE, {"lead": lead_id, "at": now}).rowcount:
+        forget_loaded(session, Enrollment, lead_id)
     return cancel_queued(session, lead_id, "nurture", why)
 
 
 def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
     """Cancel a lead's queued sends of one kind (nurture, followup); returns how many."""
-    res = session.execute(
-        outbox(
-            "cancelled", OutboundMessage.lead_id == lead_id, OutboundMessage.kind == kind
-        ).values(last_error=why)
-    )
-    return int(getattr(res, "rowcount", 0) or 0)
+    params = {"lead": lead_id, "of_kind": kind, "why": why}
+    n = int(session.connection().execute(_CANCEL_QUEUED, params).rowcount or 0)
+    if n:
+        forget_loaded(session, OutboundMessage, lead_id)
+    return n
+
+
+def forget_loaded(
+    session: Session, model: type[Enrollment | OutboundMessage], lead_id: int
+) -> None:
+    """Expire the lead's rows of `model` this session holds, after an UPDATE it did not see."""
+    for obj in list(session.identity_map.values()):
+        if type(obj) is model and obj.__dict__.get("lead_id") == lead_id:
+            session.expire(obj)
 
 
 def status_counts(session: Session) -> dict[str, int]:

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from worker import handoffs
 from worker.app import App
@@ -39,6 +40,7 @@ from worker.leads import (
     bounce_lead,
     cancel_queued,
     enroll,
+    forget_loaded,
     has_event,
     lead_campaigns,
     lead_fields,
@@ -296,6 +298,10 @@ def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:
 
 # --- auto-replies ------------------------------------------------------------------------
 
+_PAUSE = enrollments("paused", Enrollment.lead_id == bindparam("lead")).values(
+    paused_until=bindparam("until"), updated_at=bindparam("at")
+)
+
 
 def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     cls, row, now = ev.cls, ev.row, ev.at
@@ -324,16 +330,14 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
             inbound_id=row.id,
         )
         return
-    res = s.execute(
-        enrollments("paused", Enrollment.lead_id == lead.id).values(
-            paused_until=until, updated_at=now
-        )
-    )
+    res = s.connection().execute(_PAUSE, {"lead": lead.id, "until": until, "at": now})
+    if res.rowcount:
+        forget_loaded(s, Enrollment, lead.id)
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
     record_event(
         s, lead, "paused",
         f"{_cause(row)}: out of office until {cls.return_date}{capped}",
-        now, detail={"until": until.isoformat(), "enrollments": getattr(res, "rowcount", 0)}, inbound_id=row.id,
+        now, detail={"until": until.isoformat(), "enrollments": res.rowcount}, inbound_id=row.id,
     )  # fmt: skip
 
 
@@ -575,7 +579,8 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    for o in s.execute(_THREAD_OUT, {"lead_id": lead.id}):
+    conn = s.connection()  # Core statements: no ORM machinery per row
+    for o in conn.execute(_THREAD_OUT, {"lead_id": lead.id}):
         at = o.sent_at or o.created_at
         summary = (
             f"step {(o.step or 0) + 1} of {o.campaign}"
@@ -584,7 +589,7 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
     seen_current = False
-    for m in s.execute(_THREAD_IN, {"lead_id": lead.id}):
+    for m in conn.execute(_THREAD_IN, {"lead_id": lead.id}):
         at = m.sent_date or m.received_at
         is_current = m.id == current.id
         seen_current = seen_current or is_current
@@ -622,6 +627,18 @@ _SAME_DOMAIN = (
     .where(Lead.domain == bindparam("domain"), Lead.id != bindparam("lead_id"))
     .limit(ACCOUNT_MAX_LEADS + 1)
 )
+_PAUSE_FOR_ACCOUNT = (
+    enrollments("paused_for_account", Enrollment.lead_id.in_(bindparam("ids", expanding=True)))
+    .values(paused_until=None, updated_at=bindparam("at"))
+    .returning(Enrollment.lead_id)
+)
+_OWN_COLLEAGUES = (
+    update(Lead)
+    .where(Lead.id.in_(bindparam("ids", expanding=True)), Lead.owner.is_(None))
+    .values(owner=bindparam("rep"), updated_at=bindparam("at"))
+    .returning(Lead.id)
+)
+_COLLEAGUES = select(Lead).where(Lead.id.in_(bindparam("ids", expanding=True))).order_by(Lead.id)
 
 
 def _account_awareness(
@@ -640,7 +657,7 @@ def _account_awareness(
         return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
-    same = s.execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
+    same = s.connection().execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
     if not same:
         return []
     if len(same) > ACCOUNT_MAX_LEADS:
@@ -654,25 +671,15 @@ def _account_awareness(
     colleagues = [other for other, status in same if status == LeadStatus.LEAD]
     if not colleagues:
         return []
-    paused = set(
-        s.scalars(
-            enrollments("paused_for_account", Enrollment.lead_id.in_(colleagues))
-            .values(paused_until=None, updated_at=now)
-            .returning(Enrollment.lead_id)
-            .execution_options(synchronize_session=False)
-        )
-    )
+    conn = s.connection()
+    paused = set(conn.scalars(_PAUSE_FOR_ACCOUNT, {"ids": colleagues, "at": now}))
     owned: set[int] = set()
     if rep_email:
-        owned = set(
-            s.scalars(
-                update(Lead)
-                .where(Lead.id.in_(colleagues), Lead.owner.is_(None))
-                .values(owner=rep_email, updated_at=now)
-                .returning(Lead.id)
-                .execution_options(synchronize_session="fetch")
-            )
-        )
+        owned = set(conn.scalars(_OWN_COLLEAGUES, {"ids": colleagues, "rep": rep_email, "at": now}))
+        for other in owned:  # what the ORM's synchronisation would do for loaded leads
+            loaded = s.identity_map.get(identity_key(Lead, other))
+            if loaded is not None:
+                s.expire(loaded, ["owner", "updated_at"])
     if not (paused or owned):
         return []
     shown = rep_email or "the team"
@@ -695,7 +702,7 @@ def _account_awareness(
         ],
     )
     shown_to: list[Colleague] = []
-    for other in s.scalars(select(Lead).where(Lead.id.in_(sorted(paused | owned)))):
+    for other in s.scalars(_COLLEAGUES, {"ids": sorted(paused | owned)}):
         name = " ".join(x for x in (other.first_name, other.last_name) if x)
         shown_to.append({"name": name or other.email, "email": other.email,
                          "title": other.title or ""})  # fmt: skip
