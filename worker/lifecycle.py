@@ -702,10 +702,9 @@ def _account_awareness(
         ],
     )
     shown_to: list[Colleague] = []
-    for other in s.scalars(_COLLEAGUES, {"ids": sorted(paused | owned)}):
-        name = " ".join(x for x in (other.first_name, other.last_name) if x)
-        shown_to.append({"name": name or other.email, "email": other.email,
-                         "title": other.title or ""})  # fmt: skip
+    for c in s.scalars(_COLLEAGUES, {"ids": sorted(paused | owned)}):
+        name = " ".join(x for x in (c.first_name, c.last_name) if x)
+        shown_to.append({"name": name or c.email, "email": c.email, "title": c.title or ""})
     return shown_to
 
 
