@@ -47,11 +47,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from fractions import Fraction
+from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from worker.config import Config, Rep, RepMatch
+from worker.db import core
 from worker.models import Lead, RepAssignments, company_key
 
 # Addresses at these domains belong to people, not companies: sharing one says nothing.
@@ -158,6 +160,26 @@ def _rep_by_email(reps: Sequence[Rep], email: str | None) -> Rep | None:
 # --- account ownership ------------------------------------------------------------------
 
 
+def _owned_like(column: Any) -> Select[datetime, int, str | None]:
+    """The most recently updated lead owned by one of the reps (`emails`) that shares
+    `column` with the lead (`value`), the lead itself (`lead_id`) excepted."""
+    return (
+        select(Lead.updated_at, Lead.id, Lead.owner)
+        .where(
+            column == bindparam("value"),
+            Lead.owner.in_(bindparam("emails", expanding=True)),
+            Lead.id != bindparam("lead_id"),
+        )
+        .order_by(Lead.updated_at.desc(), Lead.id.desc())
+        .limit(1)
+    )
+
+
+# Built once: they run for every promotion, and building one costs what running it does.
+_OWNED_BY_DOMAIN = _owned_like(Lead.domain)
+_OWNED_BY_COMPANY = _owned_like(Lead.company_key)
+
+
 def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[Rep, str] | None:
     """The configured rep who owns the lead's company, and how the company was recognised
     (its domain, or its name in quotes); None when no owned lead shares either.
@@ -168,23 +190,17 @@ def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[R
     domain = (lead.domain or lead.email.rsplit("@", 1)[-1]).strip().lower()
     company = (lead.company or "").strip()
     key = company_key(company)
-    emails = [rep.email for rep in reps]
     found: list[tuple[datetime, int, str, str]] = []
-    wheres: list[tuple[ColumnElement[bool], str]] = []
+    lookups: list[tuple[Select[datetime, int, str | None], str, str]] = []
     if domain and domain not in CONSUMER_DOMAINS:
-        wheres.append((Lead.domain == domain, domain))
+        lookups.append((_OWNED_BY_DOMAIN, domain, domain))
     if key is not None and company.casefold() not in PLACEHOLDER_COMPANIES:
-        wheres.append((Lead.company_key == key, repr(company)))
-    for where, what in wheres:
-        query = (
-            select(Lead.updated_at, Lead.id, Lead.owner)
-            .where(where, Lead.owner.in_(emails))
-            .order_by(Lead.updated_at.desc(), Lead.id.desc())
-            .limit(1)
-        )
-        if lead.id is not None:
-            query = query.where(Lead.id != lead.id)
-        row = session.execute(query).first()
+        lookups.append((_OWNED_BY_COMPANY, key, repr(company)))
+    conn = core(session)
+    # A lead not in the database yet has no id: 0 is nobody's (ids start at 1).
+    params = {"emails": [rep.email for rep in reps], "lead_id": lead.id or 0}
+    for query, value, what in lookups:
+        row = conn.execute(query, {**params, "value": value}).first()
         if row is not None and row.owner is not None:
             found.append((row.updated_at, row.id, row.owner, what))
     if not found:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -259,6 +259,15 @@ def refresh_statistics(engine: Engine) -> None:
             conn.commit()
     except Exception as e:  # optimisation only; the next refresh tries again
         logger.warning("could not refresh the database statistics: %s", e)
+
+
+def core(session: Session) -> Connection:
+    """The session's connection, for a prebuilt Core statement: without the ORM's
+    per-statement machinery, after the flush the ORM would do before it (unless the
+    caller turned autoflush off, as the inbound lifecycle does)."""
+    if session.autoflush:
+        session.flush()
+    return session.connection()
 
 
 _DEFERRED = "twoway.deferred_rows"

@@ -35,6 +35,7 @@ from worker.contexts import (
     ThreadItem,
     rep_block,
 )
+from worker.db import core
 from worker.leads import (
     MOVES,
     bounce_lead,
@@ -330,7 +331,7 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
             inbound_id=row.id,
         )
         return
-    res = s.connection().execute(_PAUSE, {"lead": lead.id, "until": until, "at": now})
+    res = core(s).execute(_PAUSE, {"lead": lead.id, "until": until, "at": now})
     if res.rowcount:
         forget_loaded(s, Enrollment, lead.id)
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""
@@ -579,7 +580,7 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    conn = s.connection()  # Core statements: no ORM machinery per row
+    conn = core(s)  # Core statements: no ORM machinery per row
     for o in conn.execute(_THREAD_OUT, {"lead_id": lead.id}):
         at = o.sent_at or o.created_at
         summary = (
@@ -638,7 +639,11 @@ _OWN_COLLEAGUES = (
     .values(owner=bindparam("rep"), updated_at=bindparam("at"))
     .returning(Lead.id)
 )
-_COLLEAGUES = select(Lead).where(Lead.id.in_(bindparam("ids", expanding=True))).order_by(Lead.id)
+_COLLEAGUES = (
+    select(Lead.first_name, Lead.last_name, Lead.email, Lead.title)
+    .where(Lead.id.in_(bindparam("ids", expanding=True)))
+    .order_by(Lead.id)
+)
 
 
 def _account_awareness(
@@ -657,7 +662,7 @@ def _account_awareness(
         return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
-    same = s.connection().execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
+    same = core(s).execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
     if not same:
         return []
     if len(same) > ACCOUNT_MAX_LEADS:
@@ -671,7 +676,7 @@ def _account_awareness(
     colleagues = [other for other, status in same if status == LeadStatus.LEAD]
     if not colleagues:
         return []
-    conn = s.connection()
+    conn = core(s)
     paused = set(conn.scalars(_PAUSE_FOR_ACCOUNT, {"ids": colleagues, "at": now}))
     owned: set[int] = set()
     if rep_email:
@@ -702,7 +707,7 @@ def _account_awareness(
         ],
     )
     shown_to: list[Colleague] = []
-    for c in s.scalars(_COLLEAGUES, {"ids": sorted(paused | owned)}):
+    for c in conn.execute(_COLLEAGUES, {"ids": sorted(paused | owned)}):
         name = " ".join(x for x in (c.first_name, c.last_name) if x)
         shown_to.append({"name": name or c.email, "email": c.email, "title": c.title or ""})
     return shown_to

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.config import Config, Webhook
-from worker.db import insert_row
+from worker.db import core, insert_row
 from worker.models import (
     CrmEvent,
     Enrollment,
@@ -78,40 +78,46 @@ def _iso(at: datetime | None) -> str | None:
     return at.replace(microsecond=0).isoformat().replace("+00:00", "Z") if at else None
 
 
+# Built once, the columns the record shows only: they run for every promotion and
+# status change the CRM hears of.
+_O = OutboundMessage
+_SOURCE_BY_ID = select(_O.kind, _O.campaign, _O.step, _O.template).where(_O.id == bindparam("id"))
+_LATEST_SOURCE = (
+    select(_O.kind, _O.campaign, _O.step, _O.template)
+    .where(_O.lead_id == bindparam("lead_id"), _O.kind == "nurture", _O.status == "sent")
+    .order_by(_O.sent_at.desc(), _O.id.desc())
+    .limit(1)
+)
+_LATEST_REPLY = (
+    select(InboundMessage)
+    .where(InboundMessage.lead_id == bindparam("lead_id"), InboundMessage.kind == "reply")
+    .order_by(InboundMessage.id.desc())
+    .limit(1)
+)
+_FIRST_CAMPAIGN = (
+    select(Enrollment.campaign)
+    .where(Enrollment.lead_id == bindparam("lead_id"))
+    .order_by(Enrollment.id)
+    .limit(1)
+)
+
+
 def conversion_record(s: Session, lead: Lead, inbound_id: int | None = None) -> dict[str, Any]:
     """Account (the company), contact (the person) and opportunity (the sale) of a lead."""
     reply = None
     if inbound_id is not None:
         reply = s.get(InboundMessage, inbound_id)
     if reply is None or reply.kind != "reply":
-        reply = s.scalar(
-            select(InboundMessage)
-            .where(InboundMessage.lead_id == lead.id, InboundMessage.kind == "reply")
-            .order_by(InboundMessage.id.desc())
-            .limit(1)
-        )
+        reply = s.scalar(_LATEST_REPLY, {"lead_id": lead.id})
+    conn = core(s)
     source = None
     if reply is not None and reply.outbound_id:
-        source = s.get(OutboundMessage, reply.outbound_id)
+        source = conn.execute(_SOURCE_BY_ID, {"id": reply.outbound_id}).first()
     if source is None or source.kind != "nurture":
-        source = s.scalar(
-            select(OutboundMessage)
-            .where(
-                OutboundMessage.lead_id == lead.id,
-                OutboundMessage.kind == "nurture",
-                OutboundMessage.status == "sent",
-            )
-            .order_by(OutboundMessage.sent_at.desc(), OutboundMessage.id.desc())
-            .limit(1)
-        )
+        source = conn.execute(_LATEST_SOURCE, {"lead_id": lead.id}).first()
     campaign = source.campaign if source else None
     if campaign is None:
-        campaign = s.scalar(
-            select(Enrollment.campaign)
-            .where(Enrollment.lead_id == lead.id)
-            .order_by(Enrollment.id)
-            .limit(1)
-        )
+        campaign = conn.execute(_FIRST_CAMPAIGN, {"lead_id": lead.id}).scalar()
     name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
     company = lead.company or lead.domain
     q = lead.qualification or {}
