@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Config, Delay, Rep
 from worker.contexts import Kind, NudgeFacts
+from worker.db import add_now
 from worker.leads import cancel_queued, iso, lead_fields, lead_rows, record_event
 from worker.models import Handoff as HandoffRow
 from worker.models import Lead, LeadStatus
@@ -77,7 +78,7 @@ def open_handoff(
             else None
         ),
     )
-    s.add(row)
+    add_now(s, row)
     return row
 
 

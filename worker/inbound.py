@@ -25,14 +25,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
-from worker.db import as_unavailable, defer_inserts, is_conflict, is_unavailable, write_deferred
+from worker.db import (
+    add_now,
+    as_unavailable,
+    defer_inserts,
+    is_conflict,
+    is_unavailable,
+    write_deferred,
+)
 from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound, lock_leads
 from worker.mailbox import FetchedMessage, MailSource
@@ -519,7 +526,7 @@ def _process(
     match = match_message(s, msg, cls, app.config, known)
     if keep is not None and match.lead is not None:
         keep.append(match.lead)
-    values = dict(
+    row = InboundMessage(
         mailbox=mb.name,
         folder=fetched.folder,
         uidvalidity=fetched.uidvalidity,
@@ -540,15 +547,7 @@ def _process(
         raw=fetched.raw if cls.kind in KEEP_RAW and len(fetched.raw) <= _MAX_KEPT_RAW else None,
         received_at=now,
     )
-    # Its id: the effects' events, handoffs and queued emails name it. A Core INSERT,
-    # then the row joins the session as if loaded: the ORM's flush of one new object
-    # costs several times the statement.
-    row = InboundMessage(**values)
-    pk = s.connection().execute(_RECORD, values).inserted_primary_key
-    assert pk is not None  # a single-row INSERT has one
-    row.id = pk[0]
-    make_transient_to_detached(row)
-    s.add(row)
+    add_now(s, row)  # its id: the effects' events, handoffs and queued emails name it
     # The effects go to the database in one flush at the end (one UPDATE of the lead,
     # one INSERT per table): nothing the lifecycle reads depends on its own unflushed
     # writes (events are buffered and read with `pending_events`).
@@ -557,9 +556,6 @@ def _process(
     write_deferred(s, OutboundMessage)  # the next message may cancel or read them
     s.flush()
     return cls.kind
-
-
-_RECORD = insert(InboundMessage)
 
 
 def _sender_of(s: Session, mailbox: str, key: str) -> str | None:
