@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect
+from sqlalchemy import Connection, Engine, Insert, create_engine, event, insert, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
@@ -270,6 +271,12 @@ def core(session: Session) -> Connection:
     return session.connection()
 
 
+@functools.cache
+def _insert(model: Any) -> Insert:
+    """INSERT INTO the model's table, built once (building one costs what running it does)."""
+    return insert(model)
+
+
 def add_now(session: Session, obj: Any) -> None:
     """INSERT a new ORM object at once by a Core statement and let it join the session
     as if loaded (its columns as given; one it was not given is loaded when read). The
@@ -277,7 +284,7 @@ def add_now(session: Session, obj: Any) -> None:
     one at a time on the inbound path."""
     mapper = inspect(obj).mapper
     values = {c.key: obj.__dict__[c.key] for c in mapper.column_attrs if c.key in obj.__dict__}
-    pk = session.connection().execute(insert(mapper.class_), values).inserted_primary_key
+    pk = session.connection().execute(_insert(mapper.class_), values).inserted_primary_key
     assert pk is not None  # a single-row INSERT has one
     for column, value in zip(mapper.primary_key, pk, strict=True):
         setattr(obj, mapper.get_property_by_column(column).key, value)
@@ -306,7 +313,7 @@ def insert_row(session: Session, model: Any, row: dict[str, Any]) -> None:
     its table when the unit of work defers inserts."""
     pending: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)
     if pending is None:
-        session.execute(insert(model), row)
+        session.execute(_insert(model), row)
     else:
         pending.setdefault(model, []).append(row)
 
@@ -319,7 +326,7 @@ def write_deferred(session: Session, *models: Any) -> None:
     for model in models or list(pending):
         rows = pending.pop(model, None)
         if rows:
-            session.connection().execute(insert(model), rows)
+            session.connection().execute(_insert(model), rows)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

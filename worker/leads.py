@@ -222,6 +222,13 @@ def lead_campaigns(session: Session, lead_id: int) -> list[str]:
     )
 
 
+def batch_leads(session: Session) -> set[int]:
+    """The leads of the inbound batch this unit of work is processing (see
+    `prefetch_lead_facts`); empty outside one."""
+    facts: _BatchFacts | None = session.info.get(_BATCH_FACTS)
+    return facts.lead_ids if facts is not None else set()
+
+
 def flush_events(session: Session) -> None:
     """Write the buffered events (see `buffer_events`); a no-op when none are pending."""
     pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -38,6 +38,7 @@ from worker.contexts import (
 from worker.db import core
 from worker.leads import (
     MOVES,
+    batch_leads,
     bounce_lead,
     cancel_queued,
     enroll,
@@ -576,12 +577,48 @@ _THREAD_IN = (
 )
 
 
+_n = func.row_number().over(partition_by=_OUT.lead_id, order_by=_OUT.id.desc()).label("n")
+_sent = (
+    select(_OUT.lead_id, _OUT.sent_at, _OUT.created_at, _OUT.subject, _OUT.kind, _OUT.step,
+           _OUT.campaign, _n)
+    .where(
+        _OUT.lead_id.in_(bindparam("ids", expanding=True)),
+        _OUT.status == OutboxState.SENT,
+        _OUT.kind.in_(("nurture", "followup")),
+    )
+    .subquery()
+)  # fmt: skip
+_THREAD_OUT_BATCH = (
+    select(_sent).where(_sent.c.n <= THREAD_ITEMS).order_by(_sent.c.lead_id, _sent.c.n)
+)
+"""_THREAD_OUT for every lead of an inbound batch at once (the latest THREAD_ITEMS each)."""
+_SENT_THREADS = "twoway.sent_threads"
+
+
+def _sent_to(s: Session, lead_id: int) -> list[Row[Any]]:
+    """_THREAD_OUT's rows for one lead: on the inbound path, read once for the whole batch
+    (nothing the batch does sends mail; on PostgreSQL a nurture email another worker
+    sends meanwhile may be missing from a briefing's thread, as it would be a moment
+    earlier)."""
+    batch = batch_leads(s)
+    if lead_id not in batch:
+        return list(core(s).execute(_THREAD_OUT, {"lead_id": lead_id}))
+    sent: dict[int, list[Row[Any]]] | None = s.info.get(_SENT_THREADS)
+    if sent is None:
+        sent = s.info[_SENT_THREADS] = {}
+        ids = sorted(batch)
+        for i in range(0, len(ids), 900):  # below SQLite's bound-parameter limit
+            for r in core(s).execute(_THREAD_OUT_BATCH, {"ids": ids[i : i + 900]}):
+                sent.setdefault(r.lead_id, []).append(r)
+    return sent.get(lead_id, [])
+
+
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
     conn = core(s)  # Core statements: no ORM machinery per row
-    for o in conn.execute(_THREAD_OUT, {"lead_id": lead.id}):
+    for o in _sent_to(s, lead.id):
         at = o.sent_at or o.created_at
         summary = (
             f"step {(o.step or 0) + 1} of {o.campaign}"
