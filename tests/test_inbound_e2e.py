@@ -24,9 +24,9 @@ from tests.fuzz import examples
 from tests.imap_server import DovecotServer
 from worker.app import App
 from worker.cli import main
-from worker.inbound import SyncResult, classify_context, process_message
+from worker.inbound import SyncResult, classify_context, process_batch, process_message
 from worker.mailbox import FetchedMessage
-from worker.models import InboundMessage, LeadEvent, Quarantine
+from worker.models import InboundMessage, Lead, LeadEvent, Quarantine
 from worker.runner import Worker
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
@@ -212,6 +212,29 @@ def test_it_records_the_events_of_a_message_once(sqlite_url: str, tmp_path: Path
         )
     assert (result.processed, result.duplicates) == (1, 2)
     assert count(app, LeadEvent) == 1
+    app.close()
+
+
+def test_a_lead_one_message_makes_is_matched_by_the_next_in_the_same_batch(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The batch looks its senders up once; a lead made meanwhile must still be found."""
+    config = base_config(database_url, tmp_path, campaigns=[], unknown_senders="create_lead")
+    app = App.open(config, lambda: NOW)
+    batch = [
+        FetchedMessage("INBOX", 1, uid, human(8, body), ())
+        for uid, body in ((1, "Hello, what does it cost?"), (2, "And is there a trial?"))
+    ]
+    result = SyncResult()
+    process_batch(app, config.mailboxes[0], batch, classify_context(config), result)
+    assert result.processed == 2, result
+    with app.transaction() as s:
+        rows = s.execute(
+            select(InboundMessage.match_method, InboundMessage.lead_id).order_by(InboundMessage.uid)
+        ).all()
+        leads = s.scalars(select(Lead.id).where(Lead.email == "person8@company8.example.org"))
+        (lead_id,) = leads.all()
+    assert [tuple(r) for r in rows] == [("new_lead", lead_id), ("sender", lead_id)]
     app.close()
 
 

@@ -21,6 +21,7 @@ from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
 from worker.db import core, refresh_statistics
+from worker.match import note_new_lead
 from worker.models import (
     Enrollment,
     EnrollmentState,
@@ -311,6 +312,7 @@ def record_created(
     session: Session, lead: Lead, cause: str, at: datetime, inbound_id: int | None = None
 ) -> None:
     """The first event of a lead made one by one (referral, unprompted mail)."""
+    note_new_lead(session)
     _write_event(session, lead.id, "created", cause, at, None, lead.status, None, inbound_id)
 
 

@@ -73,9 +73,11 @@ class Known:
 
     A hit is what the single query would have found: reply tokens and addresses belong
     to one lead for good, and no mail already received can name one of our Message-IDs
-    made after the lookup. A miss is looked up singly (a lead made earlier in the same
-    unit of work — a referral, an unknown sender — is found that way). Holds the leads,
-    so the session keeps them loaded for the unit of work.
+    made after the lookup. A miss is final too, unless a lead was made in the same unit
+    of work since (a referral, an unknown sender: `note_new_lead`); then it is looked up
+    singly. (A lead another process commits meanwhile is not seen, as it would not be a
+    moment earlier.) Holds the leads, so the session keeps them loaded for the unit of
+    work.
     """
 
     by_token: dict[str, Lead] = field(default_factory=dict)
@@ -86,6 +88,24 @@ class Known:
     message_ids_checked: set[str] = field(default_factory=set)
     """Every Message-ID looked up in the outbox: the signals' and the messages' own (a
     reply-ready copy goes out under the prospect's Message-ID, unless a row has it)."""
+    tokens_checked: set[str] = field(default_factory=set)
+    emails_checked: set[str] = field(default_factory=set)
+    new_leads: int = 0
+    """Leads made one by one in the unit of work when it looked (`note_new_lead`)."""
+
+    def settled(self, session: Session, checked: set[str], value: str) -> bool:
+        """Whether a miss for `value` is final: it was looked up, and no lead has been
+        made since (only a new lead can own a token or address that had none)."""
+        return value in checked and session.info.get(_NEW_LEADS, 0) == self.new_leads
+
+
+_NEW_LEADS = "twoway.new_leads"
+
+
+def note_new_lead(session: Session) -> None:
+    """Count a lead made in this unit of work (a referral, an unknown sender): the batch's
+    lookups (`Known`) no longer settle its misses."""
+    session.info[_NEW_LEADS] = session.info.get(_NEW_LEADS, 0) + 1
 
 
 _CHUNK = 500  # values per IN list: far below any database's bound-parameter limit
@@ -127,7 +147,12 @@ def prefetch(
     ids.update(
         m for msg, _ in items if msg.message_id and (m := msg.message_id.strip().strip("<>"))
     )
-    known = Known(message_ids_checked=ids)
+    known = Known(
+        message_ids_checked=ids,
+        tokens_checked=tokens,
+        emails_checked=addresses,
+        new_leads=session.info.get(_NEW_LEADS, 0),
+    )
     for chunk in _chunks(tokens):
         for lead in session.scalars(select(Lead).where(Lead.reply_token.in_(chunk))):
             known.by_token[lead.reply_token] = known.leads[lead.id] = lead
@@ -173,7 +198,7 @@ def match_message(
     )
     for token in tokens:
         lead = known.by_token.get(token) if known is not None else None
-        if lead is None:
+        if lead is None and not (known and known.settled(session, known.tokens_checked, token)):
             lead = session.scalar(select(Lead).where(Lead.reply_token == token))
         if lead is not None:
             return _checked(
@@ -191,7 +216,8 @@ def match_message(
         ids = list(dict.fromkeys(ids))[:50]
         hits = [known.by_message_id[i] for i in ids if i in known.by_message_id] if known else []
         row: Any = max(hits) if hits else None  # the latest of our emails it names
-        if row is None:
+        # Nothing received can name an email of ours made after the batch looked.
+        if row is None and not (known and known.message_ids_checked.issuperset(ids)):
             row = session.execute(
                 select(OutboundMessage.id, OutboundMessage.lead_id, OutboundMessage.message_id)
                 .where(OutboundMessage.message_id.in_(ids))
@@ -221,9 +247,10 @@ def match_message(
     for addr in candidates:
         if not addr:
             continue
-        lead = known.by_email.get(addr.lower()) if known is not None else None
-        if lead is None:
-            lead = session.scalar(select(Lead).where(Lead.email == addr.lower()))
+        email = addr.lower()
+        lead = known.by_email.get(email) if known is not None else None
+        if lead is None and not (known and known.settled(session, known.emails_checked, email)):
+            lead = session.scalar(select(Lead).where(Lead.email == email))
         if lead is not None:
             what = "the failed recipient" if bounce else "the sender's address"
             return Match(lead.id, "sender", f"{what} {addr} is this lead's", lead=lead)
