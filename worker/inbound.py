@@ -41,7 +41,7 @@ from worker.db import (
     write_deferred,
 )
 from worker.leads import buffer_events, prefetch_lead_facts
-from worker.lifecycle import Inbound, apply_inbound, lock_leads
+from worker.lifecycle import Inbound, apply_inbound, lock_leads, remember_received
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, OutboundMessage, Quarantine
@@ -325,6 +325,7 @@ def process_batch(
                 )
                 lock_leads(s, known.leads)
                 prefetch_lead_facts(s, known.leads)
+                remember_received(s)
                 know_message_ids(s, known.message_ids_checked, known.by_message_id)
                 for p in prepared[i:]:
                     kind = _process_in_batch(s, app, mb, p, ctx, seen, keep, known)

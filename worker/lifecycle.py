@@ -123,6 +123,11 @@ def lock_leads(s: Session, lead_ids: Iterable[int]) -> None:
 
 def apply_inbound(s: Session, app: App, ev: Inbound) -> None:
     """Apply one freshly recorded inbound message to its lead. Runs once per message."""
+    _apply(s, app, ev)
+    _recorded(s, ev.row)
+
+
+def _apply(s: Session, app: App, ev: Inbound) -> None:
     row, msg, cls, match, now = ev.row, ev.msg, ev.cls, ev.match, ev.at
     if cls.kind == "ours" or (
         match.lead_id is None and match.method is None and is_internal(msg.from_addr, app.config)
@@ -613,11 +618,61 @@ def _sent_to(s: Session, lead_id: int) -> list[Row[Any]]:
     return sent.get(lead_id, [])
 
 
+_k = func.row_number().over(partition_by=_IN.lead_id, order_by=_IN.id.desc()).label("n")
+_got = (
+    select(_IN.lead_id, _IN.id, _IN.sent_date, _IN.received_at, _IN.kind, _IN.reason,
+           _IN.reply_text, _IN.subject, _k)
+    .where(_IN.lead_id.in_(bindparam("ids", expanding=True)))
+    .subquery()
+)  # fmt: skip
+_THREAD_IN_BATCH = select(_got).where(_got.c.n <= THREAD_ITEMS)
+"""_THREAD_IN for every lead of an inbound batch at once, as the batch began."""
+_RECEIVED = "twoway.received_threads"
+
+
+@dataclass
+class _Received:
+    before: dict[int, dict[int, Any]]
+    """Per lead, its messages in the database when the batch's first thread was read."""
+    recorded: dict[int, list[InboundMessage]]
+    """Per lead, the messages of this unit of work, as `apply_inbound` left them."""
+    read: bool = False
+
+
+def _received(s: Session, lead_id: int, current: InboundMessage) -> list[Any]:
+    """_THREAD_IN's rows for one lead, newest first, `current` among them. On the inbound
+    path one read for the batch's leads, plus the batch's own messages kept in memory."""
+    got: _Received | None = s.info.get(_RECEIVED)
+    if got is None or lead_id not in batch_leads(s):
+        return [current, *(m for m in core(s).execute(_THREAD_IN, {"lead_id": lead_id})
+                           if m.id != current.id)][:THREAD_ITEMS]  # fmt: skip
+    if not got.read:
+        got.read = True
+        ids = sorted(batch_leads(s))
+        for i in range(0, len(ids), 900):  # below SQLite's bound-parameter limit
+            for r in core(s).execute(_THREAD_IN_BATCH, {"ids": ids[i : i + 900]}):
+                got.before.setdefault(r.lead_id, {})[r.id] = r
+    rows = {**got.before.get(lead_id, {}), **{m.id: m for m in got.recorded.get(lead_id, [])}}
+    rows.pop(current.id, None)
+    return [current, *sorted(rows.values(), key=lambda m: m.id, reverse=True)][:THREAD_ITEMS]
+
+
+def remember_received(s: Session) -> None:
+    """Let this unit of work (an inbound batch) keep its messages for the briefings'
+    threads (`_received`)."""
+    s.info[_RECEIVED] = _Received({}, {})
+
+
+def _recorded(s: Session, row: InboundMessage) -> None:
+    got: _Received | None = s.info.get(_RECEIVED)
+    if got is not None and row.lead_id is not None:
+        got.recorded.setdefault(row.lead_id, []).append(row)
+
+
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
     """What the prospect saw and wrote, oldest first: our emails to them (never the
     team's internal mail) and their messages, earlier replies with their text."""
     items: list[tuple[datetime, ThreadItem]] = []
-    conn = core(s)  # Core statements: no ORM machinery per row
     for o in _sent_to(s, lead.id):
         at = o.sent_at or o.created_at
         summary = (
@@ -626,19 +681,14 @@ def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]
             else "our answer in your name"
         )
         items.append((at, _thread_item("out", at, o.subject, summary, "")))
-    seen_current = False
-    for m in conn.execute(_THREAD_IN, {"lead_id": lead.id}):
+    for m in _received(s, lead.id, current):
         at = m.sent_date or m.received_at
-        is_current = m.id == current.id
-        seen_current = seen_current or is_current
+        is_current = m is current
         text = (m.reply_text or "").strip() if m.kind == "reply" and not is_current else ""
         summary = "this message" if is_current else (m.kind or "")
         if m.kind != "reply":
             summary = f"{m.kind}: {(m.reason or '').strip()[:120]}"
         items.append((at, _thread_item("in", at, m.subject, summary, text[:_THREAD_TEXT])))
-    if not seen_current:  # not flushed with its lead yet
-        at = current.sent_date or current.received_at
-        items.append((at, _thread_item("in", at, current.subject, "this message", "")))
     items.sort(key=lambda x: x[0])
     return [d for _, d in items]
 
