@@ -124,9 +124,9 @@ def _write_event(
         "detail": detail or {},
         "inbound_id": inbound_id,
     }
-    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    pending: _Buffer | None = session.info.get(_EVENT_BUFFER)
     if pending is not None:
-        pending.append(row)
+        pending.add(row)
         return
     # A plain INSERT: events are written on every message and never read back here.
     session.execute(insert(LeadEvent), row)  # parameters apart: the compiled statement is cached
@@ -135,19 +135,36 @@ def _write_event(
 _EVENT_BUFFER = "twoway.lead_events"
 
 
+class _Buffer(list[dict[str, Any]]):
+    """The buffered events in the order recorded, and by (lead, type) for `pending_events`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_kind: dict[tuple[int, str], list[dict[str, Any]]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.append(row)
+        self.by_kind.setdefault((row["lead_id"], row["type"]), []).append(row)
+
+    def clear(self) -> None:
+        super().clear()
+        self.by_kind.clear()
+
+
 def buffer_events(session: Session) -> None:
     """Keep the events this unit of work writes in memory, to be written together (one
     executemany) by `flush_events`: before anything in it reads `lead_events`, and when
     it commits (the session factory's before-commit hook). Ids come out in the order
     the events were recorded, as with one INSERT each."""
-    session.info.setdefault(_EVENT_BUFFER, [])
+    session.info.setdefault(_EVENT_BUFFER, _Buffer())
 
 
 def queue_events(session: Session, rows: list[dict[str, Any]]) -> None:
     """Record several events at once (rows of `lead_events` columns), buffered or not."""
-    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    pending: _Buffer | None = session.info.get(_EVENT_BUFFER)
     if pending is not None:
-        pending.extend(rows)
+        for row in rows:
+            pending.add(row)
     elif rows:
         session.execute(insert(LeadEvent), rows)
 
@@ -155,8 +172,8 @@ def queue_events(session: Session, rows: list[dict[str, Any]]) -> None:
 def pending_events(session: Session, lead_id: int, type_: str) -> list[dict[str, Any]]:
     """The buffered, not yet written events of one lead and type (readers of
     `lead_events` add them to what the table says instead of flushing the buffer)."""
-    pending: list[dict[str, Any]] = session.info.get(_EVENT_BUFFER) or []
-    return [r for r in pending if r["lead_id"] == lead_id and r["type"] == type_]
+    pending: _Buffer | None = session.info.get(_EVENT_BUFFER)
+    return list(pending.by_kind.get((lead_id, type_), ())) if pending is not None else []
 
 
 _BATCH_FACTS = "twoway.batch_facts"
@@ -232,7 +249,7 @@ def batch_leads(session: Session) -> set[int]:
 
 def flush_events(session: Session) -> None:
     """Write the buffered events (see `buffer_events`); a no-op when none are pending."""
-    pending: list[dict[str, Any]] | None = session.info.get(_EVENT_BUFFER)
+    pending: _Buffer | None = session.info.get(_EVENT_BUFFER)
     if pending:
         session.connection().execute(insert(LeadEvent), pending)  # Core: no ORM bulk path
         pending.clear()
