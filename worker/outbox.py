@@ -411,7 +411,8 @@ def prepare(
     if lead is None:
         _settle(app, row, "cancelled", "the lead was deleted", reserved)
         return None
-    transport = app.config.identity(row.mailbox).transport
+    me = app.config.identity(row.mailbox)
+    transport = me.transport
     wait_until = _must_wait(app, due, row, lead, now)
     if wait_until is None and budgets.get(transport, 0) <= 0:
         wait_until = now + timedelta(minutes=1)  # this account's cap is reached
@@ -435,14 +436,13 @@ def prepare(
                 subject, raw = _build_wire(s, app, renderer, row, lead)
         else:
             subject, raw = _build_wire(None, app, renderer, row, lead)
-        check_size(raw, app.config.identity(row.mailbox).smtp)
+        check_size(raw, me.smtp)
     except SQLAlchemyError:
         raise  # the database, not this message: the pass fails and is retried
     except Exception as e:  # one bad message (RecursionError too) must not stop others
         _settle(app, row, "failed", f"cannot build the message: {_why(e)}", reserved)
         logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
         return None
-    me = app.config.identity(row.mailbox)
     envelope = me.address
     if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
         envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
