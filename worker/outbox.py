@@ -3,9 +3,11 @@
 States: queued -> sending -> sent | failed | cancelled, and `unknown` for a row found in
 `sending` after a crash that the Sent folder cannot settle (never silently resent).
 
-One row at a time, each step its own short transaction, none open across SMTP:
-1. `prepare`: lock the row (`FOR UPDATE SKIP LOCKED` on PostgreSQL), decide (cancel, or
-   wait for a cap, a pause, the per-domain cap) and build the message; nothing claimed.
+Due rows are picked a batch at a time (`_due_batch`; on PostgreSQL locked with `FOR UPDATE
+SKIP LOCKED` and held back from other workers for a lease, in that one transaction), then
+sent one row at a time, each step its own short transaction, none open across SMTP:
+1. `prepare`: decide (cancel, or wait for a cap, a pause, the per-domain cap) and build
+   the message; nothing claimed.
 2. `Mailer.begin`: MAIL FROM and RCPT TO. A refusal is recorded like any failed attempt.
 3. `claim`: one conditional UPDATE `queued -> sending`; lost to another worker: RSET.
 4. `Mailer.data`: DATA; then `record` the outcome.
