@@ -443,7 +443,15 @@ def _wire_header(h: _Header) -> str:
     plain = _plain(h.value)
     if plain is not None and len(h.name) + 2 + len(plain) <= _MAX_LINE:
         return f"{h.name}: {plain}\n"
+    if isinstance(h.value, str):
+        return _folded_text(h.name, h.value)
     return str(_POLICY.header_factory(h.name, h.value).fold(policy=_POLICY))
+
+
+@functools.lru_cache(maxsize=256)  # a subject nobody's name is in comes back every email
+def _folded_text(name: str, value: str) -> str:
+    """A text header folded (and encoded) by the stdlib's header class, as compose() has it."""
+    return str(_POLICY.header_factory(name, value).fold(policy=_POLICY))
 
 
 def _text_part(text: str, subtype: str, *, first: bool) -> str:
