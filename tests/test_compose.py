@@ -17,6 +17,7 @@ from worker.compose import (
     LOOP_HEADER,
     Attachment,
     as_wire_bytes,
+    clean_text,
     compose,
     compose_wire,
     new_message_id,
@@ -352,3 +353,15 @@ def test_it_writes_for_smtp_exactly_the_message_compose_describes() -> None:
             auto_submitted=rng.random() < 0.5,
         )
         wire(msg)  # asserts the send path's bytes are compose's
+
+
+def test_it_blanks_exactly_the_control_and_line_separator_characters_of_unicode() -> None:
+    """clean_text turns every character of Unicode categories Cc, Zl and Zp into a space
+    (its fast path names them), and keeps every other character."""
+    import sys
+    import unicodedata
+
+    for point in range(sys.maxunicode + 1):
+        ch = chr(point)
+        blanked = unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch.isspace()
+        assert clean_text(f"a{ch}b") == ("a b" if blanked else f"a{ch}b"), hex(point)

@@ -14,11 +14,14 @@ import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+import psycopg
+import pytest
+from sqlalchemy import event, select
 
 from tests import mails
-from tests.conftest import base_config
+from tests.conftest import PG_URL, base_config
 from tests.imap_server import free_port
 from tests.smtp_server import SmtpServer
 from worker.app import App
@@ -27,7 +30,7 @@ from worker.config import Config
 from worker.leads import import_leads
 from worker.mailer import Mailer
 from worker.models import Lead, LeadEvent, OutboundMessage, OutboxState
-from worker.outbox import claim, enqueue, prepare, recover_sending, send_due
+from worker.outbox import _due_batch, claim, enqueue, prepare, recover_sending, send_due
 from worker.rendering import Renderer
 from worker.sequences import queue_due
 from worker.suppression import import_suppressions
@@ -341,3 +344,69 @@ def test_it_tries_an_unreachable_server_once_a_pass_not_once_a_message(
         app_later.close()
     assert sorted(smtp_server.recipients()) == sorted(got)
     app.close()
+
+
+def test_it_holds_a_whole_batch_back_from_other_workers_and_gives_back_what_it_leaves(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """Several workers (PostgreSQL): the batch a pass picks is held in the pick's own
+    transaction, so while its first envelope is open a second worker finds none of it
+    due; rows the pass stops before are due again at once, not after the hold."""
+    config, app = setup(database_url, tmp_path, smtp_server, 5)
+    other = App.open(config, lambda: NOW)  # a second worker's view of the same database
+    found: list[list[int]] = []
+
+    def look(command: str, address: str) -> None:  # the first worker waits for us
+        if command == "RCPT" and not found:
+            found.append(_due_batch(other, 20, {}).ids)
+
+    smtp_server.on_command = look
+    assert config.smtp is not None
+    renderer = Renderer(config.templates_path)
+    with Mailer(config.smtp) as mailer:
+        stop = lambda: len(smtp_server.messages) >= 2  # noqa: E731  (SIGTERM after two)
+        assert send_due(app, renderer, lambda _t: mailer, should_stop=stop) == 2
+        smtp_server.on_command = None
+        if app.engine.dialect.name != "sqlite":
+            assert found == [[]]  # all five held by the first worker
+        # The three it did not reach are due now, for any worker: the other sends them.
+        assert send_due(other, renderer, lambda _t: mailer) == 3
+    assert Counter(smtp_server.recipients()) == Counter({a: 1 for a in states(app)})
+    assert set(states(app).values()) == {("sent", 1)}
+    other.close()
+    app.close()
+
+
+def test_it_records_a_sent_message_when_the_database_connection_drops_during_data(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """PostgreSQL restarted (or the connection cut) while the server takes DATA: the
+    outcome is written on a fresh connection, so the row says `sent`, not `sending`."""
+    if not database_url.startswith("postgresql") or not PG_URL:
+        pytest.skip("a cut database connection: PostgreSQL")
+    admin_url = PG_URL.replace("postgresql+psycopg", "postgresql")
+    config, app = setup(database_url, tmp_path, smtp_server, 2)
+    out: dict[int, int] = {}  # the DBAPI connections checked out now -> their backend pid
+    event.listen(app.engine, "checkout", lambda c, _r, _p: out.__setitem__(id(c), _pid(c)))
+    event.listen(app.engine, "checkin", lambda c, _r: out.pop(id(c), None))
+    cut: list[int] = []
+
+    def cut_at_first_data(command: str, address: str) -> None:
+        if command == "DATA" and not cut:
+            cut.extend(out.values())  # only the pass's connection is out during SMTP
+            with psycopg.connect(admin_url) as admin:
+                for pid in cut:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    smtp_server.on_command = cut_at_first_data
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        sent = send_due(app, Renderer(config.templates_path), lambda _t: mailer)
+    assert len(cut) == 1
+    assert sent == 2 and set(states(app).values()) == {("sent", 1)}
+    assert len(smtp_server.messages) == 2
+    app.close()
+
+
+def _pid(dbapi_conn: Any) -> int:
+    return int(dbapi_conn.info.backend_pid)

@@ -9,6 +9,7 @@ call raises ValueError. Nothing in this module does I/O.
 from __future__ import annotations
 
 import email.policy
+import functools
 import io
 import random
 import re
@@ -41,7 +42,6 @@ _DOMAIN = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ":"
-_ASCII_CONTROLS = {**dict.fromkeys(range(0x20), " "), 0x7F: " "}
 _VISIBLE_ASCII = re.compile(r"^[!-~]+$")  # no space, no control character
 # RFC 5322 dot-atom: the local parts the stdlib's address parser takes as they are.
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
@@ -71,15 +71,15 @@ class Attachment:
 def clean_text(value: str) -> str:
     """One header-safe line: every control character (CR, LF, NUL, ...) becomes a space,
     whitespace runs collapse, the ends are stripped."""
-    if value.isascii():  # the ASCII control characters are \x00-\x1f and \x7f
-        value = value.translate(_ASCII_CONTROLS)
-    else:
-        value = "".join(
-            " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in value
-        )
-    return " ".join(value.split())
+    return " ".join(_LINE_BREAKERS.sub(" ", value).split())
 
 
+# Unicode categories Cc, Zl and Zp, which the standard fixes for good: Cc is exactly
+# U+0000-U+001F and U+007F-U+009F, Zl U+2028 alone, Zp U+2029 alone.
+_LINE_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@functools.lru_cache(maxsize=4096)  # the sender's addresses come back for every email
 def check_address(value: str) -> str:
     """Return `value` as one bare, valid addr-spec ("local@domain"); raise ValueError if it
     is anything else (empty, several addresses, a display name, control characters).
@@ -443,7 +443,15 @@ def _wire_header(h: _Header) -> str:
     plain = _plain(h.value)
     if plain is not None and len(h.name) + 2 + len(plain) <= _MAX_LINE:
         return f"{h.name}: {plain}\n"
+    if isinstance(h.value, str):
+        return _folded_text(h.name, h.value)
     return str(_POLICY.header_factory(h.name, h.value).fold(policy=_POLICY))
+
+
+@functools.lru_cache(maxsize=256)  # a subject nobody's name is in comes back every email
+def _folded_text(name: str, value: str) -> str:
+    """A text header folded (and encoded) by the stdlib's header class, as compose() has it."""
+    return str(_POLICY.header_factory(name, value).fold(policy=_POLICY))
 
 
 def _text_part(text: str, subtype: str, *, first: bool) -> str:

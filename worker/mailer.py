@@ -26,7 +26,7 @@ from email.generator import BytesGenerator
 from email.message import EmailMessage
 from email.policy import EmailPolicy
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -315,6 +315,23 @@ def _is_connection_error(e: BaseException) -> bool:
 _T = TypeVar("_T")
 
 
+def _replayed(attempt: Callable[[], _T], first: Callable[[], _T]) -> Callable[[], _T]:
+    """`attempt`, whose first call is `first` instead: it gives back (or raises again) an
+    outcome already had rather than running the attempt once more."""
+    calls = 0
+
+    def again() -> _T:
+        nonlocal calls
+        calls += 1
+        return first() if calls == 1 else attempt()
+
+    return again
+
+
+def _raise(error: Exception) -> NoReturn:
+    raise error
+
+
 class Mailer:
     """Sends messages through one reused SMTP connection (or into a Maildir).
 
@@ -453,7 +470,17 @@ class Mailer:
         """`attempt` under the retry policy; a connection problem that outlasts the
         retries (or must not be retried) becomes a temporary SendResult."""
         try:
-            return self._retrying(attempt)
+            # The first attempt runs outside the retry machinery, which costs more than a
+            # command on a kept connection. Anything to retry goes through it, with that
+            # first outcome as its first attempt: the same count, waits and logging.
+            try:
+                first = attempt()
+            except Exception as e:
+                error = e
+                return self._retrying(_replayed(attempt, lambda: _raise(error)))
+            if not (isinstance(first, SendResult) and first.status == "temporary"):
+                return first
+            return self._retrying(_replayed(attempt, lambda: first))
         except _StepError as e:
             return e.result()
         except OSError as e:  # smtplib's disconnects, resets and timeouts

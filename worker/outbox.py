@@ -3,9 +3,11 @@
 States: queued -> sending -> sent | failed | cancelled, and `unknown` for a row found in
 `sending` after a crash that the Sent folder cannot settle (never silently resent).
 
-One row at a time, each step its own short transaction, none open across SMTP:
-1. `prepare`: lock the row (`FOR UPDATE SKIP LOCKED` on PostgreSQL), decide (cancel, or
-   wait for a cap, a pause, the per-domain cap) and build the message; nothing claimed.
+Due rows are picked a batch at a time (`_due_batch`; on PostgreSQL locked with `FOR UPDATE
+SKIP LOCKED` and held back from other workers for a lease, in that one transaction), then
+sent one row at a time, each step its own short transaction, none open across SMTP:
+1. `prepare`: decide (cancel, or wait for a cap, a pause, the per-domain cap) and build
+   the message; nothing claimed.
 2. `Mailer.begin`: MAIL FROM and RCPT TO. A refusal is recorded like any failed attempt.
 3. `claim`: one conditional UPDATE `queued -> sending`; lost to another worker: RSET.
 4. `Mailer.data`: DATA; then `record` the outcome.
@@ -20,14 +22,15 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, bindparam, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import ColumnElement, Connection, Update, and_, bindparam, func, or_, select, update
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker import handoffs
@@ -78,7 +81,7 @@ from worker.models import (
 )
 from worker.pacing import touch_wait
 from worker.rendering import Renderer
-from worker.states import move_outbox, outbox
+from worker.states import OUTBOX_MOVES, move_outbox, outbox
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
@@ -249,14 +252,28 @@ def _mailbox_filter(mailboxes: tuple[str | None, ...]) -> ColumnElement[bool]:
     return cond
 
 
-def _due_batch(
-    app: App, limit: int, budgets: dict[str, int], down: Collection[str] = ()
-) -> list[int]:
-    """The ids of up to `limit` due rows whose SMTP account still has budget.
+@dataclass
+class _Batch:
+    """Due rows picked for one round of a pass: their ids in order and, with several
+    workers (PostgreSQL), until when they are held back from the other workers (`held`)
+    and when each was due before that (`was_due`, to give back the ones not reached)."""
+
+    ids: list[int]
+    held: datetime | None = None
+    was_due: dict[int, datetime] | None = None
+
+
+def _due_batch(app: App, limit: int, budgets: dict[str, int], down: Collection[str] = ()) -> _Batch:
+    """Up to `limit` due rows whose SMTP account still has budget.
 
     Fills `budgets` (transport -> how many more its caps allow; none for an account in
     `down`, found unreachable in this pass). Rows of an account whose cap is reached or
     that is down are moved to the next minute in one UPDATE, without being claimed.
+
+    On PostgreSQL the rows picked are held one lease ahead in the same transaction
+    (`FOR UPDATE SKIP LOCKED`, then one UPDATE of their `next_attempt_at`): other workers
+    skip them instead of building and opening them too only to lose the claim. They stay
+    `queued`: if this worker dies, they are due again once the lease has run out.
     """
     now = app.now()
     with app.transaction() as s:
@@ -274,13 +291,49 @@ def _due_batch(
                 .values(next_attempt_at=now + timedelta(minutes=1))
                 .execution_options(synchronize_session=False)
             )
-        rows = s.scalars(
-            select(OutboundMessage.id)
+        pick = (
+            select(OutboundMessage.id, OutboundMessage.next_attempt_at)
             .where(*due)
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
             .limit(limit)
         )
-        return list(rows)
+        if app.engine.dialect.name == "sqlite":  # one worker: nobody to hold rows from
+            return _Batch([row_id for row_id, _ in s.execute(pick)])
+        was_due = dict(s.execute(pick.with_for_update(skip_locked=True)).tuples().all())
+        held = now + timedelta(seconds=app.config.workers.lease_seconds)
+        if was_due:
+            s.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id.in_(list(was_due)))
+                .values(next_attempt_at=held)
+                .execution_options(synchronize_session=False)
+            )
+        return _Batch(list(was_due), held, was_due)
+
+
+def _release(app: App, batch: _Batch, row_ids: Collection[int]) -> None:
+    """Give back rows of `batch` this pass held but did not reach (they are due again at
+    once, for any worker); only those still queued and held by this pass."""
+    if batch.held is None or batch.was_due is None or not row_ids:
+        return
+    with app.engine.begin() as conn:
+        conn.execute(
+            _release_sql(),
+            [{"row_id": i, "held": batch.held, "at": batch.was_due[i]} for i in row_ids],
+        )
+
+
+@functools.cache
+def _release_sql() -> Update:
+    return (
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.id == bindparam("row_id"),
+            OutboundMessage.status == OutboxState.QUEUED,
+            OutboundMessage.next_attempt_at == bindparam("held", type_=UTCDateTime()),
+        )
+        .values(next_attempt_at=bindparam("at", type_=UTCDateTime()))
+    )
 
 
 @dataclass
@@ -300,9 +353,13 @@ class _Due:
     blocked: dict[str, str]
     paused: set[str]
     answered: set[int]
+    held: datetime | None = None
+    """The batch's rows are held back from other workers until then (`_due_batch`)."""
 
 
-def _load(app: App, ids: list[int]) -> _Due:
+def _load(app: App, ids: list[int], held: datetime | None = None) -> _Due:
+    """The facts the rows `ids` are decided on; `held`: the rows are those this worker
+    holds until then (else: those still due now)."""
     now = app.now()
     with app.transaction() as s:
         rows = {
@@ -311,7 +368,9 @@ def _load(app: App, ids: list[int]) -> _Due:
                 select(OutboundMessage).where(
                     OutboundMessage.id.in_(ids),
                     OutboundMessage.status == OutboxState.QUEUED,
-                    OutboundMessage.next_attempt_at <= now,
+                    OutboundMessage.next_attempt_at == held
+                    if held is not None
+                    else OutboundMessage.next_attempt_at <= now,
                 )
             )
         }
@@ -323,7 +382,7 @@ def _load(app: App, ids: list[int]) -> _Due:
         blocked = suppressed(s, checked) if checked else {}
         nudged = [r.lead_id for r in rows.values() if r.kind in _UNLESS_ANSWERED]
         answered = handoffs.answered_among(s, nudged) if nudged else set()
-        return _Due(rows, leads, ens, blocked, paused_campaigns(s), answered)
+        return _Due(rows, leads, ens, blocked, paused_campaigns(s), answered, held)
 
 
 _UNLESS_ANSWERED = ("followup", "reminder", "escalation")
@@ -350,25 +409,26 @@ def prepare(
     if row is None:
         return None
     lead = due.leads.get(row.lead_id)
+    reserved = due.held  # held with its batch (PostgreSQL), or by this call below
     if lead is None:
-        _settle(app, row, "cancelled", "the lead was deleted")
+        _settle(app, row, "cancelled", "the lead was deleted", reserved)
         return None
-    transport = app.config.identity(row.mailbox).transport
+    me = app.config.identity(row.mailbox)
+    transport = me.transport
     wait_until = _must_wait(app, due, row, lead, now)
     if wait_until is None and budgets.get(transport, 0) <= 0:
         wait_until = now + timedelta(minutes=1)  # this account's cap is reached
     if isinstance(wait_until, str):
-        _settle(app, row, "cancelled", wait_until)
+        _settle(app, row, "cancelled", wait_until, reserved)
         logger.info("cancelled %s to %s: %s", row.kind, row.to_addr, wait_until)
         return None
     if wait_until is not None:
-        _reschedule(app, row, wait_until)
+        _reschedule(app, row, wait_until, reserved)
         return None
-    reserved = None
-    if app.engine.dialect.name != "sqlite":
-        # Other workers walk the same due rows: hold this one back from them while its
-        # SMTP transaction opens, so they do not build and open it too only to lose the
-        # claim. Still `queued`: if this worker dies now, it is due again after the lease.
+    if reserved is None and app.engine.dialect.name != "sqlite":
+        # A row decided on its own (not with a batch `_due_batch` held): hold it back from
+        # the other workers while its SMTP transaction opens, as a batch is. Still
+        # `queued`: if this worker dies now, it is due again after the lease.
         reserved = now + timedelta(seconds=app.config.workers.lease_seconds)
         if not _reschedule(app, row, reserved):
             return None  # another worker holds it
@@ -378,14 +438,13 @@ def prepare(
                 subject, raw = _build_wire(s, app, renderer, row, lead)
         else:
             subject, raw = _build_wire(None, app, renderer, row, lead)
-        check_size(raw, app.config.identity(row.mailbox).smtp)
+        check_size(raw, me.smtp)
     except SQLAlchemyError:
         raise  # the database, not this message: the pass fails and is retried
     except Exception as e:  # one bad message (RecursionError too) must not stop others
         _settle(app, row, "failed", f"cannot build the message: {_why(e)}", reserved)
         logger.error("cannot build %s for %s: %s", row.template, row.to_addr, _why(e))
         return None
-    me = app.config.identity(row.mailbox)
     envelope = me.address
     if row.kind == "nurture" and app.config.sender.reply_token and row.reply_token:
         envelope = reply_address(me.address, row.reply_token)  # VERP: bounces carry the token
@@ -425,9 +484,9 @@ def _settle_sql(move: str, reserved: bool) -> Update:
 
 
 @functools.cache
-def _reschedule_sql() -> Update:
+def _reschedule_sql(reserved: bool) -> Update:
     at = bindparam("at", type_=UTCDateTime())
-    return update(OutboundMessage).where(*_unchanged_sql(False)).values(next_attempt_at=at)
+    return update(OutboundMessage).where(*_unchanged_sql(reserved)).values(next_attempt_at=at)
 
 
 def _settle(
@@ -439,15 +498,44 @@ def _settle(
         conn.execute(_settle_sql(move, reserved is not None), values)
 
 
-def _reschedule(app: App, row: OutboundMessage, at: datetime) -> bool:
-    """Move an unclaimed row to `at` (its own transaction), if unchanged. False: it was
-    taken, moved or reserved meanwhile."""
+def _reschedule(
+    app: App, row: OutboundMessage, at: datetime, reserved: datetime | None = None
+) -> bool:
+    """Move an unclaimed row to `at` (its own transaction), if unchanged (and, `reserved`,
+    still held by this worker until then). False: it was taken, moved or reserved meanwhile."""
     with app.engine.begin() as conn:
-        moved = conn.execute(_reschedule_sql(), {**_unchanged(row, app.now()), "at": at})
+        values = {**_unchanged(row, app.now(), reserved), "at": at}
+        moved = conn.execute(_reschedule_sql(reserved is not None), values)
         return moved.rowcount == 1
 
 
-def claim(app: App, item: Prepared) -> bool:
+@contextmanager
+def _short(app: App, conn: Connection | None) -> Iterator[Connection]:
+    """One short transaction: on `conn` (a pass's connection, with no transaction open
+    between its uses) or on a connection of the pool."""
+    if conn is None:
+        with app.engine.begin() as fresh:
+            yield fresh
+        return
+    with conn.begin():
+        yield conn
+
+
+def _moved(move: str, *where: ColumnElement[bool]) -> Update:
+    """`states.outbox(move, ...)` for the send path's statements: the same move's sources
+    and target, its sources written as plain comparisons, since an IN list is expanded
+    again at every execution, which costs more than the statement on a hot path."""
+    m = OUTBOX_MOVES[move]
+    came_from = or_(*(OutboundMessage.status == st for st in sorted(m.sources)))
+    return update(OutboundMessage).where(came_from, *where).values(status=m.target(move, None))
+
+
+def _none_of(column: Any, values: Iterable[str]) -> ColumnElement[bool]:
+    """`column NOT IN values` for a NOT NULL column, without an IN list (see `_moved`)."""
+    return and_(*(column != v for v in sorted(values)))
+
+
+def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
     """Claim a prepared row whose SMTP transaction has begun (the server holds its MAIL FROM
     and RCPT TO): `queued -> sending`, one conditional UPDATE in its own transaction.
 
@@ -456,7 +544,7 @@ def claim(app: App, item: Prepared) -> bool:
     send (the lead's status, its enrollment, its campaign paused, the address suppressed,
     the rep's answer). False: another worker took or settled the row meanwhile, or one of
     those changed (the next pass decides the row again), or, with touch caps, another
-    email to the same person was claimed first.
+    email to the same person was claimed first. `conn`: the pass's connection.
     """
     now = app.now()
     sender = app.config.sender
@@ -483,8 +571,8 @@ def claim(app: App, item: Prepared) -> bool:
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
             return s.connection().execute(statement, values).rowcount == 1
-    with app.engine.begin() as conn:
-        return conn.execute(statement, values).rowcount == 1
+    with _short(app, conn) as c:
+        return c.execute(statement, values).rowcount == 1
 
 
 @functools.cache
@@ -496,7 +584,7 @@ def _claim_sql(kind: str, reserved: bool) -> Update:
           if reserved else []),
         *_still_wanted(kind),
     ]  # fmt: skip
-    return outbox("claimed", *where).values(
+    return _moved("claimed", *where).values(
         attempts=bindparam("tried"),
         subject=bindparam("subj"),
         next_attempt_at=bindparam("lease", type_=UTCDateTime()),
@@ -518,11 +606,11 @@ def _still_wanted(kind: str) -> list[ColumnElement[bool]]:
     listed = Suppression.pattern.in_([bindparam("addr"), bindparam("at_domain")])
     cond: list[ColumnElement[bool]] = [~select(Suppression.id).where(listed).exists()]
     if kind == "followup":
-        wanted = select(lead.id).where(lead.id == row.lead_id, lead.status.not_in(SUPPRESSED))
+        wanted = select(lead.id).where(lead.id == row.lead_id, _none_of(lead.status, SUPPRESSED))
         return [*cond, wanted.exists(), unanswered]
     live = select(Enrollment.id).where(  # a completed one still sends its last step
         Enrollment.id == row.enrollment_id,
-        Enrollment.state.not_in((EnrollmentState.STOPPED, EnrollmentState.PAUSED)),
+        _none_of(Enrollment.state, (EnrollmentState.STOPPED, EnrollmentState.PAUSED)),
     )
     paused = select(CampaignState.campaign).where(
         CampaignState.campaign == row.campaign, CampaignState.paused.is_(True)
@@ -730,17 +818,34 @@ def _followup_preview(
     return {**followup, "text": text.strip(), "sent": row.status != "queued"}
 
 
-def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True) -> None:
+def record(
+    app: App,
+    item: Prepared,
+    result: SendResult,
+    *,
+    claimed: bool = True,
+    conn: Connection | None = None,
+) -> None:
     """Write the outcome of one SMTP attempt (its own transaction).
 
     `claimed` False: the server refused the envelope before the claim (`result` is
     temporary or permanent); the attempt counts all the same, unless another worker has
-    moved the row meanwhile (then it is theirs and nothing is written).
+    moved the row meanwhile (then it is theirs and nothing is written). `conn`: the
+    pass's connection.
     """
     now = app.now()
     if claimed and result.status == "sent":
-        with app.engine.begin() as conn:
-            done = conn.execute(_sent_sql(), {"row_id": item.row_id, "at": now}).rowcount
+        values = {"row_id": item.row_id, "at": now}
+        try:
+            with _short(app, conn) as c:
+                done = c.execute(_sent_sql(), values).rowcount
+        except DBAPIError as e:
+            if conn is None or not e.connection_invalidated:
+                raise
+            # The pass's connection was lost (a database restart): the message is out, so
+            # once more on a fresh connection, as a new checkout of the pool would do.
+            with app.engine.begin() as fresh:
+                done = fresh.execute(_sent_sql(), values).rowcount
         if done == 1:
             return
         # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
@@ -755,6 +860,8 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
                 return
             row.attempts += 1
         if result.status == "sent":
+            if row.status == OutboxState.SENT:
+                return  # already written (a commit whose answer was lost with its connection)
             move_outbox(row, "sent")
             row.sent_at, row.last_error = now, None
             return
@@ -792,7 +899,7 @@ def record(app: App, item: Prepared, result: SendResult, *, claimed: bool = True
 
 @functools.cache
 def _sent_sql() -> Update:
-    return outbox("sent", OutboundMessage.id == bindparam("row_id")).values(
+    return _moved("sent", OutboundMessage.id == bindparam("row_id")).values(
         sent_at=bindparam("at", type_=UTCDateTime()), last_error=None
     )
 
@@ -817,43 +924,63 @@ def send_due(
     while (limit is None or sent < limit) and not should_stop():
         budgets: dict[str, int] = {}
         size = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - sent)
-        batch = [i for i in _due_batch(app, size, budgets, down) if i not in seen]
+        picked = _due_batch(app, size, budgets, down)
+        batch = [i for i in picked.ids if i not in seen]
+        skipped = [i for i in picked.ids if i in seen]
         if not batch:
+            _release(app, picked, skipped)
             break
-        due = _load(app, batch)
-        for row_id in batch:
-            if should_stop() or (limit is not None and sent >= limit):
-                break
-            seen.add(row_id)
-            item = prepare(app, renderer, row_id, budgets, due)
-            if item is None:
-                continue
-            mailer = mailer_for(item.transport)
-            assert mailer is not None  # rows of an account that does not exist get no budget
-            result = _send(app, mailer, item)
-            if result is None:
-                continue
-            budgets[item.transport] -= 1
-            if _account_down(result):
-                # The server, not this message: one try per pass is enough. The account's
-                # other rows wait a minute unclaimed instead of each spending its retries.
-                down.add(item.transport)
-                budgets[item.transport] = 0
-                logger.warning(
-                    "SMTP account %s is unavailable (%s): its other messages wait",
-                    item.transport,
-                    result.message,
-                )
-            if result.status == "sent":
-                sent += 1
-                if sent_copy is not None:
-                    try:
-                        sent_copy(item.mailbox, item.raw)
-                    except Exception as e:  # a missing Sent copy must not fail the send
-                        logger.warning("could not save a copy in the Sent folder: %s", e)
+        due = _load(app, batch, picked.held)
+        reached = 0
+        # The batch's claims and outcomes run on one connection, each in a short
+        # transaction of its own: none is open while SMTP is spoken.
+        with app.engine.connect() as conn:
+            for row_id in batch:
+                if should_stop() or (limit is not None and sent >= limit):
+                    break
+                reached += 1
+                seen.add(row_id)
+                item = prepare(app, renderer, row_id, budgets, due)
+                if item is None:
+                    continue
+                mailer = mailer_for(item.transport)
+                assert mailer is not None  # an account that does not exist gets no budget
+                result = _send(app, mailer, item, conn)
+                if result is not None:
+                    sent += _after(result, item, budgets, down, sent_copy)
+        _release(app, picked, skipped + batch[reached:])
     if sent:
         logger.info("sent %d message(s)", sent)
     return sent
+
+
+def _after(
+    result: SendResult,
+    item: Prepared,
+    budgets: dict[str, int],
+    down: set[str],
+    sent_copy: SentCopy | None,
+) -> int:
+    """What one attempt means for the rest of the pass; 1 when the message went out."""
+    budgets[item.transport] -= 1
+    if _account_down(result):
+        # The server, not this message: one try per pass is enough. The account's other
+        # rows wait a minute unclaimed instead of each spending its retries.
+        down.add(item.transport)
+        budgets[item.transport] = 0
+        logger.warning(
+            "SMTP account %s is unavailable (%s): its other messages wait",
+            item.transport,
+            result.message,
+        )
+    if result.status != "sent":
+        return 0
+    if sent_copy is not None:
+        try:
+            sent_copy(item.mailbox, item.raw)
+        except Exception as e:  # a missing Sent copy must not fail the send
+            logger.warning("could not save a copy in the Sent folder: %s", e)
+    return 1
 
 
 def _account_down(result: SendResult) -> bool:
@@ -864,19 +991,22 @@ def _account_down(result: SendResult) -> bool:
     )
 
 
-def _send(app: App, mailer: Mailer, item: Prepared) -> SendResult | None:
+def _send(
+    app: App, mailer: Mailer, item: Prepared, conn: Connection | None = None
+) -> SendResult | None:
     """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
-    outcome recorded in its own transaction. None: another worker claimed it first."""
+    outcome recorded in its own transaction (on `conn`, the pass's connection). None:
+    another worker claimed it first."""
     size, eight_bit = len(item.raw), not item.raw.isascii()
     refused = mailer.begin(item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit)
     if refused is not None:
         record(app, item, refused, claimed=False)
         return refused
-    if not claim(app, item):
+    if not claim(app, item, conn):
         mailer.reset()
         return None
     result = mailer.data(item.raw)
-    record(app, item, result)
+    record(app, item, result, conn=conn)
     return result
 
 
