@@ -15,7 +15,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy import Row, Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -600,24 +600,6 @@ _THREAD_OUT_BATCH = (
 _SENT_THREADS = "twoway.sent_threads"
 
 
-def _sent_to(s: Session, lead_id: int) -> list[Row[Any]]:
-    """_THREAD_OUT's rows for one lead: on the inbound path, read once for the whole batch
-    (nothing the batch does sends mail; on PostgreSQL a nurture email another worker
-    sends meanwhile may be missing from a briefing's thread, as it would be a moment
-    earlier)."""
-    batch = batch_leads(s)
-    if lead_id not in batch:
-        return list(core(s).execute(_THREAD_OUT, {"lead_id": lead_id}))
-    sent: dict[int, list[Row[Any]]] | None = s.info.get(_SENT_THREADS)
-    if sent is None:
-        sent = s.info[_SENT_THREADS] = {}
-        ids = sorted(batch)
-        for i in range(0, len(ids), 900):  # below SQLite's bound-parameter limit
-            for r in core(s).execute(_THREAD_OUT_BATCH, {"ids": ids[i : i + 900]}):
-                sent.setdefault(r.lead_id, []).append(r)
-    return sent.get(lead_id, [])
-
-
 _k = func.row_number().over(partition_by=_IN.lead_id, order_by=_IN.id.desc()).label("n")
 _got = (
     select(_IN.lead_id, _IN.id, _IN.sent_date, _IN.received_at, _IN.kind, _IN.reason,
@@ -627,32 +609,44 @@ _got = (
 )  # fmt: skip
 _THREAD_IN_BATCH = select(_got).where(_got.c.n <= THREAD_ITEMS)
 """_THREAD_IN for every lead of an inbound batch at once, as the batch began."""
-_RECEIVED = "twoway.received_threads"
+_RECEIVED_THREADS = "twoway.received_threads"
+_RECORDED = "twoway.recorded_messages"
+_CHUNK = 900  # leads per IN list: below SQLite's bound-parameter limit
 
 
-@dataclass
-class _Received:
-    before: dict[int, dict[int, Any]]
-    """Per lead, its messages in the database when the batch's first thread was read."""
-    recorded: dict[int, list[InboundMessage]]
-    """Per lead, the messages of this unit of work, as `apply_inbound` left them."""
-    read: bool = False
+def _batch_rows(s: Session, key: str, stmt: Select[Any]) -> dict[int, list[Row[Any]]]:
+    """`stmt` (a SELECT of `lead_id` and more, over the leads `ids`) for every lead of the
+    inbound batch, per lead: read once per unit of work, when first asked, kept at `key`."""
+    rows: dict[int, list[Row[Any]]] | None = s.info.get(key)
+    if rows is None:
+        rows = s.info[key] = {}
+        ids = sorted(batch_leads(s))
+        for i in range(0, len(ids), _CHUNK):
+            for r in core(s).execute(stmt, {"ids": ids[i : i + _CHUNK]}):
+                rows.setdefault(r.lead_id, []).append(r)
+    return rows
+
+
+def _sent_to(s: Session, lead_id: int) -> list[Row[Any]]:
+    """_THREAD_OUT's rows for one lead: on the inbound path, read once for the whole batch
+    (nothing the batch does sends mail; on PostgreSQL a nurture email another worker
+    sends meanwhile may be missing from a briefing's thread, as it would be a moment
+    earlier)."""
+    if lead_id not in batch_leads(s):
+        return list(core(s).execute(_THREAD_OUT, {"lead_id": lead_id}))
+    return _batch_rows(s, _SENT_THREADS, _THREAD_OUT_BATCH).get(lead_id, [])
 
 
 def _received(s: Session, lead_id: int, current: InboundMessage) -> list[Any]:
     """_THREAD_IN's rows for one lead, newest first, `current` among them. On the inbound
     path one read for the batch's leads, plus the batch's own messages kept in memory."""
-    got: _Received | None = s.info.get(_RECEIVED)
-    if got is None or lead_id not in batch_leads(s):
-        return [current, *(m for m in core(s).execute(_THREAD_IN, {"lead_id": lead_id})
-                           if m.id != current.id)][:THREAD_ITEMS]  # fmt: skip
-    if not got.read:
-        got.read = True
-        ids = sorted(batch_leads(s))
-        for i in range(0, len(ids), 900):  # below SQLite's bound-parameter limit
-            for r in core(s).execute(_THREAD_IN_BATCH, {"ids": ids[i : i + 900]}):
-                got.before.setdefault(r.lead_id, {})[r.id] = r
-    rows = {**got.before.get(lead_id, {}), **{m.id: m for m in got.recorded.get(lead_id, [])}}
+    recorded: dict[int, list[InboundMessage]] | None = s.info.get(_RECORDED)
+    if recorded is None or lead_id not in batch_leads(s):
+        before: list[Any] = list(core(s).execute(_THREAD_IN, {"lead_id": lead_id}))
+    else:
+        before = _batch_rows(s, _RECEIVED_THREADS, _THREAD_IN_BATCH).get(lead_id, [])
+        before = before + recorded.get(lead_id, [])
+    rows = {m.id: m for m in before}  # a message recorded before the read is in both
     rows.pop(current.id, None)
     return [current, *sorted(rows.values(), key=lambda m: m.id, reverse=True)][:THREAD_ITEMS]
 
@@ -660,13 +654,13 @@ def _received(s: Session, lead_id: int, current: InboundMessage) -> list[Any]:
 def remember_received(s: Session) -> None:
     """Let this unit of work (an inbound batch) keep its messages for the briefings'
     threads (`_received`)."""
-    s.info[_RECEIVED] = _Received({}, {})
+    s.info[_RECORDED] = {}
 
 
 def _recorded(s: Session, row: InboundMessage) -> None:
-    got: _Received | None = s.info.get(_RECEIVED)
-    if got is not None and row.lead_id is not None:
-        got.recorded.setdefault(row.lead_id, []).append(row)
+    recorded: dict[int, list[InboundMessage]] | None = s.info.get(_RECORDED)
+    if recorded is not None and row.lead_id is not None:
+        recorded.setdefault(row.lead_id, []).append(row)
 
 
 def _thread(s: Session, lead: Lead, current: InboundMessage) -> list[ThreadItem]:
