@@ -54,7 +54,7 @@ def _mail(i: int) -> bytes:
     return msg.as_bytes()
 
 
-def _config(tmp_path: Path, processes: int) -> dict[str, Any]:
+def _config(tmp_path: Path, processes: int, mails: int = N) -> dict[str, Any]:
     inbox = tmp_path / "inbox"
     data = base_config_data(f"sqlite:///{tmp_path / 'twoway.db'}", tmp_path, campaigns=[])
     data["mailboxes"] = [
@@ -62,7 +62,7 @@ def _config(tmp_path: Path, processes: int) -> dict[str, Any]:
     ]
     data["workers"] = {"parse_processes": processes}
     box = mailbox.Maildir(inbox, create=True)
-    for i in range(N):
+    for i in range(mails):
         box.add(_mail(i))
     return data
 
@@ -197,3 +197,44 @@ def test_the_pool_does_not_outlive_a_killed_worker(tmp_path: Path) -> None:
             proc.kill()
         proc.wait()
     wait_for(lambda: not any(_alive(p) for p in pool), 30, "the orphaned pool processes gone")
+
+
+def test_the_daemon_starts_its_parsing_process_before_the_first_mail(tmp_path: Path) -> None:
+    """A backlog's first batch (and the first reply after a restart) does not wait for the
+    pool process to start and import twoway: the daemon starts it with an empty mailbox."""
+    data = _config(tmp_path, 1, mails=0)
+    data["mailboxes"][0]["poll_interval"] = 1
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    app = App.open(config_from_dict(data, cfg), lambda: NOW)
+
+    def recorded() -> int:
+        with app.transaction() as s:
+            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
+
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    proc = subprocess.Popen(
+        twoway_cmd(cfg, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: bool(_children(proc.pid)), 60, "the parsing process, before any mail")
+        assert recorded() == 0
+        box = mailbox.Maildir(tmp_path / "inbox")
+        for i in range(N):
+            box.add(_mail(i))
+        wait_for(lambda: recorded() + _quarantined(app) == N, 120, "the mail recorded")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    logged = proc.stderr.read().decode()
+    assert "Traceback" not in logged and "pool failed" not in logged, logged[-2000:]
+    app.close()
+
+
+def _quarantined(app: App) -> int:
+    with app.transaction() as s:
+        return int(s.scalar(select(func.count()).select_from(Quarantine)) or 0)

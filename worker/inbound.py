@@ -195,6 +195,10 @@ def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
 _NO_FETCHED = FetchedMessage("", 0, 0, b"", ())
 
 
+def _ready() -> None:
+    """In a pool process: nothing (`Preparer.warm` waits for the process to be up)."""
+
+
 def _with_fetched(batch: list[FetchedMessage], prepared: list[Prepared]) -> list[Prepared]:
     return [replace(p, fetched=f) for f, p in zip(batch, prepared, strict=True)]
 
@@ -250,10 +254,20 @@ class Preparer:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, batch: list[FetchedMessage], today: date) -> Callable[[], list[Prepared]]:
-        """Start preparing `batch`; the returned call gives the result (in order)."""
-        if self.processes <= 0 or len(batch) < POOL_MIN_BATCH:
-            return lambda: [prepare(f, self.ctx, today) for f in batch]
+    def warm(self, wait: bool = False) -> None:
+        """Start the pool's processes now rather than on the first large batch: a new
+        process imports twoway first (about a second of CPU), which a backlog's first
+        batch would otherwise wait for. The daemon does this once at start; `wait` returns
+        when every process is ready."""
+        if self.processes <= 0:
+            return
+        pool = self._started()
+        started = [pool.submit(_ready) for _ in range(self.processes)]
+        if wait:
+            for fut in started:
+                fut.result()
+
+    def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.processes,
@@ -261,9 +275,16 @@ class Preparer:
                 initializer=_start_child,
                 initargs=(self.ctx, os.getpid()),
             )
+        return self._pool
+
+    def submit(self, batch: list[FetchedMessage], today: date) -> Callable[[], list[Prepared]]:
+        """Start preparing `batch`; the returned call gives the result (in order)."""
+        if self.processes <= 0 or len(batch) < POOL_MIN_BATCH:
+            return lambda: [prepare(f, self.ctx, today) for f in batch]
+        pool = self._started()
         size = -(-len(batch) // (2 * self.processes))
         futures = [
-            self._pool.submit(_prepare_many, batch[i : i + size], today)
+            pool.submit(_prepare_many, batch[i : i + size], today)
             for i in range(0, len(batch), size)
         ]
 

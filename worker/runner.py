@@ -597,6 +597,8 @@ class Worker:
     def run_forever(self) -> None:
         """The daemon loop: a pass, then wait while idle; ends soon after stop is set."""
         logger.info("twoway worker started (%d mailbox(es))", len(self.mailboxes))
+        if self.mailboxes:
+            self.preparer.warm()  # the parsing pool is up before the first batch needs it
         while not self.stop.is_set():
             try:
                 result = self.run_once(limit=PASS_LIMIT)
