@@ -25,8 +25,9 @@ from tests.imap_server import DovecotServer
 from worker.app import App
 from worker.cli import main
 from worker.inbound import SyncResult, classify_context, process_batch, process_message
+from worker.leads import import_leads
 from worker.mailbox import FetchedMessage
-from worker.models import InboundMessage, Lead, LeadEvent, Quarantine
+from worker.models import InboundMessage, Lead, LeadEvent, OutboundMessage, Quarantine
 from worker.runner import Worker
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
@@ -235,6 +236,47 @@ def test_a_lead_one_message_makes_is_matched_by_the_next_in_the_same_batch(
         leads = s.scalars(select(Lead.id).where(Lead.email == "person8@company8.example.org"))
         (lead_id,) = leads.all()
     assert [tuple(r) for r in rows] == [("new_lead", lead_id), ("sender", lead_id)]
+    app.close()
+
+
+def test_an_unsubscribe_cancels_the_follow_up_a_reply_queued_in_the_same_batch(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A batch writes its queued emails at its end: the lead who asks to stop in the
+    batch's second message must not get the follow-up its first one queued."""
+    config = base_config(database_url, tmp_path, campaigns=[])
+    app = App.open(config, lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "person8@company8.example.org", "first_name": "P"})], NOW)
+    with app.transaction() as s:
+        token = s.scalar(select(Lead.reply_token))
+
+    def reply(uid: int, body: str) -> FetchedMessage:
+        msg = EmailMessage()
+        msg["From"] = "Person 8 <person8@company8.example.org>"
+        msg["To"] = f"sales+{token}@example.com"
+        msg["Subject"] = "Re: Hello"
+        msg["Date"] = format_datetime(NOW)
+        msg["Message-ID"] = f"<r{uid}@company8.example.org>"
+        msg.set_content(body)
+        return FetchedMessage("INBOX", 1, uid, msg.as_bytes(), ())
+
+    batch = [
+        reply(1, "Hello, what does it cost for 20 seats?"),
+        reply(2, "Please unsubscribe me, remove me from your list."),
+    ]
+    result = SyncResult()
+    process_batch(app, config.mailboxes[0], batch, classify_context(config), result)
+    assert result.processed == 2, result
+    with app.transaction() as s:
+        kinds = s.scalars(select(InboundMessage.kind).order_by(InboundMessage.uid)).all()
+        queued = dict(
+            s.execute(select(OutboundMessage.kind, OutboundMessage.status)).tuples().all()
+        )
+        why = s.scalar(select(OutboundMessage.last_error).where(OutboundMessage.kind == "followup"))
+    assert kinds == ["reply", "unsubscribe"]
+    assert queued["followup"] == "cancelled" and why == "the lead unsubscribed"
+    assert queued["handoff"] == "queued"  # the rep still hears of the reply
     app.close()
 
 

@@ -318,6 +318,13 @@ def insert_row(session: Session, model: Any, row: dict[str, Any]) -> None:
         pending.setdefault(model, []).append(row)
 
 
+def deferred_rows(session: Session, model: Any) -> list[dict[str, Any]]:
+    """The rows of `model` given to `insert_row` and not written yet: an UPDATE of that
+    table in the same unit of work must change these too (they are not in the table)."""
+    pending: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)
+    return pending.get(model, []) if pending else []
+
+
 def write_deferred(session: Session, *models: Any) -> None:
     """Write the deferred rows of `models` (all of them when none is named)."""
     pending: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)

@@ -38,13 +38,12 @@ from worker.db import (
     defer_inserts,
     is_conflict,
     is_unavailable,
-    write_deferred,
 )
 from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound, lock_leads, remember_received
 from worker.mailbox import FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
-from worker.models import InboundMessage, MailboxState, OutboundMessage, Quarantine
+from worker.models import InboundMessage, MailboxState, Quarantine
 from worker.outbox import know_message_ids
 from worker.parsing import ParsedMessage, ParseError, parse
 
@@ -338,7 +337,7 @@ def process_batch(
         try:
             with app.transaction() as s:
                 buffer_events(s)  # one executemany of the batch's events
-                defer_inserts(s)  # and of its conversion events; queued emails by message
+                defer_inserts(s)  # and of its queued emails and conversion events
                 keep: list[object] = []  # loaded leads stay in the session's identity map
                 seen = _seen_keys(s, mb.name, batch[i:])
                 known = prefetch(
@@ -575,7 +574,6 @@ def _process(
     # writes (events are buffered and read with `pending_events`).
     with s.no_autoflush:
         apply_inbound(s, app, Inbound(row, msg, cls, match, now))
-    write_deferred(s, OutboundMessage)  # the next message may cancel or read them
     s.flush()
     return cls.kind
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
-from worker.db import core, refresh_statistics
+from worker.db import core, deferred_rows, refresh_statistics
 from worker.match import note_new_lead
 from worker.models import (
     Enrollment,
@@ -32,7 +32,7 @@ from worker.models import (
     OutboundMessage,
     company_key,
 )
-from worker.states import enrollments, outbox
+from worker.states import OUTBOX_MOVES, enrollments, outbox
 from worker.webhooks import on_status
 
 KNOWN_COLUMNS = (
@@ -837,6 +837,11 @@ def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
     n = int(core(session).execute(_CANCEL_QUEUED, params).rowcount or 0)
     if n:
         forget_loaded(session, OutboundMessage, lead_id)
+    cancelled = OUTBOX_MOVES["cancelled"]
+    for row in deferred_rows(session, OutboundMessage):  # queued earlier in this batch
+        if row["lead_id"] == lead_id and row["kind"] == kind and row["status"] in cancelled.sources:
+            row["status"], row["last_error"] = cancelled.target("cancelled", None), why
+            n += 1
     return n
 
 

@@ -185,6 +185,7 @@ def enqueue(
         "status": OutboxState.QUEUED,
         "attempts": 0,
         "next_attempt_at": due or at,
+        "last_error": None,  # (every deferred row names the same columns: one executemany)
         "context": dict(facts or {}),
         "created_at": at,
     }
