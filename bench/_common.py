@@ -65,8 +65,12 @@ def run_child(
 ) -> ChildRun:
     """Run `cmd` to completion and return its wall time and *its own* peak RSS.
 
-    `os.wait4` reports the rusage of exactly that child, so runs do not mix (unlike
-    RUSAGE_CHILDREN, which keeps the maximum over every child ever waited for).
+    The peak is the child's VmHWM (/proc/PID/status), read every 20 ms while it runs:
+    the high-water mark of its own memory since exec. `os.wait4`'s ru_maxrss is no
+    good here: on Linux it starts from the forking parent's peak, so a child smaller
+    than this benchmark process would report the benchmark's size. Growth in the child's
+    last 20 ms can be missed; ru_maxrss (an upper bound) is used only when no reading
+    was made (a child that ended within the first interval).
     The child is killed after `timeout` seconds (reported as returncode -9).
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -76,21 +80,44 @@ def run_child(
         )
         timer = threading.Timer(timeout, _kill_group, args=(proc.pid,))
         timer.start()
+        hwm = [0]
+        done = threading.Event()
+        watcher = threading.Thread(target=_watch_hwm, args=(proc.pid, hwm, done), daemon=True)
+        watcher.start()
         try:
             _pid, status, usage = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
+            done.set()
+            watcher.join()
         seconds = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return ChildRun(
             seconds=seconds,
-            peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+            peak_rss_mb=round((hwm[0] or usage.ru_maxrss) / 1024, 1),
             returncode=proc.returncode,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
         )
+
+
+def _watch_hwm(pid: int, hwm: list[int], done: threading.Event) -> None:
+    """Keep in hwm[0] the latest VmHWM (kB) of process `pid` until `done` or it is gone.
+    The latest, not the largest: VmHWM only grows within one program, and a reading
+    taken before the child's exec (still this process's memory) is replaced by the
+    next one."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.wait(0.02):
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                hwm[0] = int(line.split()[1])
+                break
 
 
 def _kill_group(pid: int) -> None:

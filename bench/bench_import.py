@@ -1,7 +1,7 @@
 """Lead import: `twoway leads import FILE.csv` against plain csv + executemany, same rows.
 
 Generates N CSV rows (every known column plus one custom column), then times, each as a
-subprocess with its own peak RSS (os.wait4):
+subprocess with its own peak RSS (its VmHWM, read while it runs):
 
 - twoway:   `python -m worker --config CFG leads import FILE --json` on a migrated, empty
             SQLite database (the real command: validation, reply tokens, timeline

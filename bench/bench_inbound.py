@@ -159,8 +159,8 @@ def _spawn(mode: str, spec: dict[str, Any], spec_path: Path) -> dict[str, Any]:
     run = run_child([sys.executable, __file__, "--child", mode, "--spec", str(spec_path)])
     check_child(run, f"the {mode} run")
     result: dict[str, Any] = run.json()
-    # The parent's view (os.wait4) of the same child: includes interpreter start-up.
-    result["peak_rss_mb_wait4"] = run.peak_rss_mb
+    # The parent's view of the same child (its VmHWM, read from /proc while it ran).
+    result["peak_rss_mb_outside"] = run.peak_rss_mb
     return result
 
 
