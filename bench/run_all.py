@@ -11,6 +11,11 @@ the commands the README lists) appear beside the default ones.
     .venv/bin/python bench/run_all.py --pg            # plus PostgreSQL (throwaway cluster)
     .venv/bin/python bench/run_all.py --only import   # one benchmark, then README
     .venv/bin/python bench/run_all.py --render-only   # README from the saved results
+
+A `## ` section of the current README whose heading is followed by the line
+`<!-- kept by hand -->` is written by a person (figures refreshed by hand from a run it
+names): it is carried over as it is, in place of the generated section of that name, or
+after the generated ones when there is none. Remove the line to let the script rewrite it.
 """
 
 from __future__ import annotations
@@ -527,6 +532,33 @@ def render() -> str:
     return "\n".join(out)
 
 
+KEPT = "<!-- kept by hand -->"
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading, whole section) for each `## ` section; the text before the first is
+    under the heading ""."""
+    out: list[tuple[str, list[str]]] = [("", [])]
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            out.append((line.strip(), []))
+        out[-1][1].append(line)
+    return [(h, "".join(lines)) for h, lines in out]
+
+
+def keep_by_hand(generated: str, current: str) -> str:
+    """`generated` with the sections of `current` marked KEPT in place of their
+    namesakes (the others appended at the end)."""
+    kept = {
+        heading: body
+        for heading, body in _sections(current)
+        if heading and any(line.strip() == KEPT for line in body.splitlines()[1:3])
+    }
+    out = [kept.pop(heading, body) for heading, body in _sections(generated)]
+    out += kept.values()
+    return "".join(body if body.endswith("\n") else body + "\n" for body in out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--long", action="store_true", help="also the long runs")
@@ -539,8 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         with _postgres(args.pg) as pg_url:
             for name in names:
                 run_one(name, pg_url)
-    (BENCH / "README.md").write_text(render())
-    print(f"wrote {BENCH / 'README.md'}")
+    readme = BENCH / "README.md"
+    current = readme.read_text() if readme.exists() else ""
+    readme.write_text(keep_by_hand(render(), current))
+    print(f"wrote {readme}")
     return 0
 
 
