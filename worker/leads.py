@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
-from worker.db import core, deferred_rows, refresh_statistics
+from worker.db import core, deferred_rows, refresh_statistics, run
 from worker.match import note_new_lead
 from worker.models import (
     Enrollment,
@@ -826,7 +826,7 @@ _CANCEL_QUEUED = outbox(
 
 def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int:
     """Stop active/paused enrollments and cancel queued nurture sends; returns sends cancelled."""
-    if core(session).execute(_STOP_NURTURE, {"lead": lead_id, "at": now}).rowcount:
+    if run(core(session), _STOP_NURTURE, {"lead": lead_id, "at": now}).rowcount:
         forget_loaded(session, Enrollment, lead_id)
     return cancel_queued(session, lead_id, "nurture", why)
 
@@ -834,7 +834,7 @@ def stop_nurture(session: Session, lead_id: int, now: datetime, why: str) -> int
 def cancel_queued(session: Session, lead_id: int, kind: str, why: str) -> int:
     """Cancel a lead's queued sends of one kind (nurture, followup); returns how many."""
     params = {"lead": lead_id, "of_kind": kind, "why": why}
-    n = int(core(session).execute(_CANCEL_QUEUED, params).rowcount or 0)
+    n = int(run(core(session), _CANCEL_QUEUED, params).rowcount or 0)
     if n:
         forget_loaded(session, OutboundMessage, lead_id)
     cancelled = OUTBOX_MOVES["cancelled"]

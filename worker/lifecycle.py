@@ -35,7 +35,7 @@ from worker.contexts import (
     ThreadItem,
     rep_block,
 )
-from worker.db import core
+from worker.db import core, run
 from worker.leads import (
     MOVES,
     batch_leads,
@@ -337,7 +337,7 @@ def _auto_reply(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
             inbound_id=row.id,
         )
         return
-    res = core(s).execute(_PAUSE, {"lead": lead.id, "until": until, "at": now})
+    res = run(core(s), _PAUSE, {"lead": lead.id, "until": until, "at": now})
     if res.rowcount:
         forget_loaded(s, Enrollment, lead.id)
     capped = " (capped by auto_reply.max_pause_days)" if until < back else ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Update, update
+from sqlalchemy import ColumnElement, Update, literal, update
 
 from worker.models import Enrollment, EnrollmentState, OutboundMessage, OutboxState
 
@@ -97,7 +97,7 @@ def enrollments(
     m = ENROLLMENT_MOVES[move]
     return (
         update(Enrollment)
-        .where(Enrollment.state.in_(sorted(m.sources)), *where)
+        .where(Enrollment.state.in_([literal(x) for x in sorted(m.sources)]), *where)
         .values(state=m.target(move, to))
     )
 
@@ -116,7 +116,7 @@ def outbox(move: str, *where: ColumnElement[bool]) -> Update:
     m = OUTBOX_MOVES[move]
     return (
         update(OutboundMessage)
-        .where(OutboundMessage.status.in_(sorted(m.sources)), *where)
+        .where(OutboundMessage.status.in_([literal(x) for x in sorted(m.sources)]), *where)
         .values(status=m.target(move, None))
     )
 

@@ -1,0 +1,72 @@
+"""`db.run`: a prebuilt statement sent as driver SQL sends what SQLAlchemy's own
+execution sends (the same SQL and parameters, types converted alike), on SQLite and on
+PostgreSQL, and changes the same rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Insert, Update, event, select
+
+from tests.conftest import base_config
+from worker.app import App
+from worker.db import _insert_returning, run
+from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
+from worker.lifecycle import _PAUSE
+from worker.models import Enrollment, InboundMessage, Lead
+from worker.outbox import enqueue
+
+NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+
+
+def _sent(app: App, stmt: Insert | Update, values: dict[str, Any], fast: bool) -> Any:
+    seen: list[tuple[str, Any]] = []
+
+    def record(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
+        seen.append((sql, params))
+
+    event.listen(app.engine, "before_cursor_execute", record)
+    try:
+        with app.engine.connect() as conn:  # rolled back: each side sees the same rows
+            result = run(conn, stmt, values) if fast else conn.execute(stmt, values)
+            # a RETURNING's row count (PostgreSQL's sequence is not rolled back), else rowcount
+            rows = len(result.all()) if result.returns_rows else result.rowcount
+            conn.rollback()
+    finally:
+        event.remove(app.engine, "before_cursor_execute", record)
+    return seen, rows
+
+
+def _plain(params: Any) -> Any:
+    """Parameters as comparable values: a driver's binary wrapper as its bytes."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    return {k: bytes(v) if isinstance(v, memoryview | bytes) else repr(v) for k, v in items}
+
+
+def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_path: Any) -> None:
+    app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "a@x.example"})], NOW, campaign=app.config.campaigns[0])
+    with app.transaction() as s:
+        lead = s.scalars(select(Enrollment.lead_id)).one()
+        enqueue(s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, lead), "welcome", NOW)
+    message = {
+        "mailbox": "sales", "folder": "INBOX", "uidvalidity": 1, "uid": 7, "message_id": "m@x",
+        "from_addr": "a@x.example", "sent_date": NOW, "kind": "reply",
+        "bounce": {"status": "5.1.1"}, "lead_id": lead, "raw": b"From: a\r\n\r\nhi",
+        "received_at": NOW,
+    }  # fmt: skip
+    cases: list[tuple[Insert | Update, dict[str, Any]]] = [
+        (_STOP_NURTURE, {"lead": lead, "at": NOW}),
+        (_CANCEL_QUEUED, {"lead": lead, "of_kind": "nurture", "why": "asked to stop"}),
+        (_PAUSE, {"lead": lead, "until": NOW, "at": NOW}),
+        (_insert_returning(InboundMessage, frozenset(message)), message),
+    ]
+    for stmt, values in cases:
+        core, core_rows = _sent(app, stmt, values, fast=False)
+        fast, fast_rows = _sent(app, stmt, values, fast=True)
+        assert [sql for sql, _ in fast] == [sql for sql, _ in core]
+        assert [_plain(p) for _, p in fast] == [_plain(p) for _, p in core]
+        assert fast_rows == core_rows == 1, stmt  # the same one row changed
+    app.close()
