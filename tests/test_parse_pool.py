@@ -14,10 +14,12 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from sqlalchemy import func, select
 
 from tests.conftest import base_config_data, twoway_cmd, wait_for
+from worker import inbound
 from worker.app import App
 from worker.config import config_from_dict
 from worker.models import InboundMessage, Quarantine
@@ -238,3 +240,30 @@ def test_the_daemon_starts_its_parsing_process_before_the_first_mail(tmp_path: P
 def _quarantined(app: App) -> int:
     with app.transaction() as s:
         return int(s.scalar(select(func.count()).select_from(Quarantine)) or 0)
+
+
+def test_a_system_that_refuses_the_pool_parses_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A container without a writable /dev/shm refuses the pool's locks (PermissionError
+    from SemLock, seen in the image check): the daemon must not die of it. The refusal is
+    faked here (this machine grants the locks); the image check meets the real one."""
+    in_process, _ = _run(tmp_path / "in-process", 0)
+
+    def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inbound, "ProcessPoolExecutor", refused)
+    (tmp_path / "refused").mkdir()
+    data = _config(tmp_path / "refused", 1)
+    app = App.open(config_from_dict(data, tmp_path / "refused" / "twoway.yaml"), lambda: NOW)
+    worker = Worker(app).start()
+    try:
+        worker.preparer.warm()  # as `twoway run` does at start
+        result = worker.run_once()
+    finally:
+        worker.close()
+    assert result.inbound.processed + result.inbound.quarantined == N
+    assert _records(app) == in_process
+    assert "cannot start the parsing process" in caplog.text
+    app.close()

@@ -233,11 +233,11 @@ def test_it_follows_up_reminds_and_escalates_once_each_when_killed_between_steps
     rng = random.Random(13)
     kills = 0
 
-    def run_pass(at: datetime) -> None:
+    def run_pass(at: datetime, kill: bool = True) -> None:
         nonlocal kills
         env = {**os.environ, "TWOWAY_NOW": at.isoformat()}
         cmd = twoway_cmd(cfg, "run", "--once")
-        for _ in range(1):  # one run killed at a random point, then one to completion
+        for _ in range(int(kill)):  # one run killed at a random point, then one to completion
             proc = subprocess.Popen(
                 cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -264,7 +264,9 @@ def test_it_follows_up_reminds_and_escalates_once_each_when_killed_between_steps
     def got(address: str, *kinds: str) -> int:
         return len(to(smtp_server, address)) + sum(unknown(k) for k in kinds)
 
-    run_pass(START)
+    # Step 1 is not what this test is about: a kill between its claim and its DATA would
+    # leave it `unknown` (never resent), and there would be nothing to reply to.
+    run_pass(START, kill=False)
     step1 = to(smtp_server, MARIA)[0]
     handed = START.replace(hour=15, minute=30)  # Tuesday 15:30 UTC
     dovecot.append(

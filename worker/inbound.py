@@ -258,45 +258,66 @@ class Preparer:
         process imports twoway first (about a second of CPU), which a backlog's first
         batch would otherwise wait for. The daemon does this once at start; `wait` returns
         when every process is ready."""
-        if self.processes <= 0:
-            return
         pool = self._started()
-        started = [pool.submit(_ready) for _ in range(self.processes)]
-        if wait:
-            for fut in started:
-                fut.result()
+        if pool is None:
+            return
+        try:
+            started = [pool.submit(_ready) for _ in range(self.processes)]
+            if wait:
+                for fut in started:
+                    fut.result()
+        except Exception as e:  # the first large batch tries again, and falls back
+            logger.warning("the parsing process did not start (%s)", e)
 
-    def _started(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.processes,
-                mp_context=multiprocessing.get_context("spawn"),  # no fork of our threads
-                initializer=_start_child,
-                initargs=(self.ctx, os.getpid()),
-            )
+    def _started(self) -> ProcessPoolExecutor | None:
+        """The pool, started if need be; None when there is none (in-process), also when
+        the system refuses one (e.g. a container without a writable /dev/shm for its
+        locks): that is logged once and the worker parses in-process from then on."""
+        if self._pool is None and self.processes > 0:
+            try:
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),  # no fork of our threads
+                    initializer=_start_child,
+                    initargs=(self.ctx, os.getpid()),
+                )
+            except OSError as e:
+                logger.warning(
+                    "cannot start the parsing process (%s): parsing in this process "
+                    "(workers.parse_processes: 0 says so and silences this)",
+                    e,
+                )
+                self.processes = 0
         return self._pool
 
     def submit(self, batch: list[FetchedMessage], today: date) -> Callable[[], list[Prepared]]:
         """Start preparing `batch`; the returned call gives the result (in order)."""
-        if self.processes <= 0 or len(batch) < POOL_MIN_BATCH:
+        pool = self._started() if len(batch) >= POOL_MIN_BATCH else None
+        if pool is None:
             return lambda: [prepare(f, self.ctx, today) for f in batch]
-        pool = self._started()
         size = -(-len(batch) // (2 * self.processes))
-        futures = [
-            pool.submit(_prepare_many, batch[i : i + size], today)
-            for i in range(0, len(batch), size)
-        ]
+        try:
+            futures = [
+                pool.submit(_prepare_many, batch[i : i + size], today)
+                for i in range(0, len(batch), size)
+            ]
+        except Exception as e:  # a broken pool, or the system refusing a new process
+            self._give_up(e)
+            return lambda: [prepare(f, self.ctx, today) for f in batch]
 
         def result() -> list[Prepared]:
             try:
                 return _with_fetched(batch, [p for fut in futures for p in fut.result()])
             except Exception as e:
-                logger.warning("the parsing pool failed (%s): parsing in this process", e)
-                self.close()
-                self.processes = 0
+                self._give_up(e)
                 return [prepare(f, self.ctx, today) for f in batch]
 
         return result
+
+    def _give_up(self, e: Exception) -> None:
+        logger.warning("the parsing pool failed (%s): parsing in this process", e)
+        self.close()
+        self.processes = 0
 
     def close(self) -> None:
         """Stop the pool's processes (queued work is dropped; nothing was committed)."""
