@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from worker.caseless import Caseless
 from worker.parsing import DeliveryStatus, ParsedMessage
 
 __all__ = [
@@ -40,7 +41,9 @@ _ADDR_RE = re.compile(
 )
 _STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 # An SMTP reply code where MTAs write one: at the start of a line or after "said:".
-_SMTP_CODE_RE = re.compile(r"(?im)(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)")
+_SMTP_CODE_RE = Caseless(
+    r"(?:^|said:|response:|error:|\)\s*+:|\]:)\s*+([45]\d\d)(?:[ -]|$)", re.MULTILINE
+)
 _THREE_DIGITS_RE = re.compile(r"[45]\d\d")  # in every match of the above
 
 _DAEMON_RE = re.compile(
@@ -50,8 +53,8 @@ _DAEMON_RE = re.compile(
     r"system[-_.]?administrator|\"system administrator\"|noreply-dmarc|bounces?|"
     r"microsoftexchange\w*|mailer)(?:@|\\@)"
 )
-_BOUNCE_SUBJECT_RE = re.compile(
-    r"(?i)undeliver|undelivered|delivery\s+(?:status\s+notification|failure|failed|has\s+failed|"
+_BOUNCE_SUBJECT_RE = Caseless(
+    r"undeliver|undelivered|delivery\s+(?:status\s+notification|failure|failed|has\s+failed|"
     r"problem|report|notification)|returned\s+mail|failure\s+notice|mail\s+delivery\s+(?:failed|failure)|"
     r"non[- ]?delivery|could\s+not\s+be\s+delivered|not\s+delivered|delivery\s+failure|"
     r"permanent\s+delivery|mail\s+system\s+error|mail\s+error|nameserver\s+error|failed\s+mail|"
@@ -60,8 +63,8 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"non\s+recapitato|não\s+entregue|onbestelbaar|warning:.*delayed|delivery\s+warning|"
     r"delayed\s+mail|message\s+delayed|not\s+yet\s+been\s+delivered|non\s+recensé|失败|退信"
 )
-_FAILURE_BODY_RE = re.compile(
-    r"(?i)could\s+not\s+be\s+delivered|couldn't\s+be\s+delivered|wasn't\s+able\s+to\s+deliver|"
+_FAILURE_BODY_RE = Caseless(
+    r"could\s+not\s+be\s+delivered|couldn't\s+be\s+delivered|wasn't\s+able\s+to\s+deliver|"
     r"unable\s+to\s+deliver|undeliverable|permanent(?:ly)?\s+(?:fatal\s+)?(?:error|failure|failed)|"
     r"delivery\s+(?:to\s+the\s+following\s+recipients?\s+)?failed|delivery\s+has\s+failed|"
     r"user\s+unknown|unknown\s+user|no\s+such\s+(?:user|mailbox|address)|does\s+not\s+exist|"
@@ -74,36 +77,38 @@ _FAILURE_BODY_RE = re.compile(
     r"nicht\s+zugestellt|konnte\s+nicht\s+zugestellt|n'a\s+pas\s+pu\s+(?:ê|e)tre\s+d(?:é|e)livr|"
     r"no\s+se\s+ha\s+podido\s+entregar|non\s+è\s+stato\s+possibile\s+recapitare"
 )
-_DELAY_RE = re.compile(
-    r"(?i)\bdelayed\b|\bdelay\b|not\s+yet\s+been\s+delivered|will\s+(?:continue|keep)\s+(?:to\s+)?"
+_DELAY_RE = Caseless(
+    r"\bdelayed\b|\bdelay\b|not\s+yet\s+been\s+delivered|will\s+(?:continue|keep)\s+(?:to\s+)?"
     r"(?:try|retry|trying|retrying|attempt)|still\s+being\s+retried|attempts\s+will\s+continue|"
     r"warning\s+message\s+only|do\s+not\s+(?:need\s+to\s+)?resend|no\s+action\s+is\s+required|"
     r"delivery\s+warning|will\s+be\s+retried|temporarily\s+deferred"
 )
-_STRONG_DELAY_RE = re.compile(
-    r"(?i)will\s+(?:continue|keep)\s+(?:to\s+)?(?:try|retry)|attempts\s+will\s+continue|"
+_STRONG_DELAY_RE = Caseless(
+    r"will\s+(?:continue|keep)\s+(?:to\s+)?(?:try|retry)|attempts\s+will\s+continue|"
     r"still\s+being\s+retried|not\s+yet\s+been\s+delivered|warning\s+message\s+only|"
     r"advisory|has\s+been\s+postponed|will\s+be\s+retried"
 )
 # Where the copy of the returned message starts in a plain-text bounce.
-_RETURNED_MARKER_RE = re.compile(
+_RETURNED_MARKER_RE = Caseless(
     # Possessive prefixes: a long run of dashes is read once (no cubic backtracking).
-    r"(?im)^[\s>]*+(?:-++\s*+)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
+    r"^[\s>]*+(?:-++\s*+)?(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of\s+"
     r"the\s+message|original\s+message\s+follows|the\s+original\s+message\s+follows|"
     r"original\s+message|returned\s+message|unsent\s+message\s+below|"
     r"the\s+header\s+of\s+the\s+original|returned\s+mail\s+follows|"
     r"transcript\s+of\s+session\s+follows|message\s+text\s+follows|"
     r"message\s+header\s+follows|original\s+text\s+follows|"
-    r"undelivered\s+message|this\s+is\s+a\s+copy)"
+    r"undelivered\s+message|this\s+is\s+a\s+copy)",
+    re.MULTILINE,
 )
-_RETURNED_HEADERS_RE = re.compile(
-    r"(?im)^(?:received|return-path|message-id|x-[\w-]+|mime-version):[^\n]*\n(?:[ \t][^\n]*\n)*"
+_RETURNED_HEADERS_RE = Caseless(
+    r"^(?:received|return-path|message-id|x-[\w-]+|mime-version):[^\n]*\n(?:[ \t][^\n]*\n)*"
     r"(?:received|return-path|message-id|from|date|subject|to|x-[\w-]+|mime-version|"
-    r"content-type):"
+    r"content-type):",
+    re.MULTILINE,
 )
 
-_HARD_TEXT_RE = re.compile(
-    r"(?i)user\s+unknown|unknown\s+user|no\s+such\s+(?:user|mailbox|recipient|address|"
+_HARD_TEXT_RE = Caseless(
+    r"user\s+unknown|unknown\s+user|no\s+such\s+(?:user|mailbox|recipient|address|"
     r"account|person)|does\s+not\s+exist|doesn't\s+exist|(?:recipient|address|mailbox|user)\s+"
     r"(?:is\s+)?(?:unknown|not\s+found|invalid|unavailable)|invalid\s+(?:recipient|mailbox|"
     r"address|user)|unknown\s+(?:recipient|mailbox|address|local[- ]part)|addressee\s+unknown|"
@@ -117,8 +122,8 @@ _HARD_TEXT_RE = re.compile(
     r"not\s+recognized|recipient\s+rejected|did\s+not\s+(?:exactly\s+)?match|unbekannt|existiert\s+nicht|inconnu|"
     r"n'existe\s+pas|non\s+recensé|desconocido|no\s+existe|sconosciuto|inesistente"
 )
-_SOFT_TEXT_RE = re.compile(
-    r"(?i)mailbox\s+(?:is\s+)?full|over\s*quota|quota\s+exceeded|exceed(?:s|ed)?\s+(?:the\s+)?"
+_SOFT_TEXT_RE = Caseless(
+    r"mailbox\s+(?:is\s+)?full|over\s*quota|quota\s+exceeded|exceed(?:s|ed)?\s+(?:the\s+)?"
     r"(?:storage|quota|maximum)|insufficient\s+(?:storage|system\s+storage)|too\s+large|"
     r"message\s+size|spam|blocked|blacklist|block\s*list|denylist|policy|reputation|"
     r"\bspf\b|\bdkim\b|\bdmarc\b|rate\s+limit|too\s+many|try\s+again\s+later|timed?\s*out|"
@@ -173,13 +178,13 @@ HARD_REASONS: frozenset[str] = frozenset({"user_unknown", "host_unknown"})
 
 # Diagnostic wording, most specific first. Each names the signal and where it is used:
 # RFC 3463 texts, Postfix/Exim/Sendmail/qmail/Exchange/Gmail/Yahoo/Domino messages.
-_REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
+_REASON_TEXT: tuple[tuple[Reason, Caseless], ...] = (
     # Our sender address or domain (Postfix "Sender address rejected", Exim "unrouteable
     # sender address", Sendmail "Domain of sender address ... does not exist", 5.1.7/5.1.8).
     (
         "sender_rejected",
-        re.compile(
-            r"(?i)sender\s+address\s+(?:rejected|invalid|not\s+(?:allowed|valid|accepted))|"
+        Caseless(
+            r"sender\s+address\s+(?:rejected|invalid|not\s+(?:allowed|valid|accepted))|"
             r"domain\s+of\s+sender\s+address|unrout(?:e)?able\s+sender|sender\s+verif\w*\s+failed|"
             r"sender\s+(?:domain|address)\s+(?:must\s+exist|does\s+not\s+exist|unknown|not\s+found)|"
             r"(?:bad|invalid|unknown)\s+sender|sender\s+(?:is\s+)?(?:rejected|not\s+authori[sz]ed)|"
@@ -189,8 +194,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # Over quota (RFC 3463 X.2.2 "mailbox full"), even under a wrong 5.1.1 or 5.0.0.
     (
         "mailbox_full",
-        re.compile(
-            r"(?i)mail\s*box\s+(?:is\s+|was\s+)?(?:full|over\s*quota)|over\s*quota|quota\s+exceeded|"
+        Caseless(
+            r"mail\s*box\s+(?:is\s+|was\s+)?(?:full|over\s*quota)|over\s*quota|quota\s+exceeded|"
             r"exceed(?:s|ed|ing)?\s+(?:the\s+|his\s+|her\s+|their\s+|its\s+)?(?:storage|quota|"
             r"mailbox\s+size)|(?:disk|storage|mailbox)\s+quota|insufficient\s+(?:system\s+)?storage|"
             r"mailbox\s+size\s+limit|out\s+of\s+storage|storage\s+(?:space\s+)?(?:full|exceeded)|"
@@ -203,8 +208,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # X.3.4 "message too big for system", X.2.3 "message length exceeds administrative limit".
     (
         "message_too_big",
-        re.compile(
-            r"(?i)message\s+(?:is\s+)?too\s+(?:large|big)|message\s+size\s+(?:exceeds|limit|too)|"
+        Caseless(
+            r"message\s+(?:is\s+)?too\s+(?:large|big)|message\s+size\s+(?:exceeds|limit|too)|"
             r"exceed(?:s|ed)?\s+(?:the\s+)?(?:maximum\s+)?(?:incoming\s+|allowed\s+)?(?:message\s+)?size|size\s+limit\s+exceeded|"
             r"message\s+length\s+exceeds|too\s+large\s+for"
         ),
@@ -213,8 +218,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # "banned sending IP", Yahoo's "[TSS04]", Gmail's "IP reputation").
     (
         "blocked",
-        re.compile(
-            r"(?i)spamhaus|barracuda|spamcop|sorbs|\bdnsbl\b|\brbl\b|uceprotect|black\s*list|"
+        Caseless(
+            r"spamhaus|barracuda|spamcop|sorbs|\bdnsbl\b|\brbl\b|uceprotect|black\s*list|"
             r"block\s*list|deny\s*list|listed\s+(?:at|on|in|by)\s+(?:the\s+)?(?!\w+\s+directory)"
             r"[\w.-]*(?:bl|list|spam|rbl)|ip\s+(?:address\s+)?(?:is\s+)?(?:blocked|banned|listed)|"
             r"banned\s+sending\s+ip|client\s+host\s+(?:\[[^\]]*\]\s+)?(?:rejected|blocked)|"
@@ -225,8 +230,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # Relaying (X.7.1 "relay access denied", Exchange 5.7.54 "unable to relay").
     (
         "relay_denied",
-        re.compile(
-            r"(?i)relay(?:ing)?\s+(?:access\s+)?(?:denied|not\s+(?:permitted|allowed))|"
+        Caseless(
+            r"relay(?:ing)?\s+(?:access\s+)?(?:denied|not\s+(?:permitted|allowed))|"
             r"unable\s+to\s+relay|not\s+permitted\s+to\s+relay|we\s+do\s+not\s+relay|"
             r"relaying\s+(?:is\s+)?(?:prohibited|denied)"
         ),
@@ -234,8 +239,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # Rate limits and too many recipients (X.5.3, Gmail 4.2.1/4.7.28, greylisting).
     (
         "rate_limited",
-        re.compile(
-            r"(?i)rate\s*limit|too\s+many\s+(?:messages|connections|recipients|mails|emails|"
+        Caseless(
+            r"rate\s*limit|too\s+many\s+(?:messages|connections|recipients|mails|emails|"
             r"concurrent)|throttl|receiving\s+mail\s+at\s+a\s+rate|(?:message|sending)\s+rate|"
             r"greylist|graylist|try\s+again\s+later|deferred\s+due\s+to|exceeded\s+the\s+rate|"
             r"temporarily\s+(?:rate\s+)?limited|user\s+is\s+receiving\s+mail\s+too\s+quickly"
@@ -244,8 +249,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # The address does not exist (X.1.1 "bad destination mailbox address", X.1.6 moved).
     (
         "user_unknown",
-        re.compile(
-            r"(?i)user\s*(?:name\s+)?(?:is\s+)?unknown|unknown\s+user|no\s*such\s*(?:user|mailbox|"
+        Caseless(
+            r"user\s*(?:name\s+)?(?:is\s+)?unknown|unknown\s+user|no\s*such\s*(?:user|mailbox|"
             r"recipient|address|account|person|local\s+user)|nosuchuser|"
             r"(?:user|mailbox|address|recipient|account|e-?mail)\s+(?:\S+\s+)?(?:does\s+not|doesn'?t)\s+exist|"
             r"(?:recipient|address|mailbox|user|addressee)\s+(?:is\s+)?(?:unknown|not\s+found|invalid|"
@@ -270,8 +275,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # The domain does not exist or takes no mail (X.1.2, X.4.4, null MX RFC 7505 X.1.10).
     (
         "host_unknown",
-        re.compile(
-            r"(?i)host\s+(?:or\s+domain\s+name\s+)?(?:unknown|not\s+found)|unknown\s+(?:host|domain)|"
+        Caseless(
+            r"host\s+(?:or\s+domain\s+name\s+)?(?:unknown|not\s+found)|unknown\s+(?:host|domain)|"
             r"no\s+such\s+(?:domain|host)|domain\s+(?:name\s+)?(?:not\s+found|does\s+not\s+exist|"
             r"doesn'?t\s+exist|is\s+invalid|unknown)|unrout(?:e)?able\s+(?:mail\s+)?(?:domain|address)|"
             r"no\s+mx\b|null\s+mx|does\s+not\s+accept\s+(?:e-?)?mail|name\s*server\s+error|"
@@ -283,8 +288,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # The account exists but is switched off (X.2.1 "mailbox disabled").
     (
         "suspended",
-        re.compile(
-            r"(?i)(?:account|mailbox|user|address)\s+(?:has\s+been\s+|is\s+|was\s+)?(?:temporarily\s+)?"
+        Caseless(
+            r"(?:account|mailbox|user|address)\s+(?:has\s+been\s+|is\s+|was\s+)?(?:temporarily\s+)?"
             r"(?:disabled|suspended|inactive|deactivated|locked|frozen|blocked|on\s+hold)|"
             r"(?:disabled|suspended|inactive|deactivated)\s+(?:account|mailbox|user)|"
             r"not\s+accepting\s+(?:any\s+)?(?:new\s+)?(?:messages|mail)\s+at\s+this\s+time|"
@@ -294,8 +299,8 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     # Gave up retrying (X.4.7 "delivery time expired") and network timeouts.
     (
         "expired",
-        re.compile(
-            r"(?i)(?:delivery\s+)?time\s*(?:d\s*)?out|timed\s+out|retry\s+time(?:out)?\s+exceeded|"
+        Caseless(
+            r"(?:delivery\s+)?time\s*(?:d\s*)?out|timed\s+out|retry\s+time(?:out)?\s+exceeded|"
             r"(?:message\s+)?expired|too\s+long\s+in\s+(?:the\s+)?queue|could\s+not\s+be\s+delivered\s+"
             r"(?:for|within)\s+\d+|gave\s+up|giving\s+up|no\s+answer\s+from|connection\s+refused|"
             r"delivery\s+(?:has\s+been\s+)?(?:delayed|attempts\s+exhausted)|retry\s+limit|"
@@ -304,11 +309,11 @@ _REASON_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     ),
 )
 # Weaker words that only decide when nothing above matched.
-_WEAK_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
+_WEAK_TEXT: tuple[tuple[Reason, Caseless], ...] = (
     (
         "spam_policy",
-        re.compile(
-            r"(?i)spam|junk|unsolicited|policy|content\s+(?:rejected|filter)|virus|malware|"
+        Caseless(
+            r"spam|junk|unsolicited|policy|content\s+(?:rejected|filter)|virus|malware|"
             r"banned|attachment|\bspf\b|\bdkim\b|\bdmarc\b|authentication|not\s+authori[sz]ed|"
             r"rejected\s+(?:for|due\s+to|because)|message\s+(?:refused|rejected)|phish|"
             r"suspicious|bulk\s+mail|5\.7\.\d+"
@@ -316,8 +321,8 @@ _WEAK_TEXT: tuple[tuple[Reason, re.Pattern[str]], ...] = (
     ),
     (
         "system_error",
-        re.compile(
-            r"(?i)system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system\s+(?:error|full)|"
+        Caseless(
+            r"system\s+error|internal\s+(?:server\s+)?error|local\s+error|mail\s+system\s+(?:error|full)|"
             r"too\s+many\s+hops|hop\s+count|routing\s+loop|loop\s+detected|mail\s+loop|looping|"
             r"service\s+(?:not\s+)?(?:un)?available|configuration\s+error|i/o\s+error|"
             r"resources?\s+(?:temporarily\s+)?unavailable|server\s+(?:is\s+)?busy|"
@@ -410,8 +415,8 @@ def bounce_reason(
     return reason, "hard" if hard else "soft"
 
 
-_PERMANENT_RE = re.compile(
-    r"(?i)failed\s+permanently|permanent\s+(?:fatal\s+)?(?:error|failure)|permanently\s+failed|"
+_PERMANENT_RE = Caseless(
+    r"failed\s+permanently|permanent\s+(?:fatal\s+)?(?:error|failure)|permanently\s+failed|"
     r"had\s+permanent\s+fatal\s+errors"
 )
 
@@ -503,8 +508,8 @@ def _addresses_in(text: str, excluded: set[str]) -> list[str]:
 
 
 _ECHO_RE = re.compile(r"(?i)^\s*(?:to|from|subject|sent|date|cc|reply-to|sender)\s*:")
-_ANNOUNCE_RE = re.compile(
-    r"(?i)following\s+(?:recipients?|addresse?s?|users?|destinations?)|following\s+address\(es\)|"
+_ANNOUNCE_RE = Caseless(
+    r"following\s+(?:recipients?|addresse?s?|users?|destinations?)|following\s+address\(es\)|"
     r"could\s+not\s+be\s+delivered\s+to|did\s+not\s+reach|failed\s+addresses|"
     r"delivery\s+to\s+the\s+following|not\s+delivered\s+to|unable\s+to\s+deliver|"
     r"delivery\s+of\s+email\s+to|recipients?\s+failed|undeliverable\s+to|"
@@ -697,8 +702,8 @@ _LIST_MANAGER_RE = re.compile(
     r"(?i)^(?:[\w.-]+-(?:owner|bounces?|request|admin)(?:\+[^@]*)?|owner-[\w.-]+|mailman|"
     r"listserv|sympa|majordomo|ezmlm|lyris|googlegroups-noreply)@|@googlegroups\.com$"
 )
-_LIST_REJECT_RE = re.compile(
-    r"(?i)you\s+are\s+not\s+a\s+member|not\s+a\s+(?:list\s+)?member|\bnon-?member|"
+_LIST_REJECT_RE = Caseless(
+    r"you\s+are\s+not\s+a\s+member|not\s+a\s+(?:list\s+)?member|\bnon-?member|"
     r"members[- ]only|only\s+members\s+(?:can|may)\s+(?:post|send)|"
     r"(?:are\s+not|aren't)\s+(?:allowed|authori[sz]ed|permitted)\s+to\s+(?:post|send)|"
     r"(?:do|does)\s+not\s+have\s+permission\s+to\s+post|you\s+must\s+be\s+(?:a\s+)?(?:member|"
@@ -706,17 +711,22 @@ _LIST_REJECT_RE = re.compile(
 )
 # What delivery software writes and people do not: "your message could not be delivered
 # to", Sendmail's "permanent fatal errors", the French/German/Spanish/Italian forms.
-_STRONG_FAILURE_RE = re.compile(
-    r"(?i)message\s+(?:could\s+not|cannot|couldn't|was\s+not)\s+be(?:en)?\s+delivered|"
+_STRONG_FAILURE_RE = Caseless(
+    r"message\s+(?:could\s+not|cannot|couldn't|was\s+not)\s+be(?:en)?\s+delivered|"
     r"could\s+not\s+be\s+delivered\s+to|wasn't\s+able\s+to\s+deliver|unable\s+to\s+deliver\s+"
     r"(?:your\s+)?(?:message|mail)|delivery\s+to\s+the\s+following\s+recipients?\s+failed|"
     r"permanent\s+fatal\s+errors|undeliverable\s+to|n'a\s+pas\s+pu\s+(?:ê|e)tre\s+d(?:é|e)livr|"
     r"konnte\s+nicht\s+zugestellt|no\s+se\s+ha\s+podido\s+entregar|"
     r"non\s+è\s+stato\s+possibile\s+recapitare"
 )
+# What makes a report that also says "delayed" a failure.
+_PERMANENT_WORDS_RE = Caseless(
+    r"permanent|given\s+up|fatal|failed\s+permanently|could\s+not\s+be\s+delivered|"
+    r"was\s+not\s+delivered|\b5\d\d\b"
+)
 # Loop alerts (Exim "Too many \"Received\" headers", Sendmail "Too many hops", qmail loops).
-_LOOP_RE = re.compile(
-    r"(?i)mail\s+loop|loop\s+(?:detected|alert)|too\s+many\s+hops|too\s+many\s+\"?received|"
+_LOOP_RE = Caseless(
+    r"mail\s+loop|loop\s+(?:detected|alert)|too\s+many\s+hops|too\s+many\s+\"?received|"
     r"routing\s+loop|message\s+looping|loops\s+back\s+to\s+myself|hop\s+count\s+exceeded"
 )
 
@@ -784,11 +794,7 @@ def _from_text(msg: ParsedMessage) -> BounceReport | None:
     )
     found = _STATUS_RE.search(human)
     status = found.group(0) if found else None
-    permanent_words = re.search(
-        r"(?i)permanent|given\s+up|fatal|failed\s+permanently|could\s+not\s+be\s+delivered|"
-        r"was\s+not\s+delivered|\b5\d\d\b",
-        human,
-    )
+    permanent_words = _PERMANENT_WORDS_RE.search(human)
     if strong_delay and not (status or "").startswith("5"):
         outcome: Outcome = "delayed"
     elif (

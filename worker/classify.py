@@ -20,6 +20,7 @@ from datetime import date, timedelta
 from typing import Literal
 
 from worker.bounces import Reason, analyse_bounce, provider_notification
+from worker.caseless import Caseless
 from worker.parsing import ParsedMessage
 from worker.replytext import (
     Intent,
@@ -135,8 +136,7 @@ _AUTO_SUBJECT_RE = re.compile(
     r")"
 )
 # First-person out-of-office wording, per language. Read only in a message's new text.
-_OOO_BODY_RE = re.compile(
-    r"(?i)"
+_OOO_BODY = (
     # en
     r"\b(?:i\s+am|i'm|i\s+will\s+be|i'll\s+be|we\s+are)\s+(?:currently\s+|now\s+)?(?:out\s+of\s+(?:the\s+)?"
     r"office|away|on\s+(?:vacation|holiday|annual\s+leave|leave|parental\s+leave|maternity\s+leave|"
@@ -188,8 +188,8 @@ _OOO_BODY_RE = re.compile(
 )
 # Challenge-response systems (Bluebottle, SpamArrest, Boxbe, ChoiceMail, EarthLink's
 # spamBlocker, Mailinator-style): the sender is asked to prove it is a person.
-_CHALLENGE_RE = re.compile(
-    r"(?i)please\s+(?:verify|confirm)\s+(?:that\s+)?you\s+are\s+(?:a\s+)?(?:human|real\s+person|person)|"
+_CHALLENGE = (
+    r"please\s+(?:verify|confirm)\s+(?:that\s+)?you\s+are\s+(?:a\s+)?(?:human|real\s+person|person)|"
     r"(?:verify|confirm)\s+your\s+(?:e-?mail\s+)?address\s+(?:to|so)\s+(?:deliver|complete)|"
     r"(?:add|added)\s+(?:yourself|you)\s+to\s+(?:my|the|our)\s+(?:allow|white|approved|guest|safe|"
     r"trusted)[\s-]*(?:list|senders?)|"
@@ -200,21 +200,15 @@ _CHALLENGE_RE = re.compile(
     r"click\s+(?:on\s+)?(?:the|this)\s+link\s+(?:below\s+)?to\s+(?:verify|confirm|prove)"
 )
 # Ticket systems' acknowledgements.
-_ACK_BODY_RE = re.compile(
-    r"(?i)we\s+have\s+received\s+your\s+(?:request|message|e-?mail)|"
+_ACK_BODY = (
+    r"we\s+have\s+received\s+your\s+(?:request|message|e-?mail)|"
     r"(?:your|a)\s+(?:support\s+)?(?:ticket|request)\s+(?:has\s+been\s+(?:created|received|opened)|number)|"
     r"wir\s+haben\s+ihre\s+(?:anfrage|nachricht)\s+erhalten|nous\s+avons\s+(?:bien\s+)?reçu\s+votre|"
     r"hemos\s+recibido\s+su|abbiamo\s+ricevuto\s+la\s+(?:tua|sua)|recebemos\s+(?:a\s+)?sua|"
     r"wij\s+hebben\s+uw\s+(?:aanvraag|bericht)\s+ontvangen"
 )
-_BODY_SIGNAL_RE = re.compile(
-    f"(?P<challenge>{_CHALLENGE_RE.pattern[4:]})|(?P<ooo>{_OOO_BODY_RE.pattern[4:]})|"
-    f"(?P<ack>{_ACK_BODY_RE.pattern[4:]})",
-    re.I,
-)
-_AUTO_BODY_RE = re.compile(
-    "|".join(f"(?:{r.pattern[4:]})" for r in (_OOO_BODY_RE, _CHALLENGE_RE, _ACK_BODY_RE)), re.I
-)
+_BODY_SIGNAL_RE = Caseless(f"(?P<challenge>{_CHALLENGE})|(?P<ooo>{_OOO_BODY})|(?P<ack>{_ACK_BODY})")
+_AUTO_BODY_RE = Caseless("|".join(f"(?:{words})" for words in (_OOO_BODY, _CHALLENGE, _ACK_BODY)))
 _REPLY_PREFIX_RE = re.compile(r"(?i)\s*(?:re|aw|sv|antw|r|rif|réf|ref)\s*:")
 
 

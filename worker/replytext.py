@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from worker.caseless import Caseless
 from worker.parsing import SkipDecision, html_to_text
 
 __all__ = [
@@ -89,8 +90,8 @@ _FORWARD_INTRO_RE = re.compile(
     r"début\s+du\s+message\s+(?:réexpédié|transféré)|inizio\s+messaggio\s+inoltrato|"
     r"mensaje\s+reenviado|forwarded\s+message|weitergeleitete\s+nachricht)\s*[:：]?\s*$"
 )
-_MOBILE_SIG_RE = re.compile(
-    r"(?i)^[\s(<]*(?:sent\s+(?:from|with|via|using|by)\b|envoyé\s+(?:de|depuis|avec)\b|"
+_MOBILE_SIG_RE = Caseless(
+    r"^[\s(<]*(?:sent\s+(?:from|with|via|using|by)\b|envoyé\s+(?:de|depuis|avec)\b|"
     r"enviado\s+(?:desde|de|do|con)\b|inviato\s+da\b|verzonden\s+(?:met|vanaf|van)\b|"
     r"verstuurd\s+(?:vanaf|met)\b|sendt\s+fra\b|skickat\s+från\b|lähetetty\b|wysłane\s+z\b|"
     r"von\s+meinem\b|gesendet\s+(?:von|mit)\b|diese\s+nachricht\s+wurde\s+von\b|"
@@ -518,8 +519,8 @@ def new_words(reply_text: str) -> str:
 
 # ----------------------------------------------------------------------------- intent
 
-_UNSUBSCRIBE_RE = re.compile(
-    r"(?i)\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
+_UNSUBSCRIBE_RE = Caseless(
+    r"\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
     r"\btake\s+(?:me|us)\s+off\b|\bopt(?:\s|-)?(?:me\s+)?out\b|"
     r"\bstop\s+(?:e-?mailing|sending|contacting|writing)\b|"
     r"\b(?:don'?t|do\s+not|never)\s+(?:e-?mail|send)\s+(?:me|us)\b|"
@@ -534,8 +535,8 @@ _UNSUBSCRIBE_RE = re.compile(
     re.MULTILINE,
 )
 
-_NEGATIVE_RE = re.compile(
-    r"(?i)\bnot\s+(?:really\s+|currently\s+|at\s+all\s+)?interested\b|\bno\s+interest\b|"
+_NEGATIVE_RE = Caseless(
+    r"\bnot\s+(?:really\s+|currently\s+|at\s+all\s+)?interested\b|\bno\s+interest\b|"
     r"\bno,?\s+thank(?:s|\s+you)\b|\bnot\s+(?:a\s+(?:good\s+)?fit|for\s+us|relevant)\b|"
     r"\b(?:please\s+)?(?:don'?t|do\s+not)\s+(?:contact|call|email|e-mail|reach\s+out)\b|"
     r"\bwe(?:'re|\s+are)\s+(?:all\s+set|good|covered)\b|\balready\s+(?:have|use|using|work\s+with)\b|"
@@ -550,8 +551,8 @@ _NEGATIVE_RE = re.compile(
     r"\bn[aã]o,?\s+obrigad[oa]\b|\bgeen\s+interesse\b|\bniet\s+geïnteresseerd\b|\bnee,?\s+bedankt\b"
 )
 
-_REFERRAL_RE = re.compile(
-    r"(?i)\bnot\s+the\s+(?:right|best|correct|appropriate)\s+(?:person|contact|one)\b|"
+_REFERRAL_RE = Caseless(
+    r"\bnot\s+the\s+(?:right|best|correct|appropriate)\s+(?:person|contact|one)\b|"
     r"\bwrong\s+(?:person|contact)\b|\bis\s+the\s+(?:right|best|correct)\s+(?:person|contact)\b|"
     r"\b(?:talk|speak)\s+(?:to|with)\s+(?:my\s+)?(?:colleague|coworker|co-worker|boss|manager|"
     r"team|\w+\s+in\s+\w+)\b|\b(?:contact|reach\s+out\s+to|get\s+in\s+touch\s+with|email|"
@@ -567,8 +568,8 @@ _REFERRAL_RE = re.compile(
     r"\bniet\s+de\s+juiste\s+persoon\b|\bmijn\s+collega\b"
 )
 
-_POSITIVE_RE = re.compile(
-    r"(?i)\binterested\b|\bpric(?:e|es|ing)\b|\bquote\b|\bdemo\b|\btrial\b|\bbudget\b|"
+_POSITIVE_RE = Caseless(
+    r"\binterested\b|\bpric(?:e|es|ing)\b|\bquote\b|\bdemo\b|\btrial\b|\bbudget\b|"
     r"\b(?:a|quick|short|phone|video|intro)\s+call\b|\bcall\s+(?:me|us)\b|\bmeeting\b|\bmeet\b|"
     r"\blet'?s\s+(?:talk|chat|connect|meet|discuss)\b|\btell\s+me\s+more\b|\bmore\s+(?:info|information|details)\b|"
     r"\bsend\s+(?:me|us)\b|\bschedule\b|\bbook\s+a\b|\bavailable\s+(?:on|next|this|tomorrow)\b|"
@@ -582,6 +583,11 @@ _POSITIVE_RE = re.compile(
     r"\bgeïnteresseerd\b|\bprijs\b|\bofferte\b|\bafspraak\b|\bgesprek\b"
 )
 
+# Beside an address, words that send us to it.
+_ASKS_TO_CONTACT_RE = Caseless(
+    r"\b(?:contact|reach|talk|speak|write|email|e-mail|ask|kontaktieren|contactez|"
+    r"contacte|contatta|contacteer|neem\s+contact|schreiben\s+sie)\b"
+)
 _EMAIL_RE = re.compile(r"(?<![\w.+'-])[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
 
 
@@ -602,11 +608,7 @@ def detect_intent(words: str, exclude: frozenset[str] = frozenset()) -> tuple[In
     referral_email = others[0] if others else None
     if _REFERRAL_RE.search(words):
         return "referral", referral_email
-    if referral_email and re.search(
-        r"(?i)\b(?:contact|reach|talk|speak|write|email|e-mail|ask|kontaktieren|contactez|"
-        r"contacte|contatta|contacteer|neem\s+contact|schreiben\s+sie)\b",
-        words,
-    ):
+    if referral_email and _ASKS_TO_CONTACT_RE.search(words):
         return "referral", referral_email
     if _NEGATIVE_RE.search(words):
         return "negative", None
