@@ -277,7 +277,8 @@ def test_it_shows_the_bounce_reason_in_the_human_inspect_output() -> None:
 # replaced: each is checked against that scan on text built from the characters it reads.
 _DATE_TEXT = st.lists(
     st.sampled_from([*"0123456789 ./-,\n", "年", "月", "日", "월", "일", "号", "º", "x"])
-    | st.sampled_from(["December", "dez", "of ", "de ", "2026", "14th", "Dec.", "12"]),
+    | st.sampled_from(["December", "dez", "of ", "de ", "2026", "14th", "Dec.", "12"])
+    | st.sampled_from(["\xa0", "\u2003", "²", "_", "é", "abcdefghijklmno", "ab", "  "]),
     max_size=14,
 ).map("".join)
 _ENDING_TEXT = st.lists(
@@ -291,9 +292,21 @@ _OLD_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
 @settings(max_examples=examples(300), deadline=None)
 @given(_DATE_TEXT)
 def test_it_finds_the_same_dates_trying_digits_only(text: str) -> None:
+    digits = [i for i, c in enumerate(text) if re.match(r"\d", c)]
     for style, regex in _DATE_RES:
         expected = [(m.span(), m.groups()) for m in regex.finditer(text)]
-        assert [(m.span(), m.groups()) for m in _date_matches(style, regex, text)] == expected
+        found = _date_matches(style, regex, text, digits)
+        assert [(m.span(), m.groups()) for m in found] == expected
+
+
+def test_it_reads_spaces_as_the_date_patterns_do() -> None:
+    # The month-first dates are tried before the spaces that precede a digit.
+    spaces = re.compile(r"\s")
+    assert all(
+        bool(spaces.match(chr(c))) == chr(c).isspace()
+        for c in range(0x110000)
+        if not 0xD800 <= c < 0xE000
+    )
 
 
 @settings(max_examples=examples(300), deadline=None)

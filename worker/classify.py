@@ -532,20 +532,34 @@ def _resolve(day: int, month: int, year: int | None, today: date) -> date | None
 _DIGIT_RE = re.compile(r"\d")
 
 
-def _date_matches(style: str, regex: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
-    """What `regex.finditer(text)` yields. Every date but "Mdy" starts with a digit, so
-    those are tried only where a digit is, not at every position of the text."""
-    if style == "Mdy":
-        yield from regex.finditer(text)
-        return
+def _date_matches(
+    style: str, regex: re.Pattern[str], text: str, digits: list[int]
+) -> Iterator[re.Match[str]]:
+    """What `regex.finditer(text)` yields, trying the regex only where a date can start;
+    `digits` are the positions of the digits in `text`.
+
+    Every date but "Mdy" starts with a digit. "Mdy" ("December 14") is a word of 3 to 14
+    letters, an optional dot and spaces before its first digit, so it starts 3 to 15
+    characters before the run of spaces that a digit follows (`str.isspace` is `\\s`).
+    """
     pos = 0
-    while (digit := _DIGIT_RE.search(text, pos)) is not None:
-        match = regex.match(text, digit.start())  # its lookbehind still sees the text before
-        if match is None:
-            pos = digit.start() + 1
-        else:
-            yield match
-            pos = match.end()
+    if style != "Mdy":
+        for digit in digits:
+            if digit >= pos and (match := regex.match(text, digit)) is not None:
+                yield match  # its lookbehind still sees the text before
+                pos = match.end()
+        return
+    for digit in digits:
+        if digit - 1 < pos or not text[digit - 1].isspace():
+            continue
+        spaces = digit - 1
+        while spaces > pos and text[spaces - 1].isspace():
+            spaces -= 1
+        for start in range(max(pos, spaces - 15), spaces - 2):
+            if (match := regex.match(text, start)) is not None:
+                yield match
+                pos = match.end()
+                break
 
 
 def find_return_date(text: str, today: date) -> date | None:
@@ -557,8 +571,9 @@ def find_return_date(text: str, today: date) -> date | None:
     Years missing from the text are resolved against `today`.
     """
     found: list[tuple[int, date, str]] = []
+    digits = [digit.start() for digit in _DIGIT_RE.finditer(text)]
     for style, regex in _DATE_RES:
-        for match in _date_matches(style, regex, text):
+        for match in _date_matches(style, regex, text, digits):
             groups = match.groups()
             try:
                 if style == "cjk":
