@@ -139,7 +139,9 @@ def _ends_like_attribution(text: str) -> bool:
     only, where a search for the same ending would try every position of it."""
     if text.endswith((":", "：")):
         return True
-    return bool(_ATTR_VERB_END_RE.search(text.rstrip("-").rstrip()[-7:]))
+    tail = text.rstrip("-").rstrip()
+    # Only these four letters end "wrote" or "schrieb", ignoring case: most lines stop here.
+    return tail[-1:] in ("e", "E", "b", "B") and bool(_ATTR_VERB_END_RE.search(tail[-7:]))
 
 
 def _is_attribution(parts: list[str]) -> bool:
