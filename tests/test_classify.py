@@ -23,7 +23,7 @@ from worker.classify import (
 )
 from worker.inspect import format_human, inspect_bytes, inspect_paths
 from worker.parsing import parse
-from worker.replytext import _ends_like_attribution
+from worker.replytext import _ends_like_attribution, wants_unsubscribe
 
 EMAILS = Path(__file__).parent / "emails"
 LABELS: dict[str, dict[str, object]] = json.loads((EMAILS / "labels.json").read_text("utf-8"))
@@ -287,6 +287,37 @@ _ENDING_TEXT = st.lists(
     max_size=8,
 ).map("".join)
 _OLD_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
+
+
+# The unsubscribe words as one alternation, each word with its own \b (before c1833e4).
+_OLD_UNSUBSCRIBE_RE = re.compile(
+    r"(?i)\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
+    r"\btake\s+(?:me|us)\s+off\b|\bopt(?:\s|-)?(?:me\s+)?out\b|"
+    r"\bstop\s+(?:e-?mailing|sending|contacting|writing)\b|"
+    r"\b(?:don'?t|do\s+not|never)\s+(?:e-?mail|send)\s+(?:me|us)\b|"
+    r"\bno\s+more\s+e-?mails\b|\babmelden\b|\babbestellen\b|\baustragen\b|"
+    r"\bkeine\s+(?:weiteren\s+)?(?:e-?mails|nachrichten|newsletter)\b|"
+    r"d[ée]sabonner|d[ée]sinscri|\bne\s+plus\s+recevoir\b|\bretirez[- ]moi\b|"
+    r"\bdar(?:me|se)?\s+de\s+baja\b|\bno\s+(?:quiero|deseo)\s+recibir\b|"
+    r"cancelar\s+(?:la\s+)?suscripci[oó]n|\bcancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
+    r"\bdisiscriv|\bnon\s+voglio\s+(?:più\s+)?ricevere\b|\bdescadastr|"
+    r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|\bn[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
+    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^[^\S\n]*stop[^\S\n]*[.!]?[^\S\n]*$",
+    re.MULTILINE,
+)
+_UNSUBSCRIBE_TEXT = st.lists(
+    st.sampled_from(["unsubscribe", "UNSUBSCRIBE", "remove me", "opt-out", "opt me out", "stop"])
+    | st.sampled_from(["Désabonner", "desinscrire", "cancelar la suscripción", "ABMELDEN", "x"])
+    | st.sampled_from(["don't email us", "no more emails", "descadastrar", "Stop."])
+    | st.sampled_from([" ", "\n", "a", "_", "-", ".", "é", "ſ", "İ", "\xa0", "!"]),
+    max_size=10,
+).map("".join)
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(_UNSUBSCRIBE_TEXT)
+def test_it_reads_unsubscribe_words_as_the_one_alternation_did(text: str) -> None:
+    assert wants_unsubscribe(text) == bool(_OLD_UNSUBSCRIBE_RE.search(text))
 
 
 @settings(max_examples=examples(300), deadline=None)

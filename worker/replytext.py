@@ -521,19 +521,27 @@ def new_words(reply_text: str) -> str:
 
 # ----------------------------------------------------------------------------- intent
 
+# Read only as "anywhere in the text or not", so the order of the words is free: those that
+# start a word share one `\b`, which a position inside a word fails at once (each `\b` of
+# its own was tried at every position, word by word).
 _UNSUBSCRIBE_RE = Caseless(
-    r"\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
-    r"\btake\s+(?:me|us)\s+off\b|\bopt(?:\s|-)?(?:me\s+)?out\b|"
-    r"\bstop\s+(?:e-?mailing|sending|contacting|writing)\b|"
-    r"\b(?:don'?t|do\s+not|never)\s+(?:e-?mail|send)\s+(?:me|us)\b|"
-    r"\bno\s+more\s+e-?mails\b|\babmelden\b|\babbestellen\b|\baustragen\b|"
-    r"\bkeine\s+(?:weiteren\s+)?(?:e-?mails|nachrichten|newsletter)\b|"
-    r"d[ée]sabonner|d[ée]sinscri|\bne\s+plus\s+recevoir\b|\bretirez[- ]moi\b|"
-    r"\bdar(?:me|se)?\s+de\s+baja\b|\bno\s+(?:quiero|deseo)\s+recibir\b|"
-    r"cancelar\s+(?:la\s+)?suscripci[oó]n|\bcancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
-    r"\bdisiscriv|\bnon\s+voglio\s+(?:più\s+)?ricevere\b|\bdescadastr|"
-    r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|\bn[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
-    r"\buitschrijven\b|\bafmelden\b|\bschrijf\s+me\s+uit\b|^[^\S\n]*stop[^\S\n]*[.!]?[^\S\n]*$",
+    r"\b(?:unsubscribe\b|remove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
+    r"take\s+(?:me|us)\s+off\b|opt(?:\s|-)?(?:me\s+)?out\b|"
+    r"stop\s+(?:e-?mailing|sending|contacting|writing)\b|"
+    r"(?:don'?t|do\s+not|never)\s+(?:e-?mail|send)\s+(?:me|us)\b|"
+    r"no\s+more\s+e-?mails\b|abmelden\b|abbestellen\b|austragen\b|"
+    r"keine\s+(?:weiteren\s+)?(?:e-?mails|nachrichten|newsletter)\b|"
+    r"ne\s+plus\s+recevoir\b|retirez[- ]moi\b|"
+    r"dar(?:me|se)?\s+de\s+baja\b|no\s+(?:quiero|deseo)\s+recibir\b|"
+    r"cancella(?:re)?\s+(?:la\s+mia\s+)?iscrizione\b|"
+    r"disiscriv|non\s+voglio\s+(?:più\s+)?ricevere\b|descadastr|"
+    r"n[aã]o\s+quero\s+(?:mais\s+)?receber\b|"
+    r"uitschrijven\b|afmelden\b|schrijf\s+me\s+uit\b)|"
+    # anywhere in a word
+    r"d[ée]sabonner|d[ée]sinscri|cancelar\s+(?:la\s+)?suscripci[oó]n|"
+    r"cancelar\s+(?:a\s+)?inscri[cç][aã]o|"
+    # a line of its own
+    r"^[^\S\n]*stop[^\S\n]*[.!]?[^\S\n]*$",
     re.MULTILINE,
 )
 
