@@ -289,7 +289,7 @@ _ENDING_TEXT = st.lists(
 _OLD_ATTR_END_RE = re.compile(r"[:：]$|(?i:wrote|schrieb)\s*-*$")
 
 
-# The unsubscribe words as one alternation, each word with its own \b (before c1833e4).
+# The unsubscribe words as they were written before they shared one \b: each with its own.
 _OLD_UNSUBSCRIBE_RE = re.compile(
     r"(?i)\bunsubscribe\b|\bremove\s+(?:me|us|my\s+(?:e-?mail|address))\b|"
     r"\btake\s+(?:me|us)\s+off\b|\bopt(?:\s|-)?(?:me\s+)?out\b|"
