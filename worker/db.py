@@ -287,12 +287,13 @@ def _for_driver(
 ) -> tuple[str, Callable[[Mapping[str, Any]], Any]] | None:
     """`stmt` as the driver's SQL, and how to turn its parameters into the driver's:
     what SQLAlchemy does on every execution (the statement's cache key, the compiled
-    cache, an execution context for ORM-aware results), done once. Constant IN lists are
-    a statement with an expanding (list) parameter is refused."""
+    cache, an execution context for ORM-aware results), done once. None for a statement
+    that needs SQLAlchemy at each execution: a list (expanding) parameter, or a column
+    default computed in Python."""
     compiled = stmt.compile(dialect=dialect)
     binds = compiled.bind_names  # each parameter and its name in the SQL
-    if any(bind.expanding for bind in binds):
-        raise ValueError(f"{stmt}: a list parameter cannot be prebuilt for the driver")
+    if any(bind.expanding for bind in binds) or compiled.insert_prefetch:
+        return None
     defaults = {name: bind.effective_value for bind, name in binds.items() if not bind.required}
     processors = {
         name: proc
