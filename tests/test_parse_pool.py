@@ -3,11 +3,13 @@ in order, and a clean stop on SIGTERM with nothing lost or repeated."""
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
 import multiprocessing
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -134,6 +136,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@contextlib.contextmanager
+def _daemon(cfg: Path, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """`twoway run` on `cfg` at the tests' clock; killed if the test leaves it running."""
+    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    proc = subprocess.Popen(twoway_cmd(cfg, "run"), env=env, stdout=subprocess.DEVNULL, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _assert_logged_cleanly(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stderr is not None
+    logged = proc.stderr.read().decode()
+    assert "Traceback" not in logged and "pool failed" not in logged, logged[-2000:]
+
+
+def _count(app: App, model: type[InboundMessage | Quarantine]) -> int:
+    with app.transaction() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
 def test_sigterm_stops_the_worker_and_its_pool_losing_and_repeating_nothing(
     tmp_path: Path,
 ) -> None:
@@ -144,32 +170,18 @@ def test_sigterm_stops_the_worker_and_its_pool_losing_and_repeating_nothing(
     cfg.write_text(yaml.safe_dump(data))
     env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
     app = App.open(config_from_dict(data, tmp_path / "twoway.yaml"), lambda: NOW)
-
-    def recorded() -> int:
-        with app.transaction() as s:
-            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
-
-    proc = subprocess.Popen(
-        twoway_cmd(cfg, "run"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: recorded() >= 100 and bool(_children(proc.pid)), 120, "the pool at work")
+    with _daemon(cfg, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        wait_for(
+            lambda: _count(app, InboundMessage) >= 100 and bool(_children(proc.pid)),
+            120,
+            "the pool at work",
+        )
         pool = _children(proc.pid)
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd stops a service
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.stderr is not None
-    logged = proc.stderr.read().decode()
-    assert "Traceback" not in logged and "pool failed" not in logged, logged[-2000:]
+    _assert_logged_cleanly(proc)
     wait_for(lambda: not any(_alive(p) for p in pool), 30, "the pool processes gone")
-    assert recorded() < 4 * N, "SIGTERM landed mid-sync"
+    assert _count(app, InboundMessage) < 4 * N, "SIGTERM landed mid-sync"
     assert subprocess.run(twoway_cmd(cfg, "run", "--once"), env=env).returncode == 0
     with app.transaction() as s:
         rows = s.scalar(select(func.count()).select_from(InboundMessage))
@@ -185,19 +197,11 @@ def test_the_pool_does_not_outlive_a_killed_worker(tmp_path: Path) -> None:
         mailbox.Maildir(tmp_path / "inbox").add(_mail(i))
     cfg = tmp_path / "twoway.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
-    proc = subprocess.Popen(
-        twoway_cmd(cfg, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
+    with _daemon(cfg, stderr=subprocess.DEVNULL) as proc:
         wait_for(lambda: bool(_children(proc.pid)), 120, "the pool at work")
         pool = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
     wait_for(lambda: not any(_alive(p) for p in pool), 30, "the orphaned pool processes gone")
 
 
@@ -209,37 +213,21 @@ def test_the_daemon_starts_its_parsing_process_before_the_first_mail(tmp_path: P
     cfg = tmp_path / "twoway.yaml"
     cfg.write_text(yaml.safe_dump(data))
     app = App.open(config_from_dict(data, cfg), lambda: NOW)
-
-    def recorded() -> int:
-        with app.transaction() as s:
-            return int(s.scalar(select(func.count()).select_from(InboundMessage)) or 0)
-
-    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
-    proc = subprocess.Popen(
-        twoway_cmd(cfg, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
+    with _daemon(cfg, stderr=subprocess.PIPE) as proc:
         wait_for(lambda: bool(_children(proc.pid)), 60, "the parsing process, before any mail")
-        assert recorded() == 0
+        assert _count(app, InboundMessage) == 0
         box = mailbox.Maildir(tmp_path / "inbox")
         for i in range(N):
             box.add(_mail(i))
-        wait_for(lambda: recorded() + _quarantined(app) == N, 120, "the mail recorded")
+        wait_for(
+            lambda: _count(app, InboundMessage) + _count(app, Quarantine) == N,
+            120,
+            "the mail recorded",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.stderr is not None
-    logged = proc.stderr.read().decode()
-    assert "Traceback" not in logged and "pool failed" not in logged, logged[-2000:]
+    _assert_logged_cleanly(proc)
     app.close()
-
-
-def _quarantined(app: App) -> int:
-    with app.transaction() as s:
-        return int(s.scalar(select(func.count()).select_from(Quarantine)) or 0)
 
 
 def test_a_system_that_refuses_the_pool_parses_in_process(
