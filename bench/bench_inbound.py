@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=500, help="the mailbox's batch_size")
     ap.add_argument("--memory-check", type=int, metavar="N", help="also: full pipeline on N")
     ap.add_argument("--profile", action="store_true", help="also profile the full pipeline")
+    ap.add_argument("--profile-out", help="with --profile: keep the cProfile dump here")
     ap.add_argument("--skip-default", action="store_true", help="with --memory-check: only it")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=["full", "plain-parse", "fetch"], help=argparse.SUPPRESS)
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                     _spawn("full", spec, spec_path)
                     spec.pop("profile")
                     result["profile"] = _print_profile(str(prof))
+                    if args.profile_out:
+                        shutil.copy(prof, args.profile_out)
                     result["stages_ms_per_msg"] = stage_breakdown(leads)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -328,3 +328,35 @@ def test_it_lends_the_pool_lead_to_the_other_reps_when_the_pool_is_away(
         "Chloe Martin skipped: away until 2026-12-03; "
         "round-robin (weight 1 of 2) among Ana Lopez, Ben Okafor"
     )
+
+
+def test_promotions_in_one_transaction_share_the_round_robin_and_the_caps(
+    app: App, tmp_path: Path
+) -> None:
+    # An inbound batch promotes many leads in one transaction: the counters are read
+    # once for it, and each assignment it makes counts for the next one.
+    config = with_reps(
+        app,
+        tmp_path,
+        [
+            {"name": "Ben Okafor", "email": "ben@example.com", "daily_cap": 2},
+            {"name": "Chloe Martin", "email": "chloe@example.com"},
+        ],
+        assignment="round_robin",
+    )
+
+    def batch(emails: list[str]) -> list[Assignment]:
+        out = []
+        with app.transaction() as session:
+            for email in emails:
+                lead = add_lead(session, email)
+                out.append(assign(session, lead, config, NOW))
+                record(session, lead, out[-1])
+        return out
+
+    first = batch([f"p{i}@co{i}.example" for i in range(4)])
+    second = batch([f"q{i}@other{i}.example" for i in range(2)])
+
+    assert [rep_of(r) for r in first] == ["Ben Okafor", "Chloe Martin"] * 2
+    assert [rep_of(r) for r in second] == ["Chloe Martin", "Chloe Martin"]
+    assert all(r.reason.startswith("Ben Okafor skipped: daily cap 2 reached") for r in second)

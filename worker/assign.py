@@ -42,14 +42,14 @@ newly added catches up by taking the next leads (bounded by their daily cap, if 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from fractions import Fraction
-from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from worker.config import Config, Rep, RepMatch
@@ -160,24 +160,22 @@ def _rep_by_email(reps: Sequence[Rep], email: str | None) -> Rep | None:
 # --- account ownership ------------------------------------------------------------------
 
 
-def _owned_like(column: Any) -> Select[datetime, int, str | None]:
+@functools.cache
+def _owned_like(column: str, emails: tuple[str, ...]) -> Select[datetime, int, str | None]:
     """The most recently updated lead owned by one of the reps (`emails`) that shares
-    `column` with the lead (`value`), the lead itself (`lead_id`) excepted."""
+    `column` with the lead (`value`), the lead itself (`lead_id`) excepted. Built once a
+    rep list: it runs for every promotion, and building one, or expanding a list
+    parameter, costs what running it does."""
     return (
         select(Lead.updated_at, Lead.id, Lead.owner)
         .where(
-            column == bindparam("value"),
-            Lead.owner.in_(bindparam("emails", expanding=True)),
+            getattr(Lead, column) == bindparam("value"),
+            Lead.owner.in_([literal(e) for e in emails]),
             Lead.id != bindparam("lead_id"),
         )
         .order_by(Lead.updated_at.desc(), Lead.id.desc())
         .limit(1)
     )
-
-
-# Built once: they run for every promotion, and building one costs what running it does.
-_OWNED_BY_DOMAIN = _owned_like(Lead.domain)
-_OWNED_BY_COMPANY = _owned_like(Lead.company_key)
 
 
 def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[Rep, str] | None:
@@ -191,16 +189,17 @@ def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[R
     company = (lead.company or "").strip()
     key = company_key(company)
     found: list[tuple[datetime, int, str, str]] = []
-    lookups: list[tuple[Select[datetime, int, str | None], str, str]] = []
+    lookups: list[tuple[str, str, str]] = []
     if domain and domain not in CONSUMER_DOMAINS:
-        lookups.append((_OWNED_BY_DOMAIN, domain, domain))
+        lookups.append(("domain", domain, domain))
     if key is not None and company.casefold() not in PLACEHOLDER_COMPANIES:
-        lookups.append((_OWNED_BY_COMPANY, key, repr(company)))
+        lookups.append(("company_key", key, repr(company)))
     conn = core(session)
-    # A lead not in the database yet has no id: 0 is nobody's (ids start at 1).
-    params = {"emails": [rep.email for rep in reps], "lead_id": lead.id or 0}
-    for query, value, what in lookups:
-        row = conn.execute(query, {**params, "value": value}).first()
+    emails = tuple(rep.email for rep in reps)
+    for column, value, what in lookups:
+        # A lead not in the database yet has no id: 0 is nobody's (ids start at 1).
+        params = {"value": value, "lead_id": lead.id or 0}
+        row = conn.execute(_owned_like(column, emails), params).first()
         if row is not None and row.owner is not None:
             found.append((row.updated_at, row.id, row.owner, what))
     if not found:
@@ -295,6 +294,40 @@ def _rule_fit(match: RepMatch | None, lead: Lead) -> str | None:
 # --- availability and round robin -------------------------------------------------------
 
 
+_TODAY = (
+    select(RepAssignments.rep, RepAssignments.assigned)
+    .where(RepAssignments.day == bindparam("day"))
+    .where(RepAssignments.rep.in_(bindparam("reps", expanding=True)))
+)
+_TOTALS = (
+    select(RepAssignments.rep, func.sum(RepAssignments.assigned))
+    .where(RepAssignments.rep.in_(bindparam("reps", expanding=True)))
+    .group_by(RepAssignments.rep)
+)
+_READ = "twoway.rep_counters_read"
+
+
+def _read_once(
+    session: Session, query: Select[str, int], reps: Sequence[Rep], today: date
+) -> dict[str, int]:
+    """The reps' counters as `query` reads them from the database, once a transaction
+    (an inbound batch promotes hundreds of leads): until this unit of work commits, only
+    its own increments change them for it, and those are kept apart (`_pending`). On
+    PostgreSQL, another worker's batch committed meanwhile is counted from this worker's
+    next transaction, about a second later; each worker's own batch is invisible to the
+    others until it commits, whether or not this is cached."""
+    txn = session.get_transaction()
+    held: tuple[object, dict[tuple[object, ...], dict[str, int]]] | None = session.info.get(_READ)
+    if held is None or held[0] is not txn:
+        held = session.info[_READ] = (txn, {})
+    emails = tuple(r.email for r in reps)
+    found = held[1].get((query, emails, today))
+    if found is None:
+        rows = session.execute(query, {"day": today, "reps": list(emails)})
+        found = held[1][(query, emails, today)] = {rep: int(n or 0) for rep, n in rows}
+    return found
+
+
 class _State:
     """Per-call view of the reps' absence and load, read from the database once."""
 
@@ -327,13 +360,7 @@ class _State:
 
     def today_counts(self) -> dict[str, int]:
         if self._today_counts is None:
-            rows = self.session.execute(
-                select(RepAssignments.rep, RepAssignments.assigned).where(
-                    RepAssignments.day == self.today,
-                    RepAssignments.rep.in_([r.email for r in self.reps]),
-                )
-            )
-            counts = {rep: n for rep, n in rows}
+            counts = dict(_read_once(self.session, _TODAY, self.reps, self.today))
             for (rep, day), n in _pending(self.session).items():
                 if day == self.today:
                     counts[rep] = counts.get(rep, 0) + n
@@ -342,12 +369,7 @@ class _State:
 
     def totals(self) -> dict[str, int]:
         if self._totals is None:
-            rows = self.session.execute(
-                select(RepAssignments.rep, func.sum(RepAssignments.assigned))
-                .where(RepAssignments.rep.in_([r.email for r in self.reps]))
-                .group_by(RepAssignments.rep)
-            )
-            totals = {rep: int(n or 0) for rep, n in rows}
+            totals = dict(_read_once(self.session, _TOTALS, self.reps, self.today))
             for (rep, _day), n in _pending(self.session).items():
                 totals[rep] = totals.get(rep, 0) + n
             self._totals = totals

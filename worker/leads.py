@@ -849,8 +849,12 @@ def forget_loaded(
     session: Session, model: type[Enrollment | OutboundMessage], lead_id: int
 ) -> None:
     """Expire the lead's rows of `model` this session holds, after an UPDATE it did not see."""
-    for obj in list(session.identity_map.values()):
-        if type(obj) is model and obj.__dict__.get("lead_id") == lead_id:
+    held = session.identity_map
+    # Identity keys start with the class: only the model's objects are looked at (an
+    # inbound batch holds hundreds of other rows).
+    for key in [k for k in held.keys() if k[0] is model]:  # noqa: SIM118 (no __iter__ typed)
+        obj = held.get(key)
+        if obj is not None and obj.__dict__.get("lead_id") == lead_id:
             session.expire(obj)
 
 
