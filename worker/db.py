@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -344,6 +344,9 @@ def _insert_returning(model: Any, keys: frozenset[str]) -> Insert:
     )
 
 
+_Row = TypeVar("_Row")
+
+
 def add_now(session: Session, obj: Any) -> None:
     """INSERT a new ORM object at once by a prebuilt statement (`run`) and let it join
     the session as if loaded (its columns as given; one it was not given is loaded when
@@ -351,10 +354,25 @@ def add_now(session: Session, obj: Any) -> None:
     written one at a time on the inbound path."""
     mapper = inspect(obj).mapper
     values = {c.key: obj.__dict__[c.key] for c in mapper.column_attrs if c.key in obj.__dict__}
+    _insert_loaded(session, mapper, obj, values)
+
+
+def add_new(session: Session, model: type[_Row], **values: Any) -> _Row:
+    """`add_now` of a row given as its column values: the object is made as a query
+    makes one it loads, without the instrumented constructor's bookkeeping of each
+    attribute (for the inbound message's row, a third of `add_now`'s cost)."""
+    mapper = inspect(model)
+    obj: _Row = mapper.class_manager.new_instance()
+    obj.__dict__.update(values)
+    _insert_loaded(session, mapper, obj, values)
+    return obj
+
+
+def _insert_loaded(session: Session, mapper: Any, obj: Any, values: dict[str, Any]) -> None:
     stmt = _insert_returning(mapper.class_, frozenset(values))
     pk = run(session.connection(), stmt, values).one()
     for column, value in zip(mapper.primary_key, pk, strict=True):
-        setattr(obj, mapper.get_property_by_column(column).key, value)
+        obj.__dict__[mapper.get_property_by_column(column).key] = value
     make_transient_to_detached(obj)
     session.add(obj)
 

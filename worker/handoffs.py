@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Config, Delay, Rep
 from worker.contexts import Kind, NudgeFacts
-from worker.db import add_now
+from worker.db import add_new
 from worker.leads import cancel_queued, iso, lead_fields, lead_rows, record_event
 from worker.models import Handoff as HandoffRow
 from worker.models import Lead, LeadStatus
@@ -66,7 +66,9 @@ def open_handoff(
 ) -> HandoffRow:
     """Start the speed-to-lead clock for `lead` with `rep` (its SLA and escalation times)."""
     h = config.handoff
-    row = HandoffRow(
+    return add_new(
+        s,
+        HandoffRow,
         lead_id=lead.id,
         rep=rep,
         inbound_id=inbound_id,
@@ -78,8 +80,6 @@ def open_handoff(
             else None
         ),
     )
-    add_now(s, row)
-    return row
 
 
 def rep_answered(

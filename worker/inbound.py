@@ -33,7 +33,7 @@ from worker.app import App
 from worker.classify import Classification, ClassifyContext, classify
 from worker.config import Config, MailboxConfig
 from worker.db import (
-    add_now,
+    add_new,
     as_unavailable,
     defer_inserts,
     is_conflict,
@@ -568,7 +568,10 @@ def _process(
     match = match_message(s, msg, cls, app.config, known)
     if keep is not None and match.lead is not None:
         keep.append(match.lead)
-    row = InboundMessage(
+    # Its id: the effects' events, handoffs and queued emails name it.
+    row = add_new(
+        s,
+        InboundMessage,
         mailbox=mb.name,
         folder=fetched.folder,
         uidvalidity=fetched.uidvalidity,
@@ -589,7 +592,6 @@ def _process(
         raw=fetched.raw if cls.kind in KEEP_RAW and len(fetched.raw) <= _MAX_KEPT_RAW else None,
         received_at=now,
     )
-    add_now(s, row)  # its id: the effects' events, handoffs and queued emails name it
     # The effects go to the database in one flush at the end (one UPDATE of the lead,
     # one INSERT per table): nothing the lifecycle reads depends on its own unflushed
     # writes (events are buffered and read with `pending_events`).
