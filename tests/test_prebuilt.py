@@ -13,7 +13,7 @@ from tests.conftest import base_config
 from worker.app import App
 from worker.db import _insert_returning, add_now, run
 from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
-from worker.lifecycle import _PAUSE
+from worker.lifecycle import _PAUSE, _own_colleagues, _pause_for_account
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent
 from worker.outbox import enqueue
 
@@ -62,6 +62,8 @@ def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_p
         (_CANCEL_QUEUED, {"lead": lead, "of_kind": "nurture", "why": "asked to stop"}),
         (_PAUSE, {"lead": lead, "until": NOW, "at": NOW}),
         (_insert_returning(InboundMessage, frozenset(message)), message),
+        (_pause_for_account(2), {"id0": lead, "id1": lead + 1, "at": NOW}),
+        (_own_colleagues(1), {"id0": lead, "rep": "ana@example.com", "at": NOW}),
     ]
     for stmt, values in cases:
         core, core_rows = _sent(app, stmt, values, fast=False)

@@ -7,6 +7,7 @@ Every status change is a LeadEvent with its cause.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Row, Select, bindparam, func, select, update
+from sqlalchemy import BindParameter, Integer, Row, Select, Update, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -709,17 +710,33 @@ _SAME_DOMAIN = (
     .where(Lead.domain == bindparam("domain"), Lead.id != bindparam("lead_id"))
     .limit(ACCOUNT_MAX_LEADS + 1)
 )
-_PAUSE_FOR_ACCOUNT = (
-    enrollments("paused_for_account", Enrollment.lead_id.in_(bindparam("ids", expanding=True)))
-    .values(paused_until=None, updated_at=bindparam("at"))
-    .returning(Enrollment.lead_id)
-)
-_OWN_COLLEAGUES = (
-    update(Lead)
-    .where(Lead.id.in_(bindparam("ids", expanding=True)), Lead.owner.is_(None))
-    .values(owner=bindparam("rep"), updated_at=bindparam("at"))
-    .returning(Lead.id)
-)
+
+
+def _ids(n: int) -> list[BindParameter[int]]:
+    return [bindparam(f"id{i}", type_=Integer) for i in range(n)]
+
+
+# Built once per number of colleagues (at most ACCOUNT_MAX_LEADS), without a list
+# parameter to expand at each execution, so `run` sends them as driver SQL.
+@functools.cache
+def _pause_for_account(n: int) -> Update:
+    return (
+        enrollments("paused_for_account", Enrollment.lead_id.in_(_ids(n)))
+        .values(paused_until=None, updated_at=bindparam("at"))
+        .returning(Enrollment.lead_id)
+    )
+
+
+@functools.cache
+def _own_colleagues(n: int) -> Update:
+    return (
+        update(Lead)
+        .where(Lead.id.in_(_ids(n)), Lead.owner.is_(None))
+        .values(owner=bindparam("rep"), updated_at=bindparam("at"))
+        .returning(Lead.id)
+    )
+
+
 _COLLEAGUES = (
     select(Lead.first_name, Lead.last_name, Lead.email, Lead.title)
     .where(Lead.id.in_(bindparam("ids", expanding=True)))
@@ -758,10 +775,13 @@ def _account_awareness(
     if not colleagues:
         return []
     conn = core(s)
-    paused = set(conn.scalars(_PAUSE_FOR_ACCOUNT, {"ids": colleagues, "at": now}))
+    ids = {f"id{i}": other for i, other in enumerate(colleagues)}
+    pause = _pause_for_account(len(colleagues))
+    paused = set(run(conn, pause, {**ids, "at": now}).scalars())
     owned: set[int] = set()
     if rep_email:
-        owned = set(conn.scalars(_OWN_COLLEAGUES, {"ids": colleagues, "rep": rep_email, "at": now}))
+        own = _own_colleagues(len(colleagues))
+        owned = set(run(conn, own, {**ids, "rep": rep_email, "at": now}).scalars())
         for other in owned:  # what the ORM's synchronisation would do for loaded leads
             loaded = s.identity_map.get(identity_key(Lead, other))
             if loaded is not None:
