@@ -11,7 +11,7 @@ from sqlalchemy import Insert, Update, event, select
 
 from tests.conftest import base_config
 from worker.app import App
-from worker.db import _insert_returning, add_now, run
+from worker.db import _insert_returning, add_new, run
 from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
 from worker.lifecycle import _PAUSE, _own_colleagues, _pause_for_account
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent
@@ -76,14 +76,13 @@ def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_p
 
 def test_a_column_default_computed_in_python_is_applied(database_url: str, tmp_path: Any) -> None:
     """`lead_events.detail` defaults to {} in Python, not in the database: a row written
-    without it (by `add_now`) must get {} (the statement goes the ORM's way), not NULL."""
+    without it (by `add_new`) must get {} (the statement goes the ORM's way), not NULL."""
     app = App.open(base_config(database_url, tmp_path), lambda: NOW)
     with app.transaction() as s:
         import_leads(s, [(2, {"email": "a@x.example"})], NOW)
     with app.transaction() as s:
         lead = s.scalars(select(Lead.id)).one()
-        event_row = LeadEvent(lead_id=lead, at=NOW, type="note", cause="test")
-        add_now(s, event_row)
+        event_row = add_new(s, LeadEvent, lead_id=lead, at=NOW, type="note", cause="test")
         written = event_row.id
     with app.transaction() as s:
         assert s.scalar(select(LeadEvent.detail).where(LeadEvent.id == written)) == {}

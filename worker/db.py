@@ -335,7 +335,7 @@ def _insert(model: Any) -> Insert:
 
 @functools.cache
 def _insert_returning(model: Any, keys: frozenset[str]) -> Insert:
-    """INSERT of the columns `keys`, returning the primary key (for `add_now`)."""
+    """INSERT of the columns `keys`, returning the primary key (for `add_new`)."""
     mapper = inspect(model)
     return (
         insert(model)
@@ -347,20 +347,13 @@ def _insert_returning(model: Any, keys: frozenset[str]) -> Insert:
 _Row = TypeVar("_Row")
 
 
-def add_now(session: Session, obj: Any) -> None:
-    """INSERT a new ORM object at once by a prebuilt statement (`run`) and let it join
-    the session as if loaded (its columns as given; one it was not given is loaded when
-    read). The ORM's flush of one new object costs several times its statement; for rows
-    written one at a time on the inbound path."""
-    mapper = inspect(obj).mapper
-    values = {c.key: obj.__dict__[c.key] for c in mapper.column_attrs if c.key in obj.__dict__}
-    _insert_loaded(session, mapper, obj, values)
-
-
 def add_new(session: Session, model: type[_Row], **values: Any) -> _Row:
-    """`add_now` of a row given as its column values: the object is made as a query
-    makes one it loads, without the instrumented constructor's bookkeeping of each
-    attribute (for the inbound message's row, a third of `add_now`'s cost)."""
+    """INSERT a new row of `model` at once by a prebuilt statement (`run`) and return it
+    joined to the session as if loaded (its columns as given; one it was not given is
+    loaded when read). The object is made as a query makes one it loads, without the
+    instrumented constructor's bookkeeping of each attribute; the ORM's flush of one new
+    object costs several times its statement. For rows written one at a time on the
+    inbound path."""
     mapper = inspect(model)
     obj: _Row = mapper.class_manager.new_instance()
     obj.__dict__.update(values)
