@@ -15,7 +15,7 @@ from worker.db import _insert_returning, add_new, run
 from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
 from worker.lifecycle import _PAUSE, _own_colleagues, _pause_for_account
 from worker.models import Enrollment, InboundMessage, Lead, LeadEvent
-from worker.outbox import enqueue
+from worker.outbox import _claim_sql, _sent_sql, enqueue
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -49,8 +49,14 @@ def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_p
     with app.transaction() as s:
         import_leads(s, [(2, {"email": "a@x.example"})], NOW, campaign=app.config.campaigns[0])
     with app.transaction() as s:
-        lead = s.scalars(select(Enrollment.lead_id)).one()
-        enqueue(s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, lead), "welcome", NOW)
+        enrollment, lead = s.execute(select(Enrollment.id, Enrollment.lead_id)).one()
+        row = enqueue(
+            s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, lead), "welcome", NOW,
+            enrollment_id=enrollment, campaign="welcome", step=0,
+        )  # fmt: skip
+        assert row is not None
+        s.flush()
+        row_id = row.id
     message = {
         "mailbox": "sales", "folder": "INBOX", "uidvalidity": 1, "uid": 7, "message_id": "m@x",
         "from_addr": "a@x.example", "sent_date": NOW, "kind": "reply",
@@ -64,13 +70,25 @@ def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_p
         (_insert_returning(InboundMessage, frozenset(message)), message),
         (_pause_for_account(2), {"id0": lead, "id1": lead + 1, "at": NOW}),
         (_own_colleagues(1), {"id0": lead, "rep": "ana@example.com", "at": NOW}),
-    ]
+        # The send path's claim and outcome; values a statement does not name (`held`
+        # without a reservation) are ignored, as SQLAlchemy ignores them.
+        (_claim_sql("nurture", False), {
+            "row_id": row_id, "tries": 0, "held": None, "addr": "a@x.example",
+            "at_domain": "@x.example", "tried": 1, "subj": "Hello", "lease": NOW,
+        }),
+    ]  # fmt: skip
     for stmt, values in cases:
         core, core_rows = _sent(app, stmt, values, fast=False)
         fast, fast_rows = _sent(app, stmt, values, fast=True)
         assert [sql for sql, _ in fast] == [sql for sql, _ in core]
         assert [_plain(p) for _, p in fast] == [_plain(p) for _, p in core]
         assert fast_rows == core_rows == 1, stmt  # the same one row changed
+    with app.engine.begin() as conn:  # claimed: its outcome can be written
+        assert run(conn, cases[-1][0], cases[-1][1]).rowcount == 1
+    core, core_rows = _sent(app, _sent_sql(), {"row_id": row_id, "at": NOW, "unused": 1}, False)
+    fast, fast_rows = _sent(app, _sent_sql(), {"row_id": row_id, "at": NOW, "unused": 1}, True)
+    assert [_plain(p) for _, p in fast] == [_plain(p) for _, p in core]
+    assert fast_rows == core_rows == 1
     app.close()
 
 

@@ -66,6 +66,7 @@ from worker.models import (
     LeadStatus,
     OutboundMessage,
     OutboxState,
+    UTCDateTime,
 )
 from worker.outbox import enqueue
 from worker.parsing import ParsedMessage
@@ -239,12 +240,16 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         "recipients": list(b.recipients),
     }
     code = f"{b.status} " if b.status else ""
-    ours = s.get(OutboundMessage, ev.match.outbound_id) if ev.match.outbound_id else None
+    ours = (
+        core(s).execute(_BOUNCED_TO, {"id": ev.match.outbound_id}).scalar()
+        if ev.match.outbound_id
+        else None
+    )
     failed = {r.lower() for r in b.recipients}
-    if (ours is not None and ours.to_addr != lead.email) or (failed and lead.email not in failed):
+    if (ours is not None and ours != lead.email) or (failed and lead.email not in failed):
         # Mail about the lead to someone else bounced (the rep's briefing, or the reply-ready
         # copy: it carries her Message-ID and token): the lead's address is not at fault.
-        to = ours.to_addr if ours is not None else ", ".join(sorted(failed))
+        to = ours if ours is not None else ", ".join(sorted(failed))
         record_event(
             s, lead, "team_bounce", f"{_cause(row)}: our mail to {to} bounced {code}({b.reason})",
             now, detail=detail, inbound_id=row.id,
@@ -262,31 +267,35 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         detail=detail,
         inbound_id=row.id,
     )
-    s.flush()
-    # The table's events and those this unit of work has not written yet (buffered).
+    # The table's events and those this unit of work has not written yet (buffered; an
+    # unbuffered event is in the table already).
     window = now - timedelta(days=app.config.bounces.soft_window_days)
-    last_reset = s.scalar(
-        select(func.max(LeadEvent.at)).where(
-            LeadEvent.lead_id == lead.id, LeadEvent.type == "bounce_reset"
-        )
-    )
+    conn = core(s)
+    last_reset = conn.execute(_LAST_RESET, {"lead": lead.id}).scalar()
     resets = [r["at"] for r in pending_events(s, lead.id, "bounce_reset")]
     last_reset = max([x for x in (last_reset, *resets) if x is not None], default=None)
     since = max(window, last_reset) if last_reset else window
-    count = (
-        s.scalar(
-            select(func.count()).where(
-                LeadEvent.lead_id == lead.id, LeadEvent.type == "soft_bounce", LeadEvent.at >= since
-            )
-        )
-        or 0
-    ) + sum(1 for r in pending_events(s, lead.id, "soft_bounce") if r["at"] >= since)
+    count = (conn.execute(_SOFT_SINCE, {"lead": lead.id, "since": since}).scalar() or 0) + sum(
+        1 for r in pending_events(s, lead.id, "soft_bounce") if r["at"] >= since
+    )
     if count >= app.config.bounces.soft_limit:
         bounce_lead(
             s, lead, now,
             f"{count} soft bounces within {app.config.bounces.soft_window_days} days (limit {app.config.bounces.soft_limit})",
             row.id,
         )  # fmt: skip
+
+
+# Built once: they run for every bounce.
+_BOUNCED_TO = select(OutboundMessage.to_addr).where(OutboundMessage.id == bindparam("id"))
+_LAST_RESET = select(func.max(LeadEvent.at)).where(
+    LeadEvent.lead_id == bindparam("lead"), LeadEvent.type == "bounce_reset"
+)
+_SOFT_SINCE = select(func.count()).where(
+    LeadEvent.lead_id == bindparam("lead"),
+    LeadEvent.type == "soft_bounce",
+    LeadEvent.at >= bindparam("since", type_=UTCDateTime()),
+)
 
 
 def _reset_soft_bounces(s: Session, lead: Lead, ev: Inbound) -> None:

@@ -62,7 +62,7 @@ from worker.contexts import (
     sender_block,
     unsubscribe_url,
 )
-from worker.db import deferring, insert_row
+from worker.db import deferring, insert_row, run
 from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
@@ -87,7 +87,9 @@ from worker.suppression import suppressed
 logger = logging.getLogger(__name__)
 MAX_ATTACHED_ORIGINAL = 10 * 1024 * 1024
 """A prospect's original larger than this is not attached to the handoff (SMTP size caps)."""
-CLAIM_BATCH = 20
+CLAIM_BATCH = 100
+"""Rows a pass decides and sends per read (`_load`: a handful of queries for the whole
+batch); each is still claimed alone, and what was not reached is released."""
 MESSAGE_ID_LENGTH = 255
 """The outbox's `message_id` column (ours are about 60 characters)."""
 
@@ -571,9 +573,9 @@ def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
                     return False  # being decided elsewhere: the next pass looks again
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
-            return s.connection().execute(statement, values).rowcount == 1
+            return run(s.connection(), statement, values).rowcount == 1
     with _short(app, conn) as c:
-        return c.execute(statement, values).rowcount == 1
+        return run(c, statement, values).rowcount == 1
 
 
 @functools.cache
@@ -839,14 +841,14 @@ def record(
         values = {"row_id": item.row_id, "at": now}
         try:
             with _short(app, conn) as c:
-                done = c.execute(_sent_sql(), values).rowcount
+                done = run(c, _sent_sql(), values).rowcount
         except DBAPIError as e:
             if conn is None or not e.connection_invalidated:
                 raise
             # The pass's connection was lost (a database restart): the message is out, so
             # once more on a fresh connection, as a new checkout of the pool would do.
             with app.engine.begin() as fresh:
-                done = fresh.execute(_sent_sql(), values).rowcount
+                done = run(fresh, _sent_sql(), values).rowcount
         if done == 1:
             return
         # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
