@@ -348,6 +348,10 @@ def child_full(spec: dict[str, Any]) -> dict[str, Any]:
         worker = worker.start()
     if hasattr(getattr(worker, "preparer", None), "warm"):
         worker.preparer.warm(wait=True)  # as the daemon at start: its pool is up before mail
+    from worker import inbound
+
+    if hasattr(inbound, "tune_gc"):
+        inbound.tune_gc()  # as `twoway run` does once started
     started, cpu = time.perf_counter(), time.process_time()
     result = worker.run_once()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu

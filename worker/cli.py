@@ -578,11 +578,13 @@ def run_cmd(
     state: _State, once: bool, log_format: str | None, as_json: bool, with_serve: bool
 ) -> None:
     """The worker: sync mailboxes (IDLE or polling), process replies, send what is due."""
+    from worker.inbound import tune_gc
     from worker.runner import Worker, run_daemon
 
     _setup_logging(log_format, state.verbose)
     with _errors():
         app = state.app()
+        tune_gc()
         if not once:
             serve = app.config.serve
             run_daemon(

@@ -12,6 +12,7 @@ nothing quarantined and the progress where it was, and the caller retries with b
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import logging
@@ -205,11 +206,30 @@ def _with_fetched(batch: list[FetchedMessage], prepared: list[Prepared]) -> list
 _CHILD_CTX: ClassifyContext | None = None
 
 
+GC_THRESHOLD = (10_000, 50, 100)
+"""The collector's thresholds in the worker's processes (Python's defaults: 700, 10, 10)."""
+
+
+def tune_gc() -> None:
+    """For a long-running process of the worker (`twoway run`, and its parsing
+    processes), once start-up is done: what start-up made (modules, mappers, compiled
+    statements, templates) is moved out of the cyclic collector's sight, and young
+    objects are examined every 10,000 allocations instead of 700. Every message
+    allocates thousands of short-lived objects (parsed mail, rows, statement parameters)
+    that reference counting frees anyway; with Python's defaults the collector's passes
+    over them and over start-up's objects took about 7 % of the worker's CPU on the
+    benchmarks' mail (0.1 ms a message; 0.04 ms with these). Cyclic garbage is still
+    collected, only later."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def _start_child(ctx: ClassifyContext, parent: int) -> None:
     """A pool process: the parent decides when to stop (SIGTERM and Ctrl-C are its to
     handle: it finishes the batch in flight and shuts the pool down), and mail-parser's
     warnings stay quiet as in the CLI."""
     global _CHILD_CTX
+    tune_gc()
     _CHILD_CTX = ctx
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
