@@ -427,7 +427,15 @@ def child_stages(spec: dict[str, Any]) -> dict[str, Any]:
     from worker.app import App
     from worker.classify import classify
     from worker.config import clock_from_env, config_from_dict
-    from worker.inbound import Prepared, SyncResult, _state, classify_context, process_batch
+    from worker.inbound import (
+        Prepared,
+        SyncResult,
+        _header_key,
+        _state,
+        classify_context,
+        message_key,
+        process_batch,
+    )
     from worker.mailbox import FetchedMessage
     from worker.parsing import parse
 
@@ -449,7 +457,13 @@ def child_stages(spec: dict[str, Any]) -> dict[str, Any]:
         ms["parse"] = (time.process_time() - started) * 1000 / n
         started = time.process_time()
         prepared = [
-            Prepared(f, m, classify(m, ctx, today=today))
+            Prepared(
+                f,
+                m,
+                classify(m, ctx, today=today),
+                key=message_key(m, f.raw),
+                header_key=_header_key(f.raw),
+            )
             for f, m in zip(fetched, parsed, strict=True)
         ]
         ms["classify"] = (time.process_time() - started) * 1000 / n

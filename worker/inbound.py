@@ -171,18 +171,25 @@ class Prepared:
     failure: Exception | None = None
     """What classifying it raised; raised again where the message is processed, so it is
     handled as any other failure of that message."""
+    key: str = ""
+    """Its dedupe key (`message_key`) once parsed."""
+    header_key: str | None = None
+    """The batch lookup's guess of its Message-ID from the raw header (`_header_key`)."""
 
 
 def prepare(fetched: FetchedMessage, ctx: ClassifyContext, today: date) -> Prepared:
-    """Parse and classify one message (pure: no database, no I/O); never raises."""
+    """Parse and classify one message (pure: no database, no I/O); never raises. The
+    keys are worked out here too, in the parsing process when there is one."""
+    guess = _header_key(fetched.raw)
     try:
         msg = parse(fetched.raw, fetched.size)
     except ParseError as e:
-        return Prepared(fetched, error=f"cannot parse: {e}")
+        return Prepared(fetched, error=f"cannot parse: {e}", header_key=guess)
+    key = message_key(msg, fetched.raw)
     try:
-        return Prepared(fetched, msg, classify(msg, ctx, today=today))
+        return Prepared(fetched, msg, classify(msg, ctx, today=today), key=key, header_key=guess)
     except Exception as e:  # a poisoned message must never stop the batch
-        return Prepared(fetched, msg, failure=e)
+        return Prepared(fetched, msg, failure=e, key=key, header_key=guess)
 
 
 def _prepare_many(batch: list[FetchedMessage], today: date) -> list[Prepared]:
@@ -380,7 +387,7 @@ def process_batch(
                 buffer_events(s)  # one executemany of the batch's events
                 defer_inserts(s)  # and of its queued emails and conversion events
                 keep: list[object] = []  # loaded leads stay in the session's identity map
-                seen = _seen_keys(s, mb.name, batch[i:])
+                seen = _seen_keys(s, mb.name, prepared[i:])
                 known = prefetch(
                     s, [(p.msg, p.cls) for p in prepared[i:] if p.msg and p.cls], app.config
                 )
@@ -417,9 +424,9 @@ BATCH_SECONDS = 1.0
 """A batch transaction commits after this long at most (other commands wait on it)."""
 
 
-def _seen_keys(s: Session, mailbox: str, batch: list[FetchedMessage]) -> set[str]:
+def _seen_keys(s: Session, mailbox: str, batch: list[Prepared]) -> set[str]:
     """The dedupe keys among the batch's Message-IDs already recorded (one query)."""
-    keys = {k for f in batch if (k := _header_key(f.raw))}
+    keys = {k for p in batch if (k := p.header_key)}
     if not keys:
         return set()
     return set(
@@ -568,9 +575,9 @@ def _process(
         raise _Quarantine(prepared.error)
     msg = prepared.msg
     assert msg is not None
-    key = message_key(msg, fetched.raw)
+    key = prepared.key
     if (seen is not None and key in seen) or (
-        (seen is None or _header_key(fetched.raw) != key) and _sender_of(s, mb.name, key)
+        (seen is None or prepared.header_key != key) and _sender_of(s, mb.name, key)
     ):
         # A reused Message-ID is the same message only from the same sender; another
         # sender's message is recorded under its id plus a hash of its bytes.
