@@ -353,12 +353,26 @@ def child_full(spec: dict[str, Any]) -> dict[str, Any]:
     if hasattr(inbound, "tune_gc"):
         inbound.tune_gc()  # as `twoway run` does once started
     started, cpu = time.perf_counter(), time.process_time()
-    result = worker.run_once()
+    if spec.get("passes"):  # as the daemon reads a backlog: bounded passes, one after another
+        from worker.runner import PASS_LIMIT
+
+        r, errors = inbound.SyncResult(), []
+        while True:
+            one = worker.run_once(limit=PASS_LIMIT)
+            for name in ("processed", "duplicates", "quarantined"):
+                setattr(r, name, getattr(r, name) + getattr(one.inbound, name))
+            for kind, k in one.inbound.kinds.items():
+                r.kinds[kind] = r.kinds.get(kind, 0) + k
+            errors += one.errors
+            if not one.more:
+                break
+    else:
+        result = worker.run_once()
+        r, errors = result.inbound, result.errors
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     worker.close()  # joins the parsing pool's processes: their CPU is in RUSAGE_CHILDREN now
     app.close()
     pool = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = result.inbound
     import worker as package
 
     return {
@@ -368,7 +382,7 @@ def child_full(spec: dict[str, Any]) -> dict[str, Any]:
         "messages": r.processed + r.duplicates + r.quarantined,
         "quarantined": r.quarantined,
         "kinds": r.kinds,
-        "errors": result.errors,
+        "errors": errors,
         "seconds": seconds,
         "cpu_seconds": cpu,
         "statements": statements[0],
@@ -566,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--in-process", action="store_true", help="also: parse_processes 0")
     ap.add_argument(
+        "--daemon-passes",
+        action="store_true",
+        help="also: the backlog read as the daemon reads it (bounded passes), fewest leads",
+    )
+    ap.add_argument(
         "--baseline-src", help="also: the fewest leads with the worker of this checkout"
     )
     ap.add_argument("--stages", action="store_true", help="also: CPU per stage, fewest leads")
@@ -596,13 +615,17 @@ def main(argv: list[str] | None = None) -> int:
             _spawn("plain-parse", spec, work)  # warm Dovecot's index and the page cache
             result["plain_parse"] = _case(_spawn("plain-parse", spec, work), appended)
             result["ceiling"] = _case(_spawn("ceiling", spec, work), appended)
-            variants: list[tuple[str, str | None, int | None]] = [
-                ("twoway", None, args.parse_processes)
+            variants: list[tuple[str, str | None, int | None, bool]] = [
+                ("twoway", None, args.parse_processes, False)
             ]
             if args.in_process:
-                variants.append(("in-process", None, 0))
+                variants.append(("in-process", None, 0, False))
             if args.baseline_src:
-                variants.append(("baseline", args.baseline_src, None))
+                variants.append(("baseline", args.baseline_src, None, False))
+            if args.daemon_passes:
+                variants.append(("daemon passes", None, args.parse_processes, True))
+                if args.baseline_src:
+                    variants.append(("baseline daemon passes", args.baseline_src, None, True))
 
             def full(db: str, n: int, built: float, out: dict[str, Any], label: str) -> None:
                 if out["messages"] != appended or out["errors"]:
@@ -618,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec_build = {"database": f"sqlite:///{template}", "leads": n}
                 built = _spawn("build", spec_build, work)["seconds"]
                 run_db = work / "run.db"
-                for label, src, procs in variants if n == min(sizes) else variants[:1]:
+                for label, src, procs, passes in variants if n == min(sizes) else variants[:1]:
                     for suffix in ("", "-wal", "-shm"):
                         Path(f"{run_db}{suffix}").unlink(missing_ok=True)
                     if src:  # its own migrations: a database that checkout can open
@@ -627,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     else:
                         shutil.copyfile(template, run_db)
-                    one = {**spec, "database": f"sqlite:///{run_db}", "parse_processes": procs}
+                    one = {**spec, "database": f"sqlite:///{run_db}", "parse_processes": procs,
+                           "passes": passes}  # fmt: skip
                     full("sqlite", n, built, _spawn("full", one, work, src), label)
                 if args.stages and n == min(sizes):
                     stages = {**spec, "template": str(template), "messages": args.messages}
@@ -638,11 +662,14 @@ def main(argv: list[str] | None = None) -> int:
                 from tests.conftest import pg_schema  # the tests' throwaway schema
 
                 for n in pg_sizes:
-                    for label, src, procs in variants if n == min(pg_sizes) else variants[:1]:
+                    for label, src, procs, passes in (
+                        variants if n == min(pg_sizes) else variants[:1]
+                    ):
                         with pg_schema(args.pg_url, "bench_scale") as url:
                             spec_build = {"database": url, "leads": n}
                             built = _spawn("build", spec_build, work, src)["seconds"]
-                            one = {**spec, "database": url, "parse_processes": procs}
+                            one = {**spec, "database": url, "parse_processes": procs,
+                                   "passes": passes}  # fmt: skip
                             full("postgresql", n, built, _spawn("full", one, work, src), label)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,10 +20,11 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from tests.conftest import base_config_data, twoway_cmd, wait_for
+from tests.conftest import PG_URL, base_config_data, pg_schema, twoway_cmd, wait_for
 from worker import inbound
 from worker.app import App
 from worker.config import config_from_dict
+from worker.leases import release_leases
 from worker.models import InboundMessage, Quarantine
 from worker.runner import Worker
 
@@ -255,3 +256,85 @@ def test_a_system_that_refuses_the_pool_parses_in_process(
     assert _records(app) == in_process
     assert "cannot start the parsing process" in caplog.text
     app.close()
+
+
+def _counting_fetches(worker: Worker) -> list[int]:
+    """How many messages the worker's (real) mail source hands out, per fetch."""
+    source = worker.mailboxes[0].source
+    real = source.fetch_new
+    fetched: list[int] = []
+
+    def fetch_new(folder: str, after_uid: int, batch_size: int) -> Iterator[list[Any]]:
+        for batch in real(folder, after_uid, batch_size):
+            fetched.append(len(batch))
+            yield batch
+
+    source.fetch_new = fetch_new  # type: ignore[method-assign]
+    return fetched
+
+
+def test_the_daemons_passes_read_a_backlog_once_with_the_next_batch_prepared_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """The daemon reads a backlog a bounded pass at a time (sending between passes). The
+    batch a pass fetched ahead and handed to the pool is kept for the next pass, not
+    dropped and fetched again: every message is fetched once, and the records are those
+    of one `run --once` drain."""
+    drained, _ = _run(tmp_path / "drained", 0)
+    (tmp_path / "passes").mkdir()
+    data = _config(tmp_path / "passes", 1)
+    app = App.open(config_from_dict(data, tmp_path / "passes" / "twoway.yaml"), lambda: NOW)
+    worker = Worker(app).start()
+    fetched = _counting_fetches(worker)
+    passes = []
+    try:
+        while True:
+            result = worker.run_once(limit=100)
+            passes.append(result.inbound.processed + result.inbound.quarantined)
+            if not result.more:
+                break
+    finally:
+        worker.close()
+    assert passes == [100, 100, 100, 0]
+    assert sum(fetched) == N, f"fetched {fetched}: a batch fetched twice"
+    assert _records(app) == drained
+    app.close()
+
+
+def test_a_batch_kept_for_the_next_pass_is_dropped_when_another_worker_read_on(
+    tmp_path: Path,
+) -> None:
+    """Between two passes another worker (the mailbox's lease moved) read the folder: the
+    batch the first one kept is not the next one any more, and is not recorded again.
+    Several workers share a PostgreSQL database only."""
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured (set TWOWAY_TEST_PG_URL; .ci/run does)")
+    with pg_schema(PG_URL) as url:
+        _kept_batch_dropped(tmp_path, url)
+
+
+def _kept_batch_dropped(tmp_path: Path, url: str) -> None:
+    data = {**_config(tmp_path, 1), "database": url}
+    cfg = config_from_dict(data, tmp_path / "twoway.yaml")
+    app, other_app = App.open(cfg, lambda: NOW), App.open(cfg, lambda: NOW)
+    first, other = Worker(app).start(), Worker(other_app).start()
+    try:
+        assert first.run_once(limit=100).more
+        release_leases(app, first.id)  # as when its lease lapsed (the worker stalled)
+        rest = other.run_once()
+        assert rest.inbound.processed + rest.inbound.quarantined == N - 100
+        release_leases(other_app, other.id)  # and the other one stopped
+        fetched = _counting_fetches(first)
+        again = first.run_once(limit=100)
+    finally:
+        first.close()
+        other.close()
+    assert (again.inbound.processed, again.inbound.duplicates, again.inbound.quarantined) == (
+        0,
+        0,
+        0,
+    )
+    assert sum(fetched) == 0
+    assert _count(app, InboundMessage) + _count(app, Quarantine) == N
+    app.close()
+    other_app.close()

@@ -103,8 +103,9 @@ def sync_mailbox(
 ) -> SyncResult:
     """Read every new message of every configured folder and process it once.
 
-    Returns when the folders are drained, after `limit` messages (the daemon interleaves
-    reading and sending), or when `should_stop` says so between batches.
+    Returns when the folders are drained, after the batch that reaches `limit` messages
+    (the daemon interleaves reading and sending), or when `should_stop` says so between
+    batches.
     A UIDVALIDITY change restarts the folder from UID 0, deduplicating by Message-ID.
     Raises DatabaseUnavailable when the database cannot be reached or written: nothing
     of the batch in flight is kept or quarantined and the folder's progress stays put.
@@ -112,6 +113,9 @@ def sync_mailbox(
     """
     result = SyncResult()
     preparer = preparer or Preparer(ctx, 0)
+    # A bounded call reads whole batches of at most `limit`, and stops after the batch
+    # that reaches it.
+    size = mb.batch_size if limit is None else max(1, min(mb.batch_size, limit))
     try:
         for folder in mb.folders:
             info = source.select(folder)
@@ -127,22 +131,23 @@ def sync_mailbox(
                 after = st.last_uid
             # Batch k+1 is fetched and handed to the preparer (parsed and classified,
             # in the pool when there is one) before batch k's database work starts;
-            # batches still commit one after the other, in order.
-            ahead: tuple[list[FetchedMessage], Callable[[], list[Prepared]]] | None = None
-            taken = result.processed + result.duplicates + result.quarantined
-            fetched_batches = source.fetch_new(folder, after, mb.batch_size)
-            for batch in itertools.chain(fetched_batches, [None]):
+            # batches still commit one after the other, in order. A call that stops
+            # early leaves its batch ahead with the preparer, still being prepared, for
+            # the next call to start with (the daemon's passes: `Preparer.keep`).
+            ahead = preparer.resume((mb.name, folder), info.uidvalidity, after)
+            start = after if ahead is None else ahead[0][-1].uid
+            for batch in itertools.chain(source.fetch_new(folder, start, size), [None]):
                 following = None
                 if batch is not None:
-                    if limit is not None:
-                        batch = batch[: max(0, limit - taken)]
-                    taken += len(batch)
                     following = (batch, preparer.submit(batch, app.now().date()))
                 if ahead is not None:
                     process_batch(app, mb, ahead[0], ctx, result, prepared=ahead[1]())
                     seen = result.processed + result.duplicates + result.quarantined
                     if should_stop() or (limit is not None and seen >= limit):
-                        result.more = True  # the batch prepared ahead is read again later
+                        result.more = True
+                        if following is not None:
+                            done = ahead[0][-1].uid
+                            preparer.keep((mb.name, folder), info.uidvalidity, done, following)
                         return result
                 ahead = following
             with app.transaction() as s:
@@ -254,6 +259,10 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
+Ahead = tuple[list[FetchedMessage], Callable[[], list[Prepared]]]
+"""A fetched batch and the call that gives it prepared (`Preparer.submit`)."""
+
+
 POOL_MIN_BATCH = 64
 """Smaller batches are prepared in-process: shipping them to another process costs
 about what parsing them does."""
@@ -279,6 +288,23 @@ class Preparer:
         self.ctx = ctx
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._kept: dict[tuple[str, str], tuple[int, int, Ahead]] = {}
+
+    def keep(self, folder: tuple[str, str], uidvalidity: int, after: int, ahead: Ahead) -> None:
+        """Hold `ahead`, a batch fetched and submitted that a bounded `sync_mailbox` did
+        not reach, for the next call on this (mailbox, folder): it goes on being prepared
+        meanwhile (while the daemon sends, say), and is not fetched again. It is the next
+        batch only while the folder's progress is still at uid `after` under `uidvalidity`."""
+        self._kept[folder] = (uidvalidity, after, ahead)
+
+    def resume(self, folder: tuple[str, str], uidvalidity: int, after: int) -> Ahead | None:
+        """The batch `keep` held for this folder if it is still the next one: the folder's
+        progress (read now) is where it was left. Otherwise (another worker read on, the
+        UIDVALIDITY changed) it is dropped, and the folder is fetched from `after` again."""
+        kept = self._kept.pop(folder, None)
+        if kept is None or kept[:2] != (uidvalidity, after):
+            return None
+        return kept[2]
 
     def warm(self, wait: bool = False) -> None:
         """Start the pool's processes now rather than on the first large batch: a new
@@ -348,6 +374,7 @@ class Preparer:
 
     def close(self) -> None:
         """Stop the pool's processes (queued work is dropped; nothing was committed)."""
+        self._kept.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
