@@ -177,8 +177,11 @@ def test_it_shares_the_work_between_workers_and_survives_one_dying(
         )
     assert smtp_server.began_for(unknown)
     handoffs = sum(per_rcpt[f"rep{i}@example.com"] for i in range(3))
-    # Per prospect message, a briefing and a reply-ready copy.
-    assert handoffs == statuses[("handoff", "sent")] + statuses[("rep_copy", "sent")]
+    # Per prospect message, a briefing and a reply-ready copy; the send the SIGKILL left
+    # `unknown` may be one of them, delivered before its outcome was written.
+    sent = statuses[("handoff", "sent")] + statuses[("rep_copy", "sent")]
+    to_reps = sum(1 for a in unknown if a.startswith("rep"))
+    assert sent <= handoffs <= sent + to_reps, (handoffs, sent, unknown)
     for i in range(REPLIES):  # step 1 and the follow-up, never more
         assert per_rcpt[f"lead{i}@company{i}.example.org"] <= 2
     app.close()
