@@ -350,3 +350,38 @@ def test_it_files_processed_mail_into_folders_only_when_configured(
     assert len(dovecot.uids(imap_user, "Newsletters")) == 1  # the newsletter was filed
     with app.transaction() as s:
         assert s.scalar(select(func.count()).select_from(InboundMessage)) == 2
+
+
+def test_the_briefings_thread_gives_every_time_in_utc(database_url: str, tmp_path: Path) -> None:
+    """The thread's times say "UTC": the prospect's Date in her own zone is converted, both
+    for a message read alone and for the second of a batch (whose earlier one is read
+    back from the database)."""
+    config = base_config(database_url, tmp_path, campaigns=[], unknown_senders="create_lead")
+    app = App.open(config, lambda: NOW)
+
+    def reply(uid: int, date: str, body: str) -> FetchedMessage:
+        msg = EmailMessage()
+        msg["From"] = "Ines Ruiz <ines@zona.example.org>"
+        msg["To"] = "sales@example.com"
+        msg["Subject"] = "Question"
+        msg["Date"] = date
+        msg["Message-ID"] = f"<z{uid}@zona.example.org>"
+        msg.set_content(body)
+        return FetchedMessage("INBOX", 1, uid, msg.as_bytes(), ())
+
+    mb, ctx = config.mailboxes[0], classify_context(config)
+    first = reply(1, "Tue, 01 Dec 2026 11:30:00 +0200", "Hello, what does it cost?")
+    process_message(app, mb, first, ctx, SyncResult())
+    second = [reply(2, "Tue, 01 Dec 2026 05:45:00 -0300", "And is there a trial?")]
+    process_batch(app, mb, second, ctx, SyncResult())
+    with app.transaction() as s:
+        threads = s.scalars(
+            select(OutboundMessage.context)
+            .where(OutboundMessage.kind == "handoff")
+            .order_by(OutboundMessage.id)
+        ).all()
+        types = s.scalars(select(LeadEvent.type).order_by(LeadEvent.id)).all()
+    assert [[(m["at"], m["summary"]) for m in t["thread"]] for t in threads] == [
+        [("2026-12-01 08:45 UTC", "this message"), ("2026-12-01 09:30 UTC", "reply")],
+    ], types
+    app.close()

@@ -702,7 +702,7 @@ def _thread_item(
 ) -> ThreadItem:
     return {
         "direction": direction,
-        "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+        "at": at.astimezone(UTC).isoformat(" ", "minutes")[:16] + " UTC",
         "subject": subject or "",
         "summary": summary,
         "text": text,
