@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -353,19 +354,44 @@ def run(
     if prebuilt is None:
         return conn.execute(stmt, values)
     sql, params = prebuilt
-    args = params(values)
+    return _on_cursor(conn, sql, params(values))
+
+
+def run_many(conn: Connection, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT `rows` of `model` in the order given: one executemany on the driver's
+    cursor per run of rows naming the same columns (what `run` is to one statement:
+    SQLAlchemy's executemany builds every row's parameters through its compiled
+    statement, which costs more than the driver's insert of it). The cursor events are
+    fired and driver errors raised as SQLAlchemy's, as by `run`."""
+    for keys, group in itertools.groupby(rows, key=lambda row: frozenset(row)):
+        batch = list(group)
+        stmt = _insert_columns(model, keys)
+        prebuilt = _for_driver(stmt, conn.dialect)
+        if prebuilt is None:
+            conn.execute(stmt, batch)
+            continue
+        sql, params = prebuilt
+        _on_cursor(conn, sql, [params(row) for row in batch], many=True)
+
+
+def _on_cursor(conn: Connection, sql: str, args: Any, many: bool = False) -> DriverResult:
+    """Execute driver SQL on the connection's own cursor within its transaction, with
+    the engine's cursor events and SQLAlchemy's handling of driver errors."""
     if not conn.in_transaction():
         conn.begin()  # as an execution would (autobegin; SQLite's BEGIN IMMEDIATE)
     dialect, fairy, dispatch = conn.dialect, conn.connection, conn.dispatch
     cursor = fairy.cursor()
     try:
         if dispatch.before_cursor_execute:
-            dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
-        cursor.execute(sql, args)
+            dispatch.before_cursor_execute(conn, cursor, sql, args, None, many)
+        if many:
+            cursor.executemany(sql, args)
+        else:
+            cursor.execute(sql, args)
         returns = cursor.description is not None
         result = DriverResult(cursor.fetchall() if returns else [], returns, cursor.rowcount)
         if dispatch.after_cursor_execute:
-            dispatch.after_cursor_execute(conn, cursor, sql, args, None, False)
+            dispatch.after_cursor_execute(conn, cursor, sql, args, None, many)
     except dialect.loaded_dbapi.Error as e:
         lost = dialect.is_disconnect(e, fairy.dbapi_connection, cursor)
         if lost:
@@ -376,6 +402,12 @@ def run(
     finally:
         cursor.close()
     return result
+
+
+@functools.cache
+def _insert_columns(model: Any, keys: frozenset[str]) -> Insert:
+    """INSERT of the columns `keys` of the model's table, built once per set of columns."""
+    return insert(model).values({key: bindparam(key) for key in sorted(keys)})
 
 
 @functools.cache
@@ -462,7 +494,7 @@ def write_deferred(session: Session, *models: Any) -> None:
     for model in models or list(pending):
         rows = pending.pop(model, None)
         if rows:
-            session.connection().execute(_insert(model), rows)
+            run_many(session.connection(), model, rows)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from worker.app import App
 from worker.config import Campaign, Config, country_code
 from worker.contexts import LeadBlock
-from worker.db import core, deferred_rows, refresh_statistics, run
+from worker.db import core, deferred_rows, refresh_statistics, run, run_many
 from worker.match import note_new_lead
 from worker.models import (
     Enrollment,
@@ -251,7 +251,7 @@ def flush_events(session: Session) -> None:
     """Write the buffered events (see `buffer_events`); a no-op when none are pending."""
     pending: _Buffer | None = session.info.get(_EVENT_BUFFER)
     if pending:
-        session.connection().execute(insert(LeadEvent), pending)  # Core: no ORM bulk path
+        run_many(session.connection(), LeadEvent, pending)  # Core: no ORM bulk path
         pending.clear()
 
 
