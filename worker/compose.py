@@ -13,9 +13,9 @@ import functools
 import io
 import random
 import re
+import secrets
 import sys
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,7 +123,7 @@ def new_message_id(domain: str) -> str:
     domain = clean_text(domain).lower()
     if not _DOMAIN.match(domain):
         raise ValueError(f"not a domain for a Message-ID: {domain!r}")
-    return f"twoway.{uuid.uuid4().hex}@{domain}"
+    return f"twoway.{secrets.token_hex(16)}@{domain}"
 
 
 def reply_address(sender_address: str, token: str) -> str:

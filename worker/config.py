@@ -6,6 +6,7 @@ secrets, `TWOWAY_CONFIG`, `TWOWAY_DATABASE_URL` and the `TWOWAY_NOW` clock.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -48,6 +49,9 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
+    """Frozen, so values derived from the fields are cached (`functools.cached_property`);
+    build a changed copy by validation, not `model_copy(update=...)`, which keeps them."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -257,16 +261,16 @@ class SenderConfig(_Model):
             raise ValueError("needs an address such as 'Acme Sales <sales@example.com>'")
         return v
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
         """The bare, lower-cased sending address."""
         return address_of(self.from_)
 
-    @property
+    @functools.cached_property
     def display_name(self) -> str:
         return display_name_of(self.from_)
 
-    @property
+    @functools.cached_property
     def domain(self) -> str:
         return self.message_id_domain or self.address.rsplit("@", 1)[1]
 
@@ -695,7 +699,7 @@ class Config(_Model):
             return (transport,)
         return (None, *(m.name for m in self.mailboxes if m.smtp is None))
 
-    @property
+    @functools.cached_property
     def reply_bases(self) -> frozenset[str]:
         """Local parts our reply-token addresses are built on (`sales` in sales+TOKEN@…)."""
         froms = [self.sender.from_, *(m.from_ for m in self.mailboxes if m.from_)]
@@ -712,7 +716,7 @@ class Config(_Model):
         rep = self.rep(email) if email else None
         return rep.timezone if rep is not None and rep.timezone else self.handoff.timezone
 
-    @property
+    @functools.cached_property
     def our_addresses(self) -> frozenset[str]:
         """Addresses whose mail is ours or our team's (never a lead's reply)."""
         out = {self.sender.address}
@@ -725,7 +729,7 @@ class Config(_Model):
                     out.add(a.lower())
         return frozenset(out)
 
-    @property
+    @functools.cached_property
     def our_domains(self) -> frozenset[str]:
         return frozenset(d.lower() for d in self.internal_domains)
 
