@@ -270,6 +270,37 @@ def test_it_fails_a_runaway_render_at_send_time_and_sends_the_rows_behind_it(
     assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
 
 
+def test_a_runaway_render_built_ahead_of_its_turn_fails_that_row_alone(
+    tmp_path: Path, sqlite_url: str, smtp_server: SmtpServer
+) -> None:
+    # The send pass builds each message while the one before it is spoken over SMTP
+    # (another thread): the limits hold there, and the failure is the row's own.
+    templates = with_attacks(tmp_path, {"nurture/thirty-mb": ATTACKS["nurture/thirty-mb"]})
+    cfg = write_config(
+        tmp_path,
+        sqlite_url,
+        templates_dir=str(templates),
+        smtp=smtp_server.section(),
+        campaigns=[campaign("big", "nurture/thirty-mb"), campaign("welcome", "nurture/welcome")],
+    )
+    import_into(cfg, tmp_path, "welcome", "first@contoso.example")
+    import_into(cfg, tmp_path, "big", "second@northwind.example")
+    import_into(cfg, tmp_path, "welcome", "third@fabrikam.example")
+    run = run_measured(twoway_cmd(cfg, "run", "--once"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = outbox(sqlite_url)
+    big = rows["second@northwind.example"]
+    assert big.status == "failed"
+    assert "thirty-mb/body.txt:3: exceeds a render limit: writes or builds more than" in (
+        big.last_error
+    )
+    assert rows["first@contoso.example"].status == "sent"
+    assert rows["third@fabrikam.example"].status == "sent"
+    assert sorted(smtp_server.recipients()) == ["first@contoso.example", "third@fabrikam.example"]
+    assert not smtp_server.began_for(["second@northwind.example"])
+    assert run.peak_rss_mb < MAX_RSS_MB, run.peak_rss_mb
+
+
 FAT = "{% for i in range(3000) %}{{ 'Plenty of words on a line. ' * 2 }}\n{% endfor %}"
 
 

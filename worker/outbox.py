@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -392,8 +394,50 @@ _UNLESS_ANSWERED = ("followup", "reminder", "escalation")
 """Kinds that must not go out once the rep has answered the prospect."""
 
 
+class _BuildAhead:
+    """Builds the batch's next message (render and compose) in a thread while the
+    current one is spoken over SMTP: the socket waits leave the interpreter free, and
+    building costs about what the SMTP exchange does. What it builds is what `prepare`
+    would (the same row and lead, read with the batch; a handoff, which reads the
+    database, is built by `prepare` itself), and it writes nothing: `prepare` still
+    decides whether the message goes out, and takes the result, or its exception, as its
+    own. One thread, one message ahead; none where there is one core to run on."""
+
+    def __init__(self, app: App, renderer: Renderer, due: _Due) -> None:
+        self._app, self._renderer, self._due = app, renderer, due
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future[tuple[str, bytes]]] = {}
+        self._on = len(due.rows) > 1 and (os.cpu_count() or 1) > 1
+
+    def __enter__(self) -> _BuildAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, row_ids: list[int]) -> None:
+        for row_id in row_ids if self._on else ():
+            row = self._due.rows.get(row_id)
+            lead = self._due.leads.get(row.lead_id) if row is not None else None
+            if row is None or lead is None or row.kind == "handoff":
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="twoway-build")
+            args = (None, self._app, self._renderer, row, lead)
+            self._pending[row_id] = self._pool.submit(_build_wire, *args)
+
+    def take(self, row_id: int) -> Future[tuple[str, bytes]] | None:
+        return self._pending.pop(row_id, None)
+
+
 def prepare(
-    app: App, renderer: Renderer, row_id: int, budgets: dict[str, int], due: _Due | None = None
+    app: App,
+    renderer: Renderer,
+    row_id: int,
+    budgets: dict[str, int],
+    due: _Due | None = None,
+    built: Future[tuple[str, bytes]] | None = None,
 ) -> Prepared | None:
     """Decide whether row `row_id` goes out now and, if so, build it.
 
@@ -403,7 +447,8 @@ def prepare(
     and applies only if the row is as it was read. None of them is claimed: a row that
     may go out is returned still `queued`, for `claim` once its SMTP transaction has begun.
     None also when the row was taken, settled or rescheduled meanwhile. `due`: the
-    batch's facts read by `_load` (default: read for this row alone).
+    batch's facts read by `_load` (default: read for this row alone). `built`: the
+    message built ahead by `_BuildAhead` (default: built here).
     """
     now = app.now()
     if due is None:
@@ -439,6 +484,8 @@ def prepare(
         if row.kind == "handoff":  # the original and the follow-up it announces
             with app.transaction() as s:
                 subject, raw = _build_wire(s, app, renderer, row, lead)
+        elif built is not None:
+            subject, raw = built.result()
         else:
             subject, raw = _build_wire(None, app, renderer, row, lead)
         check_size(raw, me.smtp)
@@ -937,13 +984,14 @@ def send_due(
         reached = 0
         # The batch's claims and outcomes run on one connection, each in a short
         # transaction of its own: none is open while SMTP is spoken.
-        with app.engine.connect() as conn:
-            for row_id in batch:
+        with app.engine.connect() as conn, _BuildAhead(app, renderer, due) as ahead:
+            for at, row_id in enumerate(batch):
                 if should_stop() or (limit is not None and sent >= limit):
                     break
                 reached += 1
                 seen.add(row_id)
-                item = prepare(app, renderer, row_id, budgets, due)
+                item = prepare(app, renderer, row_id, budgets, due, ahead.take(row_id))
+                ahead.start(batch[at + 1 : at + 2])  # while this one is spoken over SMTP
                 if item is None:
                     continue
                 mailer = mailer_for(item.transport)
