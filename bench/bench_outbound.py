@@ -8,7 +8,11 @@ shared machine hurts both alike; the best round of each is reported.
     .venv/bin/python bench/bench_outbound.py [-n 2000] [--rounds 3] [--json]
 
 The ratio Mailer/plain is the figure to watch (target >= 0.7); absolute rates depend on
-the machine and mostly measure the Python SMTP server.
+the machine and mostly measure the Python SMTP server. The sink runs in a process of its
+own, as any SMTP server does (`--sink-in-process`: in this one, sharing its interpreter
+lock, as before 2026-12-03 evening); it answers at once, the adversarial case for the
+client's own work, unless `--sink-delay-ms D` makes it wait D ms before each reply to
+MAIL, RCPT and DATA, as a server across a network does.
 
 The whole send path is measured too (rounds alternate with the plain loop): N leads due
 step 1 in a SQLite database, queued by `queue_due`, then `send_due` (each row claimed right
@@ -25,11 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import smtplib
 import sys
 import time
 from email.message import EmailMessage
+from multiprocessing.connection import Connection
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -44,10 +50,32 @@ ENVELOPE_FROM = "bounces@acme.example"
 
 
 class _Sink:
-    def __init__(self) -> None:
+    """Accepts everything; `delay` seconds before each reply to MAIL, RCPT and DATA (the
+    round trip to a server across a network; 0: loopback, the adversarial case)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
         self.count = 0
+        self.delay = delay
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        envelope.mail_from, envelope.mail_options = address, options
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.count += 1
         return "250 2.0.0 OK"
 
@@ -57,6 +85,36 @@ class _SinkController(Controller):
         assert isinstance(self.server, asyncio.Server)
         self.port = self.server.sockets[0].getsockname()[1]  # port 0: learn the real one
         super()._trigger_server()  # type: ignore[no-untyped-call]
+
+
+def _serve(pipe: Connection, delay: float) -> None:
+    """The sink in a process of its own (as an SMTP server is): sends its port, then, when
+    asked, how many messages it received, and stops."""
+    sink = _Sink(delay)
+    controller = _SinkController(sink, hostname=HOST, port=0)
+    controller.start()
+    pipe.send(controller.port)
+    pipe.recv()
+    controller.stop()
+    pipe.send(sink.count)
+
+
+class _SinkProcess:
+    """`_Sink` run in its own process: the client's and the server's CPU apart."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self._pipe, theirs = multiprocessing.Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_serve, args=(theirs, delay), daemon=True
+        )
+        self._process.start()
+        self.port: int = self._pipe.recv()
+
+    def stop(self) -> int:
+        self._pipe.send("stop")
+        count: int = self._pipe.recv()
+        self._process.join(10)
+        return count
 
 
 def build_messages(n: int) -> list[tuple[EmailMessage, str]]:
@@ -165,13 +223,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--pg", action="store_true", help="the send path on PostgreSQL too")
     parser.add_argument("--pg-url", default=os.environ.get("TWOWAY_TEST_PG_URL"))
+    parser.add_argument(
+        "--sink-in-process",
+        action="store_true",
+        help="run the SMTP sink in this process (sharing its GIL) instead of its own",
+    )
+    parser.add_argument(
+        "--sink-delay-ms",
+        type=float,
+        default=0.0,
+        help="the sink waits this long before each reply to MAIL, RCPT and DATA (default 0)",
+    )
     args = parser.parse_args(argv)
     if args.pg and not args.pg_url:
         parser.error("--pg needs --pg-url or TWOWAY_TEST_PG_URL")
 
-    sink = _Sink()
-    controller = _SinkController(sink, hostname=HOST, port=0)
-    controller.start()
+    sink: _Sink | None = None
+    if args.sink_in_process:
+        sink = _Sink(args.sink_delay_ms / 1000)
+        local = _SinkController(sink, hostname=HOST, port=0)
+        local.start()
+        controller: _SinkController | _SinkProcess = local
+    else:
+        controller = _SinkProcess(args.sink_delay_ms / 1000)
     try:
         messages = build_messages(args.messages)
         run_plain(controller.port, messages[:50])  # warm both paths up
@@ -188,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             plain3.append(run_plain(controller.port, messages))
             pg_times.append(run_send_due(controller.port, args.messages, args.pg_url))
     finally:
-        controller.stop()
+        if isinstance(controller, _SinkProcess):
+            received = controller.stop()
+        else:
+            controller.stop()
+            received = sink.count if sink is not None else 0
 
     n = args.messages
     plain_rate = n / min(plain_times)
@@ -203,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "send_due_msgs_per_s": round(n / min(due_times), 1),
         "plain_smtplib_msgs_per_s_2": round(n / min(plain2), 1),
         "send_due_ratio": round(min(plain2) / min(due_times), 3),
-        "received": sink.count,
+        "sink": "in this process" if args.sink_in_process else "its own process",
+        "sink_delay_ms": args.sink_delay_ms,
+        "received": received,
     }
     if pg_times:
         result["send_due_pg_msgs_per_s"] = round(n / min(pg_times), 1)
