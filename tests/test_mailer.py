@@ -5,6 +5,7 @@ from __future__ import annotations
 import mailbox
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.smtp_server import TOKEN, USER, SmtpServer
-from worker.compose import compose, new_message_id
+from worker.compose import as_wire_bytes, compose, new_message_id
 from worker.config import SmtpConfig
 from worker.mailer import Mailer, SendResult, probe_smtp
 
@@ -346,3 +347,67 @@ def test_it_needs_no_envelope_step_for_a_maildir(tmp_path: Path) -> None:
         assert mailer.data(message().as_bytes()).status == "sent"
     [stored] = list(mailbox.Maildir(tmp_path / "outbox", create=False))
     assert stored["Return-Path"] == f"<{BOUNCES}>"
+
+
+class Parts:
+    """Work for the mailer's waits: `n` parts, each recorded with what the server had
+    seen of the current message when it ran."""
+
+    def __init__(self, server: SmtpServer, n: int, fail_at: int | None = None) -> None:
+        self.server, self.left, self.fail_at = server, n, fail_at
+        self.ran: list[int] = []  # the server's transactions at each part
+
+    def __call__(self) -> bool:
+        if self.left == 0:
+            return False
+        if self.fail_at is not None and len(self.ran) == self.fail_at:
+            raise RuntimeError("a part failed")
+        self.ran.append(len(self.server.transactions))
+        self.left -= 1
+        time.sleep(0.0005)  # a part of real work takes time; the server's thread runs
+        return self.left > 0
+
+
+def test_it_runs_the_callers_work_while_it_waits_for_the_servers_replies(
+    smtp_server: SmtpServer,
+) -> None:
+    parts = Parts(smtp_server, 1000)  # more than the waits can take
+    raw = as_wire_bytes(message())
+    with Mailer(smtp_server.config()) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"], meanwhile=parts) is None
+        begun = len(parts.ran)
+        result = mailer.data(raw, meanwhile=parts)
+    assert result.status == "sent"
+    assert smtp_server.messages[0].raw.replace(b"\r\n", b"\n") == raw.replace(b"\r\n", b"\n")
+    # At least one part in each wait (MAIL, RCPT; DATA and its end), and no more once a
+    # reply is there: what is left is the caller's, for later.
+    assert begun >= 2 and 4 <= len(parts.ran) < 200
+
+
+def test_work_left_before_a_retry_is_done_before_the_mailer_sleeps(
+    smtp_server: SmtpServer,
+) -> None:
+    sleeps = Sleeps()
+    parts = Parts(smtp_server, 400)
+    smtp_server.fail_next(1, 451)
+    with Mailer(smtp_server.config(), retries=2, base_delay=0.5, sleep=sleeps) as mailer:
+        assert mailer.begin(BOUNCES, ["maya@northwind.example"], meanwhile=parts) is None
+        result = mailer.data(as_wire_bytes(message()), meanwhile=parts)
+    assert result.status == "sent" and len(smtp_server.messages) == 1
+    assert len(sleeps.delays) == 1
+    assert parts.left == 0  # a retry's wait is seconds: the caller's work does not wait
+
+
+def test_a_failing_part_drops_the_connection_and_the_next_message_goes_out(
+    smtp_server: SmtpServer,
+) -> None:
+    parts = Parts(smtp_server, 10, fail_at=0)
+    with Mailer(smtp_server.config()) as mailer:
+        with pytest.raises(RuntimeError, match="a part failed"):
+            mailer.begin(BOUNCES, ["maya@northwind.example"], meanwhile=parts)
+        # The MAIL FROM's reply was never read: that session is out of step, so it is
+        # gone, and the next message starts on a fresh one.
+        result = mailer.send(message(), BOUNCES, ["maya@northwind.example"])
+    assert result == SendResult("sent", 250, "accepted")
+    assert smtp_server.connections == 2
+    assert [m.connection for m in smtp_server.messages] == [2]

@@ -13,6 +13,7 @@ import mailbox
 import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -410,3 +411,59 @@ def test_it_records_a_sent_message_when_the_database_connection_drops_during_dat
 
 def _pid(dbapi_conn: Any) -> int:
     return int(dbapi_conn.info.backend_pid)
+
+
+def test_each_outcome_is_written_before_the_next_email_is_claimed(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """The last email's outcome is written while the server answers the next one's MAIL
+    FROM: by that one's RCPT, every earlier row says `sent`."""
+    config, app = setup(database_url, tmp_path, smtp_server, 4)
+    leads = [f"lead{i}@company{i}.example.org" for i in range(4)]
+    seen: list[tuple[str, list[str]]] = []
+
+    def look(command: str, address: str) -> None:
+        if command == "RCPT":
+            now = states(app)
+            seen.append((address, [now[a][0] for a in leads]))
+
+    smtp_server.on_command = look
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 4
+    assert seen == [(a, ["sent"] * i + ["queued"] * (4 - i)) for i, a in enumerate(leads)]
+    assert states(app) == {a: ("sent", 1) for a in leads}  # the last one at the batch's end
+    app.close()
+
+
+def test_messages_built_ahead_each_go_to_their_own_lead(
+    database_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """Messages are built ahead while others are spoken over SMTP; rows that do not go
+    out (a suppressed address) drop theirs, and each email sent is its own lead's."""
+    config = base_config(database_url, tmp_path, smtp=smtp_server.section())
+    app = App.open(config, lambda: NOW)
+    names = ["Ada", "Grace", "Edsger", "Barbara", "Donald", "Frances", "Ken"]
+    with app.transaction() as s:
+        rows = [(i + 2, {"email": f"{n.lower()}@firm{i}.example.org", "first_name": n})
+                for i, n in enumerate(names)]  # fmt: skip
+        import_leads(s, rows, NOW, campaign=config.campaign("welcome"))
+    assert queue_due(app) == len(names)
+    with app.transaction() as s:
+        gone = ["grace@firm1.example.org", "donald@firm4.example.org"]
+        import_suppressions(s, [(i + 2, {"email": a}) for i, a in enumerate(gone)], NOW)
+    assert config.smtp is not None
+    with Mailer(config.smtp) as mailer:
+        assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 5
+    got = {m["To"].addresses[0].addr_spec: m for m in smtp_server.parsed()}
+    assert sorted(got) == sorted(
+        f"{n.lower()}@firm{i}.example.org"
+        for i, n in enumerate(names)
+        if n not in ("Grace", "Donald")
+    )
+    for address, msg in got.items():
+        name = address.split("@")[0].title()
+        assert msg["Subject"].startswith(f"{name}, welcome")
+        body = msg.get_body(("plain",))
+        assert isinstance(body, EmailMessage) and f"Hi {name}," in body.get_content()
+    app.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,45 @@ def test_it_keeps_the_subject_on_one_line(renderer: Renderer) -> None:
     subject = renderer.render("nurture/welcome", ctx).subject
     assert "\r" not in subject and "\n" not in subject and "\t" not in subject
     assert subject.startswith("Maya Bcc: victim@example.net , welcome")
+
+
+def test_an_edited_template_shows_at_once_outside_a_pass_and_at_the_next_pass_within(
+    tmp_path: Path,
+) -> None:
+    renderer = make_templates(tmp_path, one_email("first\n"))
+    body = tmp_path / "mail" / "body.txt"
+
+    def edit(text: str, tick: int) -> None:  # a later mtime, as a real edit seconds later has
+        body.write_text(text, encoding="utf-8")
+        stamp = body.stat().st_mtime + tick
+        os.utime(body, (stamp, stamp))
+
+    assert renderer.render("mail", sample_context()).text == "first\n"
+    edit("second\n", 10)
+    assert renderer.render("mail", sample_context()).text == "second\n"  # an admin's preview
+    with renderer.pass_():
+        assert renderer.render("mail", sample_context()).text == "second\n"
+        edit("third\n", 20)
+        # A pass's emails all come from the templates as the pass found them.
+        assert renderer.render("mail", sample_context()).text == "second\n"
+    with renderer.pass_():
+        assert renderer.render("mail", sample_context()).text == "third\n"
+    edit("fourth\n", 30)
+    assert renderer.render("mail", sample_context()).text == "fourth\n"
+
+
+def test_rendering_in_steps_gives_what_rendering_at_once_does(renderer: Renderer) -> None:
+    ctx = sample_context()
+    steps = renderer.render_steps("nurture/welcome", ctx)
+    parts = 0
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+            parts += 1
+    assert parts == 2  # after the subject, after the text
+    assert done.value.value == renderer.render("nurture/welcome", ctx)
+
+
+def test_templates_see_the_environments_globals(tmp_path: Path) -> None:
+    renderer = make_templates(tmp_path, one_email("{% for i in range(3) %}{{ i }}{% endfor %}"))
+    assert renderer.render("mail", sample_context()).text == "012"

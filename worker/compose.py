@@ -28,6 +28,7 @@ from types import MappingProxyType
 from urllib.parse import quote
 
 from worker.config import SenderConfig, SmtpConfig
+from worker.steps import Steps, drained
 
 LOOP_HEADER = "X-Twoway-Loop"
 
@@ -291,7 +292,7 @@ def compose(
     return msg
 
 
-def compose_wire(
+def compose_wire_steps(
     *,
     from_addr: str,
     from_name: str,
@@ -311,11 +312,12 @@ def compose_wire(
     attachments: Sequence[Attachment] = (),
     date: datetime | None = None,
     extra_headers: Mapping[str, str] = _NO_HEADERS,
-) -> bytes:
-    """`as_wire_bytes(compose(...))` with the same arguments, checks and bytes (but for the
-    random MIME boundary), written directly: the stdlib's header objects and generator
-    cost milliseconds a message. Its header classes fold only the headers that need
-    folding or encoding; a message with attachments or extra headers is built by compose.
+) -> Steps[bytes]:
+    """`as_wire_bytes(compose(...))` with the same arguments, checks and bytes (but for
+    the random MIME boundary), a part at a time (see worker.steps): the stdlib's header
+    objects and generator cost milliseconds a message, so the wire form is written
+    directly. Its header classes fold only the headers that need folding or encoding; a
+    message with attachments or extra headers is built by compose.
     """
     if attachments or extra_headers:
         return as_wire_bytes(
@@ -335,13 +337,20 @@ def compose_wire(
         unsubscribe_mailto=unsubscribe_mailto, auto_submitted=auto_submitted, date=date,
         extra_headers=extra_headers,
     )  # fmt: skip
-    parts = [_text_part(text, "plain", first=True), _text_part(html, "html", first=False)]
-    boundary = _boundary("\n".join(parts))
+    yield
     out = "".join(map(_wire_header, headers))
+    yield
+    plain = _text_part(text, "plain", first=True)
+    yield
+    parts = [plain, _text_part(html, "html", first=False)]
+    boundary = _boundary("\n".join(parts))
     out += f'MIME-Version: 1.0\nContent-Type: multipart/alternative;\n boundary="{boundary}"\n\n'
     out += f"--{boundary}\n" + f"\n--{boundary}\n".join(parts) + f"\n--{boundary}--\n"
     data = out.encode("ascii", "surrogateescape")
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+compose_wire = drained(compose_wire_steps)
 
 
 def _headers(

@@ -374,10 +374,41 @@ def run_many(conn: Connection, model: Any, rows: Sequence[Mapping[str, Any]]) ->
         _on_cursor(conn, sql, [params(row) for row in batch], many=True)
 
 
-def _on_cursor(conn: Connection, sql: str, args: Any, many: bool = False) -> DriverResult:
-    """Execute driver SQL on the connection's own cursor within its transaction, with
-    the engine's cursor events and SQLAlchemy's handling of driver errors."""
-    if not conn.in_transaction():
+def run_alone(conn: Connection, stmt: Update, values: Mapping[str, Any]) -> int:
+    """Execute one prebuilt UPDATE as a transaction of its own (its row count): on
+    `conn`, which has none open, in the driver's autocommit mode, which commits the
+    statement with it: SQLite takes its write lock at the statement's start, as BEGIN
+    IMMEDIATE would, and PostgreSQL runs it in one round trip instead of three (BEGIN,
+    the statement, COMMIT). Elsewhere, or for a statement `run` cannot prebuild, in a
+    transaction begun for it. The engine's cursor events fire and driver errors are
+    SQLAlchemy's, as with `run`."""
+    if conn.in_transaction():
+        raise RuntimeError("run_alone needs a connection with no transaction open")
+    prebuilt = _for_driver(stmt, conn.dialect)
+    driver = conn.connection.dbapi_connection
+    name = conn.dialect.name
+    if prebuilt is None or driver is None or name not in ("sqlite", "postgresql"):
+        with conn.begin():
+            return run(conn, stmt, values).rowcount
+    sql, params = prebuilt
+    if name == "sqlite":  # the driver never begins one itself here (see `connect`)
+        assert getattr(driver, "isolation_level", "") is None
+        return _on_cursor(conn, sql, params(values), alone=True).rowcount
+    driver.autocommit = True
+    try:
+        return _on_cursor(conn, sql, params(values), alone=True).rowcount
+    finally:
+        if not conn.invalidated:
+            driver.autocommit = False
+
+
+def _on_cursor(
+    conn: Connection, sql: str, args: Any, many: bool = False, alone: bool = False
+) -> DriverResult:
+    """Execute driver SQL on the connection's own cursor within its transaction (`alone`:
+    with none, see `run_alone`), with the engine's cursor events and SQLAlchemy's
+    handling of driver errors."""
+    if not alone and not conn.in_transaction():
         conn.begin()  # as an execution would (autobegin; SQLite's BEGIN IMMEDIATE)
     dialect, fairy, dispatch = conn.dialect, conn.connection, conn.dispatch
     cursor = fairy.cursor()

@@ -16,6 +16,7 @@ import io
 import logging
 import mailbox
 import re
+import select
 import smtplib
 import socket
 import ssl
@@ -364,6 +365,7 @@ class Mailer:
         self._maildir: mailbox.Maildir | None = None
         self._envelope: tuple[str, list[str], int, bool] = ("", [], 0, False)
         self._open = False  # the server holds our MAIL and RCPTs and waits for DATA
+        self._meanwhile: Callable[[], bool] | None = None  # work for the waits on replies
         self._refused: dict[str, tuple[int, str]] = {}
         self._retrying = Retrying(
             retry=retry_if_result(_is_temporary_reply) | retry_if_exception(_is_connection_error),
@@ -420,6 +422,7 @@ class Mailer:
         *,
         size: int = 0,
         eight_bit: bool = False,
+        meanwhile: Callable[[], bool] | None = None,
     ) -> SendResult | None:
         """Open the SMTP transaction of one message of `size` bytes: MAIL FROM
         `envelope_from` (with BODY=8BITMIME for an `eight_bit` message when the server
@@ -431,6 +434,11 @@ class Mailer:
         `refused`) or "temporary" (4xx or connection errors after the retries; a login or
         TLS problem at once, since it is a configuration problem, not this message's
         fault). A Maildir has no envelope step: always None.
+
+        `meanwhile`: the caller's work for the waits on the server's replies, a part a
+        call (True while parts are left). Parts run after each command is sent until its
+        reply has arrived, and every part left runs before a retry's sleep. It should
+        not raise: if it does, the connection is dropped and the exception propagates.
         """
         self.reset()
         self._envelope = (envelope_from, list(recipients), size, eight_bit)
@@ -438,19 +446,27 @@ class Mailer:
             return SendResult("permanent", None, "no recipients")
         if self.cfg.kind == "maildir":
             return None
-        return self._run(self._begin_attempt)
+        self._meanwhile = meanwhile
+        try:
+            return self._run(self._begin_attempt)
+        finally:
+            self._meanwhile = None
 
-    def data(self, raw: bytes) -> SendResult:
+    def data(self, raw: bytes, meanwhile: Callable[[], bool] | None = None) -> SendResult:
         """Send `raw` (CRLF lines) in the transaction `begin()` opened. Never raises for a
         delivery problem.
 
         A 4xx or a broken connection is retried from MAIL FROM on a fresh connection. A
         partial refusal at RCPT (some recipients accepted) is "sent", with the permanently
-        refused ones in `refused`.
+        refused ones in `refused`. `meanwhile`: as for `begin`.
         """
         if self.cfg.kind == "maildir":
             return self._to_maildir(raw)
-        return self._run(lambda: self._data_attempt(raw))
+        self._meanwhile = meanwhile
+        try:
+            return self._run(lambda: self._data_attempt(raw))
+        finally:
+            self._meanwhile = None
 
     def reset(self) -> None:
         """Abandon the transaction `begin()` opened (RSET), if one is open: nothing is sent."""
@@ -501,6 +517,9 @@ class Mailer:
             state.upcoming_sleep,
         )
         self._drop()
+        work = self._meanwhile
+        while work is not None and work():  # the caller's work is done before any sleep
+            pass
 
     def _connection(self) -> smtplib.SMTP:
         """The open connection (checked with a NOOP when idle long) or a new one; raises
@@ -548,7 +567,11 @@ class Mailer:
         if _international(envelope_from, recipients):
             options.append("SMTPUTF8")
         try:
-            code, resp = conn.mail(envelope_from, options)
+            if "SMTPUTF8" in options:
+                code, resp = conn.mail(envelope_from, options)
+            else:
+                opts = "".join(" " + o for o in options)
+                code, resp = self._ask(conn, "mail", f"FROM:{_quoted(envelope_from)}{opts}")
         except smtplib.SMTPNotSupportedError as e:
             # A non-ASCII address and no SMTPUTF8 at the server: retrying cannot help.
             return SendResult("permanent", None, f"the server cannot take this message: {e}")
@@ -558,7 +581,7 @@ class Mailer:
             return self._reply(code, resp)
         refused: dict[str, tuple[int, str]] = {}
         for rcpt in recipients:
-            code, resp = conn.rcpt(rcpt)
+            code, resp = self._ask(conn, "rcpt", f"TO:{_quoted(rcpt)}")
             if code not in (250, 251):
                 refused[rcpt] = (code, _text(resp))
         if len(refused) == len(recipients):
@@ -566,6 +589,23 @@ class Mailer:
             return self._all_refused(refused)
         self._open, self._refused = True, refused
         return None
+
+    def _ask(self, conn: smtplib.SMTP, cmd: str, args: str) -> tuple[int, bytes]:
+        conn.putcmd(cmd, args)
+        return self._await(conn)
+
+    def _await(self, conn: smtplib.SMTP) -> tuple[int, bytes]:
+        """The server's reply to what was just sent; the caller's `meanwhile` work, a
+        part at a time, runs until the reply has arrived or no part is left."""
+        work = self._meanwhile
+        if work is not None:
+            try:
+                while work() and not _readable(conn.sock):
+                    pass
+            except BaseException:
+                self._drop()  # its reply is still to come: the session is out of step
+                raise
+        return conn.getreply()
 
     def _rset(self, conn: smtplib.SMTP) -> None:
         """RSET after a refused MAIL or RCPTs, so the kept connection starts clean."""
@@ -582,10 +622,11 @@ class Mailer:
                 return not_open
         self._open = False  # whatever DATA answers, the transaction ends with it
         reply: tuple[int, bytes | str]
-        try:
-            reply = conn.data(raw)
-        except smtplib.SMTPDataError as e:  # DATA itself refused (no 354)
-            reply = (e.smtp_code, e.smtp_error)
+        reply = self._ask(conn, "data", "")
+        if reply[0] == 354:
+            q = _DOT_LINE.sub(b"..", raw)
+            conn.send(q + (b".\r\n" if q.endswith(b"\r\n") else b"\r\n.\r\n"))
+            reply = self._await(conn)
         self._last_used = time.monotonic()
         if reply[0] != 250:
             return self._reply(*reply)
@@ -641,6 +682,24 @@ class Mailer:
         except OSError as e:
             return SendResult("temporary", None, f"cannot write to maildir {self.cfg.path}: {e}")
         return SendResult("sent", None, f"delivered to maildir {self.cfg.path} as {key}")
+
+
+_DOT_LINE = re.compile(rb"(?m)^\.")
+_BARE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """Whether `sock` has something to read now (a reply has arrived, or the server hung
+    up: either way getreply has it at once)."""
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _quoted(addr: str) -> str:
+    return f"<{addr}>" if _BARE.match(addr) else smtplib.quoteaddr(addr)
 
 
 def _international(envelope_from: str, recipients: Sequence[str]) -> bool:

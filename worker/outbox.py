@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
-from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -44,7 +42,7 @@ from worker.compose import (
     check_size,
     clean_text,
     compose,
-    compose_wire,
+    compose_wire_steps,
     is_message_id,
     new_message_id,
     reply_address,
@@ -64,7 +62,7 @@ from worker.contexts import (
     sender_block,
     unsubscribe_url,
 )
-from worker.db import deferring, insert_row, run
+from worker.db import deferring, insert_row, run, run_alone
 from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
@@ -84,6 +82,7 @@ from worker.models import (
 from worker.pacing import touch_wait
 from worker.rendering import Renderer
 from worker.states import OUTBOX_MOVES, move_outbox, outbox
+from worker.steps import Steps, drain
 from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
@@ -395,40 +394,74 @@ _UNLESS_ANSWERED = ("followup", "reminder", "escalation")
 
 
 class _BuildAhead:
-    """Builds the batch's next message (render and compose) in a thread while the
-    current one is spoken over SMTP: the socket waits leave the interpreter free, and
-    building costs about what the SMTP exchange does. What it builds is what `prepare`
-    would (the same row and lead, read with the batch; a handoff, which reads the
-    database, is built by `prepare` itself), and it writes nothing: `prepare` still
-    decides whether the message goes out, and takes the result, or its exception, as its
-    own. One thread, one message ahead; none where there is one core to run on."""
+    """Builds the batch's next messages (render and compose), a part at a time, while the
+    current one is spoken over SMTP: `step`, given to the Mailer, runs parts while it
+    waits for each of the server's replies, so building costs no time where the server
+    takes longer to answer than a part takes. It builds in the batch's order, up to
+    `DEPTH` messages ahead of the one being sent: one message's parts may be done before
+    the waits are. What it builds is what `prepare` would (the same row and lead, read
+    with the batch; a handoff, which reads the database, is built by `prepare` itself),
+    and it writes nothing: `prepare` still decides whether the message goes out, and
+    takes the result, or its exception, as its own."""
 
-    def __init__(self, app: App, renderer: Renderer, due: _Due) -> None:
+    DEPTH = 3
+
+    def __init__(self, app: App, renderer: Renderer, due: _Due, order: list[int]) -> None:
         self._app, self._renderer, self._due = app, renderer, due
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future[tuple[str, bytes]]] = {}
-        self._on = len(due.rows) > 1 and (os.cpu_count() or 1) > 1
+        self._order = order
+        self._at = {row_id: at for at, row_id in enumerate(order)}
+        self._next = 0  # the position in `order` of the next row to start
+        self._jobs: dict[int, tuple[Steps[tuple[str, bytes]], Future[tuple[str, bytes]]]] = {}
+        self._running: list[int] = []  # rows started and not finished, oldest first
 
-    def __enter__(self) -> _BuildAhead:
-        return self
+    def step(self) -> bool:
+        """Run the next part of a build; whether any work is left. Never raises."""
+        if not self._running and not self._start():
+            return False
+        row_id = self._running[0]
+        steps, done = self._jobs[row_id]
+        try:
+            next(steps)
+            return True
+        except StopIteration as end:
+            done.set_result(end.value)
+        except Exception as e:  # the build's problem, for `prepare` to handle as its own
+            done.set_exception(e)
+        self._running.pop(0)
+        return bool(self._running) or len(self._jobs) < self.DEPTH
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def start(self, row_ids: list[int]) -> None:
-        for row_id in row_ids if self._on else ():
+    def _start(self) -> bool:
+        """Start the next buildable row of the batch, if fewer than DEPTH are ahead."""
+        while len(self._jobs) < self.DEPTH and self._next < len(self._order):
+            row_id = self._order[self._next]
+            self._next += 1
             row = self._due.rows.get(row_id)
             lead = self._due.leads.get(row.lead_id) if row is not None else None
             if row is None or lead is None or row.kind == "handoff":
                 continue
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="twoway-build")
-            args = (None, self._app, self._renderer, row, lead)
-            self._pending[row_id] = self._pool.submit(_build_wire, *args)
+            steps = _build_wire_steps(None, self._app, self._renderer, row, lead)
+            self._jobs[row_id] = (steps, Future())
+            self._running.append(row_id)
+            return True
+        return False
 
     def take(self, row_id: int) -> Future[tuple[str, bytes]] | None:
-        return self._pending.pop(row_id, None)
+        """The built message of row `row_id` (its remaining parts run now), or None when it
+        was not started; builds of rows before it in the batch are dropped."""
+        at = self._at[row_id]
+        for other in [r for r in self._jobs if self._at[r] < at]:
+            self._drop(other)
+        self._next = max(self._next, at + 1)
+        if row_id not in self._jobs:
+            return None
+        while row_id in self._running:
+            self.step()
+        return self._jobs.pop(row_id)[1]
+
+    def _drop(self, row_id: int) -> None:
+        self._jobs.pop(row_id, None)
+        if row_id in self._running:
+            self._running.remove(row_id)
 
 
 def prepare(
@@ -559,18 +592,6 @@ def _reschedule(
         return moved.rowcount == 1
 
 
-@contextmanager
-def _short(app: App, conn: Connection | None) -> Iterator[Connection]:
-    """One short transaction: on `conn` (a pass's connection, with no transaction open
-    between its uses) or on a connection of the pool."""
-    if conn is None:
-        with app.engine.begin() as fresh:
-            yield fresh
-        return
-    with conn.begin():
-        yield conn
-
-
 def _moved(move: str, *where: ColumnElement[bool]) -> Update:
     """`states.outbox(move, ...)` for the send path's statements: the same move's sources
     and target, its sources written as plain comparisons, since an IN list is expanded
@@ -621,8 +642,10 @@ def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
             return run(s.connection(), statement, values).rowcount == 1
-    with _short(app, conn) as c:
-        return run(c, statement, values).rowcount == 1
+    if conn is None:
+        with app.engine.connect() as conn:
+            return run_alone(conn, statement, values) == 1
+    return run_alone(conn, statement, values) == 1
 
 
 @functools.cache
@@ -759,8 +782,17 @@ def _build_wire(
     s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
 ) -> tuple[str, bytes]:
     """The row's subject and its message as it goes to SMTP, written once before the claim."""
-    args = _message(s, app, renderer, row, lead)
-    return subject_text(str(args["subject"])), compose_wire(**args)
+    return drain(_build_wire_steps(s, app, renderer, row, lead))
+
+
+def _build_wire_steps(
+    s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+) -> Steps[tuple[str, bytes]]:
+    """`_build_wire` a part at a time (see `_BuildAhead`)."""
+    args = yield from _message_steps(s, app, renderer, row, lead)
+    yield
+    raw = yield from compose_wire_steps(**args)
+    return subject_text(str(args["subject"])), raw
 
 
 def _message(
@@ -768,6 +800,13 @@ def _message(
 ) -> dict[str, Any]:
     """compose()'s arguments for the row: its templates rendered, its headers chosen. `s`
     is needed for a handoff only (the original it attaches, the follow-up it announces)."""
+    return drain(_message_steps(s, app, renderer, row, lead))
+
+
+def _message_steps(
+    s: Session | None, app: App, renderer: Renderer, row: OutboundMessage, lead: Lead
+) -> Steps[dict[str, Any]]:
+    """`_message` a part at a time: it pauses between the templates' parts."""
     config = app.config
     sender = config.sender
     facts: dict[str, Any] = dict(row.context or {})
@@ -791,7 +830,7 @@ def _message(
     ctx = context_for(
         row.kind, base, facts, campaign=row.campaign, step=(row.step or 0) + 1, total=total
     )
-    rendered = renderer.render(row.template, ctx)
+    rendered = yield from renderer.render_steps(row.template, ctx)
     unsub_url, unsub_mailto = unsubscribe_targets(sender, token)
     from_addr, from_name = me.address, me.name
     reply_to: str | list[tuple[str, str]] | None = None
@@ -887,15 +926,18 @@ def record(
     if claimed and result.status == "sent":
         values = {"row_id": item.row_id, "at": now}
         try:
-            with _short(app, conn) as c:
-                done = run(c, _sent_sql(), values).rowcount
+            if conn is None:
+                with app.engine.connect() as fresh:
+                    done = run_alone(fresh, _sent_sql(), values)
+            else:
+                done = run_alone(conn, _sent_sql(), values)
         except DBAPIError as e:
             if conn is None or not e.connection_invalidated:
                 raise
             # The pass's connection was lost (a database restart): the message is out, so
             # once more on a fresh connection, as a new checkout of the pool would do.
-            with app.engine.begin() as fresh:
-                done = run(fresh, _sent_sql(), values).rowcount
+            with app.engine.connect() as fresh:
+                done = run_alone(fresh, _sent_sql(), values)
         if done == 1:
             return
         # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
@@ -984,19 +1026,21 @@ def send_due(
         reached = 0
         # The batch's claims and outcomes run on one connection, each in a short
         # transaction of its own: none is open while SMTP is spoken.
-        with app.engine.connect() as conn, _BuildAhead(app, renderer, due) as ahead:
-            for at, row_id in enumerate(batch):
+        ahead = _BuildAhead(app, renderer, due, batch)
+        later = _Later()
+        meanwhile = functools.partial(_meanwhile, later, ahead)
+        with app.engine.connect() as conn, renderer.pass_(), later:
+            for row_id in batch:
                 if should_stop() or (limit is not None and sent >= limit):
                     break
                 reached += 1
                 seen.add(row_id)
                 item = prepare(app, renderer, row_id, budgets, due, ahead.take(row_id))
-                ahead.start(batch[at + 1 : at + 2])  # while this one is spoken over SMTP
                 if item is None:
                     continue
                 mailer = mailer_for(item.transport)
                 assert mailer is not None  # an account that does not exist gets no budget
-                result = _send(app, mailer, item, conn)
+                result = _send(app, mailer, item, conn, meanwhile, later)
                 if result is not None:
                     sent += _after(result, item, budgets, down, sent_copy)
         _release(app, picked, skipped + batch[reached:])
@@ -1042,22 +1086,69 @@ def _account_down(result: SendResult) -> bool:
     )
 
 
+def _meanwhile(later: _Later, ahead: _BuildAhead) -> bool:
+    """One part of the work for the waits on the SMTP server's replies: the last email's
+    outcome first, then the next emails' builds. Whether any is left."""
+    return later.write() or ahead.step()
+
+
+class _Later:
+    """The outcome of the email just sent, written while the server answers the next
+    one's MAIL FROM (its first wait) or, at the latest, before that one is claimed or
+    the batch ends: its own transaction still, a fraction of a millisecond later."""
+
+    def __init__(self) -> None:
+        self._pending: Callable[[], None] | None = None
+
+    def put(self, write: Callable[[], None]) -> None:
+        self.write()
+        self._pending = write
+
+    def write(self) -> bool:
+        """Write the pending outcome, if any; whether there was one."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        pending()
+        return True
+
+    def __enter__(self) -> _Later:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.write()
+
+
 def _send(
-    app: App, mailer: Mailer, item: Prepared, conn: Connection | None = None
+    app: App,
+    mailer: Mailer,
+    item: Prepared,
+    conn: Connection | None = None,
+    meanwhile: Callable[[], bool] | None = None,
+    later: _Later | None = None,
 ) -> SendResult | None:
     """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
-    outcome recorded in its own transaction (on `conn`, the pass's connection). None:
-    another worker claimed it first."""
+    outcome recorded in its own transaction (on `conn`, the pass's connection): at once,
+    or, given `later`, by it. None: another worker claimed it first. `meanwhile`: work
+    for the waits on the server's replies (see Mailer.begin), which writes `later`'s
+    pending outcome first."""
     size, eight_bit = len(item.raw), not item.raw.isascii()
-    refused = mailer.begin(item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit)
+    refused = mailer.begin(
+        item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit, meanwhile=meanwhile
+    )
+    if later is not None:
+        later.write()  # the last email's outcome, before this one's claim
     if refused is not None:
         record(app, item, refused, claimed=False)
         return refused
     if not claim(app, item, conn):
         mailer.reset()
         return None
-    result = mailer.data(item.raw)
-    record(app, item, result, conn=conn)
+    result = mailer.data(item.raw, meanwhile)
+    if later is None:
+        record(app, item, result, conn=conn)
+    else:
+        later.put(lambda: record(app, item, result, conn=conn))
     return result
 
 

@@ -25,11 +25,13 @@ import difflib
 import functools
 import html
 import inspect
+import itertools
 import re
 import string
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +46,7 @@ from jinja2.visitor import NodeTransformer
 
 from worker.config import Campaign, Config, SenderConfig
 from worker.contexts import KINDS, kinds_of, samples
+from worker.steps import Steps, drain
 
 PARTS = ("subject.txt", "body.txt", "body.html")
 _TYPE_MESSAGE = re.compile(r"^'(?P<type>[\w .]+) object' has no attribute '(?P<attr>[^']+)'")
@@ -456,6 +459,12 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         self.filters[_JOINED] = _check_joined
         self.globals["lipsum"] = _lipsum
 
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        # A template's globals as one dict instead of Jinja's ChainMap over the
+        # environment's, which every rendering copies key by key into its context. These
+        # globals are set once, above, before any template loads.
+        return {**self.globals, **(d or {})}
+
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
     ) -> Any:
@@ -512,7 +521,26 @@ class _SizedLoader(jinja2.FileSystemLoader):
                     f"the template file {template} is {size:,} bytes (at most {self.max_bytes:,})"
                 )
             break
-        return super().get_source(environment, template)
+        source, filename, uptodate = super().get_source(environment, template)
+        checked = _PASS.get()
+
+        def fresh() -> bool:
+            # Jinja asks before each use of a loaded template whether its file changed (a
+            # stat): within a pass (see Renderer.pass_), once.
+            nonlocal checked
+            now = _PASS.get()
+            if now and checked == now:
+                return True
+            unchanged = uptodate()
+            checked = now if unchanged else 0
+            return unchanged
+
+        return source, filename, fresh
+
+
+# The pass a thread renders in (Renderer.pass_); 0 outside one.
+_PASS: contextvars.ContextVar[int] = contextvars.ContextVar("twoway_render_pass", default=0)
+_PASSES = itertools.count(1)
 
 
 class Renderer:
@@ -538,6 +566,17 @@ class Renderer:
             auto_reload=True,
         )
 
+    @contextmanager
+    def pass_(self) -> Iterator[None]:
+        """Within the block, each template file is checked for changes once, when it is
+        first used, instead of at every rendering: a send pass's emails come from the
+        templates as they were when it began. An edit shows at the next pass."""
+        token = _PASS.set(next(_PASSES))
+        try:
+            yield
+        finally:
+            _PASS.reset(token)
+
     def names(self) -> list[str]:
         """Every email template (a folder holding subject.txt), as "nurture/welcome", sorted."""
         if not self.templates_dir.is_dir():
@@ -549,17 +588,21 @@ class Renderer:
 
     def render(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
         """Render template folder `name` with `context`; raise TemplateError on any problem."""
+        return drain(self.render_steps(name, context))
+
+    def render_steps(self, name: str, context: Mapping[str, Any]) -> Steps[RenderedEmail]:
+        """`render` a part at a time: the generator pauses after the subject and after the
+        text, and returns the RenderedEmail (see `drain`)."""
         if not name or name.startswith(("/", ".")) or ".." in name.split("/"):
             raise TemplateError(name or "<empty>", None, "not a template name")
         subject = _clean_subject(self._render_part(f"{name}/subject.txt", context))
         problem = self._subject_problem(f"{name}/subject.txt", subject)
         if problem is not None and subject:  # an empty subject is lint's warning only
             raise problem
-        return RenderedEmail(
-            subject=subject,
-            text=self._render_part(f"{name}/body.txt", context),
-            html=self._render_part(f"{name}/body.html", context),
-        )
+        yield
+        text = self._render_part(f"{name}/body.txt", context)
+        yield
+        return RenderedEmail(subject, text, self._render_part(f"{name}/body.html", context))
 
     def lint(
         self,
