@@ -695,7 +695,9 @@ def _readable(sock: socket.socket | None) -> bool:
         return True
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()  # poll, unlike select, takes any descriptor number
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _quoted(addr: str) -> str:
