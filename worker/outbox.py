@@ -428,7 +428,9 @@ class _BuildAhead:
         except Exception as e:  # the build's problem, for `prepare` to handle as its own
             done.set_exception(e)
         self._running.pop(0)
-        return bool(self._running) or len(self._jobs) < self.DEPTH
+        return bool(self._running) or (
+            len(self._jobs) < self.DEPTH and self._next < len(self._order)
+        )
 
     def _start(self) -> bool:
         """Start the next buildable row of the batch, if fewer than DEPTH are ahead."""
@@ -642,10 +644,15 @@ def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
             return run(s.connection(), statement, values).rowcount == 1
-    if conn is None:
-        with app.engine.connect() as conn:
-            return run_alone(conn, statement, values) == 1
-    return run_alone(conn, statement, values) == 1
+    return _alone(app, conn, statement, values) == 1
+
+
+def _alone(app: App, conn: Connection | None, stmt: Update, values: dict[str, Any]) -> int:
+    """`db.run_alone` on `conn` (the pass's connection) or on one of the pool."""
+    if conn is not None:
+        return run_alone(conn, stmt, values)
+    with app.engine.connect() as fresh:
+        return run_alone(fresh, stmt, values)
 
 
 @functools.cache
@@ -926,18 +933,13 @@ def record(
     if claimed and result.status == "sent":
         values = {"row_id": item.row_id, "at": now}
         try:
-            if conn is None:
-                with app.engine.connect() as fresh:
-                    done = run_alone(fresh, _sent_sql(), values)
-            else:
-                done = run_alone(conn, _sent_sql(), values)
+            done = _alone(app, conn, _sent_sql(), values)
         except DBAPIError as e:
             if conn is None or not e.connection_invalidated:
                 raise
             # The pass's connection was lost (a database restart): the message is out, so
             # once more on a fresh connection, as a new checkout of the pool would do.
-            with app.engine.connect() as fresh:
-                done = run_alone(fresh, _sent_sql(), values)
+            done = _alone(app, None, _sent_sql(), values)
         if done == 1:
             return
         # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
@@ -1123,21 +1125,20 @@ def _send(
     app: App,
     mailer: Mailer,
     item: Prepared,
-    conn: Connection | None = None,
-    meanwhile: Callable[[], bool] | None = None,
-    later: _Later | None = None,
+    conn: Connection,
+    meanwhile: Callable[[], bool],
+    later: _Later,
 ) -> SendResult | None:
     """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
-    outcome recorded in its own transaction (on `conn`, the pass's connection): at once,
-    or, given `later`, by it. None: another worker claimed it first. `meanwhile`: work
-    for the waits on the server's replies (see Mailer.begin), which writes `later`'s
-    pending outcome first."""
+    outcome recorded in its own transaction (on `conn`, the pass's connection), DATA's
+    by `later`. None: another worker claimed it first. `meanwhile`: work for the waits
+    on the server's replies (see Mailer.begin), which writes `later`'s pending outcome
+    first."""
     size, eight_bit = len(item.raw), not item.raw.isascii()
     refused = mailer.begin(
         item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit, meanwhile=meanwhile
     )
-    if later is not None:
-        later.write()  # the last email's outcome, before this one's claim
+    later.write()  # the last email's outcome, before this one's claim
     if refused is not None:
         record(app, item, refused, claimed=False)
         return refused
@@ -1145,10 +1146,7 @@ def _send(
         mailer.reset()
         return None
     result = mailer.data(item.raw, meanwhile)
-    if later is None:
-        record(app, item, result, conn=conn)
-    else:
-        later.put(lambda: record(app, item, result, conn=conn))
+    later.put(lambda: record(app, item, result, conn=conn))
     return result
 
 
