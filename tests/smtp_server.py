@@ -91,6 +91,8 @@ class SmtpServer:
         self.on_command: Callable[[str, str], None] | None = None
         """Called in the server thread at each RCPT (with its address) and DATA (with the
         first recipient), before the server answers: to look at the client's state then."""
+        self.on_mail: Callable[[str], None] | None = None
+        """The same at each MAIL, with the envelope sender."""
         self.auth = auth
         self.security = "ssl" if implicit_tls else "starttls" if tls else "none"
         self._lock = threading.Lock()
@@ -273,6 +275,8 @@ class _Handler:
     ) -> str:
         if self.owner.auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if self.owner.on_mail is not None:
+            self.owner.on_mail(address)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         self.owner.transactions.append(Transaction())

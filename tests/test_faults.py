@@ -181,24 +181,7 @@ def test_it_strands_only_a_send_the_server_had_begun_when_killed_inside_smtp(
     """SIGKILL the worker at the worst moments, from inside the SMTP server: at RCPT (the
     envelope is open, the row not yet claimed) and at DATA (claimed, the message not yet
     accepted). Only the second may leave `unknown`; the first is sent on the next run."""
-    data: dict[str, Any] = {
-        "database": sqlite_url,
-        "templates_dir": str(ROOT / "templates"),
-        "smtp": smtp_server.section(),
-        "sender": {"from": "Acme Sales <sales@example.com>"},
-        "campaigns": [
-            {"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}
-        ],
-    }
-    cfg = tmp_path / "twoway.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    config = load_config(cfg, env={})
-    app = App.open(config, lambda: NOW)
-    leads = [f"lead{i}@c{i}.example.org" for i in range(10)]
-    with app.transaction() as s:
-        import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(leads)], NOW,
-                     campaign=config.campaign("welcome"))  # fmt: skip
-    env = {**os.environ, "TWOWAY_NOW": NOW.isoformat()}
+    cfg, env, app, leads = _ten_due(sqlite_url, tmp_path, smtp_server)
     running: list[subprocess.Popen[bytes]] = []
     at: list[str] = []  # the command to kill at in this run
     killed: dict[str, str] = {}  # command -> the recipient whose transaction it cut
@@ -233,6 +216,65 @@ def test_it_strands_only_a_send_the_server_had_begun_when_killed_inside_smtp(
     got = Counter(r for m in smtp_server.messages for r in m.rcpts)
     assert got == Counter({a: 1 for a in leads})
     app.close()
+
+
+def test_a_kill_while_the_last_outcome_is_written_sends_nothing_twice(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """The outcome of an email is written while the server answers the next one's MAIL
+    FROM. SIGKILL the worker there, at the third MAIL: the second email, delivered, says
+    `sent` or, if its outcome was not yet written, `unknown` (never resent); the third,
+    never claimed, goes out once on the next run."""
+    cfg, env, app, leads = _ten_due(sqlite_url, tmp_path, smtp_server)
+    running: list[subprocess.Popen[bytes]] = []
+    mails: list[str] = []
+
+    def kill_at_third_mail(sender: str) -> None:
+        if len(running) == 1:
+            mails.append(sender)
+            if len(mails) == 3:
+                os.kill(running[-1].pid, signal.SIGKILL)
+                running[-1].wait(10)  # dead before the server answers
+
+    smtp_server.on_mail = kill_at_third_mail
+    running.append(run_once(cfg, env))
+    assert running[-1].wait(120) == -signal.SIGKILL
+    delivered = [r for m in smtp_server.messages for r in m.rcpts]
+    assert len(delivered) == 2  # the first two emails, whole
+    running.append(run_once(cfg, env))
+    assert running[-1].wait(120) == 0
+    with app.transaction() as s:
+        states = dict(s.execute(select(OutboundMessage.to_addr, OutboundMessage.status)).all())
+    assert states[delivered[0]] == "sent"
+    assert states[delivered[1]] in ("sent", "unknown")
+    assert {a for a, st in states.items() if st != "sent"} <= {delivered[1]}
+    got = Counter(r for m in smtp_server.messages for r in m.rcpts)
+    assert got == Counter({a: 1 for a in leads})  # nothing twice, nothing lost
+    app.close()
+
+
+def _ten_due(
+    sqlite_url: str, tmp_path: Path, smtp_server: SmtpServer
+) -> tuple[Path, dict[str, str], App, list[str]]:
+    """A config sending through `smtp_server` and ten leads due step 1; the worker's env."""
+    data: dict[str, Any] = {
+        "database": sqlite_url,
+        "templates_dir": str(ROOT / "templates"),
+        "smtp": smtp_server.section(),
+        "sender": {"from": "Acme Sales <sales@example.com>"},
+        "campaigns": [
+            {"name": "welcome", "send_window": None, "steps": [{"template": "nurture/welcome"}]}
+        ],
+    }
+    cfg = tmp_path / "twoway.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    config = load_config(cfg, env={})
+    app = App.open(config, lambda: NOW)
+    leads = [f"lead{i}@c{i}.example.org" for i in range(10)]
+    with app.transaction() as s:
+        import_leads(s, [(i + 2, {"email": a}) for i, a in enumerate(leads)], NOW,
+                     campaign=config.campaign("welcome"))  # fmt: skip
+    return cfg, {**os.environ, "TWOWAY_NOW": NOW.isoformat()}, app, leads
 
 
 def test_it_survives_dovecot_restarting_mid_sync(
