@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import select, update
 
@@ -129,12 +129,18 @@ def shot(browser: WebDriver, path: Path, *words: str) -> None:
 
 
 def click(browser: WebDriver, element: WebElement) -> None:
-    """Click what leads to a new page, and wait until that page has replaced this one."""
-    old = browser.find_element(By.TAG_NAME, "html")
+    """Click what leads to a new page, and wait until that page has replaced this one.
+
+    The old page is told apart by a mark on its window object, which a new document does
+    not have: asking an element of the old page whether it is stale can fail otherwise
+    while the page is being replaced ("Node with given id does not belong to the
+    document"), and a script can too, so errors while waiting are retried."""
+    browser.execute_script("window.twowayOldPage = true")
     element.click()
-    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(old))
-    WebDriverWait(browser, 20).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"
+    WebDriverWait(browser, 20, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return !window.twowayOldPage && document.readyState === 'complete'"
+        )
     )
 
 
