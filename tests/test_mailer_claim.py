@@ -1,10 +1,11 @@
 """The send path's order against a real SMTP server (aiosmtpd): a row is claimed only once
-the server holds its envelope (MAIL FROM, RCPT TO), and its message follows (DATA).
+its SMTP transaction has begun (MAIL FROM accepted, RCPT TO sent: the claim runs while
+the server answers RCPT), and its message follows (DATA).
 
 So a crash strands only a row whose SMTP transaction had begun; a recipient refused at
-RCPT is recorded without any claim; a claim lost to another worker abandons its envelope.
-Rows a crash left `sending` are settled without holding the database across the search
-of the Sent folder.
+RCPT is recorded as one failed attempt; a claim lost to another worker abandons its
+envelope. Rows a crash left `sending` are settled without holding the database across
+the search of the Sent folder.
 """
 
 from __future__ import annotations
@@ -74,21 +75,29 @@ def test_it_claims_a_row_only_once_the_server_holds_its_envelope(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
     config, app = setup(database_url, tmp_path, smtp_server, 3)
-    seen: list[tuple[str, str, str]] = []
+    leads = [f"lead{i}@company{i}.example.org" for i in range(3)]
+    at_mail: list[list[str]] = []
+    at_data: list[tuple[str, str]] = []
 
-    def look(command: str, address: str) -> None:  # runs while the worker waits for us
-        seen.append((command, address, states(app)[address][0]))
+    def look_at_mail(_sender: str) -> None:  # runs while the worker waits for us
+        now = states(app)
+        at_mail.append([now[a][0] for a in leads])
 
-    smtp_server.on_command = look
+    def look(command: str, address: str) -> None:
+        if command == "DATA":
+            at_data.append((address, states(app)[address][0]))
+
+    smtp_server.on_mail, smtp_server.on_command = look_at_mail, look
     assert config.smtp is not None
     with Mailer(config.smtp) as mailer:
         assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 3
-    leads = [f"lead{i}@company{i}.example.org" for i in range(3)]
-    # At RCPT the row is still queued (a crash now leaves it to be sent again); by DATA it
-    # is claimed (a crash now leaves it `unknown`, with its transaction begun).
-    assert seen == [
-        (c, a, st) for a in leads for c, st in (("RCPT", "queued"), ("DATA", "sending"))
-    ]
+    # At MAIL the row is still queued (a crash now leaves it to be sent again), and so is
+    # every row after it; by DATA it is claimed (a crash now leaves it `unknown`, with its
+    # transaction begun). In between, while the server answers RCPT, it is claimed.
+    for i, seen in enumerate(at_mail):
+        assert seen[i:] == ["queued"] * (3 - i)
+        assert "queued" not in seen[:i]
+    assert at_data == [(a, "sending") for a in leads]
     assert states(app) == {a: ("sent", 1) for a in leads}
     assert [t.rcpts for t in smtp_server.transactions] == [[a] for a in leads]
     app.close()
@@ -101,12 +110,12 @@ def test_it_does_not_send_to_an_address_suppressed_while_its_envelope_opens(
     config, app = setup(database_url, tmp_path, smtp_server, 3, clock)
     late = "lead1@company1.example.org"
 
-    def suppress_at_rcpt(command: str, address: str) -> None:  # the worker waits for us
-        if command == "RCPT" and address == late:
+    def suppress_at_second_mail(_sender: str) -> None:  # the worker waits for us
+        if len(smtp_server.transactions) == 1:  # the second email's (`late`) MAIL FROM
             with app.transaction() as s:  # `twoway suppress import`, from another process
                 import_suppressions(s, [(2, {"email": late, "reason": "asked by phone"})], NOW)
 
-    smtp_server.on_command = suppress_at_rcpt
+    smtp_server.on_mail = suppress_at_second_mail
     assert config.smtp is not None
     renderer = Renderer(config.templates_path)
     with Mailer(config.smtp) as mailer:
@@ -114,7 +123,7 @@ def test_it_does_not_send_to_an_address_suppressed_while_its_envelope_opens(
         assert send_due(app, renderer, lambda _t: mailer) == 2
         assert late not in smtp_server.recipients()
         assert states(app)[late] == ("queued", 0)  # not claimed, not tried
-        smtp_server.on_command = None
+        smtp_server.on_mail = None
         # The next pass decides it (on PostgreSQL once this worker's hold on it has run out).
         clock[0] += timedelta(seconds=config.workers.lease_seconds + 1)
         assert send_due(app, renderer, lambda _t: mailer) == 0
@@ -133,13 +142,13 @@ def test_it_sends_nothing_more_of_a_campaign_paused_during_the_pass(
     config, app = setup(database_url, tmp_path, smtp_server, 4)
     paused: list[str] = []
 
-    def pause_at_second_rcpt(command: str, address: str) -> None:
-        if command == "RCPT" and len(smtp_server.transactions) == 2 and not paused:
+    def pause_at_second_mail(_sender: str) -> None:
+        if len(smtp_server.transactions) == 1 and not paused:
             with app.transaction() as s:
                 pause_campaign(s, config, "welcome", NOW)
-            paused.append(address)
+            paused.append("lead1@company1.example.org")  # the second email's
 
-    smtp_server.on_command = pause_at_second_rcpt
+    smtp_server.on_mail = pause_at_second_mail
     assert config.smtp is not None
     with Mailer(config.smtp) as mailer:
         assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 1
@@ -150,21 +159,19 @@ def test_it_sends_nothing_more_of_a_campaign_paused_during_the_pass(
     app.close()
 
 
-def test_it_records_a_recipient_refused_at_rcpt_without_claiming_it(
+def test_it_records_a_recipient_refused_at_rcpt_as_one_failed_attempt(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
     config, app = setup(database_url, tmp_path, smtp_server, 3)
     gone = "lead1@company1.example.org"
     smtp_server.reject(gone)
-    seen: list[str] = []
-    smtp_server.on_command = lambda command, address: seen.append(states(app)[address][0])
     sleeps = Sleeps()
     assert config.smtp is not None
     with Mailer(config.smtp, sleep=sleeps) as mailer:
         assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 2
     got = states(app)
-    assert got[gone] == ("failed", 1)  # one attempt, refused for good, never `sending`
-    assert "queued" in seen and sleeps.delays == []  # a 5xx is not retried
+    assert got[gone] == ("failed", 1)  # one attempt, refused for good
+    assert sleeps.delays == []  # a 5xx is not retried
     with app.transaction() as s:
         error = s.scalar(select(OutboundMessage.last_error).where(OutboundMessage.to_addr == gone))
         lead = s.scalar(select(Lead).where(Lead.email == gone))
@@ -357,17 +364,17 @@ def test_it_holds_a_whole_batch_back_from_other_workers_and_gives_back_what_it_l
     other = App.open(config, lambda: NOW)  # a second worker's view of the same database
     found: list[list[int]] = []
 
-    def look(command: str, address: str) -> None:  # the first worker waits for us
-        if command == "RCPT" and not found:
+    def look(_sender: str) -> None:  # the first worker waits for us
+        if not found:
             found.append(_due_batch(other, 20, {}).ids)
 
-    smtp_server.on_command = look
+    smtp_server.on_mail = look
     assert config.smtp is not None
     renderer = Renderer(config.templates_path)
     with Mailer(config.smtp) as mailer:
         stop = lambda: len(smtp_server.messages) >= 2  # noqa: E731  (SIGTERM after two)
         assert send_due(app, renderer, lambda _t: mailer, should_stop=stop) == 2
-        smtp_server.on_command = None
+        smtp_server.on_mail = None
         if app.engine.dialect.name != "sqlite":
             assert found == [[]]  # all five held by the first worker
         # The three it did not reach are due now, for any worker: the other sends them.
@@ -417,13 +424,13 @@ def test_each_outcome_is_written_before_the_next_email_is_claimed(
     database_url: str, tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
     """The last email's outcome is written while the server answers the next one's MAIL
-    FROM: by that one's RCPT, every earlier row says `sent`."""
+    FROM (on PostgreSQL, in that one's claim): by its DATA, every earlier row says `sent`."""
     config, app = setup(database_url, tmp_path, smtp_server, 4)
     leads = [f"lead{i}@company{i}.example.org" for i in range(4)]
     seen: list[tuple[str, list[str]]] = []
 
     def look(command: str, address: str) -> None:
-        if command == "RCPT":
+        if command == "DATA":
             now = states(app)
             seen.append((address, [now[a][0] for a in leads]))
 
@@ -431,7 +438,9 @@ def test_each_outcome_is_written_before_the_next_email_is_claimed(
     assert config.smtp is not None
     with Mailer(config.smtp) as mailer:
         assert send_due(app, Renderer(config.templates_path), lambda _t: mailer) == 4
-    assert seen == [(a, ["sent"] * i + ["queued"] * (4 - i)) for i, a in enumerate(leads)]
+    assert seen == [
+        (a, ["sent"] * i + ["sending"] + ["queued"] * (3 - i)) for i, a in enumerate(leads)
+    ]
     assert states(app) == {a: ("sent", 1) for a in leads}  # the last one at the batch's end
     app.close()
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
+    Select,
     Update,
     bindparam,
     create_engine,
@@ -284,7 +285,7 @@ def core(session: Session) -> Connection:
 
 @functools.cache
 def _for_driver(
-    stmt: Insert | Update, dialect: Dialect
+    stmt: Insert | Update | Select[Any], dialect: Dialect
 ) -> tuple[str, Callable[[Mapping[str, Any]], Any]] | None:
     """`stmt` as the driver's SQL, and how to turn its parameters into the driver's:
     what SQLAlchemy does on every execution (the statement's cache key, the compiled
@@ -339,7 +340,7 @@ class DriverResult:
 
 
 def run(
-    conn: Connection, stmt: Insert | Update, values: Mapping[str, Any]
+    conn: Connection, stmt: Insert | Update | Select[Any], values: Mapping[str, Any]
 ) -> DriverResult | CursorResult[Any]:
     """Execute a prebuilt INSERT or UPDATE of the inbound path (run for most messages):
     compiled once per dialect and sent on the driver's own cursor. SQLAlchemy's own
@@ -374,8 +375,11 @@ def run_many(conn: Connection, model: Any, rows: Sequence[Mapping[str, Any]]) ->
         _on_cursor(conn, sql, [params(row) for row in batch], many=True)
 
 
-def run_alone(conn: Connection, stmt: Update, values: Mapping[str, Any]) -> int:
-    """Execute one prebuilt UPDATE as a transaction of its own (its row count): on
+def run_alone(
+    conn: Connection, stmt: Update | Select[Any], values: Mapping[str, Any]
+) -> DriverResult | CursorResult[Any]:
+    """Execute one prebuilt UPDATE (or a SELECT of data-modifying CTEs, on PostgreSQL) as
+    a transaction of its own: on
     `conn`, which has none open, in the driver's autocommit mode, which commits the
     statement with it: SQLite takes its write lock at the statement's start, as BEGIN
     IMMEDIATE would, and PostgreSQL runs it in one round trip instead of three (BEGIN,
@@ -389,14 +393,14 @@ def run_alone(conn: Connection, stmt: Update, values: Mapping[str, Any]) -> int:
     name = conn.dialect.name
     if prebuilt is None or driver is None or name not in ("sqlite", "postgresql"):
         with conn.begin():
-            return run(conn, stmt, values).rowcount
+            return run(conn, stmt, values)
     sql, params = prebuilt
     if name == "sqlite":  # the driver never begins one itself here (see `connect`)
         assert getattr(driver, "isolation_level", "") is None
-        return _on_cursor(conn, sql, params(values), alone=True).rowcount
+        return _on_cursor(conn, sql, params(values), alone=True)
     driver.autocommit = True
     try:
-        return _on_cursor(conn, sql, params(values), alone=True).rowcount
+        return _on_cursor(conn, sql, params(values), alone=True)
     finally:
         if not conn.invalidated:
             driver.autocommit = False

@@ -3,10 +3,11 @@
 This is the only module that imports smtplib and tenacity. A Mailer keeps one SMTP
 connection open across a batch and reconnects when the server drops it. A message goes
 out in two steps, `begin()` (MAIL FROM, RCPT TO) and `data()` (DATA), so the outbox can
-claim its row in between. Within a step, 4xx replies and connection errors are retried a
-bounded number of times with exponential backoff and jitter; a 5xx is never retried. What
-happens after that (attempt counters, the next attempt time) is the caller's business and
-lives in the database, not in a sleeping stack frame.
+claim its row in between (`begin` runs the claim while the server answers RCPT). Within
+a step, 4xx replies and connection errors are retried a bounded number of times with
+exponential backoff and jitter; a 5xx is never retried. What happens after that (attempt
+counters, the next attempt time) is the caller's business and lives in the database, not
+in a sleeping stack frame.
 """
 
 from __future__ import annotations
@@ -337,8 +338,9 @@ class Mailer:
     """Sends messages through one reused SMTP connection (or into a Maildir).
 
     One message goes out in two steps, so that the caller can record its claim between
-    them: `begin()` opens the SMTP transaction (MAIL FROM, RCPT TO) and `data()` hands the
-    message over (DATA); `reset()` abandons a transaction begun. `send()` does both.
+    them: `begin()` opens the SMTP transaction (MAIL FROM, RCPT TO; the caller's claim
+    runs while the server answers RCPT) and `data()` hands the message over (DATA);
+    `reset()` abandons a transaction begun. `send()` does both.
 
     Within each step, a 4xx reply or a connection error is retried: at most `retries` + 1
     attempts, reconnecting between them after an exponential, jittered delay between
@@ -366,6 +368,7 @@ class Mailer:
         self._envelope: tuple[str, list[str], int, bool] = ("", [], 0, False)
         self._open = False  # the server holds our MAIL and RCPTs and waits for DATA
         self._meanwhile: Callable[[], bool] | None = None  # work for the waits on replies
+        self._claim: Callable[[], object] | None = None  # begin's claim, until it has run
         self._refused: dict[str, tuple[int, str]] = {}
         self._retrying = Retrying(
             retry=retry_if_result(_is_temporary_reply) | retry_if_exception(_is_connection_error),
@@ -423,6 +426,7 @@ class Mailer:
         size: int = 0,
         eight_bit: bool = False,
         meanwhile: Callable[[], bool] | None = None,
+        claim: Callable[[], object] | None = None,
     ) -> SendResult | None:
         """Open the SMTP transaction of one message of `size` bytes: MAIL FROM
         `envelope_from` (with BODY=8BITMIME for an `eight_bit` message when the server
@@ -439,6 +443,12 @@ class Mailer:
         call (True while parts are left). Parts run after each command is sent until its
         reply has arrived, and every part left runs before a retry's sleep. It should
         not raise: if it does, the connection is dropped and the exception propagates.
+
+        `claim`: called at most once, as soon as the server has accepted MAIL FROM and the
+        last RCPT TO is sent, before its reply is read, so that the caller's claim of the
+        message overlaps the server's answer (a transaction has begun at the server
+        whenever it runs). Not called when the transaction does not get that far, nor for
+        a Maildir. If it raises, as for `meanwhile`.
         """
         self.reset()
         self._envelope = (envelope_from, list(recipients), size, eight_bit)
@@ -446,11 +456,11 @@ class Mailer:
             return SendResult("permanent", None, "no recipients")
         if self.cfg.kind == "maildir":
             return None
-        self._meanwhile = meanwhile
+        self._meanwhile, self._claim = meanwhile, claim
         try:
             return self._run(self._begin_attempt)
         finally:
-            self._meanwhile = None
+            self._meanwhile = self._claim = None
 
     def data(self, raw: bytes, meanwhile: Callable[[], bool] | None = None) -> SendResult:
         """Send `raw` (CRLF lines) in the transaction `begin()` opened. Never raises for a
@@ -580,8 +590,11 @@ class Mailer:
             self._rset(conn)
             return self._reply(code, resp)
         refused: dict[str, tuple[int, str]] = {}
-        for rcpt in recipients:
-            code, resp = self._ask(conn, "rcpt", f"TO:{_quoted(rcpt)}")
+        for i, rcpt in enumerate(recipients, 1):
+            conn.putcmd("rcpt", f"TO:{_quoted(rcpt)}")
+            if i == len(recipients):
+                self._claim_now()
+            code, resp = self._await(conn)
             if code not in (250, 251):
                 refused[rcpt] = (code, _text(resp))
         if len(refused) == len(recipients):
@@ -593,6 +606,17 @@ class Mailer:
     def _ask(self, conn: smtplib.SMTP, cmd: str, args: str) -> tuple[int, bytes]:
         conn.putcmd(cmd, args)
         return self._await(conn)
+
+    def _claim_now(self) -> None:
+        """Run begin's `claim`, once: its transaction has begun at the server."""
+        claim, self._claim = self._claim, None
+        if claim is None:
+            return
+        try:
+            claim()
+        except BaseException:
+            self._drop()  # RCPT's reply is still to come: the session is out of step
+            raise
 
     def _await(self, conn: smtplib.SMTP) -> tuple[int, bytes]:
         """The server's reply to what was just sent; the caller's `meanwhile` work, a

@@ -8,13 +8,15 @@ SKIP LOCKED` and held back from other workers for a lease, in that one transacti
 sent one row at a time, each step its own short transaction, none open across SMTP:
 1. `prepare`: decide (cancel, or wait for a cap, a pause, the per-domain cap) and build
    the message; nothing claimed.
-2. `Mailer.begin`: MAIL FROM and RCPT TO. A refusal is recorded like any failed attempt.
-3. `claim`: one conditional UPDATE `queued -> sending`; lost to another worker: RSET.
-4. `Mailer.data`: DATA; then `record` the outcome.
-So a row is `sending` only once the server holds its transaction: a crash strands at most
-the message in flight, and only one whose SMTP transaction had begun; a crash before the
-claim leaves the row queued. Temporary failures wait in the row (`attempts`,
-`next_attempt_at`).
+2. `Mailer.begin`: MAIL FROM and RCPT TO, and while the server answers RCPT (once it
+   has accepted MAIL FROM), `claim`: one conditional UPDATE `queued -> sending`. Lost to
+   another worker: RSET. A refusal is recorded like any failed attempt.
+3. `Mailer.data`: DATA; then `record` the outcome (on PostgreSQL a `sent` goes in the
+   next email's claim statement).
+So a row is `sending` only once its SMTP transaction has begun: a crash strands at most
+the message in flight, and only one whose SMTP transaction had begun; a crash before
+MAIL FROM's answer leaves the row queued. Temporary failures wait in the row
+(`attempts`, `next_attempt_at`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,19 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Update, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    CursorResult,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -62,7 +76,7 @@ from worker.contexts import (
     sender_block,
     unsubscribe_url,
 )
-from worker.db import deferring, insert_row, run, run_alone
+from worker.db import DriverResult, deferring, insert_row, run, run_alone
 from worker.leads import bounce_lead, lead_fields
 from worker.mailer import Mailer, SendResult
 from worker.models import (
@@ -608,16 +622,21 @@ def _none_of(column: Any, values: Iterable[str]) -> ColumnElement[bool]:
     return and_(*(column != v for v in sorted(values)))
 
 
-def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
-    """Claim a prepared row whose SMTP transaction has begun (the server holds its MAIL FROM
-    and RCPT TO): `queued -> sending`, one conditional UPDATE in its own transaction.
+def claim(
+    app: App, item: Prepared, conn: Connection | None = None, later: _Later | None = None
+) -> bool:
+    """Claim a prepared row whose SMTP transaction has begun (the server has accepted its
+    MAIL FROM and been sent its RCPT TO): `queued -> sending`, one conditional UPDATE in
+    its own transaction.
 
-    So a row is `sending` only once the server has seen its transaction, and a crash
+    So a row is `sending` only once its transaction has begun at the server, and a crash
     strands at most that one. The UPDATE also checks, at that instant, what must stop the
     send (the lead's status, its enrollment, its campaign paused, the address suppressed,
     the rep's answer). False: another worker took or settled the row meanwhile, or one of
     those changed (the next pass decides the row again), or, with touch caps, another
-    email to the same person was claimed first. `conn`: the pass's connection.
+    email to the same person was claimed first. `conn`: the pass's connection. `later`:
+    the pass's outcome still to write, written first; on PostgreSQL an email's `sent`
+    goes in the claim's own statement (one round trip, one transaction for both).
     """
     now = app.now()
     sender = app.config.sender
@@ -633,7 +652,13 @@ def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
         # A claim is a lease: past it, another worker settles the row (never resends).
         "lease": now + timedelta(seconds=app.config.workers.lease_seconds),
     }
-    if item.kind == "nurture" and (sender.max_touches or sender.min_gap):
+    touch = item.kind == "nurture" and bool(sender.max_touches or sender.min_gap)
+    sent = later.take_sent() if later is not None and not touch else None
+    if sent is not None:
+        return _sent_and_claimed(app, sent, conn, statement, values)
+    if later is not None:
+        later.write()
+    if touch:
         with app.transaction() as s:
             # The touch check again, under the person's lock: two workers may have
             # prepared two emails to one person at once (see _touch_wait).
@@ -644,10 +669,50 @@ def claim(app: App, item: Prepared, conn: Connection | None = None) -> bool:
             if touch_wait(s, sender, item.lead_id, now, exclude_row=item.row_id, sent_only=True):
                 return False
             return run(s.connection(), statement, values).rowcount == 1
-    return _alone(app, conn, statement, values) == 1
+    return _alone(app, conn, statement, values).rowcount == 1
 
 
-def _alone(app: App, conn: Connection | None, stmt: Update, values: dict[str, Any]) -> int:
+def _sent_and_claimed(
+    app: App,
+    sent: tuple[Prepared, SendResult],
+    conn: Connection | None,
+    statement: Update,
+    values: dict[str, Any],
+) -> bool:
+    """The last email's `sent` and this one's claim in one statement (PostgreSQL: two
+    data-modifying CTEs), committed together; whether the claim was won. A `sent` that
+    finds its row moved (another worker settled it) is written row by row after."""
+    both = _sent_and_claim_sql(statement)
+    written = {"sent_id": sent[0].row_id, "sent_at": app.now()}
+    try:
+        done, won = tuple(_alone(app, conn, both, {**values, **written}).one())
+    except DBAPIError as e:
+        # Neither was written. The message is out: its `sent` on its own (`record` takes a
+        # fresh connection if this one was lost); then, after a lost connection (a
+        # database restart), the claim alone, as the pool's next checkout would.
+        record(app, *sent, conn=conn)
+        if conn is None or not e.connection_invalidated:
+            raise
+        return _alone(app, conn, statement, values).rowcount == 1
+    if not done:
+        record(app, *sent, conn=conn)
+    return bool(won)
+
+
+@functools.cache
+def _sent_and_claim_sql(claim: Update) -> Select[tuple[int, int]]:
+    o = OutboundMessage
+    done = _sent_sql("sent_id", "sent_at").returning(o.id).cte("done")
+    took = claim.returning(o.id).cte("took")
+    return select(
+        select(func.count()).select_from(done).scalar_subquery(),
+        select(func.count()).select_from(took).scalar_subquery(),
+    )
+
+
+def _alone(
+    app: App, conn: Connection | None, stmt: Update | Select[Any], values: dict[str, Any]
+) -> DriverResult | CursorResult[Any]:
     """`db.run_alone` on `conn` (the pass's connection) or on one of the pool."""
     if conn is not None:
         return run_alone(conn, stmt, values)
@@ -933,13 +998,13 @@ def record(
     if claimed and result.status == "sent":
         values = {"row_id": item.row_id, "at": now}
         try:
-            done = _alone(app, conn, _sent_sql(), values)
+            done = _alone(app, conn, _sent_sql(), values).rowcount
         except DBAPIError as e:
             if conn is None or not e.connection_invalidated:
                 raise
             # The pass's connection was lost (a database restart): the message is out, so
             # once more on a fresh connection, as a new checkout of the pool would do.
-            done = _alone(app, None, _sent_sql(), values)
+            done = _alone(app, None, _sent_sql(), values).rowcount
         if done == 1:
             return
         # Not `sending` (nor `unknown`) any more: the row-by-row way below says why.
@@ -992,9 +1057,9 @@ def record(
 
 
 @functools.cache
-def _sent_sql() -> Update:
-    return _moved("sent", OutboundMessage.id == bindparam("row_id")).values(
-        sent_at=bindparam("at", type_=UTCDateTime()), last_error=None
+def _sent_sql(row_id: str = "row_id", at: str = "at") -> Update:
+    return _moved("sent", OutboundMessage.id == bindparam(row_id)).values(
+        sent_at=bindparam(at, type_=UTCDateTime()), last_error=None
     )
 
 
@@ -1029,9 +1094,8 @@ def send_due(
         # The batch's claims and outcomes run on one connection, each in a short
         # transaction of its own: none is open while SMTP is spoken.
         ahead = _BuildAhead(app, renderer, due, batch)
-        later = _Later()
-        meanwhile = functools.partial(_meanwhile, later, ahead)
-        with app.engine.connect() as conn, renderer.pass_(), later:
+        with app.engine.connect() as conn, renderer.pass_(), _Later(app, conn) as later:
+            meanwhile = functools.partial(_meanwhile, later, ahead)
             for row_id in batch:
                 if should_stop() or (limit is not None and sent >= limit):
                     break
@@ -1090,29 +1154,51 @@ def _account_down(result: SendResult) -> bool:
 
 def _meanwhile(later: _Later, ahead: _BuildAhead) -> bool:
     """One part of the work for the waits on the SMTP server's replies: the last email's
-    outcome first, then the next emails' builds. Whether any is left."""
-    return later.write() or ahead.step()
+    outcome first (unless it goes with the next claim), then the next emails' builds.
+    Whether any is left."""
+    return later.write_early() or ahead.step()
 
 
 class _Later:
-    """The outcome of the email just sent, written while the server answers the next
-    one's MAIL FROM (its first wait) or, at the latest, before that one is claimed or
-    the batch ends: its own transaction still, a fraction of a millisecond later."""
+    """The outcome of the email just sent, written in the next email's first wait (the
+    server's answer to MAIL FROM) or, on PostgreSQL, when it is `sent`, in the next
+    claim's own statement; at the latest before that claim or the batch's end. Its own
+    transaction still (or the claim's), a fraction of a millisecond later."""
 
-    def __init__(self) -> None:
-        self._pending: Callable[[], None] | None = None
+    def __init__(self, app: App, conn: Connection) -> None:
+        self._app, self._conn = app, conn
+        self._pending: tuple[Prepared, SendResult] | None = None
+        self._with_claim = conn.dialect.name == "postgresql"
 
-    def put(self, write: Callable[[], None]) -> None:
+    def put(self, item: Prepared, result: SendResult) -> None:
         self.write()
-        self._pending = write
+        self._pending = (item, result)
 
     def write(self) -> bool:
         """Write the pending outcome, if any; whether there was one."""
         pending, self._pending = self._pending, None
         if pending is None:
             return False
-        pending()
+        record(self._app, *pending, conn=self._conn)
         return True
+
+    def write_early(self) -> bool:
+        """`write`, unless the pending outcome is one the next claim takes."""
+        return self._taken_by_claim() is None and self.write()
+
+    def take_sent(self) -> tuple[Prepared, SendResult] | None:
+        """The pending outcome, for the claim's statement to write: a `sent`, on
+        PostgreSQL. It is this caller's to write from now on."""
+        pending = self._taken_by_claim()
+        if pending is not None:
+            self._pending = None
+        return pending
+
+    def _taken_by_claim(self) -> tuple[Prepared, SendResult] | None:
+        pending = self._pending
+        if pending is None or not self._with_claim or pending[1].status != "sent":
+            return None
+        return pending
 
     def __enter__(self) -> _Later:
         return self
@@ -1129,24 +1215,32 @@ def _send(
     meanwhile: Callable[[], bool],
     later: _Later,
 ) -> SendResult | None:
-    """Send one prepared row: open its SMTP transaction, claim the row, then DATA; each
-    outcome recorded in its own transaction (on `conn`, the pass's connection), DATA's
-    by `later`. None: another worker claimed it first. `meanwhile`: work for the waits
-    on the server's replies (see Mailer.begin), which writes `later`'s pending outcome
-    first."""
+    """Send one prepared row: open its SMTP transaction, claim the row while the server
+    answers RCPT TO, then DATA; each outcome recorded in its own transaction (on `conn`,
+    the pass's connection), DATA's by `later`. None: another worker claimed it first, or
+    it must not go out any more. `meanwhile`: work for the waits on the server's replies
+    (see Mailer.begin), which writes `later`'s pending outcome first."""
+    won: list[bool] = []
+
+    def claim_it() -> None:
+        won.append(claim(app, item, conn, later))
+
     size, eight_bit = len(item.raw), not item.raw.isascii()
     refused = mailer.begin(
-        item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit, meanwhile=meanwhile
-    )
-    later.write()  # the last email's outcome, before this one's claim
-    if refused is not None:
-        record(app, item, refused, claimed=False)
-        return refused
-    if not claim(app, item, conn):
+        item.envelope_from, [item.to_addr], size=size, eight_bit=eight_bit,
+        meanwhile=meanwhile, claim=claim_it,
+    )  # fmt: skip
+    if refused is None and not won:  # no envelope step (a Maildir)
+        claim_it()
+    later.write()  # the last email's outcome, if the claim did not write it
+    if won and not won[0]:  # taken or settled elsewhere, or no longer to go out
         mailer.reset()
         return None
+    if refused is not None:
+        record(app, item, refused, claimed=bool(won))
+        return refused
     result = mailer.data(item.raw, meanwhile)
-    later.put(lambda: record(app, item, result, conn=conn))
+    later.put(item, result)
     return result
 
 
