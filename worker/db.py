@@ -258,8 +258,8 @@ def refresh_statistics(engine: Engine) -> None:
     SQLite has none unless ANALYZE runs; `analysis_limit` bounds the work to a sample of
     each index (well under a second at a million leads). PostgreSQL's autovacuum keeps
     them up to date in steady state; right after a bulk import it may lag, so ANALYZE
-    the growing tables then. Failures are logged and ignored: statistics are an
-    optimisation, never a reason to fail a command.
+    the growing tables then (a sample of each, whatever its size). Failures are logged
+    and ignored: statistics are an optimisation, never a reason to fail a command.
     """
     try:
         with engine.connect() as conn:

@@ -20,6 +20,7 @@ from worker.app import App
 from worker.campaigns import paused_campaigns, pick_variant
 from worker.config import Campaign, Config
 from worker.contexts import samples, unsubscribe_url
+from worker.db import refresh_statistics
 from worker.leads import lead_fields, record_event
 from worker.models import (
     Enrollment,
@@ -36,6 +37,9 @@ from worker.suppression import suppressed
 
 logger = logging.getLogger(__name__)
 BATCH = 500
+STATS_AFTER = 1000
+"""Steps queued in one call past which the planner's statistics are refreshed (see
+`queue_due`)."""
 
 
 def resume_paused(session: Session, now: datetime) -> int:
@@ -97,6 +101,13 @@ def queue_due(app: App, batch: int = BATCH) -> int:
             break
     if queued:
         logger.info("queued %d nurture step(s)", queued)
+    if queued >= STATS_AFTER:
+        # A bulk enrollment's first steps: thousands of new outbox rows (and as many
+        # leads, often). With statistics from when both were small, PostgreSQL found
+        # each claimed row through the status index (`queued`), reading every queued
+        # row per claim, and its lead through the lead status: fresh ones make both
+        # lookups the primary key's.
+        refresh_statistics(app.engine)
     return queued
 
 
