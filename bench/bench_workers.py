@@ -10,14 +10,14 @@ mailboxes, and this workload:
   outbox row with its Message-ID), and one genuine reply from each, threaded to that
   email and addressed to the lead's reply-token address, spread evenly over the four
   mailboxes (APPENDed before the workers start). Each reply promotes its lead once: a
-  handoff to a rep and an in-thread follow-up to the lead.
+  handoff to a rep with its reply-ready copy, and an in-thread follow-up to the lead.
 
 Timed: from starting the worker processes (`twoway run --log-format json`, real daemons,
 `workers.lease_seconds: 10`, `poll_interval: 1`) until the database shows everything
-settled: every nurture, handoff and follow-up `sent`, nothing queued or sending, and one
-inbound row per reply. Messages handled = replies read + emails sent. The speed-up is
-against the one-worker run of the same invocation. The time until the mailbox leases are
-balanced (each worker holding its fair share) is watched too.
+settled: every nurture, handoff, reply-ready copy and follow-up `sent`, nothing queued or
+sending, and one inbound row per reply. Messages handled = replies read + emails sent.
+The speed-up is against the one-worker run of the same invocation. The time until the
+mailbox leases are balanced (each worker holding its fair share) is watched too.
 
 Checked in every run: no Message-ID arrived twice at the SMTP sink, the sink got exactly
 the emails the database says were sent, inbound rows == replies, every replier a prospect.
@@ -284,7 +284,8 @@ def run_workers(
             )
             append_all(imap, user, msgs)
         sink.received.clear()
-        expected_sent = leads + 2 * replies
+        # Each reply: the rep's briefing, its reply-ready copy and the in-thread follow-up.
+        expected_sent = leads + 3 * replies
         engine = create_engine(url)
 
         def scalar(q: Any) -> int:
@@ -373,7 +374,9 @@ def run_workers(
 
     ids = Counter(mid for mid, _rcpts in sink.received)
     reps = {e for _n, e in REPS}
-    per_kind_sent = {k: statuses[f"{k}:sent"] for k in ("nurture", "handoff", "followup")}
+    per_kind_sent = {
+        k: statuses[f"{k}:sent"] for k in ("nurture", "handoff", "rep_copy", "followup")
+    }
     per_kind_sent["nurture"] -= replies  # the seeded, already-sent rows
     run.counts = {
         "inbound": inbound,
@@ -396,7 +399,7 @@ def run_workers(
         and run.checks["sink_equals_db_sent"]
         and run.checks["inbound_equals_replies"]
         and run.checks["prospects_equal_replies"]
-        and run.counts["sent"] == leads + 2 * replies
+        and run.counts["sent"] == leads + 3 * replies
         and not run.checks["other_statuses"]
         and all(rc == 0 for rc, _c in stopped)
     )
