@@ -379,11 +379,10 @@ def run_alone(
     conn: Connection, stmt: Update | Select[Any], values: Mapping[str, Any]
 ) -> DriverResult | CursorResult[Any]:
     """Execute one prebuilt UPDATE (or a SELECT of data-modifying CTEs, on PostgreSQL) as
-    a transaction of its own: on
-    `conn`, which has none open, in the driver's autocommit mode, which commits the
-    statement with it: SQLite takes its write lock at the statement's start, as BEGIN
-    IMMEDIATE would, and PostgreSQL runs it in one round trip instead of three (BEGIN,
-    the statement, COMMIT). Elsewhere, or for a statement `run` cannot prebuild, in a
+    a transaction of its own, and return its result: on `conn`, which has none open, in
+    the driver's autocommit mode, which commits the statement with it: SQLite takes its
+    write lock at the statement's start, as BEGIN IMMEDIATE would, and PostgreSQL runs it
+    in one round trip instead of three (BEGIN, the statement, COMMIT). Elsewhere, or for a statement `run` cannot prebuild, in a
     transaction begun for it. The engine's cursor events fire and driver errors are
     SQLAlchemy's, as with `run`."""
     if conn.in_transaction():
