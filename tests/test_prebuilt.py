@@ -1,21 +1,32 @@
 """`db.run`: a prebuilt statement sent as driver SQL sends what SQLAlchemy's own
 execution sends (the same SQL and parameters, types converted alike), on SQLite and on
-PostgreSQL, and changes the same rows."""
+PostgreSQL, and changes the same rows; `db.fetch` reads the same values back."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, Update, event, select
+from sqlalchemy import Insert, Select, Update, event, select, update
 
 from tests.conftest import base_config
 from worker.app import App
-from worker.db import _insert_returning, add_new, run
+from worker.assign import _owned_like
+from worker.db import _insert_returning, add_new, fetch, run
 from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
-from worker.lifecycle import _PAUSE, _own_colleagues, _pause_for_account
-from worker.models import Enrollment, InboundMessage, Lead, LeadEvent
+from worker.lifecycle import (
+    _BOUNCED_TO,
+    _LAST_RESET,
+    _PAUSE,
+    _SAME_DOMAIN,
+    _SOFT_SINCE,
+    _colleagues,
+    _own_colleagues,
+    _pause_for_account,
+)
+from worker.models import Enrollment, InboundMessage, Lead, LeadEvent, LeadStatus, OutboundMessage
 from worker.outbox import _claim_sql, _sent_sql, enqueue
+from worker.webhooks import _FIRST_CAMPAIGN, _LATEST_SOURCE, _SOURCE_BY_ID
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -104,4 +115,73 @@ def test_a_column_default_computed_in_python_is_applied(database_url: str, tmp_p
         written = event_row.id
     with app.transaction() as s:
         assert s.scalar(select(LeadEvent.detail).where(LeadEvent.id == written)) == {}
+    app.close()
+
+
+def test_fetch_reads_what_sqlalchemy_reads(database_url: str, tmp_path: Any) -> None:
+    """The inbound path's lookups read through `fetch` (driver SQL, converted by the
+    columns' own types) give what SQLAlchemy's execution gives: the same SQL sent, the
+    same values back, datetimes as aware datetimes, NULLs as None."""
+    app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+    with app.transaction() as s:
+        rows = [(2, {"email": "a@x.example", "company": "X"}), (3, {"email": "b@x.example"})]
+        import_leads(s, rows, NOW, campaign=app.config.campaigns[0])
+    with app.transaction() as s:
+        (a, b), enrollment = (
+            sorted(s.scalars(select(Lead.id))),
+            s.scalars(select(Enrollment.id)).first(),
+        )
+        row = enqueue(
+            s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, a), "welcome", NOW,
+            enrollment_id=enrollment, campaign="welcome", step=0,
+        )  # fmt: skip
+        assert row is not None
+        s.flush()
+        s.execute(update(OutboundMessage).values(status="sent", sent_at=NOW))
+        s.execute(update(Lead).where(Lead.id == b).values(owner="ana@example.com"))
+        for type_, at in (("bounce_reset", NOW - timedelta(days=2)), ("soft_bounce", NOW)):
+            s.add(LeadEvent(lead_id=a, at=at, type=type_, cause="test", detail={}))
+        sent = row.id
+    since = NOW - timedelta(days=3)
+    cases: list[
+        tuple[Select[*tuple[Any, ...]], dict[str, Any], bool]
+    ] = [  # (statement, values, found)
+        (_SAME_DOMAIN, {"domain": "x.example", "lead_id": a}, True),
+        (_SOURCE_BY_ID, {"id": sent}, True),
+        (_LATEST_SOURCE, {"lead_id": a}, True),
+        (_FIRST_CAMPAIGN, {"lead_id": a}, True),
+        (_FIRST_CAMPAIGN, {"lead_id": a + b + 10}, False),
+        (_BOUNCED_TO, {"id": sent}, True),
+        (_LAST_RESET, {"lead": a}, True),
+        (_LAST_RESET, {"lead": b}, True),  # MAX of nothing: one row, NULL
+        (_SOFT_SINCE, {"lead": a, "since": since}, True),
+        (_owned_like("domain", ("ana@example.com",)), {"value": "x.example", "lead_id": a}, True),
+        (_colleagues(2), {"id0": a, "id1": b}, True),
+    ]
+    with app.engine.connect() as conn:
+        seen: list[str] = []
+
+        def record(_c: Any, _cur: Any, sql: str, *_rest: Any) -> None:
+            if not sql.startswith("BEGIN"):  # SQLite's, as the connection's transaction begins
+                seen.append(sql)
+
+        for stmt, values, found in cases:
+            seen.clear()
+            event.listen(app.engine, "before_cursor_execute", record)
+            try:
+                core_rows = [r._tuple() for r in conn.execute(stmt, values)]
+                fast_rows = fetch(conn, stmt, values)
+            finally:
+                event.remove(app.engine, "before_cursor_execute", record)
+            assert fast_rows == core_rows, stmt
+            assert bool(fast_rows) is found, stmt
+            assert len(seen) == 2 and seen[0] == seen[1], stmt
+            for value in (v for r in fast_rows for v in r):
+                if isinstance(value, datetime):
+                    assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+        assert fetch(conn, _LAST_RESET, {"lead": a}) == [(NOW - timedelta(days=2),)]
+        nothing: list[Any] = fetch(conn, _LAST_RESET, {"lead": b})
+        assert nothing == [(None,)]
+        status = fetch(conn, _SAME_DOMAIN, {"domain": "x.example", "lead_id": a})
+        assert status == [(b, "lead")] and type(status[0][1]) is type(LeadStatus.LEAD)
     app.close()

@@ -53,7 +53,7 @@ from sqlalchemy import Select, bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from worker.config import Config, Rep, RepMatch
-from worker.db import core
+from worker.db import core, fetch
 from worker.models import Lead, RepAssignments, company_key
 
 # Addresses at these domains belong to people, not companies: sharing one says nothing.
@@ -199,9 +199,9 @@ def _account_owner(session: Session, lead: Lead, reps: Sequence[Rep]) -> tuple[R
     for column, value, what in lookups:
         # A lead not in the database yet has no id: 0 is nobody's (ids start at 1).
         params = {"value": value, "lead_id": lead.id or 0}
-        row = conn.execute(_owned_like(column, emails), params).first()
-        if row is not None and row.owner is not None:
-            found.append((row.updated_at, row.id, row.owner, what))
+        for updated_at, lead_id, owner in fetch(conn, _owned_like(column, emails), params):
+            if owner is not None:
+                found.append((updated_at, lead_id, owner, what))
     if not found:
         return None
     # The most recently updated owned lead decides; the domain wins a tie.

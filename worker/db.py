@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from sqlalchemy import (
     Connection,
@@ -28,6 +29,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
 
 logger = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+_Ts = TypeVarTuple("_Ts")
 
 
 class DatabaseError(Exception):
@@ -304,17 +306,29 @@ def _for_driver(
     }
     names = {name: compiled.escaped_bind_names.get(name, name) for name in binds.values()}
     order = compiled.positiontup
+    # qmark / numeric drivers (sqlite3): the values in the SQL's order, as a tuple
+    in_order = None if order is None else _tuple_getter(order)
 
     def params(values: Mapping[str, Any]) -> Any:
-        merged = {**defaults, **values}
+        merged = {**defaults, **values} if defaults else dict(values)
         for key, proc in processors.items():
             if key in merged:
                 merged[key] = proc(merged[key])
-        if order is not None:  # qmark / numeric drivers (sqlite3)
-            return tuple(merged[key] for key in order)
+        if in_order is not None:
+            return in_order(merged)
         return {escaped: merged[key] for key, escaped in names.items()}  # (extra keys ignored)
 
     return compiled.string, params
+
+
+def _tuple_getter(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """A mapping's values at `keys`, as a tuple (operator.itemgetter, whatever their number)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda m: (m[key],)
+    if not keys:
+        return lambda m: ()
+    return operator.itemgetter(*keys)
 
 
 class DriverResult:
@@ -356,6 +370,34 @@ def run(
         return conn.execute(stmt, values)
     sql, params = prebuilt
     return _on_cursor(conn, sql, params(values))
+
+
+def fetch(conn: Connection, stmt: Select[*_Ts], values: Mapping[str, Any]) -> list[tuple[*_Ts]]:
+    """The rows of a prebuilt SELECT run on most inbound messages, as tuples, each column
+    converted as SQLAlchemy converts it (a datetime read back as one): sent as driver SQL
+    by `run`, a third of the cost of SQLAlchemy's own execution of a small lookup."""
+    prebuilt = _for_driver(stmt, conn.dialect)
+    if prebuilt is None:
+        return [row._tuple() for row in conn.execute(stmt, values)]
+    sql, params = prebuilt
+    rows: list[Any] = _on_cursor(conn, sql, params(values)).all()
+    convert = _result_processors(stmt, conn.dialect)
+    if convert:
+        rows = [
+            tuple(v if f is None or v is None else f(v) for f, v in zip(convert, row, strict=True))
+            for row in rows
+        ]
+    return rows
+
+
+@functools.cache
+def _result_processors(stmt: Select[*tuple[Any, ...]], dialect: Dialect) -> tuple[Any, ...] | None:
+    """How each selected column's driver value becomes SQLAlchemy's (None: all as they come)."""
+    found = tuple(
+        column.type.dialect_impl(dialect).result_processor(dialect, None)
+        for column in stmt.selected_columns
+    )
+    return found if any(f is not None for f in found) else None
 
 
 def run_many(conn: Connection, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -36,7 +36,7 @@ from worker.contexts import (
     ThreadItem,
     rep_block,
 )
-from worker.db import core, run
+from worker.db import core, fetch, run
 from worker.leads import (
     MOVES,
     batch_leads,
@@ -240,11 +240,8 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
         "recipients": list(b.recipients),
     }
     code = f"{b.status} " if b.status else ""
-    ours = (
-        core(s).execute(_BOUNCED_TO, {"id": ev.match.outbound_id}).scalar()
-        if ev.match.outbound_id
-        else None
-    )
+    sent = fetch(core(s), _BOUNCED_TO, {"id": ev.match.outbound_id}) if ev.match.outbound_id else []
+    ours = sent[0][0] if sent else None
     failed = {r.lower() for r in b.recipients}
     if (ours is not None and ours != lead.email) or (failed and lead.email not in failed):
         # Mail about the lead to someone else bounced (the rep's briefing, or the reply-ready
@@ -271,11 +268,11 @@ def _bounce(s: Session, app: App, lead: Lead, ev: Inbound) -> None:
     # unbuffered event is in the table already).
     window = now - timedelta(days=app.config.bounces.soft_window_days)
     conn = core(s)
-    last_reset = conn.execute(_LAST_RESET, {"lead": lead.id}).scalar()
+    recorded: datetime | None = fetch(conn, _LAST_RESET, {"lead": lead.id})[0][0]  # MAX: NULL
     resets = [r["at"] for r in pending_events(s, lead.id, "bounce_reset")]
-    last_reset = max([x for x in (last_reset, *resets) if x is not None], default=None)
+    last_reset = max([x for x in (recorded, *resets) if x is not None], default=None)
     since = max(window, last_reset) if last_reset else window
-    count = (conn.execute(_SOFT_SINCE, {"lead": lead.id, "since": since}).scalar() or 0) + sum(
+    count = (fetch(conn, _SOFT_SINCE, {"lead": lead.id, "since": since})[0][0] or 0) + sum(
         1 for r in pending_events(s, lead.id, "soft_bounce") if r["at"] >= since
     )
     if count >= app.config.bounces.soft_limit:
@@ -746,11 +743,13 @@ def _own_colleagues(n: int) -> Update:
     )
 
 
-_COLLEAGUES = (
-    select(Lead.first_name, Lead.last_name, Lead.email, Lead.title)
-    .where(Lead.id.in_(bindparam("ids", expanding=True)))
-    .order_by(Lead.id)
-)
+@functools.cache
+def _colleagues(n: int) -> Select[str | None, str | None, str, str | None]:
+    return (
+        select(Lead.first_name, Lead.last_name, Lead.email, Lead.title)
+        .where(Lead.id.in_(_ids(n)))
+        .order_by(Lead.id)
+    )
 
 
 def _account_awareness(
@@ -769,7 +768,7 @@ def _account_awareness(
         return []
     # The domain alone in the WHERE: no statistics can steer the planner to the status
     # index (at 1,000,000 leads, sampled statistics did: a scan of every lead).
-    same = core(s).execute(_SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id}).all()
+    same = fetch(core(s), _SAME_DOMAIN, {"domain": lead.domain, "lead_id": lead.id})
     if not same:
         return []
     if len(same) > ACCOUNT_MAX_LEADS:
@@ -817,9 +816,11 @@ def _account_awareness(
         ],
     )
     shown_to: list[Colleague] = []
-    for c in conn.execute(_COLLEAGUES, {"ids": sorted(paused | owned)}):
-        name = " ".join(x for x in (c.first_name, c.last_name) if x)
-        shown_to.append({"name": name or c.email, "email": c.email, "title": c.title or ""})
+    changed = sorted(paused | owned)
+    by_id = {f"id{i}": other for i, other in enumerate(changed)}
+    for first_name, last_name, email, title in fetch(conn, _colleagues(len(changed)), by_id):
+        name = " ".join(x for x in (first_name, last_name) if x)
+        shown_to.append({"name": name or email, "email": email, "title": title or ""})
     return shown_to
 
 

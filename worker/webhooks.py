@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from worker.app import App
 from worker.config import Config, Webhook
-from worker.db import core, insert_row
+from worker.db import core, fetch, insert_row
 from worker.models import (
     CrmEvent,
     Enrollment,
@@ -110,14 +110,16 @@ def conversion_record(s: Session, lead: Lead, inbound_id: int | None = None) -> 
     if reply is None or reply.kind != "reply":
         reply = s.scalar(_LATEST_REPLY, {"lead_id": lead.id})
     conn = core(s)
+    # (kind, campaign, step, template) of the nurture email replied to, else the last sent
     source = None
     if reply is not None and reply.outbound_id:
-        source = conn.execute(_SOURCE_BY_ID, {"id": reply.outbound_id}).first()
-    if source is None or source.kind != "nurture":
-        source = conn.execute(_LATEST_SOURCE, {"lead_id": lead.id}).first()
-    campaign = source.campaign if source else None
+        source = next(iter(fetch(conn, _SOURCE_BY_ID, {"id": reply.outbound_id})), None)
+    if source is None or source[0] != "nurture":
+        source = next(iter(fetch(conn, _LATEST_SOURCE, {"lead_id": lead.id})), None)
+    campaign = source[1] if source else None
     if campaign is None:
-        campaign = conn.execute(_FIRST_CAMPAIGN, {"lead_id": lead.id}).scalar()
+        first = fetch(conn, _FIRST_CAMPAIGN, {"lead_id": lead.id})
+        campaign = first[0][0] if first else None
     name = " ".join(x for x in (lead.first_name, lead.last_name) if x)
     company = lead.company or lead.domain
     q = lead.qualification or {}
@@ -145,8 +147,8 @@ def conversion_record(s: Session, lead: Lead, inbound_id: int | None = None) -> 
             "stage": lead.status,
             "owner": lead.owner,
             "source_campaign": campaign,
-            "source_step": (source.step or 0) + 1 if source else None,
-            "source_template": source.template if source else None,
+            "source_step": (source[2] or 0) + 1 if source else None,
+            "source_template": source[3] if source else None,
             "reply_text": reply.reply_text if reply else None,
             "replied_at": _iso(reply.received_at) if reply else None,
             "score": lead.score,
