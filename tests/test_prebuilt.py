@@ -12,7 +12,7 @@ from sqlalchemy import Insert, Select, Update, event, select, update
 from tests.conftest import base_config
 from worker.app import App
 from worker.assign import _owned_like
-from worker.db import _insert_returning, add_new, fetch, run
+from worker.db import _insert_returning, add_new, fetch, run, write_changes
 from worker.leads import _CANCEL_QUEUED, _STOP_NURTURE, import_leads
 from worker.lifecycle import (
     _BOUNCED_TO,
@@ -184,4 +184,55 @@ def test_fetch_reads_what_sqlalchemy_reads(database_url: str, tmp_path: Any) -> 
         assert nothing == [(None,)]
         status = fetch(conn, _SAME_DOMAIN, {"domain": "x.example", "lead_id": a})
         assert status == [(b, "lead")] and type(status[0][1]) is type(LeadStatus.LEAD)
+    app.close()
+
+
+def test_write_changes_updates_what_the_flush_would(database_url: str, tmp_path: Any) -> None:
+    """`write_changes` writes a loaded lead's changed columns in one UPDATE (a JSON and a
+    datetime among them), leaves the session with nothing to flush, and the ORM keeps
+    tracking the object afterwards; anything it does not cover is left to the flush."""
+    app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+    with app.transaction() as s:
+        import_leads(s, [(2, {"email": "a@x.example"})], NOW)
+    later = NOW + timedelta(hours=1)
+    sent: list[str] = []
+
+    def record(_c: Any, _cur: Any, sql: str, *_rest: Any) -> None:
+        if sql.startswith(("UPDATE", "INSERT", "DELETE")):
+            sent.append(sql)
+
+    event.listen(app.engine, "before_cursor_execute", record)
+    with app.transaction() as s:
+        lead = s.scalars(select(Lead)).one()
+        assert write_changes(s, lead) is False  # nothing changed
+        lead.status, lead.score, lead.owner = LeadStatus.PROSPECT, 70, "ana@example.com"
+        lead.qualification, lead.updated_at = {"score": 70, "checklist": ["fit"]}, later
+        lead.first_name = lead.first_name  # set to what it was: no change
+        assert write_changes(s, lead) is True
+        assert len(sent) == 1 and "first_name" not in sent[0], sent
+        assert not s.dirty
+        s.flush()
+        assert len(sent) == 1  # the flush had nothing left to write
+        lead.score = 80  # still tracked: the ORM's flush writes the next change
+        s.flush()
+        assert len(sent) == 2 and "score" in sent[1]
+    event.remove(app.engine, "before_cursor_execute", record)
+    with app.transaction() as s:
+        row = s.execute(
+            select(Lead.status, Lead.score, Lead.owner, Lead.qualification, Lead.updated_at)
+        ).one()
+        assert tuple(row) == (
+            LeadStatus.PROSPECT, 80, "ana@example.com", {"score": 70, "checklist": ["fit"]}, later,
+        )  # fmt: skip
+        lead = s.scalars(select(Lead)).one()
+        s.expire(lead, ["owner"])
+        lead.score = 90
+        assert write_changes(s, lead) is True  # an expired column it does not write is fine
+        new = Lead(email="new@x.example", status=LeadStatus.LEAD, domain="x.example",
+                   reply_token="t" * 20, created_at=NOW, updated_at=NOW, custom={})  # fmt: skip
+        s.add(new)
+        assert write_changes(s, new) is False  # not persistent yet: the flush inserts it
+    with app.transaction() as s:
+        assert s.scalar(select(Lead.score).where(Lead.email == "a@x.example")) == 90
+        assert s.scalar(select(Lead.id).where(Lead.email == "new@x.example")) is not None
     app.close()

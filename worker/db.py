@@ -22,6 +22,7 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
+    update,
 )
 from sqlalchemy.engine import URL, CursorResult, Dialect, make_url
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, NoSuchModuleError
@@ -527,6 +528,60 @@ def _insert_loaded(session: Session, mapper: Any, obj: Any, values: dict[str, An
         obj.__dict__[mapper.get_property_by_column(column).key] = value
     make_transient_to_detached(obj)
     session.add(obj)
+
+
+def write_changes(session: Session, obj: Any) -> bool:
+    """UPDATE the columns changed on a loaded object now, by a prebuilt statement (`run`),
+    and mark them written, as the ORM's flush would: for the one lead an inbound message
+    changes (its status, score, owner...), whose flush costs several times its statement.
+    Returns False, leaving it all to the flush, for anything else: an object not
+    persistent or unchanged, a change of a relationship or of an expired column, a
+    mapper with a composite key or version column."""
+    state = inspect(obj)
+    if not (state.persistent and state.modified) or state.session is not session:
+        return False
+    if "_pending_mutations" in state.__dict__:  # a collection's backref in flight
+        return False
+    mapper = state.mapper
+    pk = _simple_key(mapper)
+    if pk is None:
+        return False
+    changed: dict[str, Any] = {}
+    for key in state.committed_state:
+        if key not in mapper.column_attrs or key not in state.dict:
+            return False
+        if state.attrs[key].history.has_changes():
+            changed[key] = state.dict[key]
+    if not changed:
+        return False
+    stmt = _update_columns(mapper.class_, frozenset(changed))
+    result = run(session.connection(), stmt, {**changed, "_pk": getattr(obj, pk)})
+    if result.rowcount != 1:
+        raise RuntimeError(f"{mapper.class_.__name__} {getattr(obj, pk)} was not updated")
+    state._commit_all(state.dict, session.identity_map)
+    return True
+
+
+@functools.cache
+def _simple_key(mapper: Any) -> str | None:
+    """The attribute of the mapper's one primary-key column; None when it has a composite
+    key or a version counter, which `write_changes` leaves to the flush."""
+    if len(mapper.primary_key) != 1 or mapper.version_id_col is not None:
+        return None
+    key: str = mapper.get_property_by_column(mapper.primary_key[0]).key
+    return key
+
+
+@functools.cache
+def _update_columns(model: Any, keys: frozenset[str]) -> Update:
+    """UPDATE of the columns `keys` of one row of the model's table (`_pk`), built once."""
+    mapper = inspect(model)
+    column = mapper.primary_key[0]
+    return (
+        update(model)
+        .where(column == bindparam("_pk"))
+        .values({key: bindparam(key) for key in sorted(keys)})
+    )
 
 
 _DEFERRED = "twoway.deferred_rows"

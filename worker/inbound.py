@@ -39,6 +39,7 @@ from worker.db import (
     defer_inserts,
     is_conflict,
     is_unavailable,
+    write_changes,
 )
 from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound, lock_leads, remember_received
@@ -651,6 +652,8 @@ def _process(
     # writes (events are buffered and read with `pending_events`).
     with s.no_autoflush:
         apply_inbound(s, app, Inbound(row, msg, cls, match, now))
+    if match.lead is not None:
+        write_changes(s, match.lead)  # its UPDATE without the flush's machinery
     s.flush()
     return cls.kind
 
