@@ -277,7 +277,7 @@ def test_the_daemons_passes_read_a_backlog_once_with_the_next_batch_prepared_mea
     tmp_path: Path,
 ) -> None:
     """The daemon reads a backlog a bounded pass at a time (sending between passes). The
-    batch a pass fetched ahead and handed to the pool is kept for the next pass, not
+    batches a pass fetched ahead and handed to the pool are kept for the next passes, not
     dropped and fetched again: every message is fetched once, and the records are those
     of one `run --once` drain."""
     drained, _ = _run(tmp_path / "drained", 0)
@@ -338,3 +338,38 @@ def _kept_batch_dropped(tmp_path: Path, url: str) -> None:
     assert _count(app, InboundMessage) + _count(app, Quarantine) == N
     app.close()
     other_app.close()
+
+
+def test_the_batches_ahead_hold_no_more_mail_than_one_batch_ahead_did() -> None:
+    """Two batches are fetched ahead of the one being processed, unless the mail held
+    would pass MAX_BATCH_BYTES; a fetch adds at most MAX_BATCH_BYTES, so what is held
+    while a batch is processed is at most twice MAX_BATCH_BYTES, however the sizes fall
+    (the loop of `sync_mailbox`, driven with batches of random sizes)."""
+    import random
+    from collections import deque
+
+    from worker.mailbox import MAX_BATCH_BYTES, FetchedMessage
+
+    rng = random.Random(14)
+    mb = MAX_BATCH_BYTES
+
+    def batch(size: int) -> inbound.Ahead:
+        return [FetchedMessage("INBOX", 1, 1, b"x" * size, ())], list
+
+    small = deque([batch(1000), batch(1000)])
+    assert not inbound._ahead_full(small)  # one behind: fetch a second one ahead
+    small.append(batch(1000))
+    assert inbound._ahead_full(small)  # two behind: process the first
+    assert not inbound._ahead_full(deque([batch(mb)]))  # nothing behind yet
+    assert inbound._ahead_full(deque([batch(mb // 2), batch(mb // 2)]))  # enough held
+    processed_behind = []
+    for _ in range(300):
+        pending: deque[inbound.Ahead] = deque()
+        for _ in range(8):
+            pending.append(batch(rng.choice([10, 10_000, mb // 3, mb // 2, mb - 1, mb])))
+            while inbound._ahead_full(pending):
+                held = sum(len(f.raw) for b, _ in pending for f in b)
+                assert held <= 2 * mb, [len(b[0][0].raw) for b in pending]
+                processed_behind.append(len(pending) - 1)
+                pending.popleft()
+    assert set(processed_behind) == {1, 2}  # both bounds were met along the way

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,7 @@ from worker.db import (
 )
 from worker.leads import buffer_events, prefetch_lead_facts
 from worker.lifecycle import Inbound, apply_inbound, lock_leads, remember_received
-from worker.mailbox import FetchedMessage, MailSource
+from worker.mailbox import MAX_BATCH_BYTES, FetchedMessage, MailSource
 from worker.match import Known, match_message, prefetch
 from worker.models import InboundMessage, MailboxState, Quarantine
 from worker.outbox import know_message_ids
@@ -130,27 +131,27 @@ def sync_mailbox(
                         )  # fmt: skip
                     st.uidvalidity, st.last_uid = info.uidvalidity, 0
                 after = st.last_uid
-            # Batch k+1 is fetched and handed to the preparer (parsed and classified,
-            # in the pool when there is one) before batch k's database work starts;
-            # batches still commit one after the other, in order. A call that stops
-            # early leaves its batch ahead with the preparer, still being prepared, for
-            # the next call to start with (the daemon's passes: `Preparer.keep`).
-            ahead = preparer.resume((mb.name, folder), info.uidvalidity, after)
-            start = after if ahead is None else ahead[0][-1].uid
+            # Batches k+1 and k+2 are fetched and handed to the preparer (parsed and
+            # classified, in the pool when there is one) before batch k's database work
+            # starts (`_ahead_full`), so a slow batch on either side does not stall the
+            # other; batches still commit one after the other, in order. A call that
+            # stops early leaves its batches ahead with the preparer, still being
+            # prepared, for the next call to start with (the daemon's passes: `keep`).
+            pending = deque(preparer.resume((mb.name, folder), info.uidvalidity, after))
+            start = pending[-1][0][-1].uid if pending else after
             for batch in itertools.chain(source.fetch_new(folder, start, size), [None]):
-                following = None
                 if batch is not None:
-                    following = (batch, preparer.submit(batch, app.now().date()))
-                if ahead is not None:
-                    process_batch(app, mb, ahead[0], ctx, result, prepared=ahead[1]())
+                    pending.append((batch, preparer.submit(batch, app.now().date())))
+                while pending and (batch is None or _ahead_full(pending)):
+                    current, prepared = pending.popleft()
+                    process_batch(app, mb, current, ctx, result, prepared=prepared())
                     seen = result.processed + result.duplicates + result.quarantined
                     if should_stop() or (limit is not None and seen >= limit):
                         result.more = True
-                        if following is not None:
-                            done = ahead[0][-1].uid
-                            preparer.keep((mb.name, folder), info.uidvalidity, done, following)
+                        if pending:
+                            done = current[-1].uid
+                            preparer.keep((mb.name, folder), info.uidvalidity, done, [*pending])
                         return result
-                ahead = following
             with app.transaction() as s:
                 st = _state(s, mb.name, folder)
                 st.last_sync, st.last_error = app.now(), None
@@ -263,6 +264,23 @@ def _exit_with(parent: int) -> None:
 Ahead = tuple[list[FetchedMessage], Callable[[], list[Prepared]]]
 """A fetched batch and the call that gives it prepared (`Preparer.submit`)."""
 
+BATCHES_AHEAD = 2
+"""Batches fetched and being prepared while one's database work runs: with one, the two
+sides waited on each other whenever a batch was slower on one side than the other (the
+worker spent a tenth of a backlog waiting for the pool)."""
+
+
+def _ahead_full(pending: deque[Ahead]) -> bool:
+    """Whether the batch at the head of `pending` should be processed now rather than
+    another fetched: BATCHES_AHEAD batches are behind it, or at least one is and the
+    batches held come to MAX_BATCH_BYTES. Another batch (at most MAX_BATCH_BYTES) is only
+    fetched while less is held, so the mail in memory is at most twice MAX_BATCH_BYTES,
+    as with one batch ahead."""
+    behind = len(pending) - 1
+    if behind >= BATCHES_AHEAD:
+        return True
+    return behind > 0 and sum(len(f.raw) for b, _ in pending for f in b) >= MAX_BATCH_BYTES
+
 
 POOL_MIN_BATCH = 64
 """Smaller batches are prepared in-process: shipping them to another process costs
@@ -278,9 +296,9 @@ class Preparer:
     """Parses and classifies fetched batches for `process_batch`.
 
     With `processes` > 0, batches of at least POOL_MIN_BATCH messages go to a small pool
-    of that many processes (started on the first such batch), so the next batch is
+    of that many processes (started on the first such batch), so the next batches are
     prepared while this one's database work runs; the queue is bounded by the caller
-    (one batch ahead). A pool that breaks (a child killed) or a result that cannot come
+    (BATCHES_AHEAD, and MAX_BATCH_BYTES of mail). A pool that breaks (a child killed) or a result that cannot come
     back is logged, and that batch and the rest are prepared in-process: the same
     messages, the same answers.
     """
@@ -289,22 +307,26 @@ class Preparer:
         self.ctx = ctx
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
-        self._kept: dict[tuple[str, str], tuple[int, int, Ahead]] = {}
+        self._kept: dict[tuple[str, str], tuple[int, int, list[Ahead]]] = {}
 
-    def keep(self, folder: tuple[str, str], uidvalidity: int, after: int, ahead: Ahead) -> None:
-        """Hold `ahead`, a batch fetched and submitted that a bounded `sync_mailbox` did
-        not reach, for the next call on this (mailbox, folder): it goes on being prepared
-        meanwhile (while the daemon sends, say), and is not fetched again. It is the next
-        batch only while the folder's progress is still at uid `after` under `uidvalidity`."""
+    def keep(
+        self, folder: tuple[str, str], uidvalidity: int, after: int, ahead: list[Ahead]
+    ) -> None:
+        """Hold `ahead`, batches fetched and submitted that a bounded `sync_mailbox` did
+        not reach, for the next call on this (mailbox, folder): they go on being prepared
+        meanwhile (while the daemon sends, say), and are not fetched again. They are the
+        next batches only while the folder's progress is still at uid `after` under
+        `uidvalidity`."""
         self._kept[folder] = (uidvalidity, after, ahead)
 
-    def resume(self, folder: tuple[str, str], uidvalidity: int, after: int) -> Ahead | None:
-        """The batch `keep` held for this folder if it is still the next one: the folder's
-        progress (read now) is where it was left. Otherwise (another worker read on, the
-        UIDVALIDITY changed) it is dropped, and the folder is fetched from `after` again."""
+    def resume(self, folder: tuple[str, str], uidvalidity: int, after: int) -> list[Ahead]:
+        """The batches `keep` held for this folder if they are still the next ones: the
+        folder's progress (read now) is where it was left. Otherwise (another worker read
+        on, the UIDVALIDITY changed) they are dropped, and the folder is fetched from
+        `after` again."""
         kept = self._kept.pop(folder, None)
         if kept is None or kept[:2] != (uidvalidity, after):
-            return None
+            return []
         return kept[2]
 
     def warm(self, wait: bool = False) -> None:
