@@ -547,3 +547,23 @@ def test_it_names_a_path_that_is_not_a_maildir(tmp_path: Path) -> None:
 
     assert str(tmp_path) in str(err.value)
     assert not err.value.temporary
+
+
+def test_a_login_refused_while_the_server_shuts_down_is_retried_soon() -> None:
+    """Dovecot answers a LOGIN that arrives during its shutdown with a plain "NO Shutting
+    down" (seen when a test stopped it as a worker logged in): a temporary failure, so
+    the worker retries with short backoff instead of waiting as after a wrong password.
+    RFC 5530's AUTHENTICATIONFAILED stays permanent."""
+    from imapclient.exceptions import LoginError
+
+    from worker.mailbox import _translate
+
+    down = _translate(LoginError("b'Shutting down.'"), "auth", "as 'sales@example.test'")
+    assert down.step == "auth" and down.temporary, down
+    busy = _translate(LoginError("b'[UNAVAILABLE] Internal error'"), "auth", "as 'x'")
+    assert busy.temporary
+    wrong = _translate(
+        LoginError("b'[AUTHENTICATIONFAILED] Authentication failed.'"), "auth", "as 'x'"
+    )
+    assert wrong.step == "auth" and not wrong.temporary
+    assert "Shutting down" in str(down) and "sales@example.test" in str(down)

@@ -63,6 +63,7 @@ UIDLIST_NAME = "twoway-uidlist"
 
 # Server response codes (RFC 5530) after which trying again later may succeed.
 _TEMPORARY_CODES = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]")
+_TEMPORARY_LOGIN_WORDS = ("temporary", "shutting down", "try again")
 # Maildir info letters (the part after ":2,") and the IMAP flags they stand for.
 _MAILDIR_FLAGS = {
     "D": "\\Draft",
@@ -238,7 +239,11 @@ def _translate(exc: BaseException, step: str, what: str, secret: str = "") -> Ma
         if isinstance(exc, LoginError):
             step, detail = "auth", f"the server rejected the login {what} ({detail})"
             what = ""
-            temporary = temporary or "temporary" in detail.lower()
+            # Not the credentials: a server that says so in words, without RFC 5530's
+            # [UNAVAILABLE] (Dovecot answers a LOGIN during its shutdown "NO Shutting
+            # down"; others "temporary failure, try again later").
+            said = detail.lower()
+            temporary = temporary or any(w in said for w in _TEMPORARY_LOGIN_WORDS)
     prefix = f"{what}: " if what else ""
     return MailboxError(prefix + detail, temporary=temporary, step=step)
 
