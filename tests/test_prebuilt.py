@@ -55,19 +55,28 @@ def _plain(params: Any) -> Any:
     return {k: bytes(v) if isinstance(v, memoryview | bytes) else repr(v) for k, v in items}
 
 
-def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_path: Any) -> None:
-    app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+def _leads_with_a_queued_email(
+    app: App, rows: list[tuple[int, dict[str, str]]]
+) -> tuple[list[int], int]:
+    """Import `rows` into the first campaign and queue its first step to the first lead:
+    the leads' ids, in order, and the queued row's id."""
     with app.transaction() as s:
-        import_leads(s, [(2, {"email": "a@x.example"})], NOW, campaign=app.config.campaigns[0])
+        import_leads(s, rows, NOW, campaign=app.config.campaigns[0])
     with app.transaction() as s:
-        enrollment, lead = s.execute(select(Enrollment.id, Enrollment.lead_id)).one()
+        ids = sorted(s.scalars(select(Lead.id)))
+        enrollment = s.scalars(select(Enrollment.id).where(Enrollment.lead_id == ids[0])).one()
         row = enqueue(
-            s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, lead), "welcome", NOW,
+            s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, ids[0]), "welcome", NOW,
             enrollment_id=enrollment, campaign="welcome", step=0,
         )  # fmt: skip
         assert row is not None
         s.flush()
-        row_id = row.id
+        return ids, row.id
+
+
+def test_prebuilt_statements_send_what_sqlalchemy_sends(database_url: str, tmp_path: Any) -> None:
+    app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+    (lead,), row_id = _leads_with_a_queued_email(app, [(2, {"email": "a@x.example"})])
     message = {
         "mailbox": "sales", "folder": "INBOX", "uidvalidity": 1, "uid": 7, "message_id": "m@x",
         "from_addr": "a@x.example", "sent_date": NOW, "kind": "reply",
@@ -123,25 +132,13 @@ def test_fetch_reads_what_sqlalchemy_reads(database_url: str, tmp_path: Any) -> 
     columns' own types) give what SQLAlchemy's execution gives: the same SQL sent, the
     same values back, datetimes as aware datetimes, NULLs as None."""
     app = App.open(base_config(database_url, tmp_path), lambda: NOW)
+    rows = [(2, {"email": "a@x.example", "company": "X"}), (3, {"email": "b@x.example"})]
+    (a, b), sent = _leads_with_a_queued_email(app, rows)
     with app.transaction() as s:
-        rows = [(2, {"email": "a@x.example", "company": "X"}), (3, {"email": "b@x.example"})]
-        import_leads(s, rows, NOW, campaign=app.config.campaigns[0])
-    with app.transaction() as s:
-        (a, b), enrollment = (
-            sorted(s.scalars(select(Lead.id))),
-            s.scalars(select(Enrollment.id)).first(),
-        )
-        row = enqueue(
-            s, app.config, "nurture", "nurture:1:0", s.get_one(Lead, a), "welcome", NOW,
-            enrollment_id=enrollment, campaign="welcome", step=0,
-        )  # fmt: skip
-        assert row is not None
-        s.flush()
         s.execute(update(OutboundMessage).values(status="sent", sent_at=NOW))
         s.execute(update(Lead).where(Lead.id == b).values(owner="ana@example.com"))
         for type_, at in (("bounce_reset", NOW - timedelta(days=2)), ("soft_bounce", NOW)):
             s.add(LeadEvent(lead_id=a, at=at, type=type_, cause="test", detail={}))
-        sent = row.id
     since = NOW - timedelta(days=3)
     cases: list[
         tuple[Select[*tuple[Any, ...]], dict[str, Any], bool]

@@ -497,7 +497,8 @@ class Workers(_Model):
     fails temporarily and is retried with backoff (nothing is quarantined)."""
     parse_processes: int | None = Field(default=None, ge=0, le=16)
     """Processes that parse and classify fetched mail up to two batches ahead of the
-    database work; None: one when the machine has more than one core, none on one core; 0: off."""
+    database work; None: one when the machine has more than one core, none on one core;
+    0: off."""
 
 
 class Webhook(_Model):

@@ -298,9 +298,9 @@ class Preparer:
     With `processes` > 0, batches of at least POOL_MIN_BATCH messages go to a small pool
     of that many processes (started on the first such batch), so the next batches are
     prepared while this one's database work runs; the queue is bounded by the caller
-    (BATCHES_AHEAD, and MAX_BATCH_BYTES of mail). A pool that breaks (a child killed) or a result that cannot come
-    back is logged, and that batch and the rest are prepared in-process: the same
-    messages, the same answers.
+    (BATCHES_AHEAD, and MAX_BATCH_BYTES of mail). A pool that breaks (a child killed) or
+    a result that cannot come back is logged, and that batch and the rest are prepared
+    in-process: the same messages, the same answers.
     """
 
     def __init__(self, ctx: ClassifyContext, processes: int) -> None:
